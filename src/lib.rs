@@ -3,3 +3,4 @@
 //! Modules, from the top of the pipeline down (DESIGN.md §3); a module only uses those below it.
 
 pub mod digest;
+pub mod recipe;

@@ -1,0 +1,3 @@
+//! The recipe front end: Dockerfile text to typed, located instructions.
+
+pub mod instructions;
