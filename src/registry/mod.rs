@@ -1,0 +1,3 @@
+//! The OCI distribution client: references, auth, pull, push, retries.
+
+pub mod reference;
