@@ -1,0 +1,302 @@
+//! COPY and ADD: writing sources (context files, another stage's or image's files, heredoc
+//! bodies, local archives) into a mounted rootfs with Docker's destination rules. Every path
+//! on the destination side goes through [`RootDir`], so nothing can land outside the rootfs.
+
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::context::Context;
+use crate::rootfs::RootDir;
+use crate::snapshot;
+
+/// Where COPY reads from.
+pub enum SourceFs<'a> {
+    /// The build context.
+    Context(&'a Context),
+    /// A mounted rootfs of another stage or image (host path of its root).
+    Rootfs(&'a RootDir),
+}
+
+/// One resolved source.
+pub enum SourceItem {
+    /// A path in the source filesystem ("" = its root).
+    Path(String),
+    /// A heredoc body, written as a file named `name`.
+    Inline {
+        /// File name when the destination is a directory.
+        name: String,
+        /// The body.
+        content: Vec<u8>,
+    },
+}
+
+/// What to do with the sources.
+pub struct CopyJob<'a> {
+    /// Source filesystem.
+    pub from: SourceFs<'a>,
+    /// Resolved sources.
+    pub items: Vec<SourceItem>,
+    /// Absolute destination inside the rootfs (already joined with WORKDIR).
+    pub dest: String,
+    /// Whether the destination is a directory (trailing slash or several sources).
+    pub dest_is_dir: bool,
+    /// `--chown` resolved to numbers.
+    pub chown: Option<(u32, u32)>,
+    /// `--chmod` as an octal mode.
+    pub chmod: Option<u32>,
+    /// ADD: extract local archives.
+    pub extract_archives: bool,
+    /// `--exclude` patterns (context-relative globs).
+    pub exclude: Vec<globset::GlobMatcher>,
+}
+
+/// An error while copying; names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// Reading a source failed.
+    #[error("reading {path}: {message}")]
+    Source {
+        /// The source path.
+        path: String,
+        /// The cause.
+        message: String,
+    },
+    /// Writing the destination failed.
+    #[error("writing {path}: {message}")]
+    Dest {
+        /// The destination path.
+        path: String,
+        /// The cause.
+        message: String,
+    },
+}
+
+fn dest_err(path: &str, e: impl std::fmt::Display) -> CopyError {
+    CopyError::Dest { path: path.to_string(), message: e.to_string() }
+}
+
+fn src_err(path: &str, e: impl std::fmt::Display) -> CopyError {
+    CopyError::Source { path: path.to_string(), message: e.to_string() }
+}
+
+/// Metadata of one source entry, independent of where it lives.
+struct SrcMeta {
+    kind: Kind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+}
+
+#[derive(PartialEq)]
+enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+impl SrcMeta {
+    fn from(m: &std::fs::Metadata) -> SrcMeta {
+        let ft = m.file_type();
+        let kind = if ft.is_symlink() {
+            Kind::Symlink
+        } else if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_file() {
+            Kind::File
+        } else {
+            Kind::Other
+        };
+        SrcMeta { kind, mode: m.permissions().mode() & 0o7777, uid: m.uid(), gid: m.gid(), mtime: m.mtime() }
+    }
+}
+
+impl SourceFs<'_> {
+    fn host_path(&self, rel: &str) -> Result<PathBuf, CopyError> {
+        match self {
+            SourceFs::Context(c) => Ok(c.host_path(rel)),
+            SourceFs::Rootfs(r) => r.resolve(rel).map_err(|e| src_err(rel, e)),
+        }
+    }
+
+    fn children(&self, rel: &str) -> Result<Vec<String>, CopyError> {
+        match self {
+            SourceFs::Context(c) => {
+                let entries = c.walk(rel).map_err(|e| src_err(rel, e))?;
+                Ok(entries.into_iter().skip(1).map(|e| e.rel).collect())
+            }
+            SourceFs::Rootfs(_) => {
+                let mut out = Vec::new();
+                let mut stack = vec![rel.to_string()];
+                while let Some(dir) = stack.pop() {
+                    let host = self.host_path(&dir)?;
+                    let mut names: Vec<String> = std::fs::read_dir(&host)
+                        .map_err(|e| src_err(&dir, e))?
+                        .filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect();
+                    names.sort();
+                    let mut subdirs = Vec::new();
+                    for n in names {
+                        let child = if dir.is_empty() { n } else { format!("{dir}/{n}") };
+                        let m = std::fs::symlink_metadata(self.host_path(&child)?).map_err(|e| src_err(&child, e))?;
+                        if m.is_dir() {
+                            subdirs.push(child.clone());
+                        }
+                        out.push(child);
+                    }
+                    stack.extend(subdirs.into_iter().rev());
+                }
+                out.sort();
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Performs the copy into `root`.
+pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
+    let owner = |m: &SrcMeta| match (job.chown, &job.from) {
+        (Some(o), _) => o,
+        // Files from the context belong to root; files from a stage keep their owners.
+        (None, SourceFs::Context(_)) => (0, 0),
+        (None, SourceFs::Rootfs(_)) => (m.uid, m.gid),
+    };
+    let dest_exists_as_dir = root.metadata(&job.dest).map(|m| m.is_dir()).unwrap_or(false);
+    let into_dir = job.dest_is_dir || dest_exists_as_dir;
+    if into_dir {
+        let (uid, gid) = job.chown.unwrap_or((0, 0));
+        root.mkdir_all(&job.dest, 0o755, uid, gid).map_err(|e| dest_err(&job.dest, e))?;
+    } else if let Some((parent, _)) = job.dest.rsplit_once('/') {
+        if !parent.is_empty() {
+            root.mkdir_all(parent, 0o755, 0, 0).map_err(|e| dest_err(parent, e))?;
+        }
+    }
+    for item in &job.items {
+        match item {
+            SourceItem::Inline { name, content } => {
+                let target = if into_dir { join(&job.dest, name) } else { job.dest.clone() };
+                let mode = job.chmod.unwrap_or(0o644);
+                let mut f = root.create_file(&target, mode).map_err(|e| dest_err(&target, e))?;
+                io::Write::write_all(&mut f, content).map_err(|e| dest_err(&target, e))?;
+                let (uid, gid) = job.chown.unwrap_or((0, 0));
+                root.lchown(&target, uid, gid).map_err(|e| dest_err(&target, e))?;
+                root.chmod(&target, mode).map_err(|e| dest_err(&target, e))?;
+            }
+            SourceItem::Path(rel) => {
+                let host = job.from.host_path(rel)?;
+                let meta = std::fs::symlink_metadata(&host).map_err(|e| src_err(rel, e))?;
+                let m = SrcMeta::from(&meta);
+                if job.extract_archives && m.kind == Kind::File && snapshot::is_archive(&host).map_err(|e| src_err(rel, e))? {
+                    let dir = &job.dest;
+                    root.mkdir_all(dir, 0o755, 0, 0).map_err(|e| dest_err(dir, e))?;
+                    snapshot::extract_archive(&host, root, dir, job.chown).map_err(|e| dest_err(dir, e))?;
+                    continue;
+                }
+                if m.kind == Kind::Dir {
+                    // A directory's contents go into the destination directory.
+                    root.mkdir_all(&job.dest, 0o755, 0, 0).map_err(|e| dest_err(&job.dest, e))?;
+                    let mut dirs = Vec::new();
+                    for child in job.from.children(rel)? {
+                        let sub = child.strip_prefix(rel).unwrap_or(&child).trim_start_matches('/');
+                        if job.exclude.iter().any(|g| g.is_match(&child) || g.is_match(sub)) {
+                            continue;
+                        }
+                        let target = join(&job.dest, sub);
+                        let chost = job.from.host_path(&child)?;
+                        let cmeta = std::fs::symlink_metadata(&chost).map_err(|e| src_err(&child, e))?;
+                        let cm = SrcMeta::from(&cmeta);
+                        copy_entry(root, &chost, &child, &target, &cm, owner(&cm), job.chmod)?;
+                        if cm.kind == Kind::Dir {
+                            dirs.push((target, cm.mtime));
+                        }
+                    }
+                    for (d, mtime) in dirs.iter().rev() {
+                        root.set_mtime(d, *mtime).map_err(|e| dest_err(d, e))?;
+                    }
+                } else {
+                    let name = rel.rsplit('/').next().unwrap_or(rel);
+                    let target = if into_dir { join(&job.dest, name) } else { job.dest.clone() };
+                    copy_entry(root, &host, rel, &target, &m, owner(&m), job.chmod)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn copy_entry(
+    root: &RootDir,
+    host: &Path,
+    rel: &str,
+    target: &str,
+    m: &SrcMeta,
+    (uid, gid): (u32, u32),
+    chmod: Option<u32>,
+) -> Result<(), CopyError> {
+    let mode = chmod.unwrap_or(m.mode);
+    match m.kind {
+        Kind::Dir => {
+            root.mkdir_all(target, mode, uid, gid).map_err(|e| dest_err(target, e))?;
+            root.lchown(target, uid, gid).map_err(|e| dest_err(target, e))?;
+            root.chmod(target, mode).map_err(|e| dest_err(target, e))?;
+        }
+        Kind::File => {
+            let mut src = std::fs::File::open(host).map_err(|e| src_err(rel, e))?;
+            let mut dst = root.create_file(target, 0o600).map_err(|e| dest_err(target, e))?;
+            io::copy(&mut src, &mut dst).map_err(|e| dest_err(target, e))?;
+            drop(dst);
+            root.lchown(target, uid, gid).map_err(|e| dest_err(target, e))?;
+            root.chmod(target, mode).map_err(|e| dest_err(target, e))?;
+            root.set_mtime(target, m.mtime).map_err(|e| dest_err(target, e))?;
+        }
+        Kind::Symlink => {
+            let link = std::fs::read_link(host).map_err(|e| src_err(rel, e))?;
+            if root.symlink_metadata(target).is_ok() {
+                root.remove_all(target).map_err(|e| dest_err(target, e))?;
+            }
+            root.symlink(&link, target).map_err(|e| dest_err(target, e))?;
+            root.lchown(target, uid, gid).map_err(|e| dest_err(target, e))?;
+            root.set_mtime(target, m.mtime).map_err(|e| dest_err(target, e))?;
+        }
+        Kind::Other => {}
+    }
+    Ok(())
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if name.is_empty() {
+        dir.to_string()
+    } else if dir.ends_with('/') {
+        format!("{dir}{name}")
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// Parses `--chmod` (octal, e.g. `755` or `0644`).
+pub fn parse_chmod(s: &str) -> Option<u32> {
+    u32::from_str_radix(s, 8).ok().filter(|m| *m <= 0o7777)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chmod_is_octal() {
+        assert_eq!(parse_chmod("755"), Some(0o755));
+        assert_eq!(parse_chmod("04755"), Some(0o4755));
+        assert_eq!(parse_chmod("999"), None);
+        assert_eq!(parse_chmod("u+x"), None);
+    }
+
+    #[test]
+    fn join_handles_slashes() {
+        assert_eq!(join("/app/", "x"), "/app/x");
+        assert_eq!(join("/app", "x"), "/app/x");
+        assert_eq!(join("/app", ""), "/app");
+    }
+}

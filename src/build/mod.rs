@@ -1,0 +1,1147 @@
+//! The executor: walks the plan, runs independent stages in parallel, and for each step asks
+//! the cache, the sandbox (RUN), the copier (COPY/ADD), the snapshotter and the store, while
+//! emitting progress events. Knows nothing of parsing or of the terminal.
+
+pub mod config;
+pub mod copy;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::context::{Context, ContextError};
+use crate::digest::Digest;
+use crate::image::{self, Descriptor, History, ImageConfig};
+use crate::plan::{self, Base, CopySource, Plan, PlanError, PlanOptions, StepInputs};
+use crate::progress::{Progress, StepLabel};
+use crate::recipe::instructions::{CommandLine, Copy, Instruction, InstructionKind, Recipe, Run};
+use crate::recipe::shell::Lexer;
+use crate::recipe::{self, RecipeError};
+use crate::registry::reference::Reference;
+use crate::rootfs::RootDir;
+use crate::sandbox::{self, BindMount, NetworkMode, RunSpec, Sandbox};
+use crate::snapshot::{self, Compression, LayerOptions};
+use crate::store::{StoreError, Store, StoredImage};
+
+use self::config::{DEFAULT_PATH, command_argv, default_shell, expose_ports, get_env, set_env, set_healthcheck};
+
+/// Everything a build is asked to do, from the command line.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// The context directory.
+    pub context_dir: PathBuf,
+    /// The recipe's path (for messages, `.dockerignore` lookup and step identities).
+    pub recipe_path: PathBuf,
+    /// The recipe's bytes.
+    pub recipe_bytes: Vec<u8>,
+    /// `--build-arg` values.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--label` values added to the final image.
+    pub labels: BTreeMap<String, String>,
+    /// `--network` for RUN steps.
+    pub network: NetworkMode,
+    /// `--secret id=ID,src=PATH` values.
+    pub secrets: BTreeMap<String, PathBuf>,
+    /// SOURCE_DATE_EPOCH.
+    pub source_date_epoch: Option<i64>,
+    /// Stages built at once.
+    pub jobs: usize,
+    /// The kiln executable, re-executed as the sandbox init.
+    pub helper_exe: PathBuf,
+}
+
+/// Why a build stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The recipe does not parse.
+    #[error(transparent)]
+    Recipe(#[from] RecipeError),
+    /// The plan cannot be made (unknown target, bad FROM).
+    #[error("{file}: {source}")]
+    Plan {
+        /// The recipe file.
+        file: String,
+        /// The cause.
+        source: PlanError,
+    },
+    /// The context cannot be read, or a source is missing or outside it.
+    #[error("{file}:{line}: {source}")]
+    Context {
+        /// The recipe file.
+        file: String,
+        /// The instruction's line.
+        line: usize,
+        /// The cause.
+        source: ContextError,
+    },
+    /// The context directory itself is unusable.
+    #[error(transparent)]
+    ContextDir(ContextError),
+    /// An instruction's arguments are invalid once expanded.
+    #[error("{file}:{line}: {message}")]
+    Invalid {
+        /// The recipe file.
+        file: String,
+        /// The instruction's line.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A RUN step exited non-zero.
+    #[error("stage {stage}, {file}:{line}: `{command}` exited with code {code}")]
+    StepFailed {
+        /// The stage's name or index.
+        stage: String,
+        /// The recipe file.
+        file: String,
+        /// The step's line.
+        line: usize,
+        /// The command.
+        command: String,
+        /// Its exit code.
+        code: i32,
+    },
+    /// A step could not be carried out.
+    #[error("stage {stage}, {file}:{line}: {message}")]
+    Step {
+        /// The stage's name or index.
+        stage: String,
+        /// The recipe file.
+        file: String,
+        /// The step's line.
+        line: usize,
+        /// What went wrong.
+        message: String,
+    },
+    /// The base image is not available.
+    #[error("image {0}")]
+    Image(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The build was interrupted.
+    #[error("build interrupted")]
+    Cancelled,
+}
+
+impl BuildError {
+    /// True for errors in what the user gave (exit status 2), false for failed builds (1).
+    pub fn is_input_error(&self) -> bool {
+        matches!(
+            self,
+            BuildError::Recipe(_)
+                | BuildError::Plan { .. }
+                | BuildError::Context { .. }
+                | BuildError::ContextDir(_)
+                | BuildError::Invalid { .. }
+                | BuildError::Image(_)
+        )
+    }
+}
+
+/// A layer of an image being built.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Layer {
+    desc: Descriptor,
+    diff_id: Digest,
+}
+
+/// What a cache record holds.
+#[derive(Serialize, Deserialize)]
+struct CacheRecord {
+    layer: Option<Layer>,
+    created: Option<String>,
+}
+
+/// What the last build of a step saw (for miss explanations).
+#[derive(Serialize, Deserialize)]
+struct StepRecord {
+    parent: Digest,
+    inputs: StepInputs,
+}
+
+/// A stage's state as its steps run, and its result.
+#[derive(Clone)]
+struct StageState {
+    config: ImageConfig,
+    layers: Vec<Layer>,
+    /// Unpacked layer dirs, bottom first.
+    lower_dirs: Vec<PathBuf>,
+    key: Digest,
+    created: Option<String>,
+    args: BTreeMap<String, String>,
+    shell: Vec<String>,
+    cmd_set: bool,
+}
+
+/// Builds the recipe; returns the final image, stored (not yet tagged).
+pub fn build(
+    store: &Store,
+    opts: &BuildOptions,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<StoredImage, BuildError> {
+    let file = opts.recipe_path.display().to_string();
+    let recipe = recipe::parse(&opts.recipe_bytes, &file)?;
+    let (os, arch, variant) = image::host_platform();
+    let platform = match &variant {
+        Some(v) => format!("{os}/{arch}/{v}"),
+        None => format!("{os}/{arch}"),
+    };
+    let mut platform_args = BTreeMap::new();
+    for prefix in ["TARGET", "BUILD"] {
+        platform_args.insert(format!("{prefix}PLATFORM"), platform.clone());
+        platform_args.insert(format!("{prefix}OS"), os.clone());
+        platform_args.insert(format!("{prefix}ARCH"), arch.clone());
+        platform_args.insert(format!("{prefix}VARIANT"), variant.clone().unwrap_or_default());
+    }
+    let plan_opts = PlanOptions {
+        build_args: opts.build_args.clone(),
+        target: opts.target.clone(),
+        platform_args,
+    };
+    let plan = plan::plan(&recipe, &plan_opts).map_err(|source| BuildError::Plan { file: file.clone(), source })?;
+    for unused in &plan.unused_build_args {
+        progress.warn(&format!("build arg {unused:?} was given but no stage declares it"));
+    }
+    let context = Context::open(&opts.context_dir, Some(&opts.recipe_path)).map_err(BuildError::ContextDir)?;
+    let _lease = store.build_lease()?;
+    let engine = Engine {
+        store,
+        opts,
+        recipe: &recipe,
+        plan: &plan,
+        progress,
+        cancel,
+        sandbox: Sandbox::new(opts.helper_exe.clone()),
+        lexer: Lexer::new(recipe.directives.escape),
+        context,
+        file,
+        recipe_id: std::fs::canonicalize(&opts.recipe_path)
+            .unwrap_or_else(|_| opts.recipe_path.clone())
+            .display()
+            .to_string(),
+    };
+    let state = engine.run_stages()?;
+    engine.finish(state)
+}
+
+struct Engine<'a> {
+    store: &'a Store,
+    opts: &'a BuildOptions,
+    recipe: &'a Recipe,
+    plan: &'a Plan,
+    progress: &'a Progress,
+    cancel: &'a AtomicBool,
+    sandbox: Sandbox,
+    lexer: Lexer,
+    context: Context,
+    file: String,
+    recipe_id: String,
+}
+
+/// Shared scheduler state for parallel stages.
+struct Schedule {
+    results: Mutex<(Vec<Option<Arc<StageState>>>, Option<BuildError>, usize)>,
+    changed: Condvar,
+}
+
+impl Engine<'_> {
+    fn run_stages(&self) -> Result<StageState, BuildError> {
+        let n = self.recipe.stages.len();
+        let schedule = Schedule {
+            results: Mutex::new((vec![None; n], None, self.opts.jobs.max(1))),
+            changed: Condvar::new(),
+        };
+        std::thread::scope(|scope| {
+            for &index in &self.plan.needed {
+                let schedule = &schedule;
+                scope.spawn(move || {
+                    let deps = {
+                        let mut guard = schedule.results.lock().unwrap_or_else(|e| e.into_inner());
+                        loop {
+                            if guard.1.is_some() {
+                                return;
+                            }
+                            let deps = &self.plan.stages[index].deps;
+                            if guard.2 > 0 && deps.iter().all(|d| guard.0[*d].is_some()) {
+                                guard.2 -= 1;
+                                break deps
+                                    .iter()
+                                    .map(|d| (*d, guard.0[*d].clone().unwrap_or_else(|| unreachable!())))
+                                    .collect::<BTreeMap<_, _>>();
+                            }
+                            guard = schedule.changed.wait(guard).unwrap_or_else(|e| e.into_inner());
+                        }
+                    };
+                    let result = self.build_stage(index, &deps);
+                    let mut guard = schedule.results.lock().unwrap_or_else(|e| e.into_inner());
+                    guard.2 += 1;
+                    match result {
+                        Ok(state) => guard.0[index] = Some(Arc::new(state)),
+                        Err(e) => {
+                            if guard.1.is_none() {
+                                guard.1 = Some(e);
+                            }
+                            self.cancel.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    schedule.changed.notify_all();
+                });
+            }
+        });
+        let (mut results, error, _) = schedule.results.into_inner().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = error {
+            return Err(e);
+        }
+        results[self.plan.target]
+            .take()
+            .map(|s| Arc::try_unwrap(s).unwrap_or_else(|a| (*a).clone()))
+            .ok_or(BuildError::Cancelled)
+    }
+
+    fn stage_name(&self, index: usize) -> String {
+        self.recipe.stages[index].name.clone().unwrap_or_else(|| format!("stage-{index}"))
+    }
+
+    fn build_stage(&self, index: usize, deps: &BTreeMap<usize, Arc<StageState>>) -> Result<StageState, BuildError> {
+        let stage = &self.recipe.stages[index];
+        let name = self.stage_name(index);
+        let total = stage.instructions.len() + 1;
+        let label = |number: usize, text: &str| StepLabel { stage: name.clone(), number, total, text: text.to_string() };
+        let step = self.progress.step(label(1, &stage.text));
+        let mut st = match &self.plan.stages[index].base {
+            Base::Scratch => scratch_state(),
+            Base::Stage(i) => (*deps[i]).clone(),
+            Base::Image(r) => self.load_image(r, stage.span.start_line)?,
+        };
+        step.cached();
+        st.args = BTreeMap::new();
+        st.shell = st.config.config.shell.clone().unwrap_or_else(default_shell);
+        st.cmd_set = false;
+        let triggers = st.config.config.on_build.take().unwrap_or_default();
+        for trigger in triggers {
+            let instr = self.parse_trigger(&trigger, stage.span.start_line)?;
+            let step = self.progress.step(label(1, &format!("ONBUILD {trigger}")));
+            self.execute(index, usize::MAX, &mut st, &instr, step, deps)?;
+        }
+        for (n, instr) in stage.instructions.iter().enumerate() {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err(BuildError::Cancelled);
+            }
+            let step = self.progress.step(label(n + 2, &instr.text));
+            self.execute(index, n, &mut st, instr, step, deps)?;
+        }
+        Ok(st)
+    }
+
+    fn parse_trigger(&self, trigger: &str, line: usize) -> Result<Instruction, BuildError> {
+        let text = format!("FROM scratch\n{trigger}\n");
+        let parsed = recipe::parse(text.as_bytes(), "ONBUILD trigger")?;
+        parsed
+            .stages
+            .into_iter()
+            .next()
+            .and_then(|s| s.instructions.into_iter().next())
+            .ok_or_else(|| self.invalid(line, format!("invalid ONBUILD trigger {trigger:?}")))
+    }
+
+    fn invalid(&self, line: usize, message: impl Into<String>) -> BuildError {
+        BuildError::Invalid { file: self.file.clone(), line, message: message.into() }
+    }
+
+    fn step_error(&self, stage: usize, line: usize, message: impl std::fmt::Display) -> BuildError {
+        BuildError::Step { stage: self.stage_name(stage), file: self.file.clone(), line, message: message.to_string() }
+    }
+
+    /// Variables visible to expansion: ARGs in scope, overridden by ENV.
+    fn vars(&self, st: &StageState) -> BTreeMap<String, String> {
+        let mut vars = st.args.clone();
+        for e in &st.config.config.env {
+            if let Some((k, v)) = e.split_once('=') {
+                vars.insert(k.to_string(), v.to_string());
+            }
+        }
+        vars
+    }
+
+    fn expand(&self, word: &str, vars: &BTreeMap<String, String>, line: usize) -> Result<String, BuildError> {
+        self.lexer.process_word(word, vars).map(|e| e.value).map_err(|e| self.invalid(line, e.to_string()))
+    }
+
+    fn expand_words(&self, word: &str, vars: &BTreeMap<String, String>, line: usize) -> Result<Vec<String>, BuildError> {
+        self.lexer.process_words(word, vars).map(|e| e.value).map_err(|e| self.invalid(line, e.to_string()))
+    }
+
+    fn history(&self, st: &mut StageState, created_by: String, empty_layer: bool) {
+        st.config.history.push(History {
+            created: st.created.clone(),
+            created_by: Some(created_by),
+            comment: None,
+            empty_layer,
+        });
+    }
+
+    fn execute(
+        &self,
+        stage: usize,
+        n: usize,
+        st: &mut StageState,
+        instr: &Instruction,
+        step: crate::progress::Step<'_>,
+        deps: &BTreeMap<usize, Arc<StageState>>,
+    ) -> Result<(), BuildError> {
+        let line = instr.span.start_line;
+        let vars = self.vars(st);
+        let cfg = &mut st.config.config;
+        match &instr.kind {
+            InstructionKind::Run(run) => return self.run_step(stage, n, st, instr, run, step),
+            InstructionKind::Copy(c) => return self.copy_step(stage, n, st, instr, c, false, step, deps),
+            InstructionKind::Add(c) => return self.copy_step(stage, n, st, instr, c, true, step, deps),
+            InstructionKind::Env(pairs) => {
+                for (k, v) in pairs {
+                    let k = self.expand(k, &vars, line)?;
+                    let v = self.expand(v, &vars, line)?;
+                    set_env(&mut cfg.env, &k, &v);
+                }
+            }
+            InstructionKind::Label(pairs) => {
+                for (k, v) in pairs {
+                    let k = self.expand(k, &vars, line)?;
+                    let v = self.expand(v, &vars, line)?;
+                    cfg.labels.insert(k, v);
+                }
+            }
+            InstructionKind::Arg(decls) => {
+                for d in decls {
+                    let value = match (self.opts.build_args.get(&d.name), &d.default) {
+                        (Some(v), _) => Some(v.clone()),
+                        (None, Some(raw)) => Some(self.expand(raw, &vars, line)?),
+                        (None, None) => self.plan.meta_args.get(&d.name).cloned(),
+                    };
+                    if let Some(v) = value {
+                        st.args.insert(d.name.clone(), v);
+                    }
+                }
+            }
+            InstructionKind::Workdir(w) => {
+                let w = self.expand(w, &vars, line)?;
+                let joined = if w.starts_with('/') {
+                    w
+                } else {
+                    format!("{}/{w}", cfg.working_dir.as_deref().unwrap_or(""))
+                };
+                cfg.working_dir = Some(format!("/{}", crate::context::clean_relative(&joined).unwrap_or_default()));
+            }
+            InstructionKind::User(u) => cfg.user = Some(self.expand(u, &vars, line)?),
+            InstructionKind::Cmd(c) => {
+                cfg.cmd = Some(command_argv(c, &st.shell));
+                st.cmd_set = true;
+            }
+            InstructionKind::Entrypoint(c) => {
+                cfg.entrypoint = Some(command_argv(c, &st.shell));
+                if !st.cmd_set {
+                    cfg.cmd = None;
+                }
+            }
+            InstructionKind::Shell(v) => {
+                cfg.shell = Some(v.clone());
+                st.shell = v.clone();
+            }
+            InstructionKind::Expose(words) => {
+                for w in words {
+                    for w in self.expand_words(w, &vars, line)? {
+                        for port in expose_ports(&w).map_err(|m| self.invalid(line, m))? {
+                            cfg.exposed_ports.insert(port, Default::default());
+                        }
+                    }
+                }
+            }
+            InstructionKind::Volume(words) => {
+                for w in words {
+                    for v in self.expand_words(w, &vars, line)? {
+                        cfg.volumes.insert(v, Default::default());
+                    }
+                }
+            }
+            InstructionKind::Stopsignal(s) => cfg.stop_signal = Some(self.expand(s, &vars, line)?),
+            InstructionKind::Healthcheck(hc) => set_healthcheck(&mut st.config, hc),
+            InstructionKind::Onbuild { trigger, .. } => {
+                cfg.on_build.get_or_insert_with(Vec::new).push(trigger.clone());
+            }
+            InstructionKind::Maintainer(m) => st.config.author = Some(m.clone()),
+        }
+        self.history(st, instr.text.clone(), true);
+        step.done();
+        Ok(())
+    }
+
+    /// The environment a RUN step sees: image env, ARGs in scope (ENV wins), proxy build args.
+    fn run_env(&self, st: &StageState) -> Vec<(String, String)> {
+        let mut env: Vec<String> = st.config.config.env.clone();
+        for (k, v) in &st.args {
+            if get_env(&env, k).is_none() {
+                set_env(&mut env, k, v);
+            }
+        }
+        for k in plan::PROXY_ARGS {
+            if let Some(v) = self.opts.build_args.get(k) {
+                if get_env(&env, k).is_none() {
+                    set_env(&mut env, k, v);
+                }
+            }
+        }
+        if get_env(&env, "PATH").is_none() {
+            set_env(&mut env, "PATH", DEFAULT_PATH);
+        }
+        env.into_iter()
+            .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect()
+    }
+
+    fn base_inputs(&self, st: &StageState, instruction: String) -> StepInputs {
+        StepInputs {
+            instruction,
+            env: self.run_env(st).into_iter().filter(|(k, _)| !plan::PROXY_ARGS.contains(&k.as_str())).collect(),
+            args: st.args.clone(),
+            user: st.config.config.user.clone().unwrap_or_default(),
+            workdir: st.config.config.working_dir.clone().unwrap_or_default(),
+            shell: st.shell.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn identity(&self, stage: usize, n: usize) -> Digest {
+        Digest::of(format!("kiln-step-identity\n{}\n{stage}\n{n}", self.recipe_id).as_bytes())
+    }
+
+    /// Looks the step up in the cache; on a hit applies it and returns true. On a miss, tells
+    /// the progress view why.
+    fn try_cache(
+        &self,
+        stage: usize,
+        n: usize,
+        st: &mut StageState,
+        key: &Digest,
+        inputs: &StepInputs,
+        step: &crate::progress::Step<'_>,
+    ) -> Result<Option<CacheRecord>, BuildError> {
+        if !self.opts.no_cache {
+            if let Some(value) = self.store.cache_get(key)? {
+                if let Ok(record) = serde_json::from_value::<CacheRecord>(value) {
+                    let usable = match &record.layer {
+                        Some(l) => self.store.has_blob(&l.desc.digest),
+                        None => true,
+                    };
+                    if usable {
+                        return Ok(Some(record));
+                    }
+                }
+            }
+        }
+        let reason = if self.opts.no_cache {
+            "--no-cache".to_string()
+        } else {
+            match self.store.cache_get(&self.identity(stage, n))? {
+                Some(v) => match serde_json::from_value::<StepRecord>(v) {
+                    Ok(old) => plan::explain_difference(&old.inputs, inputs, old.parent != st.key),
+                    Err(_) => "no earlier build recorded".to_string(),
+                },
+                None => "no earlier build recorded".to_string(),
+            }
+        };
+        step.rebuild_reason(&reason);
+        Ok(None)
+    }
+
+    fn apply_record(&self, st: &mut StageState, key: Digest, record: CacheRecord, created_by: String) -> Result<(), BuildError> {
+        st.created = record.created.clone();
+        match record.layer {
+            Some(layer) => {
+                let dir = self.ensure_layer_dir(&layer)?;
+                st.lower_dirs.push(dir);
+                st.config.rootfs.diff_ids.push(layer.diff_id);
+                st.layers.push(layer);
+                self.history(st, created_by, false);
+            }
+            None => self.history(st, created_by, true),
+        }
+        st.key = key;
+        Ok(())
+    }
+
+    fn remember(&self, stage: usize, n: usize, parent: Digest, key: &Digest, inputs: StepInputs, record: &CacheRecord) -> Result<(), BuildError> {
+        let value = serde_json::to_value(record).unwrap_or_default();
+        self.store.cache_put(key, &value)?;
+        if n != usize::MAX {
+            let id = serde_json::to_value(StepRecord { parent, inputs }).unwrap_or_default();
+            self.store.cache_put(&self.identity(stage, n), &id)?;
+        }
+        Ok(())
+    }
+
+    fn now_created(&self) -> String {
+        let secs = self.opts.source_date_epoch.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0)
+        });
+        image::rfc3339(secs)
+    }
+
+    fn run_step(
+        &self,
+        stage: usize,
+        n: usize,
+        st: &mut StageState,
+        instr: &Instruction,
+        run: &Run,
+        mut step: crate::progress::Step<'_>,
+    ) -> Result<(), BuildError> {
+        let line = instr.span.start_line;
+        let (argv, stdin) = run_argv(run, &st.shell);
+        let mut network = self.opts.network;
+        if let Some(net) = &run.network {
+            network = match net.as_str() {
+                "none" => NetworkMode::None,
+                "host" | "default" => NetworkMode::Host,
+                other => return Err(self.invalid(line, format!("unsupported RUN --network={other}"))),
+            };
+        }
+        let vars = self.vars(st);
+        let mut binds = Vec::new();
+        for m in &run.mounts {
+            let m = self.expand(m, &vars, line)?;
+            binds.push(self.secret_mount(&m, line)?);
+        }
+        let mut inputs = self.base_inputs(st, format!("RUN {}", serde_json::to_string(&argv).unwrap_or_default()));
+        if !run.mounts.is_empty() {
+            inputs.instruction.push_str(&format!(" mounts={:?}", run.mounts));
+        }
+        let parent = st.key;
+        let key = plan::cache_key(&parent, &inputs);
+        let used_args: Vec<&str> = st.args.keys().map(String::as_str).collect();
+        let created_by = if used_args.is_empty() {
+            format!("RUN {}", argv.join(" "))
+        } else {
+            format!("RUN |{} {} {}", used_args.len(), used_args.join(" "), argv.join(" "))
+        };
+        if let Some(record) = self.try_cache(stage, n, st, &key, &inputs, &step)? {
+            self.apply_record(st, key, record, created_by)?;
+            step.cached();
+            return Ok(());
+        }
+        let scratch = self.store.scratch_dir()?;
+        let upper = scratch.path().join("upper");
+        let work = scratch.path().join("work");
+        for d in [&upper, &work] {
+            std::fs::create_dir(d).map_err(|e| self.step_error(stage, line, format!("creating {}: {e}", d.display())))?;
+        }
+        let spec = RunSpec {
+            lower_dirs: st.lower_dirs.iter().rev().cloned().collect(),
+            upper_dir: upper.clone(),
+            work_dir: work,
+            argv: argv.clone(),
+            env: self.run_env(st),
+            cwd: st.config.config.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".to_string()),
+            user: st.config.config.user.clone().unwrap_or_default(),
+            hostname: "kiln".to_string(),
+            network,
+            stdin,
+            binds,
+        };
+        let result = self.sandbox.run(&spec, &mut |bytes| step.output(bytes), self.cancel);
+        let code = match result {
+            Ok(code) => code,
+            Err(sandbox::SandboxError::Cancelled) => {
+                step.failed();
+                return Err(BuildError::Cancelled);
+            }
+            Err(e) => {
+                step.failed();
+                return Err(self.step_error(stage, line, e));
+            }
+        };
+        if code != 0 {
+            step.failed();
+            return Err(BuildError::StepFailed {
+                stage: self.stage_name(stage),
+                file: self.file.clone(),
+                line,
+                command: instr.text.clone(),
+                code,
+            });
+        }
+        let layer = self.commit_upper(&upper).map_err(|e| self.step_error(stage, line, e))?;
+        let record = CacheRecord { layer, created: Some(self.now_created()) };
+        self.remember(stage, n, parent, &key, inputs, &record)?;
+        self.apply_record(st, key, record, created_by)?;
+        step.done();
+        Ok(())
+    }
+
+    /// `--mount=type=secret,id=ID[,target=PATH][,required]` → a read-only bind of the secret file.
+    fn secret_mount(&self, spec: &str, line: usize) -> Result<BindMount, BuildError> {
+        let mut kind = "bind";
+        let (mut id, mut target, mut required) = (None, None, false);
+        for field in spec.split(',') {
+            let (k, v) = field.split_once('=').unwrap_or((field, ""));
+            match k {
+                "type" => kind = v,
+                "id" => id = Some(v.to_string()),
+                "target" | "dst" | "destination" => target = Some(v.to_string()),
+                "required" => required = v.is_empty() || v == "true",
+                _ => {}
+            }
+        }
+        if kind != "secret" {
+            return Err(self.invalid(line, format!("RUN --mount type={kind} is not supported yet (only type=secret)")));
+        }
+        let id = id
+            .or_else(|| target.as_ref().and_then(|t| t.rsplit('/').next().map(str::to_string)))
+            .ok_or_else(|| self.invalid(line, "RUN --mount=type=secret needs id= or target="))?;
+        let target = target.unwrap_or_else(|| format!("/run/secrets/{id}"));
+        match self.opts.secrets.get(&id) {
+            Some(src) => Ok(BindMount { source: src.clone(), target, readonly: true }),
+            None if required => Err(self.invalid(line, format!("secret {id:?} is required but was not given with --secret"))),
+            None => Err(self.invalid(line, format!("secret {id:?} was not given with --secret id={id},src=PATH"))),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy_step(
+        &self,
+        stage: usize,
+        n: usize,
+        st: &mut StageState,
+        instr: &Instruction,
+        c: &Copy,
+        is_add: bool,
+        step: crate::progress::Step<'_>,
+        deps: &BTreeMap<usize, Arc<StageState>>,
+    ) -> Result<(), BuildError> {
+        let line = instr.span.start_line;
+        let vars = self.vars(st);
+        let workdir = st.config.config.working_dir.clone().unwrap_or_else(|| "/".to_string());
+        let dest_raw = self.expand(&c.dest, &vars, line)?;
+        let dest = if dest_raw.starts_with('/') {
+            dest_raw.clone()
+        } else {
+            format!("{}/{}", workdir.trim_end_matches('/'), dest_raw)
+        };
+        let dest_slash = dest_raw.ends_with('/') || dest_raw == "." || dest_raw.ends_with("/.");
+        let chmod = match &c.chmod {
+            Some(m) => {
+                let m = self.expand(m, &vars, line)?;
+                Some(copy::parse_chmod(&m).ok_or_else(|| self.invalid(line, format!("invalid --chmod={m}: expected an octal mode")))?)
+            }
+            None => None,
+        };
+        let chown = match &c.chown {
+            Some(o) => Some(self.expand(o, &vars, line)?),
+            None => None,
+        };
+        let exclude = c
+            .exclude
+            .iter()
+            .map(|p| {
+                let p = self.expand(p, &vars, line)?;
+                globset::GlobBuilder::new(&p)
+                    .literal_separator(true)
+                    .build()
+                    .map(|g| g.compile_matcher())
+                    .map_err(|e| self.invalid(line, format!("invalid --exclude={p}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut inputs = self.base_inputs(st, String::new());
+        let mut items = Vec::new();
+        let mut source_words = Vec::new();
+        let from = c.from.as_ref().map(|raw| self.plan.stages[stage].copy_sources.get(raw).cloned());
+        let from_state: Option<StageState> = match from {
+            Some(Some(CopySource::Stage(i))) => Some((*deps[&i]).clone()),
+            Some(Some(CopySource::Image(r))) => Some(self.load_image(&r, line)?),
+            Some(None) => return Err(self.invalid(line, "unresolved --from")),
+            None => None,
+        };
+        for raw in &c.sources {
+            if let Some(name) = raw.strip_prefix("<<") {
+                let name = name.trim_start_matches('-').trim_matches(|ch| ch == '"' || ch == '\'');
+                let h = c
+                    .heredocs
+                    .iter()
+                    .find(|h| h.name == name)
+                    .ok_or_else(|| self.invalid(line, format!("heredoc {name} has no body")))?;
+                let content = if h.expand { expand_heredoc(&h.content, &vars) } else { h.content.clone() };
+                inputs.files.insert(format!("<<{name}"), Digest::of(content.as_bytes()).hex());
+                items.push(copy::SourceItem::Inline { name: name.to_string(), content: content.into_bytes() });
+                source_words.push(format!("<<{name}"));
+                continue;
+            }
+            let word = self.expand(raw, &vars, line)?;
+            if word.contains("://") {
+                return Err(self.invalid(line, format!("{} of a URL ({word}) is not supported", if is_add { "ADD" } else { "COPY" })));
+            }
+            source_words.push(word.clone());
+            match &from_state {
+                None => {
+                    let rels = self.context.resolve(&word).map_err(|source| BuildError::Context { file: self.file.clone(), line, source })?;
+                    for rel in rels {
+                        let entries = self.context.walk(&rel).map_err(|source| BuildError::Context { file: self.file.clone(), line, source })?;
+                        let digests = self.context.digest_entries(&entries).map_err(|source| BuildError::Context { file: self.file.clone(), line, source })?;
+                        inputs.files.extend(digests);
+                        items.push(copy::SourceItem::Path(rel));
+                    }
+                }
+                Some(_) => {
+                    let rel = crate::context::clean_relative(&word).ok_or_else(|| self.invalid(line, format!("source {word:?} is outside the root")))?;
+                    items.push(copy::SourceItem::Path(rel));
+                }
+            }
+        }
+        if let Some(fs) = &from_state {
+            inputs.from = fs.key.to_string();
+        }
+        let dest_is_dir = dest_slash || items.len() > 1;
+        inputs.instruction = format!(
+            "{} {:?} -> {dest} dir={dest_is_dir} chown={chown:?} chmod={chmod:?} exclude={:?}",
+            if is_add { "ADD" } else { "COPY" },
+            source_words,
+            c.exclude
+        );
+        let parent = st.key;
+        let key = plan::cache_key(&parent, &inputs);
+        let created_by = instr.text.clone();
+        if let Some(record) = self.try_cache(stage, n, st, &key, &inputs, &step)? {
+            self.apply_record(st, key, record, created_by)?;
+            step.cached();
+            return Ok(());
+        }
+        let scratch = self.store.scratch_dir()?;
+        let upper = scratch.path().join("upper");
+        let work = scratch.path().join("work");
+        for d in [&upper, &work] {
+            std::fs::create_dir(d).map_err(|e| self.step_error(stage, line, format!("creating {}: {e}", d.display())))?;
+        }
+        let lowers: Vec<PathBuf> = st.lower_dirs.iter().rev().cloned().collect();
+        let copy_into = |src: copy::SourceFs<'_>, merged: &Path| -> Result<(), BuildError> {
+            let root = RootDir::open(merged).map_err(|e| self.step_error(stage, line, e))?;
+            let owner = match &chown {
+                Some(spec) => Some(resolve_owner(&root, spec).map_err(|m| self.invalid(line, m))?),
+                None => None,
+            };
+            let job = copy::CopyJob {
+                from: src,
+                items,
+                dest: dest.clone(),
+                dest_is_dir,
+                chown: owner,
+                chmod,
+                extract_archives: is_add,
+                exclude,
+            };
+            copy::run(&root, &job).map_err(|e| self.step_error(stage, line, e))
+        };
+        let copied: Result<(), BuildError> = match &from_state {
+            None => sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
+                copy_into(copy::SourceFs::Context(&self.context), merged)
+            })
+            .map_err(|e| self.step_error(stage, line, e))
+            .and_then(|r| r),
+            Some(fs) => {
+                let src_scratch = self.store.scratch_dir()?;
+                let (su, sw) = (src_scratch.path().join("upper"), src_scratch.path().join("work"));
+                for d in [&su, &sw] {
+                    std::fs::create_dir(d)
+                        .map_err(|e| self.step_error(stage, line, format!("creating {}: {e}", d.display())))?;
+                }
+                let src_lowers: Vec<PathBuf> = fs.lower_dirs.iter().rev().cloned().collect();
+                sandbox::with_rootfs(&src_lowers, &su, &sw, |src_root| -> Result<(), BuildError> {
+                    let src = RootDir::open(src_root).map_err(|e| self.step_error(stage, line, e))?;
+                    sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
+                        copy_into(copy::SourceFs::Rootfs(&src), merged)
+                    })
+                    .map_err(|e| self.step_error(stage, line, e))?
+                })
+                .map_err(|e| self.step_error(stage, line, e))
+                .and_then(|r| r)
+            }
+        };
+        if let Err(e) = copied {
+            step.failed();
+            return Err(e);
+        }
+        let layer = self.commit_upper(&upper).map_err(|e| self.step_error(stage, line, e))?;
+        let record = CacheRecord { layer, created: Some(self.now_created()) };
+        self.remember(stage, n, parent, &key, inputs, &record)?;
+        self.apply_record(st, key, record, created_by)?;
+        step.done();
+        Ok(())
+    }
+
+    /// Turns a step's upper dir into a stored layer and keeps the dir as that layer's
+    /// unpacked form; None when the step changed nothing.
+    fn commit_upper(&self, upper: &Path) -> Result<Option<Layer>, String> {
+        if !snapshot::upper_has_changes(upper).map_err(|e| e.to_string())? {
+            return Ok(None);
+        }
+        let opts = LayerOptions { source_date_epoch: self.opts.source_date_epoch, compression: Compression::Gzip };
+        let writer = self.store.blob_writer().map_err(|e| e.to_string())?;
+        let (writer, summary) = snapshot::write_layer(upper, &opts, writer).map_err(|e| e.to_string())?;
+        let (digest, size) = writer.commit().map_err(|e| e.to_string())?;
+        self.store.install_layer_dir(&summary.diff_id, upper).map_err(|e| e.to_string())?;
+        Ok(Some(Layer {
+            desc: Descriptor::new(image::MEDIA_LAYER_GZIP, digest, size),
+            diff_id: summary.diff_id,
+        }))
+    }
+
+    /// The unpacked dir of a layer, unpacking its blob once if needed.
+    fn ensure_layer_dir(&self, layer: &Layer) -> Result<PathBuf, BuildError> {
+        if let Some(dir) = self.store.layer_dir(&layer.diff_id) {
+            return Ok(dir);
+        }
+        let scratch = self.store.scratch_dir()?;
+        let dir = scratch.path().join("layer");
+        std::fs::create_dir(&dir).map_err(|e| BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest)))?;
+        let blob = self.store.open_blob(&layer.desc.digest)?;
+        let diff_id = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir)
+            .map_err(|e| BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest)))?;
+        if diff_id != layer.diff_id {
+            return Err(BuildError::Image(format!(
+                "layer {} has diff_id {diff_id}, but the image config says {}",
+                layer.desc.digest, layer.diff_id
+            )));
+        }
+        Ok(self.store.install_layer_dir(&layer.diff_id, &dir)?)
+    }
+
+    fn load_image(&self, reference: &str, line: usize) -> Result<StageState, BuildError> {
+        let normalized = Reference::parse(reference).map_err(|e| self.invalid(line, e.to_string()))?;
+        let image = match self.store.resolve(&normalized.to_string())? {
+            Some(image) => image,
+            None => {
+                return Err(BuildError::Image(format!(
+                    "{} not found in the local store (import it with `kiln import`)",
+                    normalized.familiar()
+                )));
+            }
+        };
+        let diff_ids = &image.config.rootfs.diff_ids;
+        if diff_ids.len() != image.manifest_body.layers.len() {
+            return Err(BuildError::Image(format!("{normalized}: manifest and config disagree on the number of layers")));
+        }
+        let mut st = scratch_state();
+        st.config = image.config.clone();
+        st.created = image.config.created.clone();
+        st.key = Digest::of(format!("image\n{}", image.manifest.digest).as_bytes());
+        for (desc, diff_id) in image.manifest_body.layers.iter().zip(diff_ids) {
+            let layer = Layer { desc: desc.clone(), diff_id: *diff_id };
+            st.lower_dirs.push(self.ensure_layer_dir(&layer)?);
+            st.layers.push(layer);
+        }
+        Ok(st)
+    }
+
+    fn finish(&self, mut st: StageState) -> Result<StoredImage, BuildError> {
+        if let Some(epoch) = self.opts.source_date_epoch {
+            st.created = Some(image::rfc3339(epoch));
+        }
+        let created = st.created.clone().unwrap_or_else(|| self.now_created());
+        st.config.created = Some(created);
+        for (k, v) in &self.opts.labels {
+            st.config.config.labels.insert(k.clone(), v.clone());
+        }
+        let layers: Vec<Descriptor> = st.layers.iter().map(|l| l.desc.clone()).collect();
+        Ok(self.store.put_image(&st.config, &layers)?)
+    }
+}
+
+fn scratch_state() -> StageState {
+    let (os, arch, variant) = image::host_platform();
+    let mut config = ImageConfig { os, architecture: arch, variant, ..Default::default() };
+    config.config.env.push(format!("PATH={DEFAULT_PATH}"));
+    StageState {
+        config,
+        layers: Vec::new(),
+        lower_dirs: Vec::new(),
+        key: Digest::of(b"scratch"),
+        created: None,
+        args: BTreeMap::new(),
+        shell: default_shell(),
+        cmd_set: false,
+    }
+}
+
+/// The argv and stdin for a RUN: exec form as is; shell form through the SHELL, with heredoc
+/// bodies appended for the shell to read; a lone `<<EOF` runs its body as the script (through
+/// its `#!` interpreter when it has one).
+fn run_argv(run: &Run, shell: &[String]) -> (Vec<String>, Option<Vec<u8>>) {
+    match &run.command {
+        CommandLine::Exec(v) => (v.clone(), None),
+        CommandLine::Shell(s) => {
+            if run.heredocs.is_empty() {
+                return (command_argv(&run.command, shell), None);
+            }
+            let lone = run.heredocs.len() == 1 && run.heredocs[0].fd.is_none() && {
+                let t = s.trim();
+                t.starts_with("<<") && !t.contains(char::is_whitespace)
+            };
+            if lone {
+                let body = &run.heredocs[0].content;
+                if let Some(first) = body.strip_prefix("#!") {
+                    let interp: Vec<String> = first.lines().next().unwrap_or("").split_whitespace().map(str::to_string).collect();
+                    if !interp.is_empty() {
+                        let mut argv = interp;
+                        argv.push("/dev/stdin".to_string());
+                        return (argv, Some(body.as_bytes().to_vec()));
+                    }
+                }
+                let mut argv = shell.to_vec();
+                argv.push(body.clone());
+                return (argv, None);
+            }
+            let mut script = s.clone();
+            script.push('\n');
+            for h in &run.heredocs {
+                script.push_str(&h.content);
+                if !h.content.is_empty() && !h.content.ends_with('\n') {
+                    script.push('\n');
+                }
+                script.push_str(&h.name);
+                script.push('\n');
+            }
+            let mut argv = shell.to_vec();
+            argv.push(script);
+            (argv, None)
+        }
+    }
+}
+
+/// `$NAME` and `${NAME}` substitution for heredoc bodies (quotes are content, not syntax).
+fn expand_heredoc(body: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(body.len());
+    let mut chars = body.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if c == '\\' {
+            if let Some(&(_, '$')) = chars.peek() {
+                out.push('$');
+                chars.next();
+                continue;
+            }
+            out.push(c);
+            continue;
+        }
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let rest = &body[i + 1..];
+        let (name, consumed) = if let Some(inner) = rest.strip_prefix('{') {
+            match inner.find('}') {
+                Some(end) => (&inner[..end], end + 2),
+                None => ("", 0),
+            }
+        } else {
+            let end = rest.find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')).unwrap_or(rest.len());
+            (&rest[..end], end)
+        };
+        if name.is_empty() || consumed == 0 {
+            out.push('$');
+            continue;
+        }
+        out.push_str(vars.get(name).map(String::as_str).unwrap_or(""));
+        for _ in 0..consumed {
+            chars.next();
+        }
+    }
+    out
+}
+
+/// Resolves `--chown=user[:group]` against the rootfs's own /etc/passwd and /etc/group.
+fn resolve_owner(root: &RootDir, spec: &str) -> Result<(u32, u32), String> {
+    let read = |p: &str| {
+        root.open_read(p).ok().and_then(|mut f| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut f, &mut s).ok().map(|_| s)
+        })
+    };
+    let passwd = read("/etc/passwd");
+    let group = read("/etc/group");
+    let (user, grp) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let resolved = sandbox::users::resolve(user, passwd.as_deref(), group.as_deref()).map_err(|e| format!("--chown={spec}: {e}"))?;
+    let gid = match grp {
+        Some(g) => sandbox::users::resolve_group(g, group.as_deref()).map_err(|e| format!("--chown={spec}: {e}"))?,
+        // A user alone gives gid = uid when the user is numeric, else the user's primary group.
+        None => resolved.gid,
+    };
+    Ok((resolved.uid, gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::instructions::Heredoc;
+
+    fn heredoc(name: &str, content: &str) -> Heredoc {
+        Heredoc { name: name.into(), content: content.into(), expand: true, fd: None }
+    }
+
+    #[test]
+    fn lone_heredoc_runs_its_body() {
+        let run = Run {
+            command: CommandLine::Shell("<<EOF".into()),
+            heredocs: vec![heredoc("EOF", "echo hi\n")],
+            mounts: vec![],
+            network: None,
+            security: None,
+        };
+        let (argv, stdin) = run_argv(&run, &default_shell());
+        assert_eq!(argv, vec!["/bin/sh", "-c", "echo hi\n"]);
+        assert!(stdin.is_none());
+    }
+
+    #[test]
+    fn shebang_heredoc_uses_interpreter() {
+        let run = Run {
+            command: CommandLine::Shell("<<EOF".into()),
+            heredocs: vec![heredoc("EOF", "#!/bin/busybox sh\necho hi\n")],
+            mounts: vec![],
+            network: None,
+            security: None,
+        };
+        let (argv, stdin) = run_argv(&run, &default_shell());
+        assert_eq!(argv, vec!["/bin/busybox", "sh", "/dev/stdin"]);
+        assert_eq!(stdin.unwrap(), b"#!/bin/busybox sh\necho hi\n");
+    }
+
+    #[test]
+    fn heredoc_bodies_follow_the_command() {
+        let run = Run {
+            command: CommandLine::Shell("cat <<A >a && cat <<B >b".into()),
+            heredocs: vec![heredoc("A", "1\n"), heredoc("B", "2\n")],
+            mounts: vec![],
+            network: None,
+            security: None,
+        };
+        let (argv, _) = run_argv(&run, &default_shell());
+        assert_eq!(argv[2], "cat <<A >a && cat <<B >b\n1\nA\n2\nB\n");
+    }
+
+    #[test]
+    fn heredoc_expansion() {
+        let vars: BTreeMap<String, String> = [("A".to_string(), "x".to_string())].into();
+        assert_eq!(expand_heredoc("$A ${A} \\$A $B '$A' $", &vars), "x x $A  'x' $");
+    }
+}

@@ -1,0 +1,426 @@
+//! The build plan: stages as a DAG, global-ARG resolution for FROM lines, `--target` pruning,
+//! the order stages may run in, and cache-key derivation. Pure: no filesystem, no clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::digest::Digest;
+use crate::recipe::instructions::{InstructionKind, Recipe, Span};
+use crate::recipe::shell::Lexer;
+
+/// Bumped whenever the cache-key encoding changes, so old records can never match.
+pub const CACHE_KEY_VERSION: u32 = 1;
+
+/// The ARGs every build predefines in the global scope (BuildKit's automatic platform ARGs).
+pub const PLATFORM_ARGS: [&str; 8] = [
+    "TARGETPLATFORM",
+    "TARGETOS",
+    "TARGETARCH",
+    "TARGETVARIANT",
+    "BUILDPLATFORM",
+    "BUILDOS",
+    "BUILDARCH",
+    "BUILDVARIANT",
+];
+
+/// Build args usable without an ARG declaration, kept out of history and cache keys.
+pub const PROXY_ARGS: [&str; 10] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// What a stage starts from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Base {
+    /// `FROM scratch`: the empty image.
+    Scratch,
+    /// An earlier stage, by index.
+    Stage(usize),
+    /// An image reference (looked up in the store, else pulled).
+    Image(String),
+}
+
+/// Where a `COPY --from` reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CopySource {
+    /// Another stage's final filesystem.
+    Stage(usize),
+    /// An image's filesystem.
+    Image(String),
+}
+
+/// One stage of the plan.
+#[derive(Clone, Debug)]
+pub struct StagePlan {
+    /// Index in the recipe.
+    pub index: usize,
+    /// Name from `AS`.
+    pub name: Option<String>,
+    /// The resolved base.
+    pub base: Base,
+    /// Stages this stage needs finished first (base and `COPY --from`), sorted.
+    pub deps: Vec<usize>,
+    /// `COPY --from` values resolved, keyed by the raw value.
+    pub copy_sources: BTreeMap<String, CopySource>,
+}
+
+/// The whole plan for one build.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Every stage of the recipe (only those in `needed` are built).
+    pub stages: Vec<StagePlan>,
+    /// The target stage.
+    pub target: usize,
+    /// Stages the target needs (itself included), ascending.
+    pub needed: Vec<usize>,
+    /// Global ARG values (after build args), usable by stages that redeclare them.
+    pub meta_args: BTreeMap<String, String>,
+    /// Build args given that no stage declares (for a warning).
+    pub unused_build_args: Vec<String>,
+}
+
+/// A planning error, located in the recipe where it has a location.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// `--target` names no stage.
+    #[error("target stage {0:?} not found in the recipe")]
+    UnknownTarget(String),
+    /// A FROM line expanded to nothing usable.
+    #[error("line {line}: {message}")]
+    Invalid {
+        /// The recipe line.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Inputs that come from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct PlanOptions {
+    /// `--build-arg` values.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// Values of the predefined platform ARGs.
+    pub platform_args: BTreeMap<String, String>,
+}
+
+fn invalid(span: Span, message: impl Into<String>) -> PlanError {
+    PlanError::Invalid { line: span.start_line, message: message.into() }
+}
+
+/// Resolves stages, bases, `COPY --from` sources and the target; prunes unneeded stages.
+pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
+    let lexer = Lexer::new(recipe.directives.escape);
+    let mut meta: BTreeMap<String, String> = opts.platform_args.clone();
+    let mut declared: BTreeSet<String> = BTreeSet::new();
+    for instr in &recipe.meta_args {
+        if let InstructionKind::Arg(decls) = &instr.kind {
+            for d in decls {
+                declared.insert(d.name.clone());
+                let value = match (opts.build_args.get(&d.name), &d.default) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(raw)) => Some(
+                        lexer
+                            .process_word(raw, &meta)
+                            .map_err(|e| invalid(instr.span, e.to_string()))?
+                            .value,
+                    ),
+                    (None, None) => None,
+                };
+                if let Some(v) = value {
+                    meta.insert(d.name.clone(), v);
+                }
+            }
+        }
+    }
+
+    let name_to_index: BTreeMap<&str, usize> = recipe
+        .stages
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.name.as_deref().map(|n| (n, i)))
+        .collect();
+    let find_stage = |value: &str, before: usize| -> Option<usize> {
+        let lower = value.to_ascii_lowercase();
+        if let Some(&i) = name_to_index.get(lower.as_str()) {
+            return (i < before).then_some(i);
+        }
+        value.parse::<usize>().ok().filter(|&i| i < before)
+    };
+
+    let mut stages = Vec::with_capacity(recipe.stages.len());
+    for (index, stage) in recipe.stages.iter().enumerate() {
+        let base_text = lexer
+            .process_word(&stage.base, &meta)
+            .map_err(|e| invalid(stage.span, e.to_string()))?
+            .value;
+        if base_text.is_empty() {
+            return Err(invalid(stage.span, format!("FROM {:?} expands to an empty name", stage.base)));
+        }
+        let base = if base_text.eq_ignore_ascii_case("scratch") {
+            Base::Scratch
+        } else if let Some(&i) = name_to_index.get(base_text.to_ascii_lowercase().as_str()) {
+            if i >= index {
+                return Err(invalid(stage.span, format!("stage {base_text:?} is used before it is defined")));
+            }
+            Base::Stage(i)
+        } else {
+            Base::Image(base_text)
+        };
+        let mut deps = BTreeSet::new();
+        if let Base::Stage(i) = base {
+            deps.insert(i);
+        }
+        let mut copy_sources = BTreeMap::new();
+        for instr in &stage.instructions {
+            let from = match &instr.kind {
+                InstructionKind::Copy(c) | InstructionKind::Add(c) => c.from.as_ref(),
+                _ => None,
+            };
+            if let Some(raw) = from {
+                let value = lexer
+                    .process_word(raw, &meta)
+                    .map_err(|e| invalid(instr.span, e.to_string()))?
+                    .value;
+                let source = match find_stage(&value, index) {
+                    Some(i) => {
+                        deps.insert(i);
+                        CopySource::Stage(i)
+                    }
+                    None if value.parse::<usize>().is_ok() => {
+                        return Err(invalid(instr.span, format!("--from={value}: no earlier stage has that index")));
+                    }
+                    None => CopySource::Image(value),
+                };
+                copy_sources.insert(raw.clone(), source);
+            }
+        }
+        stages.push(StagePlan {
+            index,
+            name: stage.name.clone(),
+            base,
+            deps: deps.into_iter().collect(),
+            copy_sources,
+        });
+    }
+
+    let target = match &opts.target {
+        None => stages.len().checked_sub(1).ok_or_else(|| PlanError::UnknownTarget(String::new()))?,
+        Some(t) => find_stage(t, stages.len()).ok_or_else(|| PlanError::UnknownTarget(t.clone()))?,
+    };
+    let mut needed = BTreeSet::new();
+    let mut todo = vec![target];
+    while let Some(i) = todo.pop() {
+        if needed.insert(i) {
+            todo.extend(stages[i].deps.iter().copied());
+        }
+    }
+
+    for stage in &recipe.stages {
+        for instr in &stage.instructions {
+            if let InstructionKind::Arg(decls) = &instr.kind {
+                declared.extend(decls.iter().map(|d| d.name.clone()));
+            }
+        }
+    }
+    let unused_build_args = opts
+        .build_args
+        .keys()
+        .filter(|k| !declared.contains(*k) && !PROXY_ARGS.contains(&k.as_str()))
+        .cloned()
+        .collect();
+
+    Ok(Plan { stages, target, needed: needed.into_iter().collect(), meta_args: meta, unused_build_args })
+}
+
+/// Everything that determines a step's result besides its parent. Serialised canonically
+/// (sorted keys) and hashed together with the parent key.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct StepInputs {
+    /// The instruction after expansion (e.g. `RUN ["/bin/sh","-c","make"]`, `COPY a b /dst`).
+    pub instruction: String,
+    /// Environment in effect (from ENV).
+    pub env: BTreeMap<String, String>,
+    /// ARGs in scope and their values (a RUN sees them; proxy args excluded).
+    pub args: BTreeMap<String, String>,
+    /// USER in effect.
+    pub user: String,
+    /// WORKDIR in effect.
+    pub workdir: String,
+    /// SHELL in effect.
+    pub shell: Vec<String>,
+    /// Content of COPY/ADD sources: path → digest of (mode, owner, size, content, link target).
+    pub files: BTreeMap<String, String>,
+    /// Identity of a `--from` source (the source stage's key or the image's manifest digest).
+    pub from: String,
+}
+
+/// The cache key of a step: sha256 over the key version, the parent key and the inputs.
+pub fn cache_key(parent: &Digest, inputs: &StepInputs) -> Digest {
+    let mut buf = format!("kiln-cache-v{CACHE_KEY_VERSION}\n{parent}\n").into_bytes();
+    buf.extend(serde_json::to_vec(inputs).unwrap_or_default());
+    Digest::of(&buf)
+}
+
+/// Explains, in a few words, what differs between the inputs of a previous build of a step and
+/// this one (`files`: "1 file changed: app/main.py").
+pub fn explain_difference(old: &StepInputs, new: &StepInputs, parent_changed: bool) -> String {
+    let mut reasons = Vec::new();
+    if old.instruction != new.instruction {
+        reasons.push("instruction changed".to_string());
+    }
+    for (k, v) in &new.args {
+        match old.args.get(k) {
+            Some(o) if o == v => {}
+            Some(_) => reasons.push(format!("build arg {k} changed")),
+            None => reasons.push(format!("build arg {k} added")),
+        }
+    }
+    for k in old.args.keys().filter(|k| !new.args.contains_key(*k)) {
+        reasons.push(format!("build arg {k} removed"));
+    }
+    let env_changed: Vec<&String> = new
+        .env
+        .iter()
+        .filter(|(k, v)| old.env.get(*k) != Some(v))
+        .map(|(k, _)| k)
+        .chain(old.env.keys().filter(|k| !new.env.contains_key(*k)))
+        .collect();
+    if !env_changed.is_empty() {
+        reasons.push(format!("env {} changed", join_names(&env_changed)));
+    }
+    if old.user != new.user {
+        reasons.push("user changed".to_string());
+    }
+    if old.workdir != new.workdir {
+        reasons.push("workdir changed".to_string());
+    }
+    if old.shell != new.shell {
+        reasons.push("shell changed".to_string());
+    }
+    let mut changed: Vec<&String> = Vec::new();
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    for (path, d) in &new.files {
+        match old.files.get(path) {
+            Some(o) if o == d => {}
+            Some(_) => changed.push(path),
+            None => added.push(path),
+        }
+    }
+    for path in old.files.keys().filter(|p| !new.files.contains_key(*p)) {
+        removed.push(path);
+    }
+    for (what, list) in [("changed", &changed), ("added", &added), ("removed", &removed)] {
+        if !list.is_empty() {
+            let noun = if list.len() == 1 { "file" } else { "files" };
+            reasons.push(format!("{} {noun} {what}: {}", list.len(), join_names(list)));
+        }
+    }
+    if old.from != new.from {
+        reasons.push("--from source changed".to_string());
+    }
+    if reasons.is_empty() {
+        if parent_changed {
+            reasons.push("an earlier step changed".to_string());
+        } else {
+            reasons.push("no earlier build recorded".to_string());
+        }
+    }
+    reasons.join(", ")
+}
+
+fn join_names(names: &[&String]) -> String {
+    const SHOWN: usize = 3;
+    let mut s = names.iter().take(SHOWN).map(|n| n.as_str()).collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::parse;
+
+    fn plan_of(src: &str, target: Option<&str>, args: &[(&str, &str)]) -> Plan {
+        let recipe = parse(src.as_bytes(), "Dockerfile").unwrap();
+        let opts = PlanOptions {
+            build_args: args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            target: target.map(str::to_string),
+            platform_args: BTreeMap::new(),
+        };
+        plan(&recipe, &opts).unwrap()
+    }
+
+    #[test]
+    fn prunes_stages_the_target_does_not_need() {
+        let p = plan_of(
+            "FROM scratch AS a\nFROM scratch AS b\nFROM a AS c\nCOPY --from=0 / /\nFROM scratch\n",
+            Some("c"),
+            &[],
+        );
+        assert_eq!(p.target, 2);
+        assert_eq!(p.needed, vec![0, 2]);
+        assert_eq!(p.stages[2].base, Base::Stage(0));
+        assert_eq!(p.stages[2].copy_sources.get("0"), Some(&CopySource::Stage(0)));
+    }
+
+    #[test]
+    fn global_args_resolve_from_lines() {
+        let src = "ARG IMG=base\nARG TAG\nFROM ${IMG}:${TAG:-1}\n";
+        assert_eq!(plan_of(src, None, &[]).stages[0].base, Base::Image("base:1".into()));
+        assert_eq!(plan_of(src, None, &[("TAG", "2")]).stages[0].base, Base::Image("base:2".into()));
+    }
+
+    #[test]
+    fn copy_from_image_and_unused_args() {
+        let p = plan_of("FROM scratch\nCOPY --from=alpine:3 /x /x\n", None, &[("NOPE", "1"), ("HTTP_PROXY", "p")]);
+        assert_eq!(p.stages[0].copy_sources.get("alpine:3"), Some(&CopySource::Image("alpine:3".into())));
+        assert_eq!(p.unused_build_args, vec!["NOPE".to_string()]);
+    }
+
+    #[test]
+    fn unknown_target_is_an_error() {
+        let recipe = parse(b"FROM scratch AS a\n", "Dockerfile").unwrap();
+        let opts = PlanOptions { target: Some("zzz".into()), ..Default::default() };
+        assert!(matches!(plan(&recipe, &opts), Err(PlanError::UnknownTarget(_))));
+    }
+
+    #[test]
+    fn keys_depend_on_parent_and_inputs() {
+        let a = StepInputs { instruction: "RUN x".into(), ..Default::default() };
+        let mut b = a.clone();
+        b.args.insert("V".into(), "1".into());
+        let p = Digest::of(b"parent");
+        assert_ne!(cache_key(&p, &a), cache_key(&p, &b));
+        assert_ne!(cache_key(&p, &a), cache_key(&Digest::of(b"other"), &a));
+        assert_eq!(cache_key(&p, &a), cache_key(&p, &a.clone()));
+    }
+
+    #[test]
+    fn explains_differences() {
+        let mut old = StepInputs { instruction: "COPY app/ /app".into(), ..Default::default() };
+        old.files.insert("app/main.py".into(), "1".into());
+        old.files.insert("app/util.py".into(), "2".into());
+        let mut new = old.clone();
+        new.files.insert("app/main.py".into(), "3".into());
+        assert_eq!(explain_difference(&old, &new, false), "1 file changed: app/main.py");
+        let mut new2 = old.clone();
+        new2.args.insert("VERSION".into(), "2".into());
+        old.args.insert("VERSION".into(), "1".into());
+        assert_eq!(explain_difference(&old, &new2, false), "build arg VERSION changed");
+        assert_eq!(explain_difference(&old, &old, true), "an earlier step changed");
+    }
+}

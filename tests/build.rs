@@ -1,0 +1,291 @@
+//! End-to-end tests of single-stage builds: real sandbox, real overlayfs, images read back
+//! by umoci and skopeo. Run as root.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn example_image_is_read_by_umoci_and_skopeo() {
+    let k = Kiln::new();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("oci");
+    let ex = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello");
+    let out = k.run(&["build", "--progress", "plain", "-t", "hello", "-o", &format!("type=oci,dest={}", layout.display()), ex]);
+    assert_success(&out);
+    let sk = Command::new("skopeo").arg("inspect").arg(format!("oci:{}:latest", layout.display())).output().unwrap();
+    assert_success(&sk);
+    let info: serde_json::Value = serde_json::from_slice(&sk.stdout).unwrap();
+    assert_eq!(info["Labels"]["org.opencontainers.image.title"], "hello");
+    // The store itself is an OCI layout skopeo reads.
+    let sk = Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("oci:{}:docker.io/library/hello:latest", k.root.path().display()))
+        .output()
+        .unwrap();
+    assert_success(&sk);
+    let bundle = dir.path().join("bundle");
+    let um = Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:latest", layout.display())).arg(&bundle).output().unwrap();
+    assert_success(&um);
+    let rootfs = bundle.join("rootfs");
+    assert_eq!(std::fs::read_to_string(rootfs.join("app/greeting.txt")).unwrap(), "hello from kiln\n");
+    assert_eq!(std::fs::read_to_string(rootfs.join("etc/motd")).unwrap(), "Built by kiln.\n");
+    assert_eq!(std::fs::read_to_string(rootfs.join("app/data/epoch-year")).unwrap(), "1970\n");
+    let mode = std::fs::metadata(rootfs.join("app/hello.sh")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+    // Nothing of the sandbox's plumbing leaks into the image.
+    for leaked in ["etc/hostname", "etc/resolv.conf", "etc/hosts"] {
+        assert!(!rootfs.join(leaked).exists(), "{leaked} leaked into the image");
+    }
+    let config = inspect(&k, "hello");
+    assert_eq!(config["config"]["User"], "app");
+    assert_eq!(config["config"]["WorkingDir"], "/app");
+    assert_eq!(config["config"]["Entrypoint"], serde_json::json!(["/app/hello.sh"]));
+    assert_eq!(config["config"]["Cmd"], serde_json::json!(["world"]));
+    assert!(config["config"]["ExposedPorts"].get("8080/tcp").is_some());
+    assert!(!config["config"]["Env"].to_string().contains("GREETING"), "ARG values must not reach the config");
+}
+
+#[test]
+fn metadata_instructions_land_in_the_config() {
+    let k = Kiln::new();
+    let recipe = r#"FROM busybox
+ENV A=1 B="two words"
+ENV C $A-x
+LABEL l1=v1 "l 2"="v 2"
+EXPOSE 80 53/udp 8000-8002
+VOLUME ["/data", "/logs"]
+VOLUME /cache
+USER 1000:1000
+WORKDIR /srv
+WORKDIR sub
+STOPSIGNAL SIGTERM
+SHELL ["/bin/sh", "-ec"]
+CMD echo hi
+HEALTHCHECK --interval=5s --retries=3 CMD wget -q localhost
+ONBUILD RUN echo triggered
+MAINTAINER someone@example.com
+"#;
+    k.build_ok(recipe, &[], &["-t", "meta"]);
+    let c = inspect(&k, "meta");
+    let cfg = &c["config"];
+    let env: Vec<String> = serde_json::from_value(cfg["Env"].clone()).unwrap();
+    assert!(env.contains(&"A=1".into()) && env.contains(&"B=two words".into()) && env.contains(&"C=1-x".into()), "{env:?}");
+    assert_eq!(cfg["Labels"]["l 2"], "v 2");
+    for p in ["80/tcp", "53/udp", "8000/tcp", "8001/tcp", "8002/tcp"] {
+        assert!(cfg["ExposedPorts"].get(p).is_some(), "{p}");
+    }
+    for v in ["/data", "/logs", "/cache"] {
+        assert!(cfg["Volumes"].get(v).is_some(), "{v}");
+    }
+    assert_eq!(cfg["User"], "1000:1000");
+    assert_eq!(cfg["WorkingDir"], "/srv/sub");
+    assert_eq!(cfg["StopSignal"], "SIGTERM");
+    assert_eq!(cfg["Shell"], serde_json::json!(["/bin/sh", "-ec"]));
+    assert_eq!(cfg["Cmd"], serde_json::json!(["/bin/sh", "-ec", "echo hi"]));
+    assert_eq!(cfg["Healthcheck"]["Test"], serde_json::json!(["CMD-SHELL", "wget -q localhost"]));
+    assert_eq!(cfg["Healthcheck"]["Interval"], 5_000_000_000u64);
+    assert_eq!(cfg["Healthcheck"]["Retries"], 3);
+    assert_eq!(cfg["OnBuild"], serde_json::json!(["RUN echo triggered"]));
+    assert_eq!(c["author"], "someone@example.com");
+    let history = c["history"].as_array().unwrap();
+    let ours = &history[history.len() - 16..];
+    assert!(ours.iter().all(|h| h["empty_layer"] == true), "metadata steps add no layer");
+
+    // ENTRYPOINT resets an inherited CMD; the ONBUILD trigger runs in the child.
+    let child = "FROM meta\nENTRYPOINT [\"/bin/true\"]\n";
+    let (out, _ctx) = k.build(child, &[], &["-t", "child"]);
+    assert_success(&out);
+    assert!(stderr(&out).contains("triggered"), "ONBUILD trigger did not run:\n{}", stderr(&out));
+    let c = inspect(&k, "child");
+    assert!(c["config"]["Cmd"].is_null(), "{}", c["config"]);
+    assert!(c["config"]["OnBuild"].is_null());
+}
+
+#[test]
+fn layer_edge_cases_survive_a_round_trip() {
+    let k = Kiln::new();
+    let recipe = r#"FROM busybox
+RUN mkdir -p /d/keep /gone && echo a > /d/file && echo x > /gone/x && echo h > /h1 && echo old > /d/keep/old
+RUN rm /d/file && rm -r /gone && rm -r /d/keep && mkdir /d/keep && echo new > /d/keep/new \
+ && ln /h1 /h2 && ln -s ../h1 /rel && ln -s /h1 /abs && ln -s /nowhere /dangling \
+ && touch /suid && chmod 4755 /suid && mkdir /sticky && chmod 1777 /sticky \
+ && touch /owned && chown app:app /owned
+"#;
+    let u = k.build_unpacked(recipe, &[]);
+    let r = &u.rootfs;
+    assert!(!r.join("d/file").exists(), "deleted file reappeared");
+    assert!(!r.join("gone").exists(), "deleted dir reappeared");
+    assert!(!r.join("d/keep/old").exists(), "opaque dir kept a lower file");
+    assert_eq!(std::fs::read_to_string(r.join("d/keep/new")).unwrap(), "new\n");
+    let h1 = std::fs::metadata(r.join("h1")).unwrap();
+    let h2 = std::fs::metadata(r.join("h2")).unwrap();
+    assert_eq!(h1.ino(), h2.ino(), "hardlink lost");
+    assert_eq!(std::fs::read_link(r.join("rel")).unwrap().to_str(), Some("../h1"));
+    assert_eq!(std::fs::read_link(r.join("abs")).unwrap().to_str(), Some("/h1"));
+    assert_eq!(std::fs::read_link(r.join("dangling")).unwrap().to_str(), Some("/nowhere"));
+    assert_eq!(std::fs::metadata(r.join("suid")).unwrap().mode() & 0o7777, 0o4755);
+    assert_eq!(std::fs::metadata(r.join("sticky")).unwrap().mode() & 0o7777, 0o1777);
+    let owned = std::fs::metadata(r.join("owned")).unwrap();
+    assert_eq!((owned.uid(), owned.gid()), (1000, 1000));
+}
+
+#[test]
+fn failing_run_names_the_step_and_leaves_nothing_behind() {
+    let k = Kiln::new();
+    let before = mount_count();
+    let (out, _ctx) = k.build("FROM busybox\nRUN echo ok\nRUN echo about to fail && exit 3\nRUN echo never\n", &[], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("Dockerfile:3"), "{err}");
+    assert!(err.contains("exit 3") && err.contains("code 3"), "{err}");
+    assert!(!err.contains("never"), "{err}");
+    assert_eq!(mount_count(), before, "a mount was left behind");
+    let tmp = k.root.path().join("tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp).map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.iter().all(|p| !p.is_dir()), "scratch dirs left in the store: {left:?}");
+}
+
+#[test]
+fn copy_follows_docker_destination_rules() {
+    let k = Kiln::new();
+    let recipe = r#"FROM busybox
+WORKDIR /w
+COPY a.txt .
+COPY a.txt /named
+COPY a.txt b.txt /multi/
+COPY dir /tree
+COPY dir/ /tree2/
+COPY *.md /docs/
+COPY --chown=app:wheel --chmod=600 a.txt /owned
+ADD bundle.tar /unpacked/
+"#;
+    let tarball = make_tar(&[("inner/file.txt", b"from tar" as &[u8])]);
+    let files: Vec<(&str, &[u8])> = vec![
+        ("a.txt", b"A"),
+        ("b.txt", b"B"),
+        ("dir/x", b"X"),
+        ("dir/sub/y", b"Y"),
+        ("one.md", b"1"),
+        ("two.md", b"2"),
+        ("skip.md", b"s"),
+        (".dockerignore", b"skip.md\n"),
+        ("bundle.tar", &tarball),
+    ];
+    let u = k.build_unpacked(recipe, &files);
+    let r = &u.rootfs;
+    let read = |p: &str| std::fs::read_to_string(r.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("w/a.txt"), "A");
+    assert_eq!(read("named"), "A");
+    assert_eq!(read("multi/a.txt") + &read("multi/b.txt"), "AB");
+    assert_eq!(read("tree/x") + &read("tree/sub/y"), "XY");
+    assert_eq!(read("tree2/sub/y"), "Y");
+    assert_eq!(read("docs/one.md") + &read("docs/two.md"), "12");
+    assert!(!r.join("docs/skip.md").exists(), ".dockerignore not honoured");
+    let m = std::fs::metadata(r.join("owned")).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (1000, 10, 0o600));
+    assert_eq!(read("unpacked/inner/file.txt"), "from tar");
+}
+
+fn make_tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A tar with raw entry names, bypassing the tar crate's path checks.
+fn raw_tar(entries: &[(&str, u8, &str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, kind, link, data) in entries {
+        let mut h = tar::Header::new_old();
+        {
+            let bytes = h.as_mut_bytes();
+            bytes[..name.len()].copy_from_slice(name.as_bytes());
+            bytes[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        }
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::new(*kind));
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+#[test]
+fn copy_and_add_cannot_escape() {
+    let k = Kiln::new();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), "host secret").unwrap();
+
+    // A source outside the context.
+    let (out, _c) = k.build("FROM busybox\nCOPY ../secret /x\n", &[], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("outside the build context"), "{}", stderr(&out));
+
+    // A symlink in the context pointing out of it.
+    let ctx = context("FROM busybox\nCOPY link /x\n", &[]);
+    std::os::unix::fs::symlink(outside.path().join("secret"), ctx.path().join("link")).unwrap();
+    let out = k.run(&["build", "--progress", "plain", ctx.path().to_str().unwrap()]);
+    assert!(!out.status.success(), "copied through an absolute symlink out of the context");
+    let ctx = context("FROM busybox\nCOPY link /x\n", &[]);
+    std::os::unix::fs::symlink("../../../../../../../../../etc/passwd", ctx.path().join("link")).unwrap();
+    let out = k.run(&["build", "--progress", "plain", ctx.path().to_str().unwrap()]);
+    assert!(!out.status.success(), "copied through a relative symlink out of the context");
+
+    // Hostile tars: ../ entries, absolute paths, a symlink then a file through it.
+    let victim = outside.path().join("victim");
+    let cases: Vec<Vec<u8>> = vec![
+        raw_tar(&[("../../../../../../../../../tmp/kiln-escape-dotdot", b'0', "", b"x")]),
+        raw_tar(&[("/tmp/kiln-escape-abs", b'0', "", b"x")]),
+        raw_tar(&[
+            ("link", b'2', outside.path().to_str().unwrap(), b""),
+            ("link/victim", b'0', "", b"x"),
+        ]),
+    ];
+    for (i, t) in cases.iter().enumerate() {
+        let (out, _c) = k.build("FROM busybox\nADD evil.tar /dst/\n", &[("evil.tar", t)], &[]);
+        let err = stderr(&out);
+        assert!(!std::path::Path::new("/tmp/kiln-escape-dotdot").exists(), "case {i}: {err}");
+        assert!(!std::path::Path::new("/tmp/kiln-escape-abs").exists(), "case {i}: {err}");
+        assert!(!victim.exists(), "case {i} wrote through a symlink: {err}");
+    }
+}
+
+#[test]
+fn same_inputs_give_the_same_digest() {
+    let recipe = "FROM busybox\nCOPY f /f\nRUN echo $RANDOM > /r || true; rm -f /r; echo stable > /s\nLABEL a=1 b=2 c=3\n";
+    let files: &[(&str, &[u8])] = &[("f", b"content")];
+    let digest_of = |k: &Kiln| {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = dir.path().join("oci");
+        k.build_ok(recipe, files, &["--source-date-epoch", "1700000000", "-o", &format!("type=oci,dest={}", layout.display())]);
+        let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+        index["manifests"][0]["digest"].as_str().unwrap().to_string()
+    };
+    let a = digest_of(&Kiln::new());
+    let b = digest_of(&Kiln::new());
+    assert_eq!(a, b);
+}
+
+#[test]
+fn bad_recipe_is_exit_2_with_location() {
+    let k = Kiln::new();
+    let (out, _c) = k.build("FROM busybox\nRUN echo ok\nFROBNICATE now\n", &[], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("Dockerfile:3:1"), "{err}");
+    assert!(err.contains('^'), "{err}");
+}

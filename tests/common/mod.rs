@@ -1,0 +1,166 @@
+//! Shared helpers for end-to-end tests: a fresh store with the busybox base image built from
+//! examples/busybox, build contexts in temp dirs, and real consumers (umoci, skopeo) to check
+//! what kiln wrote. These tests need root (namespaces, overlayfs), as CI runs them.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The kiln binary under test.
+pub fn kiln_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kiln")
+}
+
+/// A store holding the busybox base, shared read-only by the tests of one binary: each test
+/// gets its own store seeded from it by `kiln import`, so tests stay independent.
+fn base_archive() -> &'static Path {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("kiln-test-base-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = dir.join("store");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/build-base.sh");
+        let out = Command::new("bash")
+            .args([script, kiln_bin(), "--progress", "plain", "--source-date-epoch", "0"])
+            .env("KILN_ROOT", &root)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "building the busybox base failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let archive = dir.join("busybox.tar");
+        export_tagged(&root, "busybox", &archive);
+        archive
+    })
+}
+
+fn export_tagged(root: &Path, name: &str, archive: &Path) {
+    // A FROM-only recipe re-exports the tagged image as an archive.
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {name}\n")).unwrap();
+    let out = Command::new(kiln_bin())
+        .arg("--root")
+        .arg(root)
+        .args(["build", "-q", "-o"])
+        .arg(format!("type=oci-archive,dest={}", archive.display()))
+        .arg(ctx.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "exporting the base failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A test's own store, seeded with the busybox base.
+pub struct Kiln {
+    /// The store root.
+    pub root: tempfile::TempDir,
+}
+
+impl Kiln {
+    /// A fresh store with `busybox` imported.
+    pub fn new() -> Kiln {
+        let k = Kiln::empty();
+        let out = k.run(&["import", base_archive().to_str().unwrap(), "busybox"]);
+        assert!(out.status.success(), "import failed: {}", String::from_utf8_lossy(&out.stderr));
+        k
+    }
+
+    /// A fresh, empty store.
+    pub fn empty() -> Kiln {
+        Kiln { root: tempfile::Builder::new().prefix("kiln-store-").tempdir().unwrap() }
+    }
+
+    /// Runs kiln with this store.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(kiln_bin()).arg("--root").arg(self.root.path()).args(args).output().unwrap()
+    }
+
+    /// Builds `dockerfile` in a new context holding `files`; returns the output and the context.
+    pub fn build(&self, dockerfile: &str, files: &[(&str, &[u8])], args: &[&str]) -> (Output, tempfile::TempDir) {
+        let ctx = context(dockerfile, files);
+        let mut full = vec!["build", "--progress", "plain"];
+        full.extend_from_slice(args);
+        let ctx_path = ctx.path().to_str().unwrap().to_string();
+        full.push(&ctx_path);
+        let out = self.run(&full);
+        (out, ctx)
+    }
+
+    /// Builds and asserts success; returns the image id.
+    pub fn build_ok(&self, dockerfile: &str, files: &[(&str, &[u8])], args: &[&str]) -> String {
+        let (out, _ctx) = self.build(dockerfile, files, args);
+        assert_success(&out);
+        stdout_line(&out)
+    }
+
+    /// Builds, exports as an OCI layout and unpacks with umoci; returns (bundle dir, layout dir).
+    pub fn build_unpacked(&self, dockerfile: &str, files: &[(&str, &[u8])]) -> Unpacked {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = dir.path().join("oci");
+        let out_arg = format!("type=oci,dest={}", layout.display());
+        self.build_ok(dockerfile, files, &["-t", "test:latest", "-o", &out_arg]);
+        let bundle = dir.path().join("bundle");
+        let out = Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:latest", layout.display()))
+            .arg(&bundle)
+            .output()
+            .unwrap();
+        assert_success(&out);
+        Unpacked { dir, layout, rootfs: bundle.join("rootfs") }
+    }
+}
+
+/// An image exported and unpacked by umoci.
+pub struct Unpacked {
+    /// Keeps the temp dir alive.
+    pub dir: tempfile::TempDir,
+    /// The OCI layout.
+    pub layout: PathBuf,
+    /// The unpacked root filesystem.
+    pub rootfs: PathBuf,
+}
+
+/// A temp context dir with a Dockerfile and files.
+pub fn context(dockerfile: &str, files: &[(&str, &[u8])]) -> tempfile::TempDir {
+    let ctx = tempfile::Builder::new().prefix("kiln-ctx-").tempdir().unwrap();
+    std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
+    for (name, content) in files {
+        let p = ctx.path().join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    ctx
+}
+
+/// Panics with the output when the command failed.
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "command failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The last line of stdout.
+pub fn stdout_line(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string()
+}
+
+/// The stderr text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The number of mounts in this process's mount namespace.
+pub fn mount_count() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count()
+}
+
+/// The image config of `name` as JSON.
+pub fn inspect(k: &Kiln, name: &str) -> serde_json::Value {
+    let out = k.run(&["inspect", name]);
+    assert_success(&out);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
