@@ -3,4 +3,6 @@
 //! Modules, from the top of the pipeline down (DESIGN.md §3); a module only uses those below it.
 
 pub mod digest;
+pub mod image;
 pub mod recipe;
+pub mod store;
