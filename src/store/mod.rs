@@ -695,7 +695,8 @@ impl Store {
     }
 
     /// Removes untagged images, then every blob, layer dir and cache record not reachable from a
-    /// tag. Waits until no build holds a [`Lease`], so nothing a running build uses is removed.
+    /// tag. Waits until no build holds a [`Lease`], so nothing a running build uses is removed
+    /// (so never call it while holding a lease yourself).
     pub fn prune(&self) -> Result<PruneReport, StoreError> {
         let gc = self.root.join("gc.lock");
         let gc_file = open_lock_file(&gc)?;
