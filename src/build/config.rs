@@ -3,7 +3,7 @@
 //! the SHELL; CMD reset when ENTRYPOINT changes), STOPSIGNAL, HEALTHCHECK, SHELL, ONBUILD,
 //! MAINTAINER.
 
-use crate::image::{HealthConfig, ImageConfig};
+use crate::image::{Healthcheck as HealthConfig, ImageConfig};
 use crate::recipe::instructions::{CommandLine, Healthcheck};
 
 /// The default search path for RUN steps and for images built `FROM scratch`.
@@ -72,13 +72,14 @@ pub fn set_healthcheck(config: &mut ImageConfig, hc: &Healthcheck) {
                 CommandLine::Exec(v) => std::iter::once("CMD".to_string()).chain(v.iter().cloned()).collect(),
                 CommandLine::Shell(s) => vec!["CMD-SHELL".to_string(), s.clone()],
             };
+            let set = |ns: u64| (ns > 0).then_some(ns as i64);
             HealthConfig {
                 test,
-                interval: *interval_ns,
-                timeout: *timeout_ns,
-                start_period: *start_period_ns,
-                start_interval: *start_interval_ns,
-                retries: *retries,
+                interval: set(*interval_ns),
+                timeout: set(*timeout_ns),
+                start_period: set(*start_period_ns),
+                start_interval: set(*start_interval_ns),
+                retries: (*retries > 0).then_some(i64::from(*retries)),
             }
         }
     });

@@ -1,0 +1,278 @@
+//! Writing a stored image out: an OCI image layout directory, the same layout as one tar (OCI
+//! archive), or a docker-archive (`docker load` format, which kiln writes as an OCI layout plus
+//! `manifest.json`, the way Docker 25+ does). Archives are deterministic: entries sorted,
+//! mtime 0, uid/gid 0, fixed modes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use tempfile::NamedTempFile;
+
+use super::{IoContext, Store, StoreError, StoredImage};
+use crate::digest::{Digest, HashingReader};
+use crate::image::docker_archive::{self, ArchiveEntry};
+use crate::image::{ANNOTATION_REF_NAME, Descriptor, Index, canonical_json};
+
+/// The `oci-layout` file's content.
+pub(super) const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// The annotation containerd and Docker use for the full image name in an archive's index.
+const ANNOTATION_IMAGE_NAME: &str = "io.containerd.image.name";
+
+/// Every blob an image needs: manifest, config, layers.
+fn image_blobs(img: &StoredImage) -> BTreeSet<Digest> {
+    let mut out = BTreeSet::from([img.manifest.digest, img.manifest_body.config.digest]);
+    out.extend(img.manifest_body.layers.iter().map(|l| l.digest));
+    out
+}
+
+/// The index entry for `img`: its manifest descriptor, platform and `annotations`.
+fn index_entry(img: &StoredImage, annotations: BTreeMap<String, String>) -> Descriptor {
+    let mut d = Descriptor::new(
+        &img.manifest.media_type,
+        img.manifest.digest,
+        img.manifest.size,
+    );
+    d.annotations = annotations;
+    if !img.config.os.is_empty() && !img.config.architecture.is_empty() {
+        d.platform = Some(img.config.platform());
+    }
+    d
+}
+
+fn ref_annotations(ref_name: Option<&str>) -> BTreeMap<String, String> {
+    ref_name
+        .map(|n| BTreeMap::from([(ANNOTATION_REF_NAME.to_string(), n.to_string())]))
+        .unwrap_or_default()
+}
+
+/// Writes `bytes` to `dest` through a temp file in the same directory and a rename.
+fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let mut tmp = NamedTempFile::new_in(dir).at(dir)?;
+    tmp.write_all(bytes).at(tmp.path())?;
+    finish_file(tmp, dest)
+}
+
+/// Fsyncs a temp file, makes it world-readable and renames it to `dest`.
+fn finish_file(tmp: NamedTempFile, dest: &Path) -> Result<(), StoreError> {
+    tmp.as_file().sync_all().at(tmp.path())?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644)).at(tmp.path())?;
+    tmp.persist(dest).map_err(|e| StoreError::Io {
+        path: dest.to_path_buf(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+/// Copies blob `d` from the store into `blobs_dir`, verifying its digest on the way.
+fn copy_blob(store: &Store, d: &Digest, blobs_dir: &Path) -> Result<(), StoreError> {
+    let dest = blobs_dir.join(d.hex());
+    if dest.is_file() {
+        return Ok(());
+    }
+    let mut reader = HashingReader::new(store.open_blob(d)?);
+    let mut tmp = NamedTempFile::new_in(blobs_dir).at(blobs_dir)?;
+    io::copy(&mut reader, &mut tmp).at(&dest)?;
+    let (_, actual, _) = reader.finish();
+    if actual != *d {
+        return Err(StoreError::DigestMismatch {
+            what: format!("blob {}", store.blob_path(d).display()),
+            expected: *d,
+            actual,
+        });
+    }
+    finish_file(tmp, &dest)
+}
+
+/// Writes `img` into the OCI image layout directory `dest` (created if missing; an existing
+/// layout is added to). With `ref_name`, the index entry is named by it (replacing an entry of
+/// that name).
+pub fn export_oci_dir(
+    store: &Store,
+    img: &StoredImage,
+    dest: &Path,
+    ref_name: Option<&str>,
+) -> Result<(), StoreError> {
+    let blobs_dir = dest.join("blobs/sha256");
+    fs::create_dir_all(&blobs_dir).at(&blobs_dir)?;
+    for d in image_blobs(img) {
+        copy_blob(store, &d, &blobs_dir)?;
+    }
+    write_file_atomic(&dest.join("oci-layout"), OCI_LAYOUT)?;
+    let index_path = dest.join("index.json");
+    let mut idx = match fs::read(&index_path) {
+        Ok(bytes) => Index::from_json(&bytes).map_err(|source| StoreError::Format {
+            what: index_path.display().to_string(),
+            source,
+        })?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Index::default(),
+        Err(e) => {
+            return Err(StoreError::Io {
+                path: index_path,
+                source: e,
+            });
+        }
+    };
+    idx.manifests.retain(|d| match (ref_name, d.ref_name()) {
+        (Some(want), Some(have)) => want != have,
+        (None, None) => d.digest != img.manifest.digest,
+        _ => true,
+    });
+    idx.manifests
+        .push(index_entry(img, ref_annotations(ref_name)));
+    write_file_atomic(&index_path, &canonical_json(&idx))
+}
+
+/// Writes `img` as an OCI archive: a tar of an OCI image layout holding just this image.
+pub fn export_oci_archive(
+    store: &Store,
+    img: &StoredImage,
+    dest: &Path,
+    ref_name: Option<&str>,
+) -> Result<(), StoreError> {
+    let idx = Index {
+        manifests: vec![index_entry(img, ref_annotations(ref_name))],
+        annotations: BTreeMap::new(),
+    };
+    write_tar(store, dest, layout_files(img, &idx))
+}
+
+/// Writes `img` as a docker-archive loadable by `docker load`, tagged with `tags`
+/// (`name:tag`; `docker.io/library/` prefixes are shortened the way Docker writes them).
+pub fn export_docker_archive(
+    store: &Store,
+    img: &StoredImage,
+    dest: &Path,
+    tags: &[String],
+) -> Result<(), StoreError> {
+    let familiar: Vec<String> = tags
+        .iter()
+        .map(|t| docker_archive::familiar_name(t).to_string())
+        .collect();
+    let mut manifests: Vec<Descriptor> = tags
+        .iter()
+        .map(|t| {
+            let mut ann = BTreeMap::from([(ANNOTATION_IMAGE_NAME.to_string(), t.clone())]);
+            let (_, tag) = super::split_name(t);
+            if tag != "<none>" {
+                ann.insert(ANNOTATION_REF_NAME.to_string(), tag);
+            }
+            index_entry(img, ann)
+        })
+        .collect();
+    if manifests.is_empty() {
+        manifests.push(index_entry(img, BTreeMap::new()));
+    }
+    let idx = Index {
+        manifests,
+        annotations: BTreeMap::new(),
+    };
+    let mut files = layout_files(img, &idx);
+    let blob_path = |d: &Digest| format!("blobs/sha256/{}", d.hex());
+    let entry = ArchiveEntry {
+        config: blob_path(&img.manifest_body.config.digest),
+        repo_tags: familiar,
+        layers: img
+            .manifest_body
+            .layers
+            .iter()
+            .map(|l| blob_path(&l.digest))
+            .collect(),
+    };
+    files.insert(
+        docker_archive::MANIFEST_FILE.to_string(),
+        Source::Bytes(docker_archive::write_manifest(&[entry])),
+    );
+    write_tar(store, dest, files)
+}
+
+/// What an archive entry holds.
+enum Source {
+    Bytes(Vec<u8>),
+    Blob(Digest),
+}
+
+/// The files of an OCI layout holding `img`, with `idx` as its index.
+fn layout_files(img: &StoredImage, idx: &Index) -> BTreeMap<String, Source> {
+    let mut files: BTreeMap<String, Source> = image_blobs(img)
+        .into_iter()
+        .map(|d| (format!("blobs/sha256/{}", d.hex()), Source::Blob(d)))
+        .collect();
+    files.insert("oci-layout".into(), Source::Bytes(OCI_LAYOUT.to_vec()));
+    files.insert("index.json".into(), Source::Bytes(canonical_json(idx)));
+    files
+}
+
+fn tar_header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h
+}
+
+/// Writes `files` (sorted by path, parent directories first) as a tar at `dest`, atomically.
+fn write_tar(
+    store: &Store,
+    dest: &Path,
+    files: BTreeMap<String, Source>,
+) -> Result<(), StoreError> {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = NamedTempFile::new_in(dir).at(dir)?;
+    let tmp_path = tmp.path().to_path_buf();
+    let mut builder = tar::Builder::new(BufWriter::new(tmp));
+    let mut dirs_done = BTreeSet::new();
+    for (path, source) in &files {
+        for (i, _) in path.match_indices('/') {
+            let parent = &path[..=i];
+            if dirs_done.insert(parent.to_string()) {
+                let mut h = tar_header(tar::EntryType::Directory, 0, 0o755);
+                builder
+                    .append_data(&mut h, parent, io::empty())
+                    .at(&tmp_path)?;
+            }
+        }
+        match source {
+            Source::Bytes(bytes) => {
+                let mut h = tar_header(tar::EntryType::Regular, bytes.len() as u64, 0o644);
+                builder
+                    .append_data(&mut h, path, bytes.as_slice())
+                    .at(&tmp_path)?;
+            }
+            Source::Blob(d) => {
+                let file = store.open_blob(d)?;
+                let blob_path = store.blob_path(d);
+                let size = file.metadata().at(&blob_path)?.len();
+                let mut reader = HashingReader::new(file.take(size));
+                let mut h = tar_header(tar::EntryType::Regular, size, 0o644);
+                builder
+                    .append_data(&mut h, path, &mut reader)
+                    .at(&tmp_path)?;
+                let (_, actual, _) = reader.finish();
+                if actual != *d {
+                    return Err(StoreError::DigestMismatch {
+                        what: format!("blob {}", blob_path.display()),
+                        expected: *d,
+                        actual,
+                    });
+                }
+            }
+        }
+    }
+    let buffered = builder.into_inner().at(&tmp_path)?;
+    let tmp = buffered.into_inner().map_err(|e| StoreError::Io {
+        path: tmp_path.clone(),
+        source: e.into_error(),
+    })?;
+    finish_file(tmp, dest)
+}

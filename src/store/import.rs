@@ -1,0 +1,408 @@
+//! Loading images into the store from an OCI layout directory, an OCI archive or a
+//! docker-archive (detected from the content; archives may be gzip-compressed).
+//!
+//! Every blob is verified against its digest before it is stored; imported manifests and
+//! configs are stored byte for byte, so digests survive the round trip. A docker-archive has no
+//! manifest, so kiln writes an OCI one over the archive's config and layer files as they are.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Component, Path, PathBuf};
+
+use flate2::read::GzDecoder;
+
+use super::{IoContext, Store, StoreError, StoredImage, pick_platform, read_limited};
+use crate::digest::{Digest, HashingReader};
+use crate::image::docker_archive::{self, ArchiveEntry};
+use crate::image::{
+    Descriptor, ImageConfig, Index, MEDIA_LAYER_GZIP, MEDIA_LAYER_TAR, MEDIA_MANIFEST, Manifest,
+    is_index_type, is_manifest_type,
+};
+
+/// The largest JSON document (index, manifest, config, manifest.json) read into memory.
+const JSON_LIMIT: u64 = 64 << 20;
+
+/// Imports the image at `path` (an OCI layout directory, an OCI archive or a docker-archive)
+/// into `store` and records it untagged; returns it. A layout or archive holding several
+/// images must have exactly one for the host platform.
+pub fn import(store: &Store, path: &Path) -> Result<StoredImage, StoreError> {
+    let _lease = store.build_lease()?;
+    let meta = fs::metadata(path).at(path)?;
+    if meta.is_dir() {
+        import_oci_dir(store, path)
+    } else {
+        import_archive(store, path)
+    }
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> StoreError {
+    StoreError::Invalid {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Chooses the image descriptor among an index's entries.
+fn choose(entries: &[Descriptor], path: &Path) -> Result<Descriptor, StoreError> {
+    pick_platform(entries).ok_or_else(|| {
+        let names: Vec<String> = entries
+            .iter()
+            .map(|d| {
+                d.ref_name()
+                    .map_or_else(|| d.digest.to_string(), str::to_string)
+            })
+            .collect();
+        invalid(
+            path,
+            format!(
+                "holds {} images and none or several for the host platform: {}",
+                entries.len(),
+                names.join(", ")
+            ),
+        )
+    })
+}
+
+/// Follows index entries down to one image manifest, using `fetch` to read blobs; returns the
+/// manifest's descriptor (with its real media type), bytes and parsed body.
+fn resolve_manifest(
+    mut desc: Descriptor,
+    path: &Path,
+    mut fetch: impl FnMut(&Digest) -> Result<Vec<u8>, StoreError>,
+) -> Result<(Descriptor, Vec<u8>, Manifest), StoreError> {
+    for _ in 0..4 {
+        let bytes = fetch(&desc.digest)?;
+        let media_type = if desc.media_type.is_empty() {
+            Manifest::declared_media_type(&bytes).unwrap_or_else(|| MEDIA_MANIFEST.to_string())
+        } else {
+            desc.media_type.clone()
+        };
+        if is_index_type(&media_type) {
+            let idx = Index::from_json(&bytes).map_err(|source| StoreError::Format {
+                what: format!("{}: index {}", path.display(), desc.digest),
+                source,
+            })?;
+            desc = choose(&idx.manifests, path)?;
+            continue;
+        }
+        if !is_manifest_type(&media_type) {
+            return Err(invalid(
+                path,
+                format!("{} has unsupported media type {media_type:?}", desc.digest),
+            ));
+        }
+        let manifest = Manifest::from_json(&bytes).map_err(|source| StoreError::Format {
+            what: format!("{}: manifest {}", path.display(), desc.digest),
+            source,
+        })?;
+        let mut d = Descriptor::new(&media_type, desc.digest, bytes.len() as u64);
+        d.platform = desc.platform;
+        return Ok((d, bytes, manifest));
+    }
+    Err(invalid(path, "indexes nested too deeply"))
+}
+
+/// Parses a config blob.
+fn parse_config(bytes: &[u8], d: &Digest, path: &Path) -> Result<ImageConfig, StoreError> {
+    ImageConfig::from_json(bytes).map_err(|source| StoreError::Format {
+        what: format!("{}: config {d}", path.display()),
+        source,
+    })
+}
+
+fn import_oci_dir(store: &Store, dir: &Path) -> Result<StoredImage, StoreError> {
+    let index_path = dir.join("index.json");
+    if !index_path.is_file() || !dir.join("oci-layout").is_file() {
+        return Err(invalid(
+            dir,
+            "not an OCI image layout (no index.json or oci-layout)",
+        ));
+    }
+    let blob_file = |d: &Digest| dir.join("blobs/sha256").join(d.hex());
+    let read_verified = |d: &Digest| -> Result<Vec<u8>, StoreError> {
+        let path = blob_file(d);
+        let bytes = read_limited(File::open(&path).at(&path)?, JSON_LIMIT, &path)?;
+        let actual = Digest::of(&bytes);
+        if actual != *d {
+            return Err(StoreError::DigestMismatch {
+                what: path.display().to_string(),
+                expected: *d,
+                actual,
+            });
+        }
+        Ok(bytes)
+    };
+    let idx_bytes = read_limited(
+        File::open(&index_path).at(&index_path)?,
+        JSON_LIMIT,
+        &index_path,
+    )?;
+    let idx = Index::from_json(&idx_bytes).map_err(|source| StoreError::Format {
+        what: index_path.display().to_string(),
+        source,
+    })?;
+    let top = choose(&idx.manifests, dir)?;
+    let (manifest, manifest_bytes, body) = resolve_manifest(top, dir, read_verified)?;
+    let config_bytes = read_verified(&body.config.digest)?;
+    let config = parse_config(&config_bytes, &body.config.digest, dir)?;
+    for l in &body.layers {
+        if store.has_blob(&l.digest) {
+            continue;
+        }
+        let path = blob_file(&l.digest);
+        let mut w = store.blob_writer()?;
+        io::copy(&mut File::open(&path).at(&path)?, &mut w).at(&path)?;
+        w.commit_expecting(&l.digest)?;
+    }
+    store.put_blob(&config_bytes)?;
+    store.put_blob(&manifest_bytes)?;
+    finish(store, manifest, body, config)
+}
+
+/// Records an imported image and returns it.
+fn finish(
+    store: &Store,
+    manifest: Descriptor,
+    manifest_body: Manifest,
+    config: ImageConfig,
+) -> Result<StoredImage, StoreError> {
+    store.record(&manifest)?;
+    Ok(StoredImage {
+        config_digest: manifest_body.config.digest,
+        manifest,
+        manifest_body,
+        config,
+    })
+}
+
+/// A tar entry's path made relative and clean; `None` for paths that escape (`..`).
+fn clean_path(p: &Path) -> Option<String> {
+    let mut parts = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => parts.push(s.to_str()?),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            Component::Prefix(_) => return None,
+        }
+    }
+    Some(parts.join("/"))
+}
+
+/// What a scan of an archive found.
+#[derive(Default)]
+struct Scan {
+    /// Regular files stored as blobs: path → (digest, size).
+    files: HashMap<String, (Digest, u64)>,
+    /// Small table-of-contents files kept in memory: path → bytes.
+    docs: HashMap<String, Vec<u8>>,
+    /// Symlinks and hard links: path → target path.
+    links: HashMap<String, String>,
+}
+
+impl Scan {
+    /// The stored blob for archive path `p`, following links.
+    fn file(&self, p: &str, archive: &Path) -> Result<(Digest, u64), StoreError> {
+        let mut p = p.trim_start_matches("./").to_string();
+        for _ in 0..16 {
+            if let Some(found) = self.files.get(&p) {
+                return Ok(*found);
+            }
+            match self.links.get(&p) {
+                Some(target) => p = target.clone(),
+                None => break,
+            }
+        }
+        Err(invalid(archive, format!("has no file {p:?}")))
+    }
+}
+
+const DOC_NAMES: [&str; 4] = ["index.json", "oci-layout", "manifest.json", "repositories"];
+
+/// Streams the archive once: every regular file goes into the store as a blob (files under
+/// `blobs/sha256/` verified against their names), the table-of-contents files into memory.
+fn scan_archive(store: &Store, path: &Path) -> Result<Scan, StoreError> {
+    let mut reader = BufReader::new(File::open(path).at(path)?);
+    let magic = reader.fill_buf().at(path)?;
+    let gz = magic.starts_with(&[0x1f, 0x8b]);
+    let stream: Box<dyn Read> = if gz {
+        Box::new(GzDecoder::new(reader))
+    } else {
+        Box::new(reader)
+    };
+    let mut archive = tar::Archive::new(stream);
+    let mut scan = Scan::default();
+    for entry in archive.entries().at(path)? {
+        let mut entry = entry.at(path)?;
+        let raw = entry.path().at(path)?.into_owned();
+        let Some(name) = clean_path(&raw) else {
+            return Err(invalid(
+                path,
+                format!("entry {} escapes the archive", raw.display()),
+            ));
+        };
+        let kind = entry.header().entry_type();
+        if kind.is_symlink() || kind.is_hard_link() {
+            let Some(target) = entry.link_name().at(path)? else {
+                continue;
+            };
+            let base = if kind.is_symlink() {
+                Path::new(&name)
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default()
+            } else {
+                PathBuf::new()
+            };
+            if let Some(t) = clean_path(&base.join(target)) {
+                scan.links.insert(name, t);
+            }
+            continue;
+        }
+        if !kind.is_file() {
+            continue;
+        }
+        if DOC_NAMES.contains(&name.as_str()) {
+            let bytes = read_limited(&mut entry, JSON_LIMIT, &path.join(&name))?;
+            scan.docs.insert(name, bytes);
+            continue;
+        }
+        // Legacy docker-archive metadata next to each layer.tar: not needed.
+        if name.ends_with("/json") || name.ends_with("/VERSION") {
+            continue;
+        }
+        let named = name
+            .strip_prefix("blobs/sha256/")
+            .and_then(|h| Digest::from_hex(h).ok());
+        if let Some(d) = named
+            && store.has_blob(&d)
+        {
+            scan.files
+                .insert(name, (d, entry.header().size().at(path)?));
+            continue;
+        }
+        let mut w = store.blob_writer()?;
+        io::copy(&mut entry, &mut w).at(&path.join(&name))?;
+        let stored = match named {
+            Some(d) => w.commit_expecting(&d).map_err(|e| match e {
+                StoreError::DigestMismatch {
+                    expected, actual, ..
+                } => StoreError::DigestMismatch {
+                    what: format!("{}: {name}", path.display()),
+                    expected,
+                    actual,
+                },
+                other => other,
+            })?,
+            None => w.commit()?,
+        };
+        scan.files.insert(name, stored);
+    }
+    Ok(scan)
+}
+
+fn import_archive(store: &Store, path: &Path) -> Result<StoredImage, StoreError> {
+    let scan = scan_archive(store, path)?;
+    if let Some(idx_bytes) = scan.docs.get("index.json") {
+        let idx = Index::from_json(idx_bytes).map_err(|source| StoreError::Format {
+            what: format!("{}: index.json", path.display()),
+            source,
+        })?;
+        let top = choose(&idx.manifests, path)?;
+        let (manifest, _, body) = resolve_manifest(top, path, |d| {
+            scan.file(&format!("blobs/sha256/{}", d.hex()), path)?;
+            store.read_blob(d)
+        })?;
+        for d in std::iter::once(&body.config).chain(&body.layers) {
+            scan.file(&format!("blobs/sha256/{}", d.digest.hex()), path)?;
+        }
+        let config_bytes = store.read_blob(&body.config.digest)?;
+        let config = parse_config(&config_bytes, &body.config.digest, path)?;
+        return finish(store, manifest, body, config);
+    }
+    let Some(toc) = scan.docs.get(docker_archive::MANIFEST_FILE) else {
+        return Err(invalid(
+            path,
+            "neither an OCI archive (no index.json) nor a docker-archive (no manifest.json)",
+        ));
+    };
+    let entries = docker_archive::parse_manifest(toc).map_err(|source| StoreError::Format {
+        what: format!("{}: manifest.json", path.display()),
+        source,
+    })?;
+    let entry: &ArchiveEntry = match entries.as_slice() {
+        [one] => one,
+        _ => {
+            return Err(invalid(
+                path,
+                format!(
+                    "holds {} images; kiln imports archives of one",
+                    entries.len()
+                ),
+            ));
+        }
+    };
+    let (config_digest, config_size) = scan.file(&entry.config, path)?;
+    let config_bytes = store.read_blob(&config_digest)?;
+    let config = parse_config(&config_bytes, &config_digest, path)?;
+    if config.rootfs.diff_ids.len() != entry.layers.len() {
+        return Err(invalid(
+            path,
+            format!(
+                "manifest.json lists {} layers but the config has {} diff_ids",
+                entry.layers.len(),
+                config.rootfs.diff_ids.len()
+            ),
+        ));
+    }
+    let mut layers = Vec::new();
+    for (layer_path, diff_id) in entry.layers.iter().zip(&config.rootfs.diff_ids) {
+        let (digest, size) = scan.file(layer_path, path)?;
+        let media_type = layer_media_type(store, &digest, diff_id, &path.join(layer_path))?;
+        layers.push(Descriptor::new(media_type, digest, size));
+    }
+    store.put_manifest(config_digest, config_size, config, layers)
+}
+
+/// Checks a docker-archive layer against its diff_id and returns its media type: uncompressed
+/// tar (its digest is the diff_id) or gzip (its decompressed digest is).
+fn layer_media_type(
+    store: &Store,
+    digest: &Digest,
+    diff_id: &Digest,
+    what: &Path,
+) -> Result<&'static str, StoreError> {
+    let mut file = BufReader::new(store.open_blob(digest)?);
+    let magic = file.fill_buf().at(what)?;
+    if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        return Err(invalid(
+            what,
+            "zstd-compressed docker-archive layers are not supported",
+        ));
+    }
+    if !magic.starts_with(&[0x1f, 0x8b]) {
+        return if digest == diff_id {
+            Ok(MEDIA_LAYER_TAR)
+        } else {
+            Err(StoreError::DigestMismatch {
+                what: format!("layer {}", what.display()),
+                expected: *diff_id,
+                actual: *digest,
+            })
+        };
+    }
+    let mut reader = HashingReader::new(GzDecoder::new(file));
+    io::copy(&mut reader, &mut io::sink()).at(what)?;
+    let (_, actual, _) = reader.finish();
+    if actual != *diff_id {
+        return Err(StoreError::DigestMismatch {
+            what: format!("uncompressed layer {}", what.display()),
+            expected: *diff_id,
+            actual,
+        });
+    }
+    Ok(MEDIA_LAYER_GZIP)
+}
