@@ -509,7 +509,13 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     for t in &tags {
         store.tag(t, &image.manifest)?;
     }
-    let first_tag = tags.first().map(String::as_str);
+    // An OCI layout names its image by tag (`latest`), as BuildKit's exporter does.
+    let ref_name = tags
+        .first()
+        .and_then(|t| Reference::parse(t).ok())
+        .and_then(|r| r.tag)
+        .unwrap_or_else(|| "latest".to_string());
+    let first_tag = Some(ref_name.as_str());
     for o in &outputs {
         match o {
             Output::OciDir(d) => store::export_oci_dir(&store, &image, d, first_tag)?,
