@@ -314,10 +314,11 @@ mod tests {
             ),
         );
         let files = [dir.path().join("missing.json"), cfg];
-        let basic = Some(Credential::Basic {
+        let cred = Credential::Basic {
             user: "user".into(),
             password: "pa:ss".into(),
-        });
+        };
+        let basic = Some(cred.clone());
         assert_eq!(lookup_credential(&files, "127.0.0.1:5000").unwrap(), basic);
         assert_eq!(lookup_credential(&files, "docker.io").unwrap(), basic);
         assert_eq!(
@@ -332,10 +333,7 @@ mod tests {
             Some(Credential::IdentityToken("refresh".into()))
         );
         assert_eq!(lookup_credential(&files, "other:1").unwrap(), None);
-        assert_eq!(
-            basic.unwrap().basic_header().unwrap(),
-            format!("Basic {auth}")
-        );
+        assert_eq!(cred.basic_header().unwrap(), format!("Basic {auth}"));
     }
 
     #[test]

@@ -174,14 +174,23 @@ impl Op<'_> {
 /// The outcome of one failed attempt.
 enum Failure {
     /// Worth another attempt (after the delay the server asked for, if any).
-    Retry(RegistryError, Option<Duration>),
+    Retry(Box<RegistryError>, Option<Duration>),
     /// Final.
-    Fatal(RegistryError),
+    Fatal(Box<RegistryError>),
+}
+
+impl Failure {
+    fn retry(e: RegistryError, after: Option<Duration>) -> Failure {
+        Failure::Retry(Box::new(e), after)
+    }
+    fn fatal(e: RegistryError) -> Failure {
+        Failure::Fatal(Box::new(e))
+    }
 }
 
 impl From<RegistryError> for Failure {
     fn from(e: RegistryError) -> Self {
-        Failure::Fatal(e)
+        Failure::fatal(e)
     }
 }
 
@@ -279,7 +288,7 @@ impl Client {
                 .limit(MANIFEST_LIMIT)
                 .read_to_vec()
                 .map_err(|e| match e {
-                    ureq::Error::BodyExceedsLimit(_) => Failure::Fatal(
+                    ureq::Error::BodyExceedsLimit(_) => Failure::fatal(
                         op.protocol(format!("manifest larger than {MANIFEST_LIMIT} bytes")),
                     ),
                     e => classify(&op, e),
@@ -345,13 +354,13 @@ impl Client {
                     Ok(0) => return Ok(()),
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(Failure::Retry(op.transport(e), None)),
+                    Err(e) => return Err(Failure::retry(op.transport(e), None)),
                 };
                 let dropped = skip.min(n as u64) as usize;
                 skip -= dropped as u64;
                 let chunk = &buf[dropped..n];
                 sink.write_all(chunk)
-                    .map_err(|e| Failure::Fatal(op.io(e)))?;
+                    .map_err(|e| Failure::fatal(op.io(e)))?;
                 written += chunk.len() as u64;
             }
         })?;
@@ -592,11 +601,11 @@ impl Client {
         loop {
             match f() {
                 Ok(v) => return Ok(v),
-                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Fatal(e)) => return Err(*e),
                 Err(Failure::Retry(e, after)) => {
                     attempt += 1;
                     if attempt >= attempts {
-                        return Err(e);
+                        return Err(*e);
                     }
                     let backoff = BACKOFF_BASE * 2u32.pow(attempt - 1);
                     std::thread::sleep(after.map_or(backoff, |a| a.min(RETRY_AFTER_CAP)));
@@ -678,7 +687,7 @@ impl Client {
                     let after = header(&resp, "retry-after")
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(Duration::from_secs);
-                    return Err(Failure::Retry(op.status(&mut resp), after));
+                    return Err(Failure::retry(op.status(&mut resp), after));
                 }
                 _ => return Ok(resp),
             }
@@ -703,7 +712,7 @@ impl Client {
             builder = builder.header("Authorization", a);
         }
         let bad_request =
-            |e: http::Error| Failure::Fatal(op.protocol(format!("cannot build request: {e}")));
+            |e: http::Error| Failure::fatal(op.protocol(format!("cannot build request: {e}")));
         match body {
             Body::Empty => {
                 if *method == Method::POST || *method == Method::PUT {
@@ -722,7 +731,7 @@ impl Client {
                 self.agent.run(req).map_err(|e| classify(op, e))
             }
             Body::Stream { open, size } => {
-                let source = open().map_err(|e| Failure::Fatal(op.io(e)))?;
+                let source = open().map_err(|e| Failure::fatal(op.io(e)))?;
                 let mut tracked = TrackedReader {
                     inner: source.take(*size),
                     error: None,
@@ -734,7 +743,7 @@ impl Client {
                 let result = self.agent.run(req);
                 match (result, tracked.error.take()) {
                     (Ok(resp), _) => Ok(resp),
-                    (Err(_), Some(local)) => Err(Failure::Fatal(op.io(local))),
+                    (Err(_), Some(local)) => Err(Failure::fatal(op.io(local))),
                     (Err(e), None) => Err(classify(op, e)),
                 }
             }
@@ -844,7 +853,7 @@ impl Client {
         match resp.status().as_u16() {
             200..=299 => {}
             408 | 429 | 500..=599 => {
-                return Err(Failure::Retry(
+                return Err(Failure::retry(
                     op.auth(format!(
                         "token service {realm_host} answered {}",
                         resp.status().as_u16()
@@ -998,9 +1007,9 @@ fn classify(op: &Op, e: ureq::Error) -> Failure {
     };
     let err = op.transport(e);
     if retry {
-        Failure::Retry(err, None)
+        Failure::retry(err, None)
     } else {
-        Failure::Fatal(err)
+        Failure::fatal(err)
     }
 }
 
