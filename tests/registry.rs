@@ -56,21 +56,77 @@ impl Registry {
             d.join("data").display()
         );
         if setup.tls {
-            let status = Command::new("openssl")
-                .args([
-                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                ])
-                .args(["-subj", "/CN=127.0.0.1"])
-                .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-                .arg("-keyout")
-                .arg(d.join("key.pem"))
-                .arg("-out")
-                .arg(d.join("cert.pem"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .unwrap();
-            assert!(status.success(), "openssl failed");
+            // A throw-away CA and a server certificate for 127.0.0.1 signed by it.
+            let ext = d.join("ext.cnf");
+            std::fs::write(
+                &ext,
+                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            )
+            .unwrap();
+            let p = |name: &str| d.join(name).display().to_string();
+            let steps: [Vec<String>; 3] = [
+                vec![
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=kiln test CA",
+                    "-keyout",
+                    &p("ca.key"),
+                    "-out",
+                    &p("ca.pem"),
+                ]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+                vec![
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-keyout",
+                    &p("key.pem"),
+                    "-out",
+                    &p("leaf.csr"),
+                ]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+                vec![
+                    "x509",
+                    "-req",
+                    "-days",
+                    "2",
+                    "-in",
+                    &p("leaf.csr"),
+                    "-CA",
+                    &p("ca.pem"),
+                    "-CAkey",
+                    &p("ca.key"),
+                    "-CAcreateserial",
+                    "-extfile",
+                    &p("ext.cnf"),
+                    "-out",
+                    &p("cert.pem"),
+                ]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            ];
+            for args in steps {
+                let out = Command::new("openssl").args(&args).output().unwrap();
+                assert!(
+                    out.status.success(),
+                    "openssl {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             config += &format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
                 d.join("cert.pem").display(),
@@ -127,8 +183,9 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn cert(&self) -> PathBuf {
-        self.dir.path().join("cert.pem")
+    /// The CA that signed the TLS registry's certificate.
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
     }
 }
 
@@ -500,13 +557,60 @@ fn authenticated_tls_registry() {
     .unwrap_err();
     assert!(matches!(err, RegistryError::Auth { .. }), "{err}");
 
-    // With verification the self-signed certificate is refused; the error names the host.
+    // With verification, a certificate from an unknown CA is refused; the error names the
+    // host and is not mistaken for an auth failure.
     let err = with_auth("kiln", "s3cret", true)
         .get_manifest(&r)
         .unwrap_err();
     assert!(err.to_string().contains(&reg.host()), "{err}");
-    assert!(!matches!(err, RegistryError::Auth { .. }), "{err}");
-    assert!(reg.cert().exists());
+    assert!(matches!(err, RegistryError::Transport { .. }), "{err}");
+
+    // Trusting the CA through SSL_CERT_FILE makes verification pass. The environment is
+    // process-wide, so this runs in a child process: this test binary, running only
+    // `tls_verified_child`.
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "tls_verified_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SSL_CERT_FILE", reg.ca())
+        .env("KILN_TEST_TLS_REF", r.to_string())
+        .env(
+            "KILN_TEST_TLS_AUTH",
+            docker_config(work.path(), &reg.host(), "kiln", "s3cret"),
+        )
+        .env("KILN_TEST_TLS_DIGEST", img.manifest_digest.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("verified pull ok"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Half of `authenticated_tls_registry`: pulls with TLS verification against the CA in
+/// `SSL_CERT_FILE`. Does nothing unless that test started it.
+#[test]
+fn tls_verified_child() {
+    let (Ok(r), Ok(auth), Ok(digest)) = (
+        std::env::var("KILN_TEST_TLS_REF"),
+        std::env::var("KILN_TEST_TLS_AUTH"),
+        std::env::var("KILN_TEST_TLS_DIGEST"),
+    ) else {
+        return;
+    };
+    let client = Client::new(ClientOptions {
+        tls_verify: true,
+        auth_file: Some(PathBuf::from(auth)),
+        ..ClientOptions::default()
+    });
+    let (_, _, d) = client.get_manifest(&reference(&r)).unwrap();
+    assert_eq!(d.to_string(), digest);
+    println!("verified pull ok");
 }
 
 // ---------------------------------------------------------------------------------------
