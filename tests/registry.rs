@@ -632,6 +632,8 @@ enum Action {
     Redirect(String),
     /// Forward with this `Authorization` header instead of the client's.
     ForwardAs(String),
+    /// Forward, but close after half of the response body.
+    Truncate,
 }
 
 /// One request as the proxy saw it.
@@ -639,6 +641,7 @@ enum Action {
 struct Seen {
     line: String,
     authorization: Option<String>,
+    range: Option<String>,
 }
 
 type Policy = dyn Fn(usize, &str) -> Action + Send + Sync;
@@ -729,6 +732,7 @@ fn handle(
     let mut headers = Vec::new();
     let mut content_length = 0u64;
     let mut authorization = None;
+    let mut range = None;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h == "\r\n" {
@@ -742,6 +746,9 @@ fn handle(
             authorization = Some(h["authorization:".len()..].trim().to_string());
             continue;
         }
+        if let Some(v) = lower.strip_prefix("range:") {
+            range = Some(v.trim().to_string());
+        }
         if lower.starts_with("connection:") {
             continue;
         }
@@ -751,11 +758,12 @@ fn handle(
     seen.lock().unwrap().push(Seen {
         line: line.clone(),
         authorization: authorization.clone(),
+        range,
     });
     let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
     let mut client = conn;
     let action = policy(n, &line);
-    let (authorization, corrupt) = match action {
+    let (authorization, truncate) = match action {
         Action::Drop => return client.shutdown(Shutdown::Both),
         Action::Status(code) => {
             write!(
@@ -772,9 +780,10 @@ fn handle(
             )?;
             return client.shutdown(Shutdown::Both);
         }
-        Action::Forward => (authorization, false),
-        Action::Corrupt => (authorization, true),
-        Action::ForwardAs(a) => (Some(a), false),
+        Action::Forward => (authorization, None),
+        Action::Corrupt => (authorization, Some(false)),
+        Action::Truncate => (authorization, Some(true)),
+        Action::ForwardAs(a) => (Some(a), None),
     };
     let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
     let mut head = format!("{line}\r\n");
@@ -789,8 +798,18 @@ fn handle(
     io::copy(&mut (&mut reader).take(content_length), &mut up)?;
     let mut response = Vec::new();
     up.read_to_end(&mut response)?;
-    if corrupt && let Some(last) = response.last_mut() {
-        *last ^= 0xff;
+    let body_start = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |i| i + 4);
+    match truncate {
+        Some(true) => response.truncate(body_start + (response.len() - body_start) / 2),
+        Some(false) if response.len() > body_start => {
+            if let Some(last) = response.last_mut() {
+                *last ^= 0xff;
+            }
+        }
+        _ => {}
     }
     client.write_all(&response)?;
     client.shutdown(Shutdown::Both)
@@ -830,6 +849,53 @@ fn push_and_pull_survive_errors_and_dropped_connections() {
     assert!(proxy.seen().len() >= 9, "{:?}", proxy.seen());
     let direct = reference(&format!("{}/kiln/flaky:v1", reg.host()));
     assert_eq!(client.get_manifest(&direct).unwrap().1, img.manifest);
+}
+
+#[test]
+fn a_blob_download_cut_midway_resumes_with_a_range_request() {
+    let reg = Registry::start();
+    let client = plain_client();
+    let direct = reference(&format!("{}/kiln/resume:v1", reg.host()));
+    // Incompressible content, so the layer is large enough to cut in half.
+    let mut noise = String::new();
+    let mut x: u32 = 1;
+    for _ in 0..100_000 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        noise.push(char::from(b'a' + (x >> 16) as u8 % 26));
+    }
+    let img = make_image(&noise, "amd64");
+    push_image(&client, &direct, &img);
+
+    let first_blob_get = AtomicBool::new(true);
+    let proxy = Proxy::start(
+        reg.port,
+        Box::new(move |_, line| {
+            if line.starts_with("GET ")
+                && line.contains("/blobs/sha256:")
+                && first_blob_get.swap(false, Ordering::SeqCst)
+            {
+                Action::Truncate
+            } else {
+                Action::Forward
+            }
+        }),
+    );
+    let r = reference(&format!("{}/kiln/resume:v1", proxy.host()));
+    let mut out = Vec::new();
+    let n = client.get_blob(&r, &img.layer_digest, &mut out).unwrap();
+    assert_eq!((n, &out), (img.layer.len() as u64, &img.layer));
+    let gets: Vec<Seen> = proxy
+        .seen()
+        .into_iter()
+        .filter(|s| s.line.contains("/blobs/"))
+        .collect();
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[0].range, None);
+    let range = gets[1].range.clone().unwrap_or_default();
+    assert!(
+        range.starts_with("bytes=") && range != "bytes=0-",
+        "{gets:?}"
+    );
 }
 
 #[test]

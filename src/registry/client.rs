@@ -41,6 +41,9 @@ const MANIFEST_LIMIT: u64 = 4 << 20;
 const TOKEN_LIMIT: u64 = 1 << 20;
 /// How much of an error body is read for its message.
 const ERROR_BODY_LIMIT: u64 = 16 << 10;
+/// How long the https probe may take when plain http is the fallback (a plain-http
+/// server may never answer a TLS handshake).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The API endpoint of the default registry (`docker.io` is only its name).
 const DOCKER_HUB_ENDPOINT: &str = "registry-1.docker.io";
 
@@ -517,19 +520,18 @@ impl Client {
         }
         let https = format!("https://{}", op.endpoint);
         let fallback = self.http_allowed(&op.endpoint);
-        let (base, challenge) =
-            match self.probe(op, &https, if fallback { 1 } else { MAX_ATTEMPTS }) {
-                Ok((_, challenge)) => (https, challenge),
-                Err(e) if fallback => {
-                    let http = format!("http://{}", op.endpoint);
-                    match self.probe(op, &http, MAX_ATTEMPTS) {
-                        // 400 is what an https server says to plain http.
-                        Ok((status, challenge)) if status != 400 => (http, challenge),
-                        _ => return Err(e),
-                    }
+        let (base, challenge) = match self.probe(op, &https, fallback) {
+            Ok((_, challenge)) => (https, challenge),
+            Err(e) if fallback => {
+                let http = format!("http://{}", op.endpoint);
+                match self.probe(op, &http, false) {
+                    // 400 is what an https server says to plain http.
+                    Ok((status, challenge)) if status != 400 => (http, challenge),
+                    _ => return Err(e),
                 }
-                Err(e) => return Err(e),
-            };
+            }
+            Err(e) => return Err(e),
+        };
         self.with_host(op, |h| {
             h.base = Some(base.clone());
             if challenge.is_some() {
@@ -540,15 +542,28 @@ impl Client {
     }
 
     /// GETs `base/v2/` without credentials; returns the status and any auth challenge.
+    /// With `quick`, one attempt bounded by [`PROBE_TIMEOUT`] (a fallback follows).
     fn probe(
         &self,
         op: &Op,
         base: &str,
-        attempts: u32,
+        quick: bool,
     ) -> Result<(u16, Option<Challenge>), RegistryError> {
         let url = format!("{base}/v2/");
-        self.retrying_n(attempts, || {
-            let mut resp = self.send_raw(op, &Method::GET, &url, None, &[], &Body::Empty)?;
+        self.retrying_n(if quick { 1 } else { MAX_ATTEMPTS }, || {
+            let req = http::Request::builder()
+                .method(Method::GET)
+                .uri(&url)
+                .body(SendBody::none())
+                .map_err(|e| op.protocol(format!("cannot build request: {e}")))?;
+            let mut config = self.agent.configure_request(req);
+            if quick {
+                config = config.timeout_global(Some(PROBE_TIMEOUT));
+            }
+            let mut resp = self
+                .agent
+                .run(config.build())
+                .map_err(|e| classify(op, e))?;
             let challenge = auth::parse_challenges(
                 resp.headers()
                     .get_all("www-authenticate")
@@ -1054,6 +1069,12 @@ fn encode_pairs(pairs: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_is_shareable_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Client>();
+    }
 
     #[test]
     fn resolves_locations() {
