@@ -634,6 +634,8 @@ enum Action {
     ForwardAs(String),
     /// Forward, but close after half of the response body.
     Truncate,
+    /// Answer with this status, extra header lines and body.
+    Respond(u16, String, String),
 }
 
 /// One request as the proxy saw it.
@@ -644,10 +646,10 @@ struct Seen {
     range: Option<String>,
 }
 
-type Policy = dyn Fn(usize, &str) -> Action + Send + Sync;
+type Policy = dyn Fn(usize, &Seen) -> Action + Send + Sync;
 
 /// A raw HTTP/1.1 proxy on a free 127.0.0.1 port that forwards each request (one per
-/// connection) to `upstream` or injects a fault as `policy(request number, request line)`
+/// connection) to `upstream` or injects a fault as `policy(request number, request)`
 /// says. Stops on drop.
 struct Proxy {
     port: u16,
@@ -755,20 +757,29 @@ fn handle(
         headers.push(h);
     }
     let line = line.trim_end().to_string();
-    seen.lock().unwrap().push(Seen {
+    let request = Seen {
         line: line.clone(),
         authorization: authorization.clone(),
         range,
-    });
+    };
+    seen.lock().unwrap().push(request.clone());
     let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
     let mut client = conn;
-    let action = policy(n, &line);
+    let action = policy(n, &request);
     let (authorization, truncate) = match action {
         Action::Drop => return client.shutdown(Shutdown::Both),
         Action::Status(code) => {
             write!(
                 client,
                 "HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
+            return client.shutdown(Shutdown::Both);
+        }
+        Action::Respond(code, headers, body) => {
+            write!(
+                client,
+                "HTTP/1.1 {code} Injected\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
             )?;
             return client.shutdown(Shutdown::Both);
         }
@@ -869,9 +880,9 @@ fn a_blob_download_cut_midway_resumes_with_a_range_request() {
     let first_blob_get = AtomicBool::new(true);
     let proxy = Proxy::start(
         reg.port,
-        Box::new(move |_, line| {
-            if line.starts_with("GET ")
-                && line.contains("/blobs/sha256:")
+        Box::new(move |_, req| {
+            if req.line.starts_with("GET ")
+                && req.line.contains("/blobs/sha256:")
                 && first_blob_get.swap(false, Ordering::SeqCst)
             {
                 Action::Truncate
@@ -926,8 +937,8 @@ fn a_corrupted_blob_is_a_digest_mismatch() {
 
     let proxy = Proxy::start(
         reg.port,
-        Box::new(|_, line| {
-            if line.starts_with("GET ") && line.contains("/blobs/sha256:") {
+        Box::new(|_, req| {
+            if req.line.starts_with("GET ") && req.line.contains("/blobs/sha256:") {
                 Action::Corrupt
             } else {
                 Action::Forward
@@ -968,8 +979,8 @@ fn credentials_are_not_sent_across_a_redirect_to_another_host() {
     let storage_authority = format!("localhost:{}", storage.port);
     let front = Proxy::start(
         reg.port,
-        Box::new(move |_, line| {
-            if line.starts_with("GET ") && line.contains("/blobs/sha256:") {
+        Box::new(move |_, req| {
+            if req.line.starts_with("GET ") && req.line.contains("/blobs/sha256:") {
                 Action::Redirect(storage_authority.clone())
             } else {
                 Action::Forward
@@ -999,5 +1010,82 @@ fn credentials_are_not_sent_across_a_redirect_to_another_host() {
             .seen()
             .iter()
             .any(|s| s.line.contains("/blobs/sha256:") && s.authorization.is_some())
+    );
+}
+
+#[test]
+fn bearer_tokens_from_a_token_service() {
+    use base64::Engine as _;
+    let reg = Registry::start();
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("kiln:s3cret")
+    );
+    // The token service: a token per scope for the right basic credentials.
+    let tokens = Proxy::start(
+        reg.port,
+        Box::new(move |_, req| {
+            if req.authorization.as_deref() != Some(basic.as_str()) {
+                return Action::Respond(401, String::new(), r#"{"details":"bad creds"}"#.into());
+            }
+            let push = req
+                .line
+                .contains("scope=repository%3Akiln%2Fbearer%3Apull%2Cpush");
+            let token = if push { "push-token" } else { "pull-token" };
+            Action::Respond(200, String::new(), format!(r#"{{"token":"{token}"}}"#))
+        }),
+    );
+    // The registry front: demands a bearer token fit for the request.
+    let realm = format!("http://{}/token", tokens.host());
+    let front = Proxy::start(
+        reg.port,
+        Box::new(move |_, req| {
+            let writes = !(req.line.starts_with("GET ") || req.line.starts_with("HEAD "));
+            let ok = match req.authorization.as_deref() {
+                Some("Bearer push-token") => true,
+                Some("Bearer pull-token") => !writes,
+                _ => false,
+            };
+            if ok {
+                Action::Forward
+            } else {
+                Action::Respond(
+                    401,
+                    format!(
+                        "WWW-Authenticate: Bearer realm=\"{realm}\",service=\"kiln-test\",scope=\"repository:kiln/bearer:pull\"\r\n"
+                    ),
+                    r#"{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}"#.into(),
+                )
+            }
+        }),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let client_with = |pass: &str| {
+        Client::new(ClientOptions {
+            auth_file: Some(docker_config(work.path(), &front.host(), "kiln", pass)),
+            ..ClientOptions::default()
+        })
+    };
+    let client = client_with("s3cret");
+    let r = reference(&format!("{}/kiln/bearer:v1", front.host()));
+    let img = make_image("bearer\n", "amd64");
+    push_image(&client, &r, &img);
+    let (_, bytes, _) = client.get_manifest(&r).unwrap();
+    assert_eq!(bytes, img.manifest);
+    let mut out = Vec::new();
+    client.get_blob(&r, &img.layer_digest, &mut out).unwrap();
+    assert_eq!(out, img.layer);
+
+    // Tokens are cached per scope: one for push, one for pull.
+    let fetched = tokens.seen();
+    assert_eq!(fetched.len(), 2, "{fetched:?}");
+    assert!(fetched.iter().all(|s| s.line.contains("service=kiln-test")));
+
+    let err = client_with("wrong").get_manifest(&r).unwrap_err();
+    assert!(matches!(err, RegistryError::Auth { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("authentication to {} failed", front.host())),
+        "{err}"
     );
 }
