@@ -128,12 +128,23 @@ impl Reference {
 
     /// True for registries reached over plain http by default (loopback).
     pub fn is_loopback(&self) -> bool {
-        let host = match self.registry.rsplit_once(':') {
-            Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
-            _ => self.registry.as_str(),
-        };
-        host == "localhost" || host == "[::1]" || host.starts_with("127.")
+        is_loopback_host(&self.registry)
     }
+}
+
+/// True when `authority` (`host` or `host:port`) names the loopback interface: `localhost`,
+/// `127.0.0.0/8` or `[::1]`.
+pub fn is_loopback_host(authority: &str) -> bool {
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let host = host.to_ascii_lowercase();
+    host == "localhost"
+        || host == "[::1]"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl fmt::Display for Reference {
@@ -217,5 +228,9 @@ mod tests {
         assert!(Reference::parse("127.0.0.1:5000/a").unwrap().is_loopback());
         assert!(Reference::parse("localhost:1/a").unwrap().is_loopback());
         assert!(!Reference::parse("quay.io/a").unwrap().is_loopback());
+        assert!(!Reference::parse("127.example.com/a").unwrap().is_loopback());
+        assert!(is_loopback_host("[::1]:5000"));
+        assert!(is_loopback_host("127.1.2.3"));
+        assert!(!is_loopback_host("[::2]:5000"));
     }
 }
