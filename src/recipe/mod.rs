@@ -1,3 +1,4 @@
 //! The recipe front end: Dockerfile text to typed, located instructions.
 
 pub mod instructions;
+pub mod shell;
