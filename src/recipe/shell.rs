@@ -844,6 +844,7 @@ fn replace(tokens: &[Tok], value: &str, replacement: &str, all: bool) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -858,8 +859,432 @@ mod tests {
             .map(|e| e.value)
     }
 
+    fn used(input: &str, pairs: &[(&str, &str)]) -> Vec<String> {
+        let e = Lexer::new('\\').process_word(input, &env(pairs)).unwrap();
+        e.used.into_iter().collect()
+    }
+
+    /// BuildKit's `TestProcessWithMatches` values and results (expected output, used set).
     #[test]
-    fn basic() {
-        assert_eq!(word("he${PWD}", &[("PWD", "/home")]).unwrap(), "he/home");
+    fn match_and_replace_forms() {
+        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+            (
+                r"${FOO#()[]{\}^$.\*\?|\\}",
+                &[("FOO", r"()[]{}^$.*?|\x")],
+                "x",
+            ),
+            (r"${FOO%%\**}", &[("FOO", "xx**")], "xx"),
+            ("${FOO#*x*y}", &[("FOO", "xxyy")], "y"),
+            ("${FOO#*}", &[("FOO", "xxyy")], "xxyy"),
+            ("${FOO#$BAR}", &[("FOO", "xxyy"), ("BAR", "x")], "xyy"),
+            ("${FOO#$BAR}", &[("FOO", "xxyy"), ("BAR", "")], "xxyy"),
+            ("${FOO#}", &[("FOO", "xxyy")], "xxyy"),
+            ("${FOO##*x}", &[("FOO", "xxyy")], "yy"),
+            ("${FOO##}", &[("FOO", "xxyy")], "xxyy"),
+            (r"${FOO#?\?}", &[("FOO", "???y")], "?y"),
+            ("${ABC:-.}${FOO%x}${ABC:-.}", &[("FOO", "xxyy")], ".xxyy."),
+            (r"${FOO%%\**\*}", &[("FOO", "a***yy*")], "a"),
+            ("${FOO%}", &[("FOO", "xxyy")], "xxyy"),
+            ("${FOO%%$BAR}", &[("FOO", "xxyy"), ("BAR", "")], "xxyy"),
+            (
+                "${FOO/$NEEDLE/.} - ${FOO//$NEEDLE/.}",
+                &[("FOO", "/foo*/*/*.txt"), ("NEEDLE", r"\*/")],
+                "/foo.*/*.txt - /foo..*.txt",
+            ),
+            (
+                "${FOO/$NEEDLE/} - ${FOO//$NEEDLE/}",
+                &[("FOO", "/tmp/tmp/bar.txt"), ("NEEDLE", "/tmp")],
+                "/tmp/bar.txt - /bar.txt",
+            ),
+            (
+                "${FOO/$NEEDLE/$REPLACEMENT} - ${FOO//$NEEDLE/$REPLACEMENT}",
+                &[
+                    ("FOO", "/a/foo/b/c.txt"),
+                    ("NEEDLE", "/?/"),
+                    ("REPLACEMENT", "/"),
+                ],
+                "/foo/b/c.txt - /foo/c.txt",
+            ),
+            (
+                "${FOO/$NEEDLE/$REPLACEMENT}",
+                &[
+                    ("FOO", "http://google.de"),
+                    ("NEEDLE", "http://"),
+                    ("REPLACEMENT", "https://"),
+                ],
+                "https://google.de",
+            ),
+            (
+                r"${FOO//\//\/}",
+                &[("FOO", "/tmp/foo.txt")],
+                r"\/tmp\/foo.txt",
+            ),
+            ("${FOO/$BAR/ww}", &[("FOO", "xxyy"), ("BAR", "")], "wwxxyy"),
+            ("${FOO///}", &[("FOO", "xxyy")], "xxyy"),
+            ("${FOO///}", &[], ""),
+            // Shortest / longest prefix and suffix.
+            ("${F#*/}", &[("F", "a/b/c")], "b/c"),
+            ("${F##*/}", &[("F", "a/b/c")], "c"),
+            ("${F%/*}", &[("F", "a/b/c")], "a/b"),
+            ("${F%%/*}", &[("F", "a/b/c")], "a"),
+            ("${F%.tar.*}", &[("F", "x.tar.gz")], "x"),
+            ("${F#v}", &[("F", "v1.2.3")], "1.2.3"),
+            ("${F%?}", &[("F", "한국어")], "한국"),
+            ("${F#?}", &[("F", "한국어")], "국어"),
+            // `[` is literal (BuildKit has no bracket expressions).
+            ("${F#[ab]}", &[("F", "[ab]c")], "c"),
+            ("${F#[ab]}", &[("F", "ac")], "ac"),
+            // Replace first / all, leftmost-longest.
+            ("${F/o/0}", &[("F", "foo boo")], "f0o boo"),
+            ("${F//o/0}", &[("F", "foo boo")], "f00 b00"),
+            ("${F/o*o/X}", &[("F", "foo boo")], "fX"),
+            ("${F//?/.}", &[("F", "abc")], "..."),
+            ("${F//x/y}", &[("F", "abc")], "abc"),
+            // Go's empty-match rule.
+            ("${F///-}", &[("F", "ab")], "-a-b-"),
+            ("${F//*/-}", &[("F", "ab")], "-"),
+            // `*` and `?` do not cross newlines (Go regexp `.`).
+            ("${F#*x}", &[("F", "a\nx")], "a\nx"),
+            // Quotes inside the pattern are removed; the content is still a pattern.
+            ("${F#\"a\"}", &[("F", "ab")], "b"),
+        ];
+        for (input, vars, expected) in cases {
+            assert_eq!(
+                word(input, vars).as_deref(),
+                Ok(*expected),
+                "input {input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pattern_errors() {
+        for input in [
+            r"${F#\x}",
+            r"${F%\a}",
+            r"${F/\q/r}",
+            r"${F//ww}",
+            "${F//}",
+            "${F/a",
+        ] {
+            assert!(word(input, &[("F", "abc")]).is_err(), "input {input:?}");
+        }
+        let e = word(r"${F#a\x}", &[("F", "abc")]).unwrap_err();
+        assert!(
+            matches!(e, ShellError::InvalidPattern { at: 0, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(r"invalid escape '\x'"), "{e}");
+    }
+
+    #[test]
+    fn colon_pattern_forms_are_errors() {
+        for input in [
+            "${F:#a}",
+            "${F:%a}",
+            "${F:/a/b}",
+            "${F:=a}",
+            "${F=a}",
+            "${F=:a}",
+            "${F=}",
+        ] {
+            let e = word(input, &[("F", "abc")]).unwrap_err();
+            assert!(
+                matches!(e, ShellError::UnsupportedModifier { .. }),
+                "{input}: {e:?}"
+            );
+        }
+        let e = word("ab${F:=x}", &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unsupported modifier `:=` in the substitution starting at byte 2"
+        );
+    }
+
+    /// BuildKit's `TestShellParserMandatoryEnvVars`, plus default messages.
+    #[test]
+    fn required_messages() {
+        let set = [("VAR", "plain"), ("ARG", "x")];
+        let empty = [("VAR", ""), ("ARG", "x")];
+        let unset = [("ARG", "x")];
+        let no_empty = "${VAR:?message here$ARG}";
+        let no_unset = "${VAR?message here$ARG}";
+        assert_eq!(word(no_empty, &set).unwrap(), "plain");
+        for vars in [&empty[..], &unset[..]] {
+            let e = word(no_empty, vars).unwrap_err();
+            assert_eq!(e.to_string(), "VAR: message herex (substitution at byte 0)");
+            assert_eq!(e.offset(), 0);
+        }
+        assert_eq!(word(no_unset, &set).unwrap(), "plain");
+        assert_eq!(word(no_unset, &empty).unwrap(), "");
+        assert!(
+            word(no_unset, &unset)
+                .unwrap_err()
+                .to_string()
+                .contains("message herex")
+        );
+
+        let e = word("a${V?}", &[]).unwrap_err();
+        assert_eq!(
+            e,
+            ShellError::Required {
+                name: "V".into(),
+                message: "is not allowed to be unset".into(),
+                at: 1
+            }
+        );
+        let e = word("${V:?}", &[("V", "")]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("V: is not allowed to be empty"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn error_offsets() {
+        assert_eq!(
+            word("ab'cd", &[]).unwrap_err(),
+            ShellError::UnterminatedSingleQuote { at: 2 }
+        );
+        assert_eq!(
+            word("a\"bc", &[]).unwrap_err(),
+            ShellError::UnterminatedDoubleQuote { at: 1 }
+        );
+        assert_eq!(
+            word("xy${PWD", &[]).unwrap_err(),
+            ShellError::MissingBrace { at: 2 }
+        );
+        assert_eq!(
+            word("x${}", &[]).unwrap_err(),
+            ShellError::BadSubstitution { at: 1 }
+        );
+        assert_eq!(
+            word("x${a:-${b", &[]).unwrap_err(),
+            ShellError::MissingBrace { at: 6 }
+        );
+        assert_eq!(
+            word("${a/b", &[]).unwrap_err(),
+            ShellError::MissingSlash { at: 0 }
+        );
+    }
+
+    /// BuildKit's matched + unmatched sets: every name looked up, set or not.
+    #[test]
+    fn used_variables() {
+        assert!(used("x", &[("DUMMY", "d")]).is_empty());
+        assert_eq!(used("x ${UNUSED}", &[]), ["UNUSED"]);
+        assert_eq!(
+            used("${FOO-a} ${BAR-b} ${BAZ-c}", &[("FOO", "x"), ("BAR", "")]),
+            ["BAR", "BAZ", "FOO"]
+        );
+        // Names in an alternative that is not taken still count.
+        assert_eq!(used("${A:-${B}}", &[("A", "a")]), ["A", "B"]);
+        assert_eq!(used("${A:+$B}", &[]), ["A", "B"]);
+        assert_eq!(used("'$A' \\$B \"$C\"", &[]), ["C"]);
+        assert_eq!(used("$1 $@ ${FOO/$N/$R}", &[]), ["1", "@", "FOO", "N", "R"]);
+        let words = Lexer::new('\\')
+            .process_words("$A ${B:-x}", &env(&[]))
+            .unwrap();
+        assert_eq!(words.value, ["x"]);
+        assert_eq!(words.used.into_iter().collect::<Vec<_>>(), ["A", "B"]);
+    }
+
+    #[test]
+    fn backtick_escape() {
+        let lexer = Lexer::new('`');
+        let vars = env(&[("PWD", "/home")]);
+        let w = |s: &str| lexer.process_word(s, &vars).map(|e| e.value);
+        assert_eq!(w(r"C:\path\to").unwrap(), r"C:\path\to");
+        assert_eq!(w("a`$PWD").unwrap(), "a$PWD");
+        assert_eq!(w("a``$PWD").unwrap(), "a`/home");
+        assert_eq!(w("a` b").unwrap(), "a b");
+        assert_eq!(w("\"a`\"b\"").unwrap(), "a\"b");
+        assert_eq!(w(r#""a\b""#).unwrap(), r"a\b");
+        assert_eq!(w("\"a`tb\"").unwrap(), "a`tb");
+        assert_eq!(w("trail`").unwrap(), "trail");
+        assert_eq!(w("${X:-`}}").unwrap(), "}");
+        let words = lexer.process_words(r"C:\a` b c", &vars).unwrap().value;
+        assert_eq!(words, [r"C:\a b", "c"]);
+    }
+
+    #[test]
+    fn word_splitting() {
+        let vars = env(&[("S", " a  b "), ("E", "")]);
+        let ws = |s: &str| Lexer::new('\\').process_words(s, &vars).map(|e| e.value);
+        assert_eq!(ws("x${S}y").unwrap(), ["x", "a", "b", "y"]);
+        assert_eq!(ws("\"\" $E ''").unwrap(), Vec::<String>::new());
+        assert_eq!(ws("  a\tb\n c ").unwrap(), ["a", "b", "c"]);
+        // BuildKit splits the result of `${v:-"a b"}` too.
+        assert_eq!(ws("${U:-\"p q\"}").unwrap(), ["p", "q"]);
+    }
+
+    #[test]
+    fn nested_ten_thousand_deep() {
+        let depth = 10_000;
+        let input = "${a:-".repeat(depth) + "x" + &"}".repeat(depth);
+        let start = Instant::now();
+        let result = Lexer::new('\\').process_word(&input, &env(&[]));
+        assert!(start.elapsed() < Duration::from_secs(1));
+        let e = result.unwrap_err();
+        assert_eq!(
+            e,
+            ShellError::TooDeep {
+                limit: MAX_DEPTH,
+                at: MAX_DEPTH * 5
+            }
+        );
+        assert!(e.to_string().contains("nested more than 128 deep"), "{e}");
+        // Within the limit it works.
+        let ok = "${a:-".repeat(MAX_DEPTH) + "x" + &"}".repeat(MAX_DEPTH);
+        assert_eq!(word(&ok, &[]).unwrap(), "x");
+        // Quotes do not reset the count.
+        let quoted = "\"${a:-".repeat(depth) + &"}\"".repeat(depth);
+        assert!(matches!(
+            word(&quoted, &[]),
+            Err(ShellError::TooDeep { .. })
+        ));
+    }
+
+    #[test]
+    fn one_mebibyte_word() {
+        let big = "ab$X\\ \"q\"'s' ".repeat(1 << 20 >> 4);
+        let vars = env(&[("X", "v w")]);
+        let start = Instant::now();
+        let one = Lexer::new('\\').process_word(&big, &vars).unwrap().value;
+        let many = Lexer::new('\\').process_words(&big, &vars).unwrap().value;
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(one.len(), "abv w qs ".len() * (1 << 16));
+        assert_eq!(many.len(), 2 << 16);
+        // A long value through the pattern forms stays fast.
+        let long = env(&[("V", &"ab".repeat(1 << 19))]);
+        let start = Instant::now();
+        let lexer = Lexer::new('\\');
+        assert_eq!(lexer.process_word("${V##*a}", &long).unwrap().value, "b");
+        assert_eq!(lexer.process_word("${V%%b*}", &long).unwrap().value, "a");
+        assert_eq!(
+            lexer.process_word("${V//b/}", &long).unwrap().value.len(),
+            1 << 19
+        );
+        assert_eq!(lexer.process_word("${V/*b*a*b/}", &long).unwrap().value, "");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn never_panics(input in "\\PC{0,40}", escape in prop::sample::select(vec!['\\', '`'])) {
+                let vars = env(&[("A", "x y"), ("B", ""), ("한", "*?")]);
+                let lexer = Lexer::new(escape);
+                let _ = lexer.process_word(&input, &vars);
+                let _ = lexer.process_words(&input, &vars);
+            }
+
+            #[test]
+            fn shell_syntax_soup_never_panics(
+                input in proptest::collection::vec(
+                    prop::sample::select(vec![
+                        "$", "{", "}", ":", "-", "+", "?", "#", "%", "/", "*", "\\", "\"", "'",
+                        "A", "B", "한", " ", "\n", "[", "1", "`", "=",
+                    ]),
+                    0..40,
+                )
+            ) {
+                let input: String = input.concat();
+                let vars = env(&[("A", "a*b/한?"), ("B", "")]);
+                for escape in ['\\', '`'] {
+                    let _ = Lexer::new(escape).process_word(&input, &vars);
+                    let _ = Lexer::new(escape).process_words(&input, &vars);
+                }
+            }
+
+            #[test]
+            fn plain_words_unchanged(input in "[^$'\"\\\\`\\s]{0,40}") {
+                let vars = env(&[("A", "x")]);
+                let one = Lexer::new('\\').process_word(&input, &vars).unwrap();
+                prop_assert_eq!(&one.value, &input);
+                prop_assert!(one.used.is_empty());
+                let many = Lexer::new('\\').process_words(&input, &vars).unwrap().value;
+                let expected: Vec<String> =
+                    if input.is_empty() { vec![] } else { vec![input.clone()] };
+                prop_assert_eq!(many, expected);
+            }
+
+            #[test]
+            fn replace_matches_naive(
+                value in "[ab\n]{0,8}",
+                pattern in proptest::collection::vec(
+                    prop::sample::select(vec!["a", "b", "*", "?"]), 0..5),
+            ) {
+                let pattern = pattern.concat();
+                let tokens = parse_pattern(&pattern).unwrap();
+                // Naive leftmost-longest search by brute force.
+                let naive = (0..=value.len()).find_map(|a| {
+                    (a..=value.len()).rev().find(|&b| full_match(&tokens, &value[a..b])).map(|b| (a, b))
+                });
+                prop_assert_eq!(find(&tokens, &value, 0), naive);
+                let shortest = (0..=value.len()).find(|&e| full_match(&tokens, &value[..e]));
+                prop_assert_eq!(anchored_match(&tokens, 0, value.char_indices().map(|(i, c)| (i + c.len_utf8(), c)), false), shortest);
+            }
+
+            #[test]
+            fn trims_match_naive(
+                value in "[ab\n]{0,8}",
+                pattern in proptest::collection::vec(
+                    prop::sample::select(vec!["a", "b", "*", "?"]), 0..5),
+                longest in any::<bool>(),
+            ) {
+                let tokens = parse_pattern(&pattern.concat()).unwrap();
+                let mut ends: Vec<usize> =
+                    (0..=value.len()).filter(|&e| full_match(&tokens, &value[..e])).collect();
+                if !longest {
+                    ends.reverse();
+                }
+                let naive_prefix = ends.last().map_or(value.as_str(), |&e| &value[e..]);
+                prop_assert_eq!(trim_prefix(&tokens, &value, longest), naive_prefix);
+                let mut starts: Vec<usize> =
+                    (0..=value.len()).filter(|&s| full_match(&tokens, &value[s..])).collect();
+                if longest {
+                    starts.reverse();
+                }
+                let naive_suffix = starts.last().map_or(value.as_str(), |&s| &value[..s]);
+                prop_assert_eq!(trim_suffix(&tokens, &value, longest), naive_suffix);
+            }
+        }
+
+        /// Exponential reference matcher for tiny inputs.
+        fn full_match(tokens: &[Tok], s: &str) -> bool {
+            match tokens.split_first() {
+                None => s.is_empty(),
+                Some((Tok::Star, rest)) => {
+                    let mut i = 0;
+                    loop {
+                        if full_match(rest, &s[i..]) {
+                            return true;
+                        }
+                        match s[i..].chars().next() {
+                            Some(c) if c != '\n' => i += c.len_utf8(),
+                            _ => return false,
+                        }
+                    }
+                }
+                Some((t, rest)) => match s.chars().next() {
+                    Some(c) if (*t == Tok::Any && c != '\n') || *t == Tok::Lit(c) => {
+                        full_match(rest, &s[c.len_utf8()..])
+                    }
+                    _ => false,
+                },
+            }
+        }
     }
 }
