@@ -867,7 +867,8 @@ mod tests {
     /// BuildKit's `TestProcessWithMatches` values and results (expected output, used set).
     #[test]
     fn match_and_replace_forms() {
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             (
                 r"${FOO#()[]{\}^$.\*\?|\\}",
                 &[("FOO", r"()[]{}^$.*?|\x")],
