@@ -339,8 +339,10 @@ fn compile(pattern: &str) -> Kind {
     }
     match detected {
         Detected::Exact => Kind::Exact(pattern.to_owned()),
-        Detected::Prefix => Kind::Prefix(pattern[..pattern.len() - 2].to_owned()),
-        Detected::Suffix => Kind::Suffix(pattern[2..].to_owned()),
+        // A cleaned pattern never ends in `/`, so the prefix form ends in `**`; the suffix
+        // form always starts with it.
+        Detected::Prefix => Kind::Prefix(pattern.strip_suffix("**").unwrap_or(pattern).to_owned()),
+        Detected::Suffix => Kind::Suffix(pattern.strip_prefix("**").unwrap_or(pattern).to_owned()),
         Detected::Glob => Kind::Glob(tokens),
     }
 }
