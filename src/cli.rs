@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kiln::build::{self, BuildError, BuildOptions};
+use kiln::distribution;
+use kiln::registry::{Client, ClientOptions};
 use kiln::progress::{Mode, Progress};
 use kiln::recipe;
 use kiln::registry::reference::Reference;
@@ -74,6 +76,24 @@ enum Command {
     },
     /// Remove unreferenced blobs, unpacked layers and cache records.
     Prune,
+    /// Pull an image from a registry into the store.
+    Pull {
+        /// The image reference.
+        reference: String,
+        /// Verify TLS (false also allows plain http).
+        #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+        tls_verify: bool,
+    },
+    /// Push a stored image to a registry.
+    Push {
+        /// Name or image id in the store.
+        image: String,
+        /// Where to push (default: the image's name).
+        reference: Option<String>,
+        /// Verify TLS (false also allows plain http).
+        #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+        tls_verify: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -298,6 +318,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Pull { reference, tls_verify } => {
+            let r = Reference::parse(&reference).map_err(Failure::input)?;
+            let store = Store::open(&root)?;
+            let img = distribution::pull(&store, &client(tls_verify), &r).map_err(transfer_failure)?;
+            eprintln!("pulled {r}");
+            println!("{}", img.config_digest);
+            Ok(())
+        }
+        Command::Push { image, reference, tls_verify } => {
+            let store = Store::open(&root)?;
+            let img = find_image(&store, &image)?;
+            let target = Reference::parse(reference.as_deref().unwrap_or(&image)).map_err(Failure::input)?;
+            let digest = distribution::push(&store, &client(tls_verify), &img, &target).map_err(transfer_failure)?;
+            eprintln!("pushed {target}");
+            println!("{digest}");
+            Ok(())
+        }
         Command::Prune => {
             let store = Store::open(&root)?;
             let report = store.prune()?;
@@ -305,6 +342,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn client(tls_verify: bool) -> Client {
+    Client::new(ClientOptions { tls_verify, ..Default::default() })
+}
+
+fn transfer_failure(e: distribution::TransferError) -> Failure {
+    let hint = match &e {
+        distribution::TransferError::Registry(kiln::registry::RegistryError::Auth { .. }) => {
+            Some("check the credentials in ~/.docker/config.json or $REGISTRY_AUTH_FILE")
+        }
+        _ => None,
+    };
+    let mut f = Failure::runtime(e);
+    f.hint = hint.map(str::to_string);
+    f
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -466,8 +519,8 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     if args.push {
         outputs.push(Output::Registry);
     }
-    if outputs.iter().any(|o| matches!(o, Output::Registry)) {
-        return Err(Failure::usage("pushing to a registry is not supported yet"));
+    if outputs.iter().any(|o| matches!(o, Output::Registry)) && args.tags.is_empty() {
+        return Err(Failure::usage("pushing needs at least one -t NAME[:TAG] to push to"));
     }
     let tags = args.tags.iter().map(|t| normalize(t)).collect::<Result<Vec<_>, _>>()?;
     let mode = match (args.quiet, args.progress) {
@@ -492,6 +545,7 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         secrets,
         source_date_epoch,
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        tls_verify: args.tls_verify,
         helper_exe: std::env::current_exe().map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
     };
     let store = Store::open(root)?;
@@ -521,7 +575,14 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             Output::OciDir(d) => store::export_oci_dir(&store, &image, d, first_tag)?,
             Output::OciArchive(f) => store::export_oci_archive(&store, &image, f, first_tag)?,
             Output::DockerArchive(f) => store::export_docker_archive(&store, &image, f, &tags)?,
-            Output::Registry => {}
+            Output::Registry => {
+                for t in &tags {
+                    let r = Reference::parse(t).map_err(Failure::input)?;
+                    let digest =
+                        distribution::push(&store, &client(args.tls_verify), &image, &r).map_err(transfer_failure)?;
+                    progress.info(&format!("pushed {r}@{digest}"));
+                }
+            }
         }
     }
     let id = image.config_digest.to_string();

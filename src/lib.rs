@@ -6,6 +6,7 @@ pub mod recipe;
 pub mod plan;
 pub mod context;
 pub mod build;
+pub mod distribution;
 pub mod sandbox;
 pub mod rootfs;
 pub mod snapshot;

@@ -21,6 +21,7 @@ use crate::recipe::instructions::{CommandLine, Copy, Instruction, InstructionKin
 use crate::recipe::shell::Lexer;
 use crate::recipe::{self, RecipeError};
 use crate::registry::reference::Reference;
+use crate::registry::{Client, ClientOptions};
 use crate::rootfs::RootDir;
 use crate::sandbox::{self, BindMount, NetworkMode, RunSpec, Sandbox};
 use crate::snapshot::{self, Compression, LayerOptions};
@@ -55,6 +56,8 @@ pub struct BuildOptions {
     pub jobs: usize,
     /// The kiln executable, re-executed as the sandbox init.
     pub helper_exe: PathBuf,
+    /// Registries: verify TLS (false also allows plain http).
+    pub tls_verify: bool,
 }
 
 /// Why a build stopped.
@@ -123,6 +126,14 @@ pub enum BuildError {
     /// The base image is not available.
     #[error("image {0}")]
     Image(String),
+    /// Pulling a base image failed.
+    #[error("pulling {reference}: {source}")]
+    Pull {
+        /// The reference.
+        reference: String,
+        /// The cause.
+        source: crate::distribution::TransferError,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -211,7 +222,8 @@ pub fn build(
     for unused in &plan.unused_build_args {
         progress.warn(&format!("build arg {unused:?} was given but no stage declares it"));
     }
-    let context = Context::open(&opts.context_dir, Some(&opts.recipe_path)).map_err(BuildError::ContextDir)?;
+    let recipe_abs = std::fs::canonicalize(&opts.recipe_path).ok();
+    let context = Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
     let _lease = store.build_lease()?;
     let engine = Engine {
         store,
@@ -221,6 +233,8 @@ pub fn build(
         progress,
         cancel,
         sandbox: Sandbox::new(opts.helper_exe.clone()),
+        client: Client::new(ClientOptions { tls_verify: opts.tls_verify, ..Default::default() }),
+        pulls: Mutex::new(()),
         lexer: Lexer::new(recipe.directives.escape),
         context,
         file,
@@ -241,6 +255,9 @@ struct Engine<'a> {
     progress: &'a Progress,
     cancel: &'a AtomicBool,
     sandbox: Sandbox,
+    client: Client,
+    /// Serialises pulls so parallel stages do not fetch one image twice.
+    pulls: Mutex<()>,
     lexer: Lexer,
     context: Context,
     file: String,
@@ -926,13 +943,15 @@ impl Engine<'_> {
 
     fn load_image(&self, reference: &str, line: usize) -> Result<StageState, BuildError> {
         let normalized = Reference::parse(reference).map_err(|e| self.invalid(line, e.to_string()))?;
-        let image = match self.store.resolve(&normalized.to_string())? {
-            Some(image) => image,
-            None => {
-                return Err(BuildError::Image(format!(
-                    "{} not found in the local store (import it with `kiln import`)",
-                    normalized.familiar()
-                )));
+        let image = {
+            let _one_pull_at_a_time = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
+            match self.store.resolve(&normalized.to_string())? {
+                Some(image) => image,
+                None => {
+                    self.progress.info(&format!("pulling {normalized}"));
+                    crate::distribution::pull(self.store, &self.client, &normalized)
+                        .map_err(|source| BuildError::Pull { reference: normalized.to_string(), source })?
+                }
             }
         };
         let diff_ids = &image.config.rootfs.diff_ids;

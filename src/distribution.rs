@@ -1,0 +1,111 @@
+//! Moving images between the local store and registries: pull into the store (choosing the
+//! host platform from an index, verifying every blob), push from it (blobs first, in
+//! parallel, skipping what the registry has, the manifest last).
+
+use crate::digest::Digest;
+use crate::image::{self, Descriptor, Manifest};
+use crate::registry::reference::Reference;
+use crate::registry::{Client, RegistryError, select_platform};
+use crate::store::{Store, StoreError, StoredImage};
+
+/// Layers uploaded or downloaded at once.
+const PARALLEL_BLOBS: usize = 3;
+
+/// A failed transfer.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The registry failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// What the registry sent is not a usable image.
+    #[error("{reference}: {message}")]
+    Invalid {
+        /// The reference.
+        reference: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(r: &Reference, message: impl Into<String>) -> TransferError {
+    TransferError::Invalid { reference: r.to_string(), message: message.into() }
+}
+
+/// Pulls `reference` into the store and names it there by its normalised name.
+pub fn pull(store: &Store, client: &Client, reference: &Reference) -> Result<StoredImage, TransferError> {
+    let (mut media_type, mut bytes, mut digest) = client.get_manifest(reference)?;
+    if image::is_index_type(&media_type) {
+        let (os, arch, variant) = image::host_platform();
+        let (_, chosen) = select_platform(&bytes, &os, &arch, variant.as_deref())?;
+        let mut pinned = reference.clone();
+        pinned.digest = Some(chosen);
+        (media_type, bytes, digest) = client.get_manifest(&pinned)?;
+    }
+    if !image::is_manifest_type(&media_type) {
+        return Err(invalid(reference, format!("unsupported manifest type {media_type}")));
+    }
+    let manifest = Manifest::from_json(&bytes).map_err(|e| invalid(reference, e.to_string()))?;
+    let mut blobs: Vec<&Descriptor> = vec![&manifest.config];
+    blobs.extend(manifest.layers.iter());
+    let fetch = |d: &Descriptor| -> Result<(), TransferError> {
+        if store.has_blob(&d.digest) {
+            return Ok(());
+        }
+        let mut writer = store.blob_writer()?;
+        client.get_blob(reference, &d.digest, &mut writer)?;
+        writer.commit_expecting(&d.digest)?;
+        Ok(())
+    };
+    for_each_parallel(&blobs, fetch)?;
+    let (stored, size) = store.put_blob(&bytes)?;
+    if stored != digest {
+        return Err(invalid(reference, format!("manifest digest {stored} does not match {digest}")));
+    }
+    let desc = Descriptor::new(&media_type, digest, size);
+    store.tag(&reference_name(reference), &desc)?;
+    store
+        .resolve(&reference_name(reference))?
+        .ok_or_else(|| invalid(reference, "pulled image not found in the store"))
+}
+
+/// The name a pulled image gets in the store (tag form; digest-only references keep the digest).
+fn reference_name(r: &Reference) -> String {
+    r.to_string()
+}
+
+/// Pushes a stored image to `reference`; returns the manifest digest.
+pub fn push(store: &Store, client: &Client, img: &StoredImage, reference: &Reference) -> Result<Digest, TransferError> {
+    let mut blobs: Vec<&Descriptor> = img.manifest_body.layers.iter().collect();
+    blobs.push(&img.manifest_body.config);
+    let upload = |d: &Descriptor| -> Result<(), TransferError> {
+        let open = || -> std::io::Result<Box<dyn std::io::Read>> {
+            let f = store.open_blob(&d.digest).map_err(std::io::Error::other)?;
+            Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, f)))
+        };
+        client.push_blob(reference, &d.digest, d.size, &open, None)?;
+        Ok(())
+    };
+    for_each_parallel(&blobs, upload)?;
+    let bytes = store.read_blob(&img.manifest.digest)?;
+    Ok(client.put_manifest(reference, &img.manifest.media_type, &bytes)?)
+}
+
+/// Runs `f` over `items`, a few at a time; the first error wins.
+fn for_each_parallel<T: Sync>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<(), TransferError> + Sync,
+) -> Result<(), TransferError> {
+    for chunk in items.chunks(PARALLEL_BLOBS) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = chunk.iter().map(|item| s.spawn(|| f(item))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(TransferError::Invalid { reference: String::new(), message: "transfer thread panicked".into() })))
+                .collect::<Result<Vec<()>, _>>()
+        })?;
+    }
+    Ok(())
+}
