@@ -4,3 +4,5 @@
 
 pub mod digest;
 pub mod recipe;
+pub mod rootfs;
+pub mod snapshot;
