@@ -88,34 +88,54 @@ struct TarWriter<'a, W: Write> {
 }
 
 /// One directory being walked: its host path, its layer path (with trailing `/`, or empty for
-/// the root) and its remaining children, sorted.
+/// the root) and its remaining children, sorted by layer name.
 struct Frame {
     host: PathBuf,
     rel: Vec<u8>,
-    children: std::vec::IntoIter<OsString>,
+    children: std::vec::IntoIter<Child>,
+}
+
+/// A directory entry of the upper dir with its sort key and `lstat` data.
+struct Child {
+    key: Vec<u8>,
+    name: OsString,
+    md: Metadata,
+}
+
+/// An overlay whiteout: a character device 0/0.
+fn is_whiteout(md: &Metadata) -> bool {
+    md.file_type().is_char_device() && md.rdev() == 0
 }
 
 impl<W: Write> TarWriter<'_, W> {
     fn frame(&self, host: PathBuf, rel: Vec<u8>) -> Result<Frame, SnapshotError> {
-        let mut names = Vec::new();
+        let mut children = Vec::new();
         for ent in fs::read_dir(&host).map_err(|e| SnapshotError::io("read dir", &host, e))? {
-            names.push(
-                ent.map_err(|e| SnapshotError::io("read dir", &host, e))?
-                    .file_name(),
-            );
+            let name = ent
+                .map_err(|e| SnapshotError::io("read dir", &host, e))?
+                .file_name();
+            let p = host.join(&name);
+            let md = fs::symlink_metadata(&p).map_err(|e| SnapshotError::io("stat", &p, e))?;
+            // Sort by the name the entry gets in the layer: a whiteout sorts as `.wh.NAME`.
+            let mut key = Vec::new();
+            if is_whiteout(&md) {
+                key.extend_from_slice(WH_PREFIX);
+            }
+            key.extend_from_slice(name.as_bytes());
+            children.push(Child { key, name, md });
         }
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        children.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(Frame {
             host,
             rel,
-            children: names.into_iter(),
+            children: children.into_iter(),
         })
     }
 
     fn walk(&mut self) -> Result<(), SnapshotError> {
         let mut stack = vec![self.frame(self.upper.to_path_buf(), Vec::new())?];
         while let Some(top) = stack.last_mut() {
-            let Some(name) = top.children.next() else {
+            let Some(Child { name, md, .. }) = top.children.next() else {
                 stack.pop();
                 continue;
             };
@@ -123,12 +143,8 @@ impl<W: Write> TarWriter<'_, W> {
             let mut rel = top.rel.clone();
             rel.extend_from_slice(name.as_bytes());
             let parent_rel_len = top.rel.len();
-            let md =
-                fs::symlink_metadata(&host).map_err(|e| SnapshotError::io("stat", &host, e))?;
             let ft = md.file_type();
-
-            // An overlay whiteout: a character device 0/0.
-            if ft.is_char_device() && md.rdev() == 0 {
+            if is_whiteout(&md) {
                 if name.as_bytes().starts_with(WH_PREFIX) {
                     return Err(SnapshotError::ReservedName {
                         path: rel_path(&rel),
