@@ -791,6 +791,31 @@ fn compressed_archives_extract() {
 }
 
 #[test]
+fn layer_cannot_set_overlay_xattrs() {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([
+        ("SCHILY.xattr.trusted.overlay.redirect", b"/etc".as_slice()),
+        ("SCHILY.xattr.trusted.overlay.opaque", b"y".as_slice()),
+        ("SCHILY.xattr.user.ok", b"1".as_slice()),
+    ])
+    .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_path("d/").unwrap();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    h.set_cksum();
+    b.append(&h, &b""[..]).unwrap();
+    let tarball = b.into_inner().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    unpack_layer(&tarball[..], t.path()).unwrap();
+    let d = t.path().join("d");
+    assert_eq!(xattr::get(&d, "user.ok").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(xattr::get(&d, "trusted.overlay.opaque").unwrap(), None);
+    assert_eq!(xattr::get(&d, "trusted.overlay.redirect").unwrap(), None);
+}
+
+#[test]
 fn corrupt_layers_fail_cleanly() {
     let t = tempfile::tempdir().unwrap();
     let mut gz = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];

@@ -169,11 +169,12 @@ struct Meta {
 
 fn read_meta<R: Read>(entry: &mut Entry<'_, R>) -> io::Result<Meta> {
     let h = entry.header();
+    let old = h.as_old();
     let mut m = Meta {
-        mode: h.mode()? & 0o7777,
-        uid: u32::try_from(h.uid()?).unwrap_or(u32::MAX),
-        gid: u32::try_from(h.gid()?).unwrap_or(u32::MAX),
-        mtime: i64::try_from(h.mtime()?).unwrap_or(i64::MAX),
+        mode: numeric(&old.mode, h.mode().map(u64::from))? as u32 & 0o7777,
+        uid: u32::try_from(numeric(&old.uid, h.uid())?).unwrap_or(u32::MAX),
+        gid: u32::try_from(numeric(&old.gid, h.gid())?).unwrap_or(u32::MAX),
+        mtime: i64::try_from(numeric(&old.mtime, h.mtime())?).unwrap_or(i64::MAX),
         xattrs: Vec::new(),
     };
     if let Some(exts) = entry.pax_extensions()? {
@@ -200,6 +201,15 @@ fn read_meta<R: Read>(entry: &mut Entry<'_, R>) -> io::Result<Meta> {
         }
     }
     Ok(m)
+}
+
+/// A numeric header field: an empty one (all NULs or spaces, as some writers leave them) is 0.
+fn numeric(raw: &[u8], parsed: io::Result<u64>) -> io::Result<u64> {
+    if raw.iter().all(|&b| b == 0 || b == b' ') {
+        Ok(0)
+    } else {
+        parsed
+    }
 }
 
 impl<'a> Applier<'a> {

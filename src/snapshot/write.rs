@@ -446,3 +446,28 @@ fn read_xattrs(host: &Path, rel: &[u8]) -> Result<(Xattrs, bool), SnapshotError>
     out.sort();
     Ok((out, opaque))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_record_length_counts_itself() {
+        for vlen in 0..300 {
+            let mut buf = Vec::new();
+            pax_record(&mut buf, b"path", &vec![b'x'; vlen]);
+            let sp = buf.iter().position(|&b| b == b' ').unwrap();
+            let n: usize = std::str::from_utf8(&buf[..sp]).unwrap().parse().unwrap();
+            assert_eq!(n, buf.len(), "value length {vlen}");
+        }
+    }
+
+    #[test]
+    fn fill_truncates_and_pads() {
+        let mut f = [b'z'; 4];
+        fill(&mut f, b"ab");
+        assert_eq!(&f, b"ab\0\0");
+        fill(&mut f, b"abcdef");
+        assert_eq!(&f, b"abcd");
+    }
+}
