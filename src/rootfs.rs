@@ -42,14 +42,6 @@ impl RootfsError {
             RootfsError::Escape { .. } => None,
         }
     }
-
-    /// The kind of the underlying I/O error (`Other` for an escape).
-    pub fn kind(&self) -> io::ErrorKind {
-        match self {
-            RootfsError::Io { err, .. } => err.kind(),
-            RootfsError::Escape { .. } => io::ErrorKind::PermissionDenied,
-        }
-    }
 }
 
 /// Result of [`RootDir`] operations.
@@ -185,8 +177,9 @@ impl RootDir {
         self.fd.as_raw_fd()
     }
 
+    /// Wraps an error of a path operation. EXDEV only comes from openat2 here (link errors are
+    /// wrapped directly), where it means the resolution tried to leave the root.
     fn io(op: &'static str, path: &Path, err: io::Error) -> RootfsError {
-        // EXDEV from openat2: the kernel saw the resolution try to leave the root.
         if err.raw_os_error() == Some(libc::EXDEV) {
             return RootfsError::Escape {
                 path: path.to_path_buf(),
@@ -356,7 +349,11 @@ impl RootDir {
                 0,
             )
         })
-        .map_err(|e| Self::io("link", new, e))
+        .map_err(|err| RootfsError::Io {
+            op: "link",
+            path: new.to_path_buf(),
+            err,
+        })
     }
 
     /// Creates a device node or FIFO: `mode` carries the file type (`S_IFCHR`, `S_IFBLK`,

@@ -714,10 +714,17 @@ fn extract_refuses_whiteouts_and_special_files() {
     assert!(!rootfs.join("dev/mem").exists());
 }
 
+/// 300 KB of varied bytes, so compressed streams span several chunks.
+fn big_content() -> Vec<u8> {
+    (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect()
+}
+
 fn sample_archive() -> Vec<u8> {
+    let big = big_content();
     raw_tar(&[
         Raw::Dir("pkg/"),
         Raw::File("pkg/bin", b"binary"),
+        Raw::File("pkg/big", &big),
         Raw::Symlink("pkg/latest", "bin"),
         Raw::Hardlink("pkg/bin2", "pkg/bin"),
     ])
@@ -726,6 +733,7 @@ fn sample_archive() -> Vec<u8> {
 fn check_extracted(rootfs: &Path, uid: u32) {
     let bin = rootfs.join("srv/pkg/bin");
     assert_eq!(fs::read(&bin).unwrap(), b"binary");
+    assert!(fs::read(rootfs.join("srv/pkg/big")).unwrap() == big_content());
     let md = fs::metadata(&bin).unwrap();
     assert_eq!((md.uid(), md.gid(), md.mtime()), (uid, uid, 1_234_567_890));
     assert_eq!(md.nlink(), 2);

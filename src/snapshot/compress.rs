@@ -1,6 +1,7 @@
 //! Compression: the layer encoder (pluggable by [`Compression`]) and content-sniffing decoders.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use flate2::GzBuilder;
@@ -126,25 +127,62 @@ pub(super) fn decoder<R: BufRead + Send + 'static>(
 }
 
 /// An xz decoder as a `Read`: lzma-rs only decodes from a reader into a writer, so a thread
-/// decodes into a pipe (bounded by the pipe buffer, so memory stays flat).
+/// decodes into a bounded channel of chunks (memory stays flat; no OS pipe, so no SIGPIPE).
 struct XzReader {
-    pipe: Option<io::PipeReader>,
+    rx: Option<Receiver<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
     worker: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// Chunk size and number of chunks in flight between the xz thread and the reader.
+const XZ_CHUNK: usize = 64 * 1024;
+const XZ_CHUNKS_IN_FLIGHT: usize = 4;
+
+/// The writing half: collects output into chunks and sends them.
+struct ChunkWriter {
+    tx: SyncSender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(XZ_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == XZ_CHUNK {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(XZ_CHUNK));
+        self.tx
+            .send(full)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "xz reader went away"))
+    }
 }
 
 impl XzReader {
     fn spawn<R: BufRead + Send + 'static>(mut input: R) -> io::Result<Self> {
-        let (rd, mut wr) = io::pipe()?;
+        let (tx, rx) = sync_channel(XZ_CHUNKS_IN_FLIGHT);
         let worker = std::thread::Builder::new()
             .name("kiln-xz".into())
             .spawn(move || {
-                let mut out = io::BufWriter::with_capacity(64 * 1024, &mut wr);
+                let mut out = ChunkWriter {
+                    tx,
+                    buf: Vec::with_capacity(XZ_CHUNK),
+                };
                 lzma_rs::xz_decompress(&mut input, &mut out)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("xz: {e}")))?;
                 out.flush()
             })?;
         Ok(XzReader {
-            pipe: Some(rd),
+            rx: Some(rx),
+            chunk: Vec::new(),
+            pos: 0,
             worker: Some(worker),
         })
     }
@@ -161,23 +199,34 @@ impl XzReader {
 
 impl Read for XzReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(p) = self.pipe.as_mut() else {
-            return Ok(0);
-        };
-        let n = p.read(buf)?;
-        if n == 0 && !buf.is_empty() {
-            // End of the pipe: surface a decoding error instead of a silent truncation.
-            self.pipe = None;
-            self.join()?;
+        while self.pos == self.chunk.len() {
+            let Some(rx) = self.rx.as_ref() else {
+                return Ok(0);
+            };
+            match rx.recv() {
+                Ok(c) => {
+                    self.chunk = c;
+                    self.pos = 0;
+                }
+                Err(_) => {
+                    // The decoder finished: surface its error instead of a silent truncation.
+                    self.rx = None;
+                    self.join()?;
+                    return Ok(0);
+                }
+            }
         }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
         Ok(n)
     }
 }
 
 impl Drop for XzReader {
     fn drop(&mut self) {
-        // Closing the read end makes the writer fail with EPIPE, so the thread ends.
-        self.pipe = None;
+        // Dropping the receiver makes the thread's next send fail, so it ends.
+        self.rx = None;
         let _ = self.join();
     }
 }
