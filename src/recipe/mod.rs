@@ -1,3 +1,15 @@
 //! The recipe front end: Dockerfile text to typed, located instructions.
+//!
+//! [`parse_syntax`] gives BuildKit's raw syntax tree ([`Ast`], printable with [`dump`]);
+//! [`parse`] validates it into the typed [`instructions::Recipe`].
 
+pub mod dump;
+pub mod error;
 pub mod instructions;
+pub mod lower;
+pub mod parser;
+
+pub use dump::dump;
+pub use error::RecipeError;
+pub use lower::parse;
+pub use parser::{Ast, parse_syntax};
