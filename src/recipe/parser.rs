@@ -232,19 +232,13 @@ fn scan_directives(
         let trimmed = raw.trim_end_matches(['\r', '\n']).trim_start();
         let Ok(mut pairs) = Grammar::parse(Rule::directive, trimmed) else { break };
         let Some(top) = pairs.next() else { break };
-        let mut key = String::new();
-        let mut value = "";
-        let mut value_pos = 0;
-        for p in top.into_inner() {
-            match p.as_rule() {
-                Rule::directive_key => key = p.as_str().to_ascii_lowercase(),
-                Rule::directive_value => {
-                    value_pos = p.as_span().start();
-                    value = p.as_str();
-                }
-                _ => {}
-            }
-        }
+        let value_pos = top.as_span().end();
+        let value = &trimmed[value_pos..];
+        let key = top
+            .into_inner()
+            .find(|p| p.as_rule() == Rule::directive_key)
+            .map(|p| p.as_str().to_ascii_lowercase())
+            .unwrap_or_default();
         if !matches!(key.as_str(), "syntax" | "escape" | "check") {
             break;
         }
@@ -278,27 +272,24 @@ fn scan_directives(
     Ok((d, count))
 }
 
-/// Splits the text into classified physical lines with the `file` rule.
+/// Splits the text into classified physical lines with the `file_bs` / `file_bt` rule.
 fn physical_lines(
     text: &str,
     escape: char,
     file: &str,
     index: &LineIndex<'_>,
 ) -> Result<Vec<PhysLine>, RecipeError> {
-    let mut input = String::with_capacity(text.len() + 1);
-    input.push(escape);
-    input.push_str(text);
-    let pairs = Grammar::parse(Rule::file, &input).map_err(|e| grammar_error(e, file, index, 1))?;
+    let rule = if escape == '`' { Rule::file_bt } else { Rule::file_bs };
+    let pairs = Grammar::parse(rule, text).map_err(|e| grammar_error(e, file, index, 1))?;
     let mut lines = Vec::new();
     for p in pairs.flatten() {
-        let start = p.as_span().start().saturating_sub(1);
-        let end = p.as_span().end().saturating_sub(1);
+        let (start, end) = (p.as_span().start(), p.as_span().end());
         let kind = match p.as_rule() {
             Rule::comment_line => LineKind::Comment,
             Rule::plain_line => LineKind::Plain,
-            Rule::continued_line => {
-                let mark = p.clone().into_inner().find(|q| q.as_rule() == Rule::cont_mark);
-                LineKind::Continued(mark.map(|m| m.as_span().start() - 1).unwrap_or(start))
+            // The mark is the last escape character; only blanks and CRs follow it.
+            Rule::bs_continued | Rule::bt_continued => {
+                LineKind::Continued(start + p.as_str().rfind(escape).unwrap_or(0))
             }
             _ => continue,
         };
@@ -560,16 +551,17 @@ fn parse_instruction(
     let mut node = empty_node();
     node.offset = base;
     node.original = text.to_string();
-    let mut rest = ("", base + text.len());
+    // The rest of the line follows the head; leading blanks are not part of it.
+    let head_end = (top.as_span().end() - 1).min(text.len());
     for p in top.into_inner() {
         match p.as_rule() {
             Rule::keyword => node.keyword = p.as_str().to_string(),
             Rule::flag => node.flags.push(Flag { offset: at(&p), text: flag_text(p) }),
-            Rule::rest => rest = (p.as_str(), at(&p)),
             _ => {}
         }
     }
-    let (rest, rest_at) = rest;
+    let rest = text[head_end..].trim_start();
+    let rest_at = base + text.len() - rest.len();
     let kw = node.keyword.to_ascii_lowercase();
     match kw.as_str() {
         "add" | "copy" | "volume" => match parse_json(rest, rest_at)? {
