@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 use kiln::recipe::{dump, parse_syntax};
 
 fn corpus(sub: &str) -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/buildkit/parser")).join(sub)
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/corpus/buildkit/parser"
+    ))
+    .join(sub)
 }
 
 fn case_dirs(sub: &str) -> Vec<PathBuf> {
@@ -30,13 +34,22 @@ fn testfiles_dump_matches_byte_for_byte() {
             Ok(ast) => {
                 let got = dump(&ast) + "\n";
                 if got != want {
-                    failures.push(format!("{}:\n--- want\n{want}--- got\n{got}", dir.display()));
+                    failures.push(format!(
+                        "{}:\n--- want\n{want}--- got\n{got}",
+                        dir.display()
+                    ));
                 }
             }
             Err(e) => failures.push(format!("{}: error {e}", dir.display())),
         }
     }
-    assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), dirs.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed:\n{}",
+        failures.len(),
+        dirs.len(),
+        failures.join("\n")
+    );
     assert_eq!(dirs.len(), 33, "expected 33 parser cases");
 }
 
@@ -46,7 +59,11 @@ fn negative_cases_error() {
     assert_eq!(dirs.len(), 4, "expected 4 negative cases");
     for dir in &dirs {
         let src = fs::read(dir.join("Dockerfile")).expect("Dockerfile");
-        assert!(parse_syntax(&src, "Dockerfile").is_err(), "{} parsed", dir.display());
+        assert!(
+            parse_syntax(&src, "Dockerfile").is_err(),
+            "{} parsed",
+            dir.display()
+        );
     }
 }
 
@@ -55,6 +72,10 @@ fn line_numbers() {
     let src = fs::read(corpus("testfile-line/Dockerfile")).expect("Dockerfile");
     let ast = parse_syntax(&src, "Dockerfile").expect("parses");
     assert_eq!((ast.start_line, ast.end_line), (5, 31));
-    let spans: Vec<(usize, usize)> = ast.nodes.iter().map(|n| (n.start_line, n.end_line)).collect();
+    let spans: Vec<(usize, usize)> = ast
+        .nodes
+        .iter()
+        .map(|n| (n.start_line, n.end_line))
+        .collect();
     assert_eq!(spans, vec![(5, 5), (11, 12), (17, 31)]);
 }

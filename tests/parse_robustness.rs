@@ -25,7 +25,12 @@ fn one_mib_single_line() {
 
 #[test]
 fn pathological_lines() {
-    for body in [" ".repeat(1 << 20), "\\ ".repeat(1 << 18), "\r".repeat(1 << 20), "[".repeat(1 << 20)] {
+    for body in [
+        " ".repeat(1 << 20),
+        "\\ ".repeat(1 << 18),
+        "\r".repeat(1 << 20),
+        "[".repeat(1 << 20),
+    ] {
         let src = format!("FROM a\nCMD {body}x\n");
         let _ = timed(|| parse_syntax(src.as_bytes(), "Dockerfile"));
     }
@@ -55,7 +60,10 @@ fn hundred_thousand_lines() {
 
 #[test]
 fn long_heredoc_is_linear() {
-    let src = format!("FROM a\nRUN <<EOF\n{}EOF\n", "line of text\n".repeat(100_000));
+    let src = format!(
+        "FROM a\nRUN <<EOF\n{}EOF\n",
+        "line of text\n".repeat(100_000)
+    );
     let r = timed(|| parse(src.as_bytes(), "Dockerfile")).expect("parses");
     assert_eq!(r.stages[0].instructions[0].span.end_line, 100_003);
     let unterminated = format!("FROM a\nRUN <<EOF\n{}", "x\n".repeat(100_000));

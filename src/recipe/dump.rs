@@ -5,7 +5,11 @@ use super::parser::{Arg, Ast, Node};
 /// Renders the tree as BuildKit's `Node.Dump()` does: one s-expression per instruction, joined
 /// by newlines, without a final newline (a corpus `result` file is `dump + "\n"`).
 pub fn dump(ast: &Ast) -> String {
-    let lines: Vec<String> = ast.nodes.iter().map(|n| format!("({})", dump_node(n))).collect();
+    let lines: Vec<String> = ast
+        .nodes
+        .iter()
+        .map(|n| format!("({})", dump_node(n)))
+        .collect();
     go_trim(&lines.join("\n")).to_string()
 }
 
@@ -59,7 +63,9 @@ pub fn go_quote(s: &str) -> String {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             '\u{b}' => out.push_str("\\v"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
             c if (c as u32) < 0x10000 => out.push_str(&format!("\\u{:04x}", c as u32)),
             c => out.push_str(&format!("\\U{:08x}", c as u32)),
         }
@@ -75,8 +81,17 @@ mod tests {
     #[test]
     fn quote_matches_go() {
         assert_eq!(go_quote("a\"b\\c"), r#""a\"b\\c""#);
-        assert_eq!(go_quote("☃ \u{0} \u{7f} \u{85} \u{1F600}"), "\"☃ \\x00 \\x7f \\u0085 😀\"");
-        assert_eq!(go_quote("\u{7}\u{8}\u{c}\n\r\t\u{b}\u{1}"), r#""\a\b\f\n\r\t\v\x01""#);
-        assert_eq!(go_quote("\u{200b}\u{e000}\u{F0000}"), r#""\u200b\ue000\U000f0000""#);
+        assert_eq!(
+            go_quote("☃ \u{0} \u{7f} \u{85} \u{1F600}"),
+            "\"☃ \\x00 \\x7f \\u0085 😀\""
+        );
+        assert_eq!(
+            go_quote("\u{7}\u{8}\u{c}\n\r\t\u{b}\u{1}"),
+            r#""\a\b\f\n\r\t\v\x01""#
+        );
+        assert_eq!(
+            go_quote("\u{200b}\u{e000}\u{F0000}"),
+            r#""\u200b\ue000\U000f0000""#
+        );
     }
 }

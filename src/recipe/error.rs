@@ -51,7 +51,11 @@ impl RecipeError {
 
     fn write_to(&self, f: &mut impl fmt::Write) -> fmt::Result {
         let num = self.line.to_string();
-        writeln!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)?;
+        writeln!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.col, self.message
+        )?;
         writeln!(f, "   {} | {}", num, self.source_line)?;
         // Keep tabs so the caret lines up under tabbed text.
         let pad: String = self
@@ -81,24 +85,41 @@ impl<'a> LineIndex<'a> {
     pub(crate) fn new(text: &'a str) -> LineIndex<'a> {
         let first = if text.starts_with('\u{FEFF}') { 3 } else { 0 };
         let mut starts = vec![first];
-        starts.extend(text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1));
+        starts.extend(
+            text.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
         LineIndex { text, starts }
     }
 
     /// Byte offset where 1-based `line` starts (the end of the text past the last line).
     pub(crate) fn line_start(&self, line: usize) -> usize {
-        self.starts.get(line.saturating_sub(1)).copied().unwrap_or(self.text.len())
+        self.starts
+            .get(line.saturating_sub(1))
+            .copied()
+            .unwrap_or(self.text.len())
     }
 
     /// Number of lines (a final newline does not start another line).
     pub(crate) fn line_count(&self) -> usize {
-        if self.text.ends_with('\n') { self.starts.len() - 1 } else { self.starts.len() }
+        if self.text.ends_with('\n') {
+            self.starts.len() - 1
+        } else {
+            self.starts.len()
+        }
     }
 
     /// The text of 1-based `line` without its line ending.
     pub(crate) fn line_text(&self, line: usize) -> &'a str {
         let start = self.line_start(line);
-        let end = self.starts.get(line).map(|e| e - 1).unwrap_or(self.text.len()).max(start);
+        let end = self
+            .starts
+            .get(line)
+            .map(|e| e - 1)
+            .unwrap_or(self.text.len())
+            .max(start);
         self.text[start..end].trim_end_matches(['\r', '\n'])
     }
 }

@@ -15,7 +15,11 @@ pub fn parse(src: &[u8], file: &str) -> Result<Recipe, RecipeError> {
     let ast = parse_syntax(src, file)?;
     let text = check_text(src, file)?;
     let index = LineIndex::new(text);
-    Lowerer { file, index: &index }.recipe(&ast)
+    Lowerer {
+        file,
+        index: &index,
+    }
+    .recipe(&ast)
 }
 
 /// What a flag takes.
@@ -41,10 +45,17 @@ struct Flags(Vec<GivenFlag>);
 
 impl Flags {
     fn value(&self, name: &str) -> Option<String> {
-        self.0.iter().find(|f| f.name == name).map(|f| f.value.clone())
+        self.0
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.value.clone())
     }
     fn list(&self, name: &str) -> Vec<String> {
-        self.0.iter().filter(|f| f.name == name).map(|f| f.value.clone()).collect()
+        self.0
+            .iter()
+            .filter(|f| f.name == name)
+            .map(|f| f.value.clone())
+            .collect()
     }
     fn bool(&self, name: &str) -> Option<bool> {
         self.value(name).map(|v| v == "true")
@@ -69,12 +80,19 @@ impl Lowerer<'_> {
     fn span(&self, node: &Node) -> Span {
         let (line, byte) = node.locate(node.offset);
         let col = RecipeError::at(self.file, self.index, line, byte, "").col;
-        Span { start_line: node.start_line, start_col: col, end_line: node.end_line }
+        Span {
+            start_line: node.start_line,
+            start_col: col,
+            end_line: node.end_line,
+        }
     }
 
     fn recipe(&self, ast: &Ast) -> Result<Recipe, RecipeError> {
-        let mut recipe =
-            Recipe { directives: ast.directives.clone(), meta_args: Vec::new(), stages: Vec::new() };
+        let mut recipe = Recipe {
+            directives: ast.directives.clone(),
+            meta_args: Vec::new(),
+            stages: Vec::new(),
+        };
         for node in &ast.nodes {
             if node.keyword.eq_ignore_ascii_case("from") {
                 let stage = self.stage(node, &recipe.stages)?;
@@ -115,7 +133,10 @@ impl Lowerer<'_> {
                     let msg = format!("'{lower}' is a reserved name and cannot be a stage name");
                     return Err(self.err(node, *at, msg));
                 }
-                if earlier.iter().any(|s| s.name.as_deref() == Some(lower.as_str())) {
+                if earlier
+                    .iter()
+                    .any(|s| s.name.as_deref() == Some(lower.as_str()))
+                {
                     let msg = format!("duplicate stage name '{lower}'");
                     return Err(self.err(node, *at, msg));
                 }
@@ -256,8 +277,14 @@ impl Lowerer<'_> {
                 let mut decls = Vec::new();
                 for (w, at) in &args {
                     let decl = match w.split_once('=') {
-                        Some((k, v)) => ArgDecl { name: k.to_string(), default: Some(v.into()) },
-                        None => ArgDecl { name: w.to_string(), default: None },
+                        Some((k, v)) => ArgDecl {
+                            name: k.to_string(),
+                            default: Some(v.into()),
+                        },
+                        None => ArgDecl {
+                            name: w.to_string(),
+                            default: None,
+                        },
                     };
                     if decl.name.is_empty() {
                         return Err(self.err(node, *at, "ARG names can not be blank"));
@@ -266,9 +293,7 @@ impl Lowerer<'_> {
                 }
                 InstructionKind::Arg(decls)
             }
-            "healthcheck" => {
-                InstructionKind::Healthcheck(self.healthcheck(node, &args)?)
-            }
+            "healthcheck" => InstructionKind::Healthcheck(self.healthcheck(node, &args)?),
             "onbuild" => {
                 self.flags(node, none)?;
                 let Some(Arg::Nested(child)) = node.args.first() else {
@@ -284,7 +309,10 @@ impl Lowerer<'_> {
                     return Err(self.err(node, child.offset, msg));
                 }
                 let parsed = self.instruction(child, heredocs, true)?;
-                InstructionKind::Onbuild { trigger: child.original.clone(), parsed: Box::new(parsed) }
+                InstructionKind::Onbuild {
+                    trigger: child.original.clone(),
+                    parsed: Box::new(parsed),
+                }
             }
             "from" => {
                 let msg = "FROM isn't allowed here";
@@ -296,7 +324,11 @@ impl Lowerer<'_> {
                 return Err(self.err(node, kw_at, msg));
             }
         };
-        Ok(Instruction { span: self.span(node), text: node.original.clone(), kind })
+        Ok(Instruction {
+            span: self.span(node),
+            text: node.original.clone(),
+            kind,
+        })
     }
 
     fn copy(
@@ -327,7 +359,11 @@ impl Lowerer<'_> {
             let msg = format!(
                 "{} requires at least two arguments, but only {} provided. Destination could not be determined.",
                 kw.to_uppercase(),
-                if args.is_empty() { "none was" } else { "one was" }
+                if args.is_empty() {
+                    "none was"
+                } else {
+                    "one was"
+                }
             );
             let at = args.first().map(|a| a.1).unwrap_or(node.offset);
             return Err(self.err(node, at, msg));
@@ -350,12 +386,18 @@ impl Lowerer<'_> {
     }
 
     fn healthcheck(&self, node: &Node, args: &[(&str, usize)]) -> Result<Healthcheck, RecipeError> {
-        let mut allowed: Vec<(&str, FlagKind)> =
-            HEALTH_DURATIONS.iter().map(|n| (*n, FlagKind::Value)).collect();
+        let mut allowed: Vec<(&str, FlagKind)> = HEALTH_DURATIONS
+            .iter()
+            .map(|n| (*n, FlagKind::Value))
+            .collect();
         allowed.push(("retries", FlagKind::Value));
         let flags = self.flags(node, &allowed)?;
         let Some(&(typ, typ_at)) = args.first() else {
-            return Err(self.err(node, node.offset, "HEALTHCHECK requires at least one argument"));
+            return Err(self.err(
+                node,
+                node.offset,
+                "HEALTHCHECK requires at least one argument",
+            ));
         };
         match typ.to_uppercase().as_str() {
             "NONE" => {
@@ -379,15 +421,15 @@ impl Lowerer<'_> {
         for (slot, name) in durations.iter_mut().zip(HEALTH_DURATIONS) {
             let Some(v) = flags.value(name) else { continue };
             let at = self.flag_offset(node, name);
-            let ns = parse_go_duration(&v)
-                .ok_or_else(|| self.err(node, at, format!("invalid duration {v:?} for --{name}")))?;
+            let ns = parse_go_duration(&v).ok_or_else(|| {
+                self.err(node, at, format!("invalid duration {v:?} for --{name}"))
+            })?;
             if ns != 0 && ns < 1_000_000 {
                 let msg = format!("Interval {name:?} cannot be less than 1ms");
                 return Err(self.err(node, at, msg));
             }
-            *slot = u64::try_from(ns).map_err(|_| {
-                self.err(node, at, format!("Interval {name:?} cannot be negative"))
-            })?;
+            *slot = u64::try_from(ns)
+                .map_err(|_| self.err(node, at, format!("Interval {name:?} cannot be negative")))?;
         }
         let retries = match flags.value("retries") {
             None => 0,
@@ -415,13 +457,19 @@ impl Lowerer<'_> {
         if args.len() >= n {
             return Ok(());
         }
-        let msg = format!("{} requires at least one argument", node.keyword.to_uppercase());
+        let msg = format!(
+            "{} requires at least one argument",
+            node.keyword.to_uppercase()
+        );
         Err(self.err(node, node.offset, msg))
     }
 
     /// USER / WORKDIR / STOPSIGNAL: the rest of the line must be one (quote-aware) word.
     fn exactly_one_word(&self, node: &Node, args: &[(&str, usize)]) -> Result<String, RecipeError> {
-        let msg = format!("{} requires exactly one argument", node.keyword.to_uppercase());
+        let msg = format!(
+            "{} requires exactly one argument",
+            node.keyword.to_uppercase()
+        );
         let Some(&(value, at)) = args.first() else {
             return Err(self.err(node, node.offset, msg));
         };
@@ -477,7 +525,10 @@ impl Lowerer<'_> {
                     return Err(self.err(node, f.offset, msg));
                 }
             };
-            out.0.push(GivenFlag { name: name.to_string(), value });
+            out.0.push(GivenFlag {
+                name: name.to_string(),
+                value,
+            });
         }
         Ok(out)
     }
@@ -542,7 +593,10 @@ fn command_line(node: &Node, args: &[(&str, usize)]) -> CommandLine {
 /// The typed heredoc: body chomped for `<<-`; the fd is kept for RUN only.
 fn typed_heredoc(h: &RawHeredoc, keep_fd: bool) -> Heredoc {
     let content = if h.chomp {
-        h.content.split_inclusive('\n').map(|l| l.trim_start_matches('\t')).collect()
+        h.content
+            .split_inclusive('\n')
+            .map(|l| l.trim_start_matches('\t'))
+            .collect()
     } else {
         h.content.clone()
     };
@@ -569,7 +623,9 @@ fn parse_go_duration(s: &str) -> Option<i128> {
     }
     let mut total: i128 = 0;
     while !rest.is_empty() {
-        let int_len = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let int_len = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let (int, after) = rest.split_at(int_len);
         let (frac, after) = match after.strip_prefix('.') {
             Some(a) => {
@@ -581,7 +637,9 @@ fn parse_go_duration(s: &str) -> Option<i128> {
         if int.is_empty() && frac.is_empty() {
             return None;
         }
-        let unit_len = after.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(after.len());
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
         let (unit, after) = after.split_at(unit_len);
         let scale: i128 = match unit {
             "ns" => 1,
@@ -643,7 +701,14 @@ mod tests {
         assert_eq!(r.stages[0].platform.as_deref(), Some("$P"));
         assert_eq!(r.stages[0].base, "img:$V");
         assert_eq!(r.stages[1].name.as_deref(), Some("two"));
-        assert_eq!(r.stages[0].span, Span { start_line: 2, start_col: 1, end_line: 2 });
+        assert_eq!(
+            r.stages[0].span,
+            Span {
+                start_line: 2,
+                start_col: 1,
+                end_line: 2
+            }
+        );
     }
 
     #[test]
@@ -653,38 +718,63 @@ mod tests {
         let e = err("FROM a AS x\nFROM b AS X\n");
         assert_eq!((e.line, e.col), (2, 11));
         assert!(err("FROM a b\n").message.contains("one or three"));
-        assert!(err("RUN x\nFROM a\n").message.contains("before the first FROM"));
+        assert!(
+            err("RUN x\nFROM a\n")
+                .message
+                .contains("before the first FROM")
+        );
     }
 
     #[test]
     fn run_forms_and_flags() {
-        let k = first("FROM a\nRUN --mount=type=cache,target=/c --mount=type=tmpfs,target=/t --network=none echo hi\n");
-        let InstructionKind::Run(r) = k else { panic!("not run") };
+        let k = first(
+            "FROM a\nRUN --mount=type=cache,target=/c --mount=type=tmpfs,target=/t --network=none echo hi\n",
+        );
+        let InstructionKind::Run(r) = k else {
+            panic!("not run")
+        };
         assert_eq!(r.command, CommandLine::Shell("echo hi".into()));
         assert_eq!(r.mounts.len(), 2);
         assert_eq!(r.network.as_deref(), Some("none"));
-        let InstructionKind::Run(r) = first("FROM a\nRUN [\"a\", \"b c\"]\n") else { panic!() };
+        let InstructionKind::Run(r) = first("FROM a\nRUN [\"a\", \"b c\"]\n") else {
+            panic!()
+        };
         assert_eq!(r.command, CommandLine::Exec(vec!["a".into(), "b c".into()]));
-        let InstructionKind::Run(r) = first("FROM a\nRUN [\"a\", 'b']\n") else { panic!() };
+        let InstructionKind::Run(r) = first("FROM a\nRUN [\"a\", 'b']\n") else {
+            panic!()
+        };
         assert_eq!(r.command, CommandLine::Shell("[\"a\", 'b']".into()));
     }
 
     #[test]
     fn run_heredocs() {
-        let InstructionKind::Run(r) = first("FROM a\nRUN <<-EOF 3<<'X'\n\techo $a\n\tEOF\nraw $b\nX\n")
+        let InstructionKind::Run(r) =
+            first("FROM a\nRUN <<-EOF 3<<'X'\n\techo $a\n\tEOF\nraw $b\nX\n")
         else {
             panic!()
         };
         assert_eq!(r.command, CommandLine::Shell("<<-EOF 3<<'X'".into()));
         assert_eq!(r.heredocs[0].content, "echo $a\n");
         assert!(r.heredocs[0].expand && r.heredocs[0].fd.is_none());
-        assert_eq!(r.heredocs[1], Heredoc { name: "X".into(), content: "raw $b\n".into(), expand: false, fd: Some(3) });
+        assert_eq!(
+            r.heredocs[1],
+            Heredoc {
+                name: "X".into(),
+                content: "raw $b\n".into(),
+                expand: false,
+                fd: Some(3)
+            }
+        );
     }
 
     #[test]
     fn copy_heredocs_and_flags() {
-        let k = first("FROM a\nCOPY --chmod=755 --link --exclude=*.md --exclude=x <<A <<\"B\" /dest/\na\nA\nb\nB\n");
-        let InstructionKind::Copy(c) = k else { panic!() };
+        let k = first(
+            "FROM a\nCOPY --chmod=755 --link --exclude=*.md --exclude=x <<A <<\"B\" /dest/\na\nA\nb\nB\n",
+        );
+        let InstructionKind::Copy(c) = k else {
+            panic!()
+        };
         assert_eq!(c.sources, vec!["<<A", "<<\"B\""]);
         assert_eq!(c.dest, "/dest/");
         assert_eq!(c.heredocs.len(), 2);
@@ -692,23 +782,58 @@ mod tests {
         assert!(c.link);
         assert_eq!(c.exclude, vec!["*.md", "x"]);
         assert_eq!(c.chmod.as_deref(), Some("755"));
-        let InstructionKind::Copy(c) = first("FROM a\nADD --checksum=sha256:x --unpack=false --keep-git-dir=true u /d\n") else { panic!() };
+        let InstructionKind::Copy(c) =
+            first("FROM a\nADD --checksum=sha256:x --unpack=false --keep-git-dir=true u /d\n")
+        else {
+            panic!()
+        };
         assert_eq!(c.unpack, Some(false));
         assert!(c.keep_git_dir);
-        let InstructionKind::Copy(c) = first("FROM a\nCOPY --from=b --parents --chown=1:2 [\"a b\", \"/c\"]\n") else { panic!() };
-        assert_eq!((c.from.as_deref(), c.parents, c.sources[0].as_str()), (Some("b"), true, "a b"));
+        let InstructionKind::Copy(c) =
+            first("FROM a\nCOPY --from=b --parents --chown=1:2 [\"a b\", \"/c\"]\n")
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (c.from.as_deref(), c.parents, c.sources[0].as_str()),
+            (Some("b"), true, "a b")
+        );
     }
 
     #[test]
     fn flag_errors_are_located() {
         let e = err("FROM a\nCOPY --doit=true a b\n");
         assert_eq!((e.line, e.col), (2, 6));
-        assert!(e.message.contains("--doit") && e.message.contains("COPY") && e.message.contains("line 2"));
-        assert!(err("FROM a\nADD --from=x a b\n").message.contains("unknown flag"));
-        assert!(err("FROM a\nCOPY --link=maybe a b\n").message.contains("boolean"));
-        assert!(err("FROM a\nCOPY --from a b\n").message.contains("missing a value"));
-        assert!(err("FROM a\nCOPY --from=a --from=b a b\n").message.contains("duplicate"));
-        assert!(err("FROM a\nENV --x=1 a=b\n").message.contains("unknown flag"));
+        assert!(
+            e.message.contains("--doit")
+                && e.message.contains("COPY")
+                && e.message.contains("line 2")
+        );
+        assert!(
+            err("FROM a\nADD --from=x a b\n")
+                .message
+                .contains("unknown flag")
+        );
+        assert!(
+            err("FROM a\nCOPY --link=maybe a b\n")
+                .message
+                .contains("boolean")
+        );
+        assert!(
+            err("FROM a\nCOPY --from a b\n")
+                .message
+                .contains("missing a value")
+        );
+        assert!(
+            err("FROM a\nCOPY --from=a --from=b a b\n")
+                .message
+                .contains("duplicate")
+        );
+        assert!(
+            err("FROM a\nENV --x=1 a=b\n")
+                .message
+                .contains("unknown flag")
+        );
     }
 
     #[test]
@@ -724,7 +849,9 @@ mod tests {
         assert!(err("FROM a\nSHELL sh -c\n").message.contains("JSON"));
         assert!(err("FROM a\nARG =x\n").message.contains("blank"));
         assert!(err("FROM a\nVOLUME [\"\"]\n").message.contains("empty"));
-        let InstructionKind::Workdir(w) = first("FROM a\nWORKDIR \"/a b\"\n") else { panic!() };
+        let InstructionKind::Workdir(w) = first("FROM a\nWORKDIR \"/a b\"\n") else {
+            panic!()
+        };
         assert_eq!(w, "\"/a b\"");
     }
 
@@ -738,38 +865,106 @@ mod tests {
     #[test]
     fn env_label_arg_expose_volume_user() {
         let k = first("FROM a\nENV a=1 b=\"x y\"\n");
-        assert!(matches!(k, InstructionKind::Env(ref p) if p == &vec![("a".into(), "1".into()), ("b".into(), "\"x y\"".into())]));
+        assert!(
+            matches!(k, InstructionKind::Env(ref p) if p == &vec![("a".into(), "1".into()), ("b".into(), "\"x y\"".into())])
+        );
         let k = first("FROM a\nENV PATH /usr/bin:$PATH\n");
         assert!(matches!(k, InstructionKind::Env(ref p) if p[0].1 == "/usr/bin:$PATH"));
         let k = first("FROM a\nLABEL a=b\n");
         assert!(matches!(k, InstructionKind::Label(ref p) if p.len() == 1));
         let k = first("FROM a\nARG a b=2\n");
-        assert!(matches!(k, InstructionKind::Arg(ref d) if d[1] == ArgDecl { name: "b".into(), default: Some("2".into()) } && d[0].default.is_none()));
-        assert!(matches!(first("FROM a\nEXPOSE 80 443/tcp\n"), InstructionKind::Expose(ref p) if p.len() == 2));
-        assert!(matches!(first("FROM a\nVOLUME /a /b\n"), InstructionKind::Volume(ref v) if v.len() == 2));
-        assert!(matches!(first("FROM a\nUSER me:grp\n"), InstructionKind::User(ref u) if u == "me:grp"));
-        assert!(matches!(first("FROM a\nSTOPSIGNAL SIGKILL\n"), InstructionKind::Stopsignal(_)));
-        assert!(matches!(first("FROM a\nMAINTAINER Me <me@x>\n"), InstructionKind::Maintainer(ref m) if m == "Me <me@x>"));
-        assert!(matches!(first("FROM a\nSHELL [\"bash\", \"-c\"]\n"), InstructionKind::Shell(ref s) if s.len() == 2));
-        assert!(matches!(first("FROM a\nCMD [\"a\"]\n"), InstructionKind::Cmd(CommandLine::Exec(_))));
-        assert!(matches!(first("FROM a\nENTRYPOINT a b\n"), InstructionKind::Entrypoint(CommandLine::Shell(_))));
+        assert!(
+            matches!(k, InstructionKind::Arg(ref d) if d[1] == ArgDecl { name: "b".into(), default: Some("2".into()) } && d[0].default.is_none())
+        );
+        assert!(
+            matches!(first("FROM a\nEXPOSE 80 443/tcp\n"), InstructionKind::Expose(ref p) if p.len() == 2)
+        );
+        assert!(
+            matches!(first("FROM a\nVOLUME /a /b\n"), InstructionKind::Volume(ref v) if v.len() == 2)
+        );
+        assert!(
+            matches!(first("FROM a\nUSER me:grp\n"), InstructionKind::User(ref u) if u == "me:grp")
+        );
+        assert!(matches!(
+            first("FROM a\nSTOPSIGNAL SIGKILL\n"),
+            InstructionKind::Stopsignal(_)
+        ));
+        assert!(
+            matches!(first("FROM a\nMAINTAINER Me <me@x>\n"), InstructionKind::Maintainer(ref m) if m == "Me <me@x>")
+        );
+        assert!(
+            matches!(first("FROM a\nSHELL [\"bash\", \"-c\"]\n"), InstructionKind::Shell(ref s) if s.len() == 2)
+        );
+        assert!(matches!(
+            first("FROM a\nCMD [\"a\"]\n"),
+            InstructionKind::Cmd(CommandLine::Exec(_))
+        ));
+        assert!(matches!(
+            first("FROM a\nENTRYPOINT a b\n"),
+            InstructionKind::Entrypoint(CommandLine::Shell(_))
+        ));
     }
 
     #[test]
     fn healthcheck() {
-        let k = first("FROM a\nHEALTHCHECK --interval=1m30s --timeout=500ms --start-period=0s --retries=3 CMD curl -f x\n");
-        let InstructionKind::Healthcheck(Healthcheck::Check { command, interval_ns, timeout_ns, start_period_ns, retries, .. }) = k else { panic!() };
+        let k = first(
+            "FROM a\nHEALTHCHECK --interval=1m30s --timeout=500ms --start-period=0s --retries=3 CMD curl -f x\n",
+        );
+        let InstructionKind::Healthcheck(Healthcheck::Check {
+            command,
+            interval_ns,
+            timeout_ns,
+            start_period_ns,
+            retries,
+            ..
+        }) = k
+        else {
+            panic!()
+        };
         assert_eq!(command, CommandLine::Shell("curl -f x".into()));
-        assert_eq!((interval_ns, timeout_ns, start_period_ns, retries), (90_000_000_000, 500_000_000, 0, 3));
-        assert!(matches!(first("FROM a\nHEALTHCHECK NONE\n"), InstructionKind::Healthcheck(Healthcheck::None)));
-        assert!(err("FROM a\nHEALTHCHECK --interval=10us CMD x\n").message.contains("less than 1ms"));
-        assert!(err("FROM a\nHEALTHCHECK --interval=abc CMD x\n").message.contains("invalid duration"));
-        assert!(err("FROM a\nHEALTHCHECK --retries=-1 CMD x\n").message.contains("retries"));
-        assert!(err("FROM a\nHEALTHCHECK CONNECT x\n").message.contains("Unknown type"));
-        assert!(err("FROM a\nHEALTHCHECK CMD\n").message.contains("Missing command"));
-        assert!(err("FROM a\nHEALTHCHECK NONE x\n").message.contains("no arguments"));
+        assert_eq!(
+            (interval_ns, timeout_ns, start_period_ns, retries),
+            (90_000_000_000, 500_000_000, 0, 3)
+        );
+        assert!(matches!(
+            first("FROM a\nHEALTHCHECK NONE\n"),
+            InstructionKind::Healthcheck(Healthcheck::None)
+        ));
+        assert!(
+            err("FROM a\nHEALTHCHECK --interval=10us CMD x\n")
+                .message
+                .contains("less than 1ms")
+        );
+        assert!(
+            err("FROM a\nHEALTHCHECK --interval=abc CMD x\n")
+                .message
+                .contains("invalid duration")
+        );
+        assert!(
+            err("FROM a\nHEALTHCHECK --retries=-1 CMD x\n")
+                .message
+                .contains("retries")
+        );
+        assert!(
+            err("FROM a\nHEALTHCHECK CONNECT x\n")
+                .message
+                .contains("Unknown type")
+        );
+        assert!(
+            err("FROM a\nHEALTHCHECK CMD\n")
+                .message
+                .contains("Missing command")
+        );
+        assert!(
+            err("FROM a\nHEALTHCHECK NONE x\n")
+                .message
+                .contains("no arguments")
+        );
         assert_eq!(parse_go_duration("1.5h"), Some(5_400_000_000_000));
-        assert_eq!(parse_go_duration("1h2m3s4ms5us6ns"), Some(3_723_004_005_006));
+        assert_eq!(
+            parse_go_duration("1h2m3s4ms5us6ns"),
+            Some(3_723_004_005_006)
+        );
         assert_eq!(parse_go_duration("-1s"), Some(-1_000_000_000));
         assert_eq!(parse_go_duration("1"), None);
         assert_eq!(parse_go_duration(".s"), None);
@@ -778,16 +973,30 @@ mod tests {
     #[test]
     fn onbuild() {
         let k = first("FROM a\nONBUILD RUN echo hi\n");
-        let InstructionKind::Onbuild { trigger, parsed } = k else { panic!() };
+        let InstructionKind::Onbuild { trigger, parsed } = k else {
+            panic!()
+        };
         assert_eq!(trigger, "RUN echo hi");
         assert!(matches!(parsed.kind, InstructionKind::Run(_)));
         let k = first("FROM a\nonbuild copy <<EOF /x\nhi\nEOF\n");
-        let InstructionKind::Onbuild { parsed, .. } = k else { panic!() };
-        assert!(matches!(parsed.kind, InstructionKind::Copy(ref c) if c.heredocs[0].content == "hi\n"));
+        let InstructionKind::Onbuild { parsed, .. } = k else {
+            panic!()
+        };
+        assert!(
+            matches!(parsed.kind, InstructionKind::Copy(ref c) if c.heredocs[0].content == "hi\n")
+        );
         let e = err("FROM a\nONBUILD ONBUILD RUN x\n");
         assert_eq!((e.line, e.col), (2, 9));
-        assert!(err("FROM a\nONBUILD FROM b\n").message.contains("isn't allowed"));
-        assert!(err("FROM a\nONBUILD MAINTAINER b\n").message.contains("isn't allowed"));
+        assert!(
+            err("FROM a\nONBUILD FROM b\n")
+                .message
+                .contains("isn't allowed")
+        );
+        assert!(
+            err("FROM a\nONBUILD MAINTAINER b\n")
+                .message
+                .contains("isn't allowed")
+        );
         assert!(err("FROM a\nONBUILD\n").message.contains("at least one"));
     }
 
@@ -796,7 +1005,14 @@ mod tests {
         let r = ok("\u{FEFF}# escape=`\r\nFROM a\r\nRUN echo \\ `\r\n  more\r\n");
         let i = &r.stages[0].instructions[0];
         assert_eq!(i.text, "RUN echo \\   more");
-        assert_eq!(i.span, Span { start_line: 3, start_col: 1, end_line: 4 });
+        assert_eq!(
+            i.span,
+            Span {
+                start_line: 3,
+                start_col: 1,
+                end_line: 4
+            }
+        );
         assert_eq!(r.directives.escape, '`');
     }
 

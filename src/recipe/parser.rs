@@ -111,7 +111,10 @@ struct Segment {
 impl Node {
     /// The file line and byte offset within that line of `offset` in the logical line.
     pub fn locate(&self, offset: usize) -> (usize, usize) {
-        let i = self.segments.partition_point(|s| s.offset <= offset).saturating_sub(1);
+        let i = self
+            .segments
+            .partition_point(|s| s.offset <= offset)
+            .saturating_sub(1);
         match self.segments.get(i) {
             Some(s) => (s.line, s.byte + (offset - s.offset.min(offset))),
             None => (self.start_line, 0),
@@ -135,7 +138,10 @@ struct LineError {
 
 impl LineError {
     fn new(offset: usize, message: impl Into<String>) -> LineError {
-        LineError { offset, message: message.into() }
+        LineError {
+            offset,
+            message: message.into(),
+        }
     }
 }
 
@@ -164,7 +170,14 @@ pub fn parse_syntax(src: &[u8], file: &str) -> Result<Ast, RecipeError> {
     let index = LineIndex::new(text);
     let (directives, _) = scan_directives(text, file, &index)?;
     let lines = physical_lines(text, directives.escape, file, &index)?;
-    let mut p = LineParser { text, file, index: &index, escape: directives.escape, lines, next: 0 };
+    let mut p = LineParser {
+        text,
+        file,
+        index: &index,
+        escape: directives.escape,
+        lines,
+        next: 0,
+    };
     let mut nodes = Vec::new();
     let mut warnings = Vec::new();
     while let Some(node) = p.next_node(&mut warnings)? {
@@ -172,7 +185,13 @@ pub fn parse_syntax(src: &[u8], file: &str) -> Result<Ast, RecipeError> {
     }
     let (Some(first), Some(last)) = (nodes.first(), nodes.last()) else {
         let line = index.line_count().max(1);
-        return Err(RecipeError::at(file, &index, line, 0, "file with no instructions"));
+        return Err(RecipeError::at(
+            file,
+            &index,
+            line,
+            0,
+            "file with no instructions",
+        ));
     };
     let (start_line, end_line) = (first.start_line, last.end_line);
     if !warnings.is_empty() {
@@ -180,7 +199,13 @@ pub fn parse_syntax(src: &[u8], file: &str) -> Result<Ast, RecipeError> {
             "[WARNING]: Empty continuation lines will become errors in a future release.".into(),
         );
     }
-    Ok(Ast { directives, nodes, start_line, end_line, warnings })
+    Ok(Ast {
+        directives,
+        nodes,
+        start_line,
+        end_line,
+        warnings,
+    })
 }
 
 /// Rejects bytes that are not UTF-8 text or contain NUL, pointing at the first bad byte.
@@ -228,9 +253,15 @@ fn scan_directives(
     let mut count = 0;
     for (i, raw) in text.split('\n').enumerate() {
         let line_no = i + 1;
-        let raw = if i == 0 { raw.strip_prefix('\u{FEFF}').unwrap_or(raw) } else { raw };
+        let raw = if i == 0 {
+            raw.strip_prefix('\u{FEFF}').unwrap_or(raw)
+        } else {
+            raw
+        };
         let trimmed = raw.trim_end_matches(['\r', '\n']).trim_start();
-        let Ok(mut pairs) = Grammar::parse(Rule::directive, trimmed) else { break };
+        let Ok(mut pairs) = Grammar::parse(Rule::directive, trimmed) else {
+            break;
+        };
         let Some(top) = pairs.next() else { break };
         let value_pos = top.as_span().end();
         let value = &trimmed[value_pos..];
@@ -279,7 +310,11 @@ fn physical_lines(
     file: &str,
     index: &LineIndex<'_>,
 ) -> Result<Vec<PhysLine>, RecipeError> {
-    let rule = if escape == '`' { Rule::file_bt } else { Rule::file_bs };
+    let rule = if escape == '`' {
+        Rule::file_bt
+    } else {
+        Rule::file_bs
+    };
     let pairs = Grammar::parse(rule, text).map_err(|e| grammar_error(e, file, index, 1))?;
     let mut lines = Vec::new();
     for p in pairs.flatten() {
@@ -309,7 +344,13 @@ fn grammar_error(
     index: &LineIndex<'_>,
     line: usize,
 ) -> RecipeError {
-    RecipeError::at(file, index, line, 0, format!("syntax error: {}", e.variant.message()))
+    RecipeError::at(
+        file,
+        index,
+        line,
+        0,
+        format!("syntax error: {}", e.variant.message()),
+    )
 }
 
 /// The line scanner: walks physical lines and produces one node per logical line.
@@ -330,7 +371,9 @@ impl LineParser<'_> {
 
     fn next_node(&mut self, warnings: &mut Vec<String>) -> Result<Option<Node>, RecipeError> {
         loop {
-            let Some(&first) = self.lines.get(self.next) else { return Ok(None) };
+            let Some(&first) = self.lines.get(self.next) else {
+                return Ok(None);
+            };
             self.next += 1;
             let start_line = self.next;
             if first.kind == LineKind::Comment {
@@ -354,7 +397,9 @@ impl LineParser<'_> {
             }];
             let mut empty_continuation = false;
             while continued {
-                let Some(&l) = self.lines.get(self.next) else { break };
+                let Some(&l) = self.lines.get(self.next) else {
+                    break;
+                };
                 self.next += 1;
                 if l.kind == LineKind::Comment {
                     continue;
@@ -398,7 +443,11 @@ impl LineParser<'_> {
         end_line: usize,
     ) -> Result<Node, RecipeError> {
         let mut node = parse_instruction(logical, 0, self.escape, 0).map_err(|e| {
-            let tmp = Node { segments: segments.clone(), start_line, ..empty_node() };
+            let tmp = Node {
+                segments: segments.clone(),
+                start_line,
+                ..empty_node()
+            };
             let (line, byte) = tmp.locate(e.offset);
             RecipeError::at(self.file, self.index, line, byte, e.message)
         })?;
@@ -416,7 +465,11 @@ impl LineParser<'_> {
             let mut terminated = false;
             while let Some(&l) = self.lines.get(self.next) {
                 self.next += 1;
-                let full_end = if l.end < self.text.len() { l.end + 1 } else { l.end };
+                let full_end = if l.end < self.text.len() {
+                    l.end + 1
+                } else {
+                    l.end
+                };
                 let body = &self.text[l.start..full_end];
                 let mut candidate = body.trim_end_matches(['\r', '\n']);
                 if doc.chomp {
@@ -481,8 +534,12 @@ fn can_contain_heredoc(node: &Node) -> bool {
 
 /// Finds the `[fd]<<[-]NAME` words of a line (shell words, quotes kept).
 fn heredocs_from_line(line: &str) -> Vec<RawHeredoc> {
-    let Ok(mut pairs) = Grammar::parse(Rule::shell_words, line) else { return Vec::new() };
-    let Some(top) = pairs.next() else { return Vec::new() };
+    let Ok(mut pairs) = Grammar::parse(Rule::shell_words, line) else {
+        return Vec::new();
+    };
+    let Some(top) = pairs.next() else {
+        return Vec::new();
+    };
     let mut docs = Vec::new();
     for w in top.into_inner().filter(|p| p.as_rule() == Rule::shell_word) {
         if let Some(doc) = heredoc_from_word(w.as_str(), w.as_span().start()) {
@@ -518,7 +575,14 @@ fn heredoc_from_word(word: &str, offset: usize) -> Option<RawHeredoc> {
     if name.is_empty() {
         return None;
     }
-    Some(RawHeredoc { name, fd, expand, chomp, content: String::new(), offset })
+    Some(RawHeredoc {
+        name,
+        fd,
+        expand,
+        chomp,
+        content: String::new(),
+        offset,
+    })
 }
 
 /// Go's `[\t\v\f\r ]` (BuildKit's whitespace for FROM/EXPOSE splitting and the keyword).
@@ -556,7 +620,10 @@ fn parse_instruction(
     for p in top.into_inner() {
         match p.as_rule() {
             Rule::keyword => node.keyword = p.as_str().to_string(),
-            Rule::flag => node.flags.push(Flag { offset: at(&p), text: flag_text(p) }),
+            Rule::flag => node.flags.push(Flag {
+                offset: at(&p),
+                text: flag_text(p),
+            }),
             _ => {}
         }
     }
@@ -581,7 +648,10 @@ fn parse_instruction(
         "expose" | "from" => node.args = split_spaces(rest, rest_at),
         "maintainer" | "stopsignal" | "user" | "workdir" => {
             if !rest.is_empty() {
-                node.args = vec![Arg::Word { text: rest.to_string(), offset: rest_at }];
+                node.args = vec![Arg::Word {
+                    text: rest.to_string(),
+                    offset: rest_at,
+                }];
             }
         }
         "healthcheck" => {
@@ -590,7 +660,10 @@ fn parse_instruction(
                 let after = rest[typ_len..].trim_start();
                 let after_at = rest_at + rest.len() - after.len();
                 let (mut args, json) = maybe_json(after, after_at)?;
-                let typ = Arg::Word { text: rest[..typ_len].to_string(), offset: rest_at };
+                let typ = Arg::Word {
+                    text: rest[..typ_len].to_string(),
+                    offset: rest_at,
+                };
                 args.insert(0, typ);
                 node.args = args;
                 node.json = json;
@@ -602,7 +675,12 @@ fn parse_instruction(
                 node.args = vec![Arg::Nested(Box::new(child))];
             }
         }
-        _ => node.args = vec![Arg::Word { text: String::new(), offset: rest_at }],
+        _ => {
+            node.args = vec![Arg::Word {
+                text: String::new(),
+                offset: rest_at,
+            }]
+        }
     }
     Ok(node)
 }
@@ -627,7 +705,10 @@ fn split_spaces(rest: &str, rest_at: usize) -> Vec<Arg> {
     let mut pos = 0;
     for part in rest.split(is_split_space) {
         if !part.is_empty() {
-            out.push(Arg::Word { text: part.to_string(), offset: rest_at + pos });
+            out.push(Arg::Word {
+                text: part.to_string(),
+                offset: rest_at + pos,
+            });
         }
         pos += part.len() + 1;
     }
@@ -641,7 +722,13 @@ fn maybe_json(rest: &str, rest_at: usize) -> Result<(Vec<Arg>, bool), LineError>
     }
     Ok(match parse_json(rest, rest_at)? {
         Some(words) => (words, true),
-        None => (vec![Arg::Word { text: rest.to_string(), offset: rest_at }], false),
+        None => (
+            vec![Arg::Word {
+                text: rest.to_string(),
+                offset: rest_at,
+            }],
+            false,
+        ),
     })
 }
 
@@ -655,17 +742,25 @@ fn parse_json(rest: &str, rest_at: usize) -> Result<Option<Vec<Arg>>, LineError>
     let at = rest_at + rest.len() - trimmed.len();
     match Grammar::parse(Rule::json_array, trimmed) {
         Ok(mut pairs) => {
-            let Some(top) = pairs.next() else { return Ok(None) };
+            let Some(top) = pairs.next() else {
+                return Ok(None);
+            };
             let strings = top
                 .into_inner()
                 .filter(|p| p.as_rule() == Rule::json_string)
-                .map(|p| Arg::Word { offset: at + p.as_span().start(), text: json_string(p) })
+                .map(|p| Arg::Word {
+                    offset: at + p.as_span().start(),
+                    text: json_string(p),
+                })
                 .collect();
             Ok(Some(strings))
         }
-        Err(_) if serde_json::from_str::<Vec<serde_json::Value>>(trimmed).is_ok() => Err(
-            LineError::new(at, "when using JSON array syntax, arrays must be comprised of strings only"),
-        ),
+        Err(_) if serde_json::from_str::<Vec<serde_json::Value>>(trimmed).is_ok() => {
+            Err(LineError::new(
+                at,
+                "when using JSON array syntax, arrays must be comprised of strings only",
+            ))
+        }
         Err(_) => Ok(None),
     }
 }
@@ -692,7 +787,10 @@ fn json_string(p: Pair<'_, Rule>) -> String {
             Some(b'u') => {
                 let hi = hex(t).unwrap_or(0xFFFD);
                 if (0xD800..0xDC00).contains(&hi) {
-                    let lo = parts.get(i).map(|q| q.as_str()).filter(|q| q.starts_with("\\u"));
+                    let lo = parts
+                        .get(i)
+                        .map(|q| q.as_str())
+                        .filter(|q| q.starts_with("\\u"));
                     match lo.and_then(hex).filter(|lo| (0xDC00..0xE000).contains(lo)) {
                         Some(lo) => {
                             i += 1;
@@ -718,14 +816,21 @@ fn words(rest: &str, rest_at: usize, escape: char) -> Vec<Arg> {
     let mut input = String::with_capacity(rest.len() + 1);
     input.push(escape);
     input.push_str(rest);
-    let Ok(mut pairs) = Grammar::parse(Rule::word_list, &input) else { return Vec::new() };
-    let Some(top) = pairs.next() else { return Vec::new() };
+    let Ok(mut pairs) = Grammar::parse(Rule::word_list, &input) else {
+        return Vec::new();
+    };
+    let Some(top) = pairs.next() else {
+        return Vec::new();
+    };
     top.into_inner()
         .filter(|p| p.as_rule() == Rule::word)
         .map(|p| {
             let offset = rest_at + p.as_span().start() - 1;
             let mut text = p.as_str().to_string();
-            if p.into_inner().flatten().any(|q| q.as_rule() == Rule::wesc_end) {
+            if p.into_inner()
+                .flatten()
+                .any(|q| q.as_rule() == Rule::wesc_end)
+            {
                 text.pop();
             }
             Arg::Word { text, offset }
@@ -737,8 +842,13 @@ fn words(rest: &str, rest_at: usize, escape: char) -> Vec<Arg> {
 /// `k`, `v`, `"="`.
 fn name_values(kw: &str, rest: &str, rest_at: usize, escape: char) -> Result<Vec<Arg>, LineError> {
     let ws = words(rest, rest_at, escape);
-    let Some(Arg::Word { text: first, .. }) = ws.first() else { return Ok(Vec::new()) };
-    let word = |text: &str, offset| Arg::Word { text: text.to_string(), offset };
+    let Some(Arg::Word { text: first, .. }) = ws.first() else {
+        return Ok(Vec::new());
+    };
+    let word = |text: &str, offset| Arg::Word {
+        text: text.to_string(),
+        offset,
+    };
     if !first.contains('=') {
         let Some(sep) = rest.find(is_split_space) else {
             let msg = format!("{} must have two arguments", kw.to_ascii_uppercase());
@@ -746,11 +856,17 @@ fn name_values(kw: &str, rest: &str, rest_at: usize, escape: char) -> Result<Vec
         };
         let value = rest[sep..].trim_start_matches(is_split_space);
         let value_at = rest_at + rest.len() - value.len();
-        return Ok(vec![word(&rest[..sep], rest_at), word(value, value_at), word("", value_at)]);
+        return Ok(vec![
+            word(&rest[..sep], rest_at),
+            word(value, value_at),
+            word("", value_at),
+        ]);
     }
     let mut out = Vec::new();
     for w in &ws {
-        let Arg::Word { text, offset } = w else { continue };
+        let Arg::Word { text, offset } = w else {
+            continue;
+        };
         let Some((k, v)) = text.split_once('=') else {
             let msg = format!(
                 "Syntax error - can't find = in {}. Must be of the form: name=value",
@@ -799,9 +915,15 @@ mod tests {
         let a = ast("RUN 3<<'A' cat <<-\"B\"\na $x\nA\n\t\tb\n\tB\n");
         let d = &a.nodes[0].heredocs;
         assert_eq!(d.len(), 2);
-        assert_eq!((d[0].name.as_str(), d[0].fd, d[0].expand), ("A", Some(3), false));
+        assert_eq!(
+            (d[0].name.as_str(), d[0].fd, d[0].expand),
+            ("A", Some(3), false)
+        );
         assert_eq!(d[0].content, "a $x\n");
-        assert_eq!((d[1].name.as_str(), d[1].chomp, d[1].expand), ("B", true, false));
+        assert_eq!(
+            (d[1].name.as_str(), d[1].chomp, d[1].expand),
+            ("B", true, false)
+        );
         assert_eq!(d[1].content, "\t\tb\n");
     }
 
@@ -834,7 +956,10 @@ mod tests {
     fn bom_crlf_and_backtick() {
         let a = ast("\u{FEFF}# escape=`\r\nFROM a\r\nRUN echo \\ `\r\n  b\r\n");
         assert_eq!(a.directives.escape, '`');
-        assert_eq!(super::super::dump::dump(&a), "(from \"a\")\n(run \"echo \\\\   b\")");
+        assert_eq!(
+            super::super::dump::dump(&a),
+            "(from \"a\")\n(run \"echo \\\\   b\")"
+        );
     }
 
     #[test]
