@@ -850,7 +850,7 @@ impl Engine<'_> {
         }
         let lowers: Vec<PathBuf> = st.lower_dirs.iter().rev().cloned().collect();
         let copy_into = |src: copy::SourceFs<'_>, merged: &Path| -> Result<(), BuildError> {
-            let root = RootDir::open(merged).map_err(|e| self.step_error(stage, line, e))?;
+            let root = RootDir::open_host(merged).map_err(|e| self.step_error(stage, line, e))?;
             let owner = match &chown {
                 Some(spec) => Some(resolve_owner(&root, spec).map_err(|m| self.invalid(line, m))?),
                 None => None,
@@ -882,7 +882,7 @@ impl Engine<'_> {
                 }
                 let src_lowers: Vec<PathBuf> = fs.lower_dirs.iter().rev().cloned().collect();
                 sandbox::with_rootfs(&src_lowers, &su, &sw, |src_root| -> Result<(), BuildError> {
-                    let src = RootDir::open(src_root).map_err(|e| self.step_error(stage, line, e))?;
+                    let src = RootDir::open_host(src_root).map_err(|e| self.step_error(stage, line, e))?;
                     sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
                         copy_into(copy::SourceFs::Rootfs(&src), merged)
                     })
