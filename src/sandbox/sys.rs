@@ -1,0 +1,199 @@
+//! Thin wrappers over the Linux syscalls the sandbox needs that nix does not cover:
+//! the new mount API (`fsopen`/`fsconfig`/`fsmount`/`move_mount`), `close_range`
+//! and `pidfd_open`; plus the overlay mount built on them.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::SandboxError;
+
+fn cstring(s: &[u8]) -> Result<CString, SandboxError> {
+    CString::new(s).map_err(|_| SandboxError::InvalidInput(format!("{s:?} contains a NUL byte")))
+}
+
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `fsopen(2)`: a new file system context for `fstype`.
+fn fsopen(fstype: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: valid NUL-terminated string; returns a new fd we own.
+    let fd = check(unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), 1 as libc::c_uint) })?;
+    // SAFETY: the kernel just returned this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `fsconfig(2)` with `FSCONFIG_SET_STRING`.
+fn fsconfig_string(fs: &OwnedFd, key: &CStr, value: &CStr) -> io::Result<()> {
+    // SAFETY: valid fd and NUL-terminated strings.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            1 as libc::c_uint, // FSCONFIG_SET_STRING
+            key.as_ptr(),
+            value.as_ptr(),
+            0 as libc::c_int,
+        )
+    })
+    .map(drop)
+}
+
+/// `fsconfig(2)` with `FSCONFIG_CMD_CREATE`.
+fn fsconfig_create(fs: &OwnedFd) -> io::Result<()> {
+    // SAFETY: valid fd; the command takes no key or value.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            6 as libc::c_uint, // FSCONFIG_CMD_CREATE
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0 as libc::c_int,
+        )
+    })
+    .map(drop)
+}
+
+/// `fsmount(2)`: a detached mount of the created superblock.
+fn fsmount(fs: &OwnedFd, attrs: u64) -> io::Result<OwnedFd> {
+    // SAFETY: valid fd; FSMOUNT_CLOEXEC.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            fs.as_raw_fd(),
+            1 as libc::c_uint,
+            attrs as libc::c_uint,
+        )
+    })?;
+    // SAFETY: the kernel just returned this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `move_mount(2)`: attaches the detached mount `mnt` at `target`.
+pub(crate) fn move_mount(mnt: &OwnedFd, target: &Path) -> Result<(), SandboxError> {
+    let t = cstring(target.as_os_str().as_bytes())?;
+    // SAFETY: valid fd, empty path with MOVE_MOUNT_F_EMPTY_PATH, NUL-terminated target.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mnt.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            4 as libc::c_uint, // MOVE_MOUNT_F_EMPTY_PATH
+        )
+    })
+    .map(drop)
+    .map_err(|e| SandboxError::sys("move_mount", target, e))
+}
+
+/// Marks every fd from 3 up close-on-exec (`close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`).
+pub(crate) fn cloexec_from_3() -> io::Result<()> {
+    // SAFETY: plain syscall on integers.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            !0 as libc::c_uint,
+            1u32 << 2,
+        )
+    })
+    .map(drop)
+}
+
+/// `pidfd_open(2)`.
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; returns a new fd we own.
+    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) })?;
+    // SAFETY: the kernel just returned this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Reads the kernel's messages about a failed file system context (best effort).
+fn fs_log(fs: &OwnedFd) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        // SAFETY: reading into a local buffer from a valid fd.
+        let n = unsafe { libc::read(fs.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        out.push(
+            String::from_utf8_lossy(&buf[..n as usize])
+                .trim()
+                .to_string(),
+        );
+    }
+    out.join("; ")
+}
+
+/// The options an overlay mount is made of.
+pub(crate) struct Overlay<'a> {
+    /// Lower layers, top-most first (at least one).
+    pub lowers: &'a [PathBuf],
+    /// The upper dir.
+    pub upper: &'a Path,
+    /// The work dir.
+    pub work: &'a Path,
+}
+
+/// Makes a detached overlay mount with the new mount API: one `lowerdir+` per layer, so no
+/// option-length limit applies (each path is passed as a short `/proc/self/fd/N`).
+pub(crate) fn overlay(o: &Overlay<'_>) -> Result<OwnedFd, SandboxError> {
+    let fs =
+        fsopen(c"overlay").map_err(|e| SandboxError::sys("fsopen(overlay)", Path::new(""), e))?;
+    let set = |key: &CStr, value: &CStr, about: &Path| {
+        fsconfig_string(&fs, key, value).map_err(|e| {
+            let log = fs_log(&fs);
+            SandboxError::Overlay {
+                path: about.to_path_buf(),
+                option: key.to_string_lossy().into_owned(),
+                source: e,
+                log,
+            }
+        })
+    };
+    let by_fd = |path: &Path| -> Result<(OwnedFd, CString), SandboxError> {
+        let fd = nix::fcntl::open(
+            path,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| SandboxError::sys("open", path, e.into()))?;
+        let name = cstring(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
+        Ok((fd, name))
+    };
+    for lower in o.lowers {
+        let (_fd, name) = by_fd(lower)?;
+        set(c"lowerdir+", &name, lower)?;
+    }
+    let (_u, upper) = by_fd(o.upper)?;
+    set(c"upperdir", &upper, o.upper)?;
+    let (_w, work) = by_fd(o.work)?;
+    set(c"workdir", &work, o.work)?;
+    for (k, v) in [
+        (c"redirect_dir", c"off"),
+        (c"metacopy", c"off"),
+        (c"index", c"off"),
+    ] {
+        set(k, v, o.upper)?;
+    }
+    fsconfig_create(&fs).map_err(|e| SandboxError::Overlay {
+        path: o.upper.to_path_buf(),
+        option: "create".into(),
+        source: e,
+        log: fs_log(&fs),
+    })?;
+    fsmount(&fs, 0).map_err(|e| SandboxError::sys("fsmount(overlay)", o.upper, e))
+}
