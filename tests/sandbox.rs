@@ -110,9 +110,17 @@ fn upper_entries(upper: &Path) -> Vec<String> {
     v
 }
 
+/// The host mount table, without the probe mount `host_mounts_are_not_visible` makes meanwhile.
 fn mountinfo() -> String {
-    std::fs::read_to_string("/proc/self/mountinfo").unwrap()
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains(PROBE))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
+
+const PROBE: &str = "kiln-probe";
 
 #[test]
 fn exit_codes_are_propagated() {
@@ -319,7 +327,7 @@ fn dev_is_minimal_and_sys_is_read_only() {
 #[test]
 fn host_mounts_are_not_visible() {
     let probe = TempDir::new().unwrap();
-    let marker = format!("kiln-probe-{}", std::process::id());
+    let marker = format!("{PROBE}-{}", std::process::id());
     nix::mount::mount(
         Some(marker.as_str()),
         probe.path(),
@@ -328,6 +336,11 @@ fn host_mounts_are_not_visible() {
         None::<&str>,
     )
     .unwrap();
+    assert!(
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&marker)
+    );
     let out = run(&step("cat /proc/self/mountinfo").spec);
     nix::mount::umount(probe.path()).unwrap();
     let out = out.1;

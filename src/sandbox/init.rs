@@ -315,6 +315,8 @@ fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), SandboxError
 
 /// Builds the rootfs and execs the command; returns only on failure.
 fn sandbox_init(cfg: &InitConfig, helper: Pid) -> Result<Infallible, SandboxError> {
+    // Everything created from here on (mount stubs, the working dir) gets predictable modes.
+    umask(Mode::from_bits_truncate(0o022));
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(|e| SandboxError::sys("prctl(PR_SET_PDEATHSIG)", Path::new(""), e.into()))?;
     if nix::unistd::getppid() != helper && nix::unistd::getppid().as_raw() != 0 {
@@ -340,14 +342,15 @@ fn sandbox_init(cfg: &InitConfig, helper: Pid) -> Result<Infallible, SandboxErro
     } else {
         &cfg.lowers[..]
     };
-    let mnt = sys::overlay(&Overlay {
-        lowers,
-        upper: &cfg.upper,
-        work: &cfg.work,
-    })?;
     let root = cfg.scratch.join("root");
-    sys::move_mount(&mnt, &root)?;
-    drop(mnt);
+    sys::mount_overlay(
+        &Overlay {
+            lowers,
+            upper: &cfg.upper,
+            work: &cfg.work,
+        },
+        &root,
+    )?;
     let root_fd = nix::fcntl::open(
         &root,
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -453,7 +456,6 @@ fn sandbox_init(cfg: &InitConfig, helper: Pid) -> Result<Infallible, SandboxErro
     nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(|e| {
         SandboxError::sys(&format!("setuid({})", user.uid), Path::new(""), e.into())
     })?;
-    umask(Mode::from_bits_truncate(0o022));
     sys::cloexec_from_3().map_err(|e| SandboxError::sys("close_range", Path::new(""), e))?;
     exec(cfg)
 }

@@ -375,13 +375,14 @@ pub(super) fn with_rootfs<R: Send>(
                 None::<&str>,
             )
             .map_err(|e| SandboxError::sys("make mounts private", Path::new("/"), e.into()))?;
-            let mnt = sys::overlay(&Overlay {
-                lowers,
-                upper,
-                work,
-            })?;
-            sys::move_mount(&mnt, &root)?;
-            drop(mnt);
+            sys::mount_overlay(
+                &Overlay {
+                    lowers,
+                    upper,
+                    work,
+                },
+                &root,
+            )?;
             let r = f(&root);
             if umount2(&root, MntFlags::empty()).is_err() {
                 umount2(&root, MntFlags::MNT_DETACH)

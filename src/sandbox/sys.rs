@@ -78,7 +78,7 @@ fn fsmount(fs: &OwnedFd, attrs: u64) -> io::Result<OwnedFd> {
 }
 
 /// `move_mount(2)`: attaches the detached mount `mnt` at `target`.
-pub(crate) fn move_mount(mnt: &OwnedFd, target: &Path) -> Result<(), SandboxError> {
+fn move_mount(mnt: &OwnedFd, target: &Path) -> Result<(), SandboxError> {
     let t = cstring(target.as_os_str().as_bytes())?;
     // SAFETY: valid fd, empty path with MOVE_MOUNT_F_EMPTY_PATH, NUL-terminated target.
     check(unsafe {
@@ -146,47 +146,56 @@ pub(crate) struct Overlay<'a> {
     pub work: &'a Path,
 }
 
-/// Makes a detached overlay mount with the new mount API: one `lowerdir+` per layer, so no
-/// option-length limit applies (each path is passed as a short `/proc/self/fd/N`).
-pub(crate) fn overlay(o: &Overlay<'_>) -> Result<OwnedFd, SandboxError> {
+/// Opens `path` as an `O_PATH` directory fd and names it by a short `/proc/self/fd/N` path.
+fn by_fd(path: &Path) -> Result<(OwnedFd, CString), SandboxError> {
+    let fd = nix::fcntl::open(
+        path,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| SandboxError::sys("open", path, e.into()))?;
+    let name = cstring(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
+    Ok((fd, name))
+}
+
+const OVERLAY_FLAGS: [(&CStr, &CStr); 3] = [
+    (c"redirect_dir", c"off"),
+    (c"metacopy", c"off"),
+    (c"index", c"off"),
+];
+
+/// Mounts the overlay at `target` (in the caller's mount namespace).
+///
+/// Uses the new mount API with one `lowerdir+` per layer (Linux 6.8+), so no option-length
+/// limit applies; every dir is passed as a short `/proc/self/fd/N`. On older kernels it falls
+/// back to mount(2) with the same short names (about 200 layers fit in its one-page limit).
+pub(crate) fn mount_overlay(o: &Overlay<'_>, target: &Path) -> Result<(), SandboxError> {
     let fs =
         fsopen(c"overlay").map_err(|e| SandboxError::sys("fsopen(overlay)", Path::new(""), e))?;
     let set = |key: &CStr, value: &CStr, about: &Path| {
-        fsconfig_string(&fs, key, value).map_err(|e| {
-            let log = fs_log(&fs);
-            SandboxError::Overlay {
-                path: about.to_path_buf(),
-                option: key.to_string_lossy().into_owned(),
-                source: e,
-                log,
-            }
+        fsconfig_string(&fs, key, value).map_err(|e| SandboxError::Overlay {
+            path: about.to_path_buf(),
+            option: key.to_string_lossy().into_owned(),
+            source: e,
+            log: fs_log(&fs),
         })
     };
-    let by_fd = |path: &Path| -> Result<(OwnedFd, CString), SandboxError> {
-        let fd = nix::fcntl::open(
-            path,
-            nix::fcntl::OFlag::O_PATH
-                | nix::fcntl::OFlag::O_DIRECTORY
-                | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(|e| SandboxError::sys("open", path, e.into()))?;
-        let name = cstring(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
-        Ok((fd, name))
-    };
-    for lower in o.lowers {
+    for (i, lower) in o.lowers.iter().enumerate() {
         let (_fd, name) = by_fd(lower)?;
-        set(c"lowerdir+", &name, lower)?;
+        match set(c"lowerdir+", &name, lower) {
+            Err(SandboxError::Overlay { source, .. })
+                if i == 0 && source.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                return mount_overlay_legacy(o, target);
+            }
+            r => r?,
+        }
     }
     let (_u, upper) = by_fd(o.upper)?;
     set(c"upperdir", &upper, o.upper)?;
     let (_w, work) = by_fd(o.work)?;
     set(c"workdir", &work, o.work)?;
-    for (k, v) in [
-        (c"redirect_dir", c"off"),
-        (c"metacopy", c"off"),
-        (c"index", c"off"),
-    ] {
+    for (k, v) in OVERLAY_FLAGS {
         set(k, v, o.upper)?;
     }
     fsconfig_create(&fs).map_err(|e| SandboxError::Overlay {
@@ -195,5 +204,97 @@ pub(crate) fn overlay(o: &Overlay<'_>) -> Result<OwnedFd, SandboxError> {
         source: e,
         log: fs_log(&fs),
     })?;
-    fsmount(&fs, 0).map_err(|e| SandboxError::sys("fsmount(overlay)", o.upper, e))
+    let mnt = fsmount(&fs, 0).map_err(|e| SandboxError::sys("fsmount(overlay)", o.upper, e))?;
+    move_mount(&mnt, target)
+}
+
+/// The mount(2) fallback of [`mount_overlay`] for kernels without `lowerdir+`.
+fn mount_overlay_legacy(o: &Overlay<'_>, target: &Path) -> Result<(), SandboxError> {
+    let mut fds = Vec::new();
+    let mut lowers = Vec::new();
+    for lower in o.lowers {
+        let (fd, name) = by_fd(lower)?;
+        fds.push(fd);
+        lowers.push(name.into_string().unwrap_or_default());
+    }
+    let (_u, upper) = by_fd(o.upper)?;
+    let (_w, work) = by_fd(o.work)?;
+    let mut data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lowers.join(":"),
+        upper.to_string_lossy(),
+        work.to_string_lossy()
+    );
+    for (k, v) in OVERLAY_FLAGS {
+        data.push_str(&format!(",{}={}", k.to_string_lossy(), v.to_string_lossy()));
+    }
+    if data.len() >= 4096 {
+        return Err(SandboxError::InvalidInput(format!(
+            "{} layers do not fit in one overlay mount on this kernel (Linux 6.8+ has no limit)",
+            o.lowers.len()
+        )));
+    }
+    nix::mount::mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| SandboxError::Overlay {
+        path: o.upper.to_path_buf(),
+        option: "mount(2)".into(),
+        source: e.into(),
+        log: String::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mount(2) fallback handles 60 layers (run as root, in a private mount namespace).
+    #[test]
+    fn legacy_overlay_mount_takes_many_layers() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::TempDir::new().unwrap();
+        let lowers: Vec<PathBuf> = (0..60)
+            .map(|i| {
+                let l = dir
+                    .path()
+                    .join(format!("layer-with-a-long-descriptive-name-{i:03}"));
+                std::fs::create_dir(&l).unwrap();
+                std::fs::write(l.join(format!("f{i}")), "").unwrap();
+                l
+            })
+            .collect();
+        let (upper, work, root) = (
+            dir.path().join("u"),
+            dir.path().join("w"),
+            dir.path().join("r"),
+        );
+        for d in [&upper, &work, &root] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let seen = std::thread::spawn(move || {
+            use nix::sched::{CloneFlags, unshare};
+            unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS).unwrap();
+            let private = nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE;
+            nix::mount::mount(None::<&str>, "/", None::<&str>, private, None::<&str>).unwrap();
+            let o = Overlay {
+                lowers: &lowers,
+                upper: &upper,
+                work: &work,
+            };
+            mount_overlay_legacy(&o, &root).unwrap();
+            let n = std::fs::read_dir(&root).unwrap().count();
+            nix::mount::umount(&root).unwrap();
+            n
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, 60);
+    }
 }
