@@ -354,12 +354,17 @@ fn background_processes_are_killed() {
     let tag = format!("{}", 100_000 + std::process::id() % 800_000);
     let s = step(&format!("sleep {tag} & sleep {tag} & echo started"));
     assert_eq!(run_ok(&s.spec), "started\n");
-    let survivors: Vec<_> = std::fs::read_dir("/proc")
+    assert!(processes_with(&tag).is_empty());
+}
+
+/// Host processes whose command line contains `tag`.
+fn processes_with(tag: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .filter(|c| String::from_utf8_lossy(c).contains(&tag))
-        .collect();
-    assert!(survivors.is_empty());
+        .map(|c| String::from_utf8_lossy(&c).into_owned())
+        .filter(|c| c.contains(tag))
+        .collect()
 }
 
 #[test]
@@ -373,7 +378,8 @@ fn network_none_has_only_lo() {
 #[test]
 fn cancel_kills_everything_and_leaves_no_mount() {
     let before = mountinfo();
-    let s = step("sleep 1000 & sleep 1000");
+    let tag = format!("{}", 900_000 + std::process::id() % 90_000);
+    let s = step(&format!("sleep {tag} & sleep {tag}"));
     let cancel = Arc::new(AtomicBool::new(false));
     let c2 = cancel.clone();
     let t = std::thread::spawn(move || {
@@ -387,6 +393,7 @@ fn cancel_kills_everything_and_leaves_no_mount() {
     assert!(start.elapsed() < Duration::from_secs(5));
     assert_eq!(mountinfo(), before);
     assert_eq!(upper_entries(&s.spec.upper_dir), Vec::<String>::new());
+    assert!(processes_with(&tag).is_empty());
 }
 
 #[test]
@@ -463,20 +470,30 @@ fn with_rootfs_writes_land_in_upper_and_leave_no_mount() {
     assert!(u2.join("a").is_file());
 }
 
+/// CPU time (user + system) of reaped children so far.
+fn children_cpu() -> Duration {
+    let r = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    let tv =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    tv(r.user_time()) + tv(r.system_time())
+}
+
 #[test]
 fn overhead_per_step() {
     let s = step("");
     let mut spec = s.spec.clone();
     spec.argv = vec!["/bin/true".into()];
     let mut times = Vec::new();
+    let cpu_before = children_cpu();
     for _ in 0..21 {
         let t = Instant::now();
         run_ok(&spec);
         times.push(t.elapsed());
     }
+    let cpu = (children_cpu() - cpu_before) / 21;
     times.sort();
     eprintln!(
-        "sandbox per-step overhead: median {:?} (min {:?}, max {:?})",
-        times[10], times[0], times[20]
+        "sandbox per-step overhead: median {:?} (min {:?}, max {:?}); helper CPU per step {:?}",
+        times[10], times[0], times[20], cpu
     );
 }

@@ -57,9 +57,10 @@ fn send(report: Report) {
     }
 }
 
+/// The helper itself has no parent-death signal: when kiln dies, the control pipe reaches end of
+/// file and the helper kills the sandbox init before exiting (a parent-death signal on the init
+/// alone would not survive the init's setuid or an exec of a setuid binary).
 fn helper() -> Result<(), SandboxError> {
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-        .map_err(|e| SandboxError::sys("prctl(PR_SET_PDEATHSIG)", Path::new(""), e.into()))?;
     // SAFETY: the parent handed us CONFIG_FD; we take ownership and close it after reading.
     let mut config_pipe = unsafe { File::from_raw_fd(CONFIG_FD) };
     let mut buf = Vec::new();
@@ -74,12 +75,14 @@ fn helper() -> Result<(), SandboxError> {
 
     unshare(CloneFlags::CLONE_NEWPID)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWPID)", Path::new(""), e.into()))?;
-    let me = nix::unistd::getpid();
+    // The init watches this pipe: end of file means the helper is gone.
+    let (alive_r, alive_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| SandboxError::sys("pipe2", Path::new(""), e.into()))?;
     // SAFETY: this process is single-threaded (init_main runs first thing in main).
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", Path::new(""), e.into()))? {
         ForkResult::Child => {
-            drop(control);
-            let err = match sandbox_init(&config, me) {
+            drop((control, alive_w));
+            let err = match sandbox_init(&config, alive_r) {
                 Ok(never) => match never {},
                 Err(e) => e,
             };
@@ -87,7 +90,12 @@ fn helper() -> Result<(), SandboxError> {
             // SAFETY: terminating the child without running the parent's atexit handlers.
             unsafe { libc::_exit(1) }
         }
-        ForkResult::Parent { child } => supervise(child, control),
+        ForkResult::Parent { child } => {
+            drop(alive_r);
+            let r = supervise(child, control);
+            drop(alive_w);
+            r
+        }
     }
 }
 
@@ -314,14 +322,10 @@ fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), SandboxError
 }
 
 /// Builds the rootfs and execs the command; returns only on failure.
-fn sandbox_init(cfg: &InitConfig, helper: Pid) -> Result<Infallible, SandboxError> {
+fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, SandboxError> {
     // Everything created from here on (mount stubs, the working dir) gets predictable modes.
     umask(Mode::from_bits_truncate(0o022));
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-        .map_err(|e| SandboxError::sys("prctl(PR_SET_PDEATHSIG)", Path::new(""), e.into()))?;
-    if nix::unistd::getppid() != helper && nix::unistd::getppid().as_raw() != 0 {
-        return Err(SandboxError::Setup("the helper died".into()));
-    }
+    die_with_helper(&helper_alive)?;
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
     if cfg.network == NetworkMode::None {
         flags |= CloneFlags::CLONE_NEWNET;
@@ -456,16 +460,34 @@ fn sandbox_init(cfg: &InitConfig, helper: Pid) -> Result<Infallible, SandboxErro
     nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(|e| {
         SandboxError::sys(&format!("setuid({})", user.uid), Path::new(""), e.into())
     })?;
+    // Changing credentials cleared the parent-death signal: set it again for the command.
+    die_with_helper(&helper_alive)?;
     sys::cloexec_from_3().map_err(|e| SandboxError::sys("close_range", Path::new(""), e))?;
     exec(cfg)
+}
+
+/// Makes the kernel kill this process when the helper dies, and exits if it already has
+/// (`helper_alive` is the read end of a pipe only the helper writes to).
+fn die_with_helper(helper_alive: &OwnedFd) -> Result<(), SandboxError> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|e| SandboxError::sys("prctl(PR_SET_PDEATHSIG)", Path::new(""), e.into()))?;
+    let mut fds = [PollFd::new(helper_alive.as_fd(), PollFlags::POLLIN)];
+    if poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0) {
+        // SAFETY: leaving at once; nobody is left to report to.
+        unsafe { libc::_exit(1) }
+    }
+    Ok(())
 }
 
 /// Fills the fresh /dev tmpfs: device nodes bound from the host, a private devpts, shm, links.
 fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
-        let target = dev.join(node);
+        let (source, target) = (Path::new("/dev").join(node), dev.join(node));
+        if !source.exists() {
+            continue;
+        }
         File::create(&target).map_err(|e| SandboxError::sys("create", &target, e))?;
-        bind(&Path::new("/dev").join(node), &target, false)?;
+        bind(&source, &target, false)?;
     }
     for dir in ["pts", "shm"] {
         let d = dev.join(dir);
@@ -589,7 +611,7 @@ fn exec(cfg: &InitConfig) -> Result<Infallible, SandboxError> {
     };
     let prog = CString::new(program.as_os_str().as_bytes())
         .map_err(|_| SandboxError::InvalidInput(format!("{program:?} contains a NUL byte")))?;
-    let err = nix::unistd::execve(&prog, &argv, &env).unwrap_err();
+    let Err(err) = nix::unistd::execve(&prog, &argv, &env);
     let code = if err == Errno::ENOENT { 127 } else { 126 };
     fail_exec(code, &format!("exec {}: {}", program.display(), err.desc()))
 }
