@@ -1,0 +1,617 @@
+//! The re-executed helper side: reads the [`InitConfig`], unshares a pid namespace, forks the
+//! sandbox init (pid 1) which builds the rootfs and execs the command, supervises it, and
+//! reports back on the status pipe.
+//!
+//! File descriptors on entry: 0 stdin, 1 and 2 the output pipe, 3 the config pipe, 4 the status
+//! pipe, 5 the control pipe (end of file there means "kill everything").
+
+use std::convert::Infallible;
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::stat::{Mode, fstat, mkdirat, umask};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
+
+use super::sys::{self, Overlay};
+use super::{InitConfig, NetworkMode, Report, SandboxError, users};
+
+const CONFIG_FD: i32 = 3;
+const STATUS_FD: i32 = 4;
+const CONTROL_FD: i32 = 5;
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs the hidden sandbox entry point in a re-exec'd kiln process; never returns.
+///
+/// Must be called first thing in `main` (while the process is single-threaded) when
+/// `argv[1] == INIT_ARG`.
+pub fn init_main() -> ! {
+    let code = match helper() {
+        Ok(()) => 0,
+        Err(e) => {
+            send(Report::Error(e.to_string()));
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+/// Writes one report line to the status pipe (best effort: the parent may be gone).
+fn send(report: Report) {
+    if let Ok(mut line) = serde_json::to_vec(&report) {
+        line.push(b'\n');
+        // SAFETY: STATUS_FD stays open for the life of this process; ManuallyDrop keeps it open.
+        let mut f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(STATUS_FD) });
+        let _ = f.write_all(&line);
+    }
+}
+
+/// The helper itself has no parent-death signal: when kiln dies, the control pipe reaches end of
+/// file and the helper kills the sandbox init before exiting (a parent-death signal on the init
+/// alone would not survive the init's setuid or an exec of a setuid binary).
+fn helper() -> Result<(), SandboxError> {
+    // SAFETY: the parent handed us CONFIG_FD; we take ownership and close it after reading.
+    let mut config_pipe = unsafe { File::from_raw_fd(CONFIG_FD) };
+    let mut buf = Vec::new();
+    config_pipe
+        .read_to_end(&mut buf)
+        .map_err(|e| SandboxError::sys("read config", Path::new("fd 3"), e))?;
+    drop(config_pipe);
+    let config: InitConfig = serde_json::from_slice(&buf)
+        .map_err(|e| SandboxError::InvalidInput(format!("sandbox config: {e}")))?;
+    // SAFETY: the parent handed us CONTROL_FD and nothing else owns it.
+    let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+
+    unshare(CloneFlags::CLONE_NEWPID)
+        .map_err(|e| SandboxError::sys("unshare(CLONE_NEWPID)", Path::new(""), e.into()))?;
+    // The init watches this pipe: end of file means the helper is gone.
+    let (alive_r, alive_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| SandboxError::sys("pipe2", Path::new(""), e.into()))?;
+    // SAFETY: this process is single-threaded (init_main runs first thing in main).
+    match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", Path::new(""), e.into()))? {
+        ForkResult::Child => {
+            drop((control, alive_w));
+            let err = match sandbox_init(&config, alive_r) {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            send(Report::Error(err.to_string()));
+            // SAFETY: terminating the child without running the parent's atexit handlers.
+            unsafe { libc::_exit(1) }
+        }
+        ForkResult::Parent { child } => {
+            drop(alive_r);
+            let r = supervise(child, control);
+            drop(alive_w);
+            r
+        }
+    }
+}
+
+/// Waits for the sandbox init to end, or kills it when the control pipe closes; reports how it
+/// ended. When it returns, every process of the step has exited.
+fn supervise(child: Pid, control: OwnedFd) -> Result<(), SandboxError> {
+    // Only the step's processes may hold the output pipe, so its end of file means they are gone.
+    let null = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| SandboxError::sys("open", Path::new("/dev/null"), e))?;
+    for fd in 0..3 {
+        // SAFETY: plain dup2 of a valid fd over the standard fds.
+        unsafe { libc::dup2(null.as_raw_fd(), fd) };
+    }
+    drop(null);
+    let pidfd = sys::pidfd_open(child.as_raw())
+        .map_err(|e| SandboxError::sys("pidfd_open", Path::new(""), e))?;
+    let mut cancelled = false;
+    loop {
+        let mut fds = [
+            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(control.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::sys("poll", Path::new(""), e.into())),
+            Ok(_) => {}
+        }
+        if fds[0].any().unwrap_or(false) {
+            break;
+        }
+        if fds[1].any().unwrap_or(false) {
+            cancelled = true;
+            let _ = kill(child, Signal::SIGKILL);
+            break;
+        }
+    }
+    let code = loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => break code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::sys("waitpid", Path::new(""), e.into())),
+        }
+    };
+    send(if cancelled {
+        Report::Cancelled
+    } else {
+        Report::Exit(code)
+    });
+    Ok(())
+}
+
+/// What a mount point must be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File,
+}
+
+/// Creates mount points inside the rootfs without ever leaving it (symlinks are resolved as if
+/// the rootfs were `/`), and reports what it created so the parent can remove it afterwards.
+struct Rootfs<'a> {
+    /// The host path of the merged overlay.
+    root: PathBuf,
+    root_fd: OwnedFd,
+    upper: &'a Path,
+}
+
+impl Rootfs<'_> {
+    fn open_in_root(&self, rel: &Path, dir: bool) -> Result<OwnedFd, Errno> {
+        let mut flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
+        if dir {
+            flags |= OFlag::O_DIRECTORY;
+        }
+        let how = OpenHow::new()
+            .flags(flags)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        openat2(self.root_fd.as_fd(), rel, how)
+    }
+
+    /// The host path (free of symlinks) an fd opened inside the rootfs refers to.
+    fn real_path(&self, fd: &OwnedFd, what: &Path) -> Result<PathBuf, SandboxError> {
+        let p = nix::fcntl::readlink(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str())
+            .map_err(|e| SandboxError::sys("readlink", what, e.into()))?;
+        Ok(PathBuf::from(p))
+    }
+
+    fn rel_of<'p>(&self, real: &'p Path) -> Option<&'p Path> {
+        real.strip_prefix(&self.root).ok()
+    }
+
+    /// Makes sure `target` (absolute in the rootfs) exists as `kind`, creating missing
+    /// components; returns its host path, or `None` when it exists as something else.
+    fn ensure(&self, target: &str, kind: Kind) -> Result<Option<PathBuf>, SandboxError> {
+        let mut prefix = PathBuf::new();
+        let comps: Vec<&OsStr> = Path::new(target)
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(Ok(n)),
+                Component::RootDir | Component::CurDir => None,
+                Component::ParentDir | Component::Prefix(_) => Some(Err(())),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|()| SandboxError::InvalidInput(format!("mount target {target:?} has ..")))?;
+        if comps.is_empty() {
+            return Err(SandboxError::InvalidInput(format!(
+                "mount target {target:?}"
+            )));
+        }
+        let mut parent = self
+            .open_in_root(Path::new("."), true)
+            .map_err(|e| SandboxError::sys("open", &self.root, e.into()))?;
+        for (i, name) in comps.iter().enumerate() {
+            let last = i + 1 == comps.len();
+            prefix.push(name);
+            let want_dir = !last || kind == Kind::Dir;
+            match self.open_in_root(&prefix, false) {
+                Ok(fd) => {
+                    let st =
+                        fstat(&fd).map_err(|e| SandboxError::sys("stat", &prefix, e.into()))?;
+                    let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                    let is_file = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+                    if want_dir && !is_dir || !want_dir && !is_file {
+                        if last {
+                            return Ok(None);
+                        }
+                        return Err(SandboxError::sys(
+                            "mount point parent",
+                            &prefix,
+                            std::io::Error::from(Errno::ENOTDIR),
+                        ));
+                    }
+                    parent = fd;
+                }
+                Err(Errno::ENOENT) => {
+                    let parent_real = self.real_path(&parent, &prefix)?;
+                    self.note_copy_up(&parent_real);
+                    let new = parent_real.join(name);
+                    if want_dir {
+                        mkdirat(parent.as_fd(), *name, Mode::from_bits_truncate(0o755))
+                            .map_err(|e| SandboxError::sys("mkdir", &new, e.into()))?;
+                    } else {
+                        File::options()
+                            .write(true)
+                            .create_new(true)
+                            .open(&new)
+                            .map_err(|e| SandboxError::sys("create", &new, e))?;
+                    }
+                    if let Some(rel) = self.rel_of(&new) {
+                        send(Report::Created(rel.to_string_lossy().into_owned()));
+                    }
+                    parent = self
+                        .open_in_root(&prefix, want_dir)
+                        .map_err(|e| SandboxError::sys("open", &new, e.into()))?;
+                }
+                Err(e) => return Err(SandboxError::sys("open", &prefix, e.into())),
+            }
+        }
+        self.real_path(&parent, &prefix).map(Some)
+    }
+
+    /// Before creating an entry in `dir` (a host path inside the rootfs), reports each directory
+    /// on the way that exists only in the lower layers: creating the entry copies it up.
+    fn note_copy_up(&self, dir: &Path) {
+        let Some(rel) = self.rel_of(dir) else { return };
+        let mut prefix = PathBuf::new();
+        for c in rel.components() {
+            prefix.push(c);
+            if self.upper.join(&prefix).symlink_metadata().is_ok() {
+                continue;
+            }
+            if let Ok(m) = self.root.join(&prefix).symlink_metadata() {
+                send(Report::CopiedUp {
+                    path: prefix.to_string_lossy().into_owned(),
+                    mode: m.mode(),
+                    uid: m.uid(),
+                    gid: m.gid(),
+                });
+            }
+        }
+    }
+}
+
+fn mount_at(
+    source: &str,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), SandboxError> {
+    mount(Some(source), target, fstype, flags, data).map_err(|e| {
+        SandboxError::sys(
+            &format!("mount({}, {})", fstype.unwrap_or("bind"), source),
+            target,
+            e.into(),
+        )
+    })
+}
+
+fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), SandboxError> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        SandboxError::sys(
+            &format!("bind mount {}", source.display()),
+            target,
+            e.into(),
+        )
+    })?;
+    if readonly {
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+            .map_err(|e| SandboxError::sys("remount read-only", target, e.into()))?;
+    }
+    Ok(())
+}
+
+/// Builds the rootfs and execs the command; returns only on failure.
+fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, SandboxError> {
+    // Everything created from here on (mount stubs, the working dir) gets predictable modes.
+    umask(Mode::from_bits_truncate(0o022));
+    die_with_helper(&helper_alive)?;
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
+    if cfg.network == NetworkMode::None {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).map_err(|e| SandboxError::sys("unshare", Path::new(""), e.into()))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| SandboxError::sys("make mounts private", Path::new("/"), e.into()))?;
+
+    let empty = [cfg.scratch.join("empty")];
+    let lowers = if cfg.lowers.is_empty() {
+        &empty[..]
+    } else {
+        &cfg.lowers[..]
+    };
+    let root = cfg.scratch.join("root");
+    sys::mount_overlay(
+        &Overlay {
+            lowers,
+            upper: &cfg.upper,
+            work: &cfg.work,
+        },
+        &root,
+    )?;
+    let root_fd = nix::fcntl::open(
+        &root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| SandboxError::sys("open", &root, e.into()))?;
+    let rootfs = Rootfs {
+        root: root.clone(),
+        root_fd,
+        upper: &cfg.upper,
+    };
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+
+    let required = |target: &str| -> Result<PathBuf, SandboxError> {
+        rootfs.ensure(target, Kind::Dir)?.ok_or_else(|| {
+            SandboxError::Setup(format!(
+                "{target} exists in the rootfs but is not a directory"
+            ))
+        })
+    };
+    let proc_dir = required("/proc")?;
+    mount_at("proc", &proc_dir, Some("proc"), nosuid_nodev_noexec, None)?;
+
+    let dev = required("/dev")?;
+    mount_at(
+        "tmpfs",
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )?;
+    populate_dev(&dev)?;
+
+    let sysfs = required("/sys")?;
+    let ro = nosuid_nodev_noexec | MsFlags::MS_RDONLY;
+    if mount(Some("sysfs"), &sysfs, Some("sysfs"), ro, None::<&str>).is_err() {
+        bind(Path::new("/sys"), &sysfs, true)?;
+    }
+
+    for name in ["hosts", "resolv.conf", "hostname"] {
+        if let Some(target) = rootfs.ensure(&format!("/etc/{name}"), Kind::File)? {
+            bind(&cfg.scratch.join(name), &target, false)?;
+        }
+    }
+    for b in &cfg.binds {
+        let kind = if b.source.is_dir() {
+            Kind::Dir
+        } else {
+            Kind::File
+        };
+        let target = rootfs.ensure(&b.target, kind)?.ok_or_else(|| {
+            SandboxError::Setup(format!(
+                "bind mount target {} exists but is not a {}",
+                b.target,
+                if kind == Kind::Dir {
+                    "directory"
+                } else {
+                    "file"
+                }
+            ))
+        })?;
+        bind(&b.source, &target, b.readonly)?;
+    }
+
+    let hostname = if cfg.hostname.is_empty() {
+        "localhost"
+    } else {
+        &cfg.hostname
+    };
+    nix::unistd::sethostname(hostname)
+        .map_err(|e| SandboxError::sys("sethostname", Path::new(hostname), e.into()))?;
+    if cfg.network == NetworkMode::None {
+        loopback_up()?;
+    }
+
+    // pivot_root(".", ".") stacks the old root on top of the new one; detach it.
+    nix::unistd::chdir(&root).map_err(|e| SandboxError::sys("chdir", &root, e.into()))?;
+    nix::unistd::pivot_root(".", ".")
+        .map_err(|e| SandboxError::sys("pivot_root", &root, e.into()))?;
+    umount2(".", MntFlags::MNT_DETACH)
+        .map_err(|e| SandboxError::sys("detach old root", Path::new("/"), e.into()))?;
+    nix::unistd::chdir("/").map_err(|e| SandboxError::sys("chdir", Path::new("/"), e.into()))?;
+    drop(rootfs);
+
+    let passwd = std::fs::read_to_string("/etc/passwd").ok();
+    let group = std::fs::read_to_string("/etc/group").ok();
+    let user = users::resolve(&cfg.user, passwd.as_deref(), group.as_deref())?;
+    let cwd = if cfg.cwd.is_empty() { "/" } else { &cfg.cwd };
+    std::fs::create_dir_all(cwd)
+        .map_err(|e| SandboxError::sys("create working dir", Path::new(cwd), e))?;
+    nix::unistd::chdir(cwd).map_err(|e| SandboxError::sys("chdir", Path::new(cwd), e.into()))?;
+
+    let gids: Vec<Gid> = user
+        .additional_gids
+        .iter()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
+    nix::unistd::setgroups(&gids)
+        .map_err(|e| SandboxError::sys("setgroups", Path::new(""), e.into()))?;
+    nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(|e| {
+        SandboxError::sys(&format!("setgid({})", user.gid), Path::new(""), e.into())
+    })?;
+    nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(|e| {
+        SandboxError::sys(&format!("setuid({})", user.uid), Path::new(""), e.into())
+    })?;
+    // Changing credentials cleared the parent-death signal: set it again for the command.
+    die_with_helper(&helper_alive)?;
+    sys::cloexec_from_3().map_err(|e| SandboxError::sys("close_range", Path::new(""), e))?;
+    exec(cfg)
+}
+
+/// Makes the kernel kill this process when the helper dies, and exits if it already has
+/// (`helper_alive` is the read end of a pipe only the helper writes to).
+fn die_with_helper(helper_alive: &OwnedFd) -> Result<(), SandboxError> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|e| SandboxError::sys("prctl(PR_SET_PDEATHSIG)", Path::new(""), e.into()))?;
+    let mut fds = [PollFd::new(helper_alive.as_fd(), PollFlags::POLLIN)];
+    if poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0) {
+        // SAFETY: leaving at once; nobody is left to report to.
+        unsafe { libc::_exit(1) }
+    }
+    Ok(())
+}
+
+/// Fills the fresh /dev tmpfs: device nodes bound from the host, a private devpts, shm, links.
+fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
+    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let (source, target) = (Path::new("/dev").join(node), dev.join(node));
+        if !source.exists() {
+            continue;
+        }
+        File::create(&target).map_err(|e| SandboxError::sys("create", &target, e))?;
+        bind(&source, &target, false)?;
+    }
+    for dir in ["pts", "shm"] {
+        let d = dev.join(dir);
+        std::fs::create_dir(&d).map_err(|e| SandboxError::sys("mkdir", &d, e))?;
+    }
+    mount_at(
+        "devpts",
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    mount_at(
+        "shm",
+        &dev.join("shm"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )?;
+    for (link, to) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let l = dev.join(link);
+        std::os::unix::fs::symlink(to, &l).map_err(|e| SandboxError::sys("symlink", &l, e))?;
+    }
+    Ok(())
+}
+
+/// Brings up `lo` in a fresh network namespace.
+fn loopback_up() -> Result<(), SandboxError> {
+    let lo = Path::new("lo");
+    // SAFETY: plain socket/ioctl calls on a zeroed ifreq whose name we fill in.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return Err(SandboxError::sys(
+                "socket",
+                lo,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let sock = OwnedFd::from_raw_fd(sock);
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(SandboxError::sys(
+                "SIOCGIFFLAGS",
+                lo,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(SandboxError::sys(
+                "SIOCSIFFLAGS",
+                lo,
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn cstr(s: &str) -> Result<CString, SandboxError> {
+    CString::new(s).map_err(|_| SandboxError::InvalidInput(format!("{s:?} contains a NUL byte")))
+}
+
+/// Writes a message to the step's stderr (part of its output) and exits with `code`.
+fn fail_exec(code: i32, msg: &str) -> ! {
+    // SAFETY: fd 2 is the output pipe; ManuallyDrop keeps it open.
+    let mut err = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(2) });
+    let _ = writeln!(err, "kiln: {msg}");
+    // SAFETY: leaving the process without unwinding.
+    unsafe { libc::_exit(code) }
+}
+
+/// Looks `argv[0]` up in `PATH` and execs it with exactly `cfg.env`.
+fn exec(cfg: &InitConfig) -> Result<Infallible, SandboxError> {
+    let Some(arg0) = cfg.argv.first() else {
+        return Err(SandboxError::InvalidInput("empty argv".into()));
+    };
+    let argv = cfg
+        .argv
+        .iter()
+        .map(|a| cstr(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let env = cfg
+        .env
+        .iter()
+        .map(|(k, v)| cstr(&format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let program = if arg0.contains('/') {
+        PathBuf::from(arg0)
+    } else {
+        let path = cfg
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+        let found = path
+            .split(':')
+            .map(|d| Path::new(if d.is_empty() { "." } else { d }).join(arg0))
+            .find(|p| {
+                p.is_file()
+                    && nix::unistd::access(p.as_path(), nix::unistd::AccessFlags::X_OK).is_ok()
+            });
+        match found {
+            Some(p) => p,
+            None => fail_exec(
+                127,
+                &format!("exec {arg0:?}: executable file not found in $PATH"),
+            ),
+        }
+    };
+    let prog = CString::new(program.as_os_str().as_bytes())
+        .map_err(|_| SandboxError::InvalidInput(format!("{program:?} contains a NUL byte")))?;
+    let Err(err) = nix::unistd::execve(&prog, &argv, &env);
+    let code = if err == Errno::ENOENT { 127 } else { 126 };
+    fail_exec(code, &format!("exec {}: {}", program.display(), err.desc()))
+}
