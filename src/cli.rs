@@ -11,10 +11,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use kiln::build::{self, BuildError, BuildOptions};
 use kiln::distribution;
-use kiln::registry::{Client, ClientOptions};
 use kiln::progress::{Mode, Progress};
 use kiln::recipe;
 use kiln::registry::reference::Reference;
+use kiln::registry::{Client, ClientOptions};
 use kiln::sandbox::NetworkMode;
 use kiln::store::{self, Store, StoredImage};
 
@@ -26,7 +26,11 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Build OCI images from Dockerfiles: daemonless, reproducible, fast")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build OCI images from Dockerfiles: daemonless, reproducible, fast"
+)]
 struct Cli {
     /// Store location (default: $KILN_ROOT, else /var/lib/kiln as root, else $XDG_DATA_HOME/kiln).
     #[arg(long, global = true, value_name = "DIR")]
@@ -190,13 +194,25 @@ struct Failure {
 
 impl Failure {
     fn usage(message: impl Into<String>) -> Failure {
-        Failure { error: message.into().into(), code: 2, hint: None }
+        Failure {
+            error: message.into().into(),
+            code: 2,
+            hint: None,
+        }
     }
     fn runtime(error: impl std::error::Error + 'static) -> Failure {
-        Failure { error: Box::new(error), code: 1, hint: None }
+        Failure {
+            error: Box::new(error),
+            code: 1,
+            hint: None,
+        }
     }
     fn input(error: impl std::error::Error + 'static) -> Failure {
-        Failure { error: Box::new(error), code: 2, hint: None }
+        Failure {
+            error: Box::new(error),
+            code: 2,
+            hint: None,
+        }
     }
     fn hint(mut self, hint: impl Into<String>) -> Failure {
         self.hint = Some(hint.into());
@@ -280,14 +296,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Images => {
             let store = Store::open(&root)?;
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{:<50} {:<15} {:<19} {:>10}  CREATED", "NAME", "TAG", "IMAGE ID", "SIZE");
+            let _ = writeln!(
+                out,
+                "{:<50} {:<15} {:<19} {:>10}  CREATED",
+                "NAME", "TAG", "IMAGE ID", "SIZE"
+            );
             for img in store.images()? {
                 let _ = writeln!(
                     out,
                     "{:<50} {:<15} {:<19} {:>10}  {}",
                     img.name,
                     img.tag,
-                    &img.image_id.hex()[..12],
+                    &img.id.hex()[..12],
                     human_size(img.size),
                     img.created.as_deref().unwrap_or("-")
                 );
@@ -298,7 +318,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let store = Store::open(&root)?;
             let img = find_image(&store, &image)?;
             let value = serde_json::to_value(&img.config).map_err(Failure::runtime)?;
-            println!("{}", serde_json::to_string_pretty(&value).map_err(Failure::runtime)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).map_err(Failure::runtime)?
+            );
             Ok(())
         }
         Command::Tag { src, dst } => {
@@ -318,19 +341,29 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Pull { reference, tls_verify } => {
+        Command::Pull {
+            reference,
+            tls_verify,
+        } => {
             let r = Reference::parse(&reference).map_err(Failure::input)?;
             let store = Store::open(&root)?;
-            let img = distribution::pull(&store, &client(tls_verify), &r).map_err(transfer_failure)?;
+            let img =
+                distribution::pull(&store, &client(tls_verify), &r).map_err(transfer_failure)?;
             eprintln!("pulled {r}");
             println!("{}", img.config_digest);
             Ok(())
         }
-        Command::Push { image, reference, tls_verify } => {
+        Command::Push {
+            image,
+            reference,
+            tls_verify,
+        } => {
             let store = Store::open(&root)?;
             let img = find_image(&store, &image)?;
-            let target = Reference::parse(reference.as_deref().unwrap_or(&image)).map_err(Failure::input)?;
-            let digest = distribution::push(&store, &client(tls_verify), &img, &target).map_err(transfer_failure)?;
+            let target =
+                Reference::parse(reference.as_deref().unwrap_or(&image)).map_err(Failure::input)?;
+            let digest = distribution::push(&store, &client(tls_verify), &img, &target)
+                .map_err(transfer_failure)?;
             eprintln!("pushed {target}");
             println!("{digest}");
             Ok(())
@@ -338,14 +371,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Prune => {
             let store = Store::open(&root)?;
             let report = store.prune()?;
-            eprintln!("{report}");
+            eprintln!(
+                "removed {} images, {} blobs ({}), {} unpacked layers, {} cache records",
+                report.images_removed,
+                report.blobs_removed,
+                human_size(report.bytes_freed),
+                report.layer_dirs_removed,
+                report.cache_records_removed
+            );
             Ok(())
         }
     }
 }
 
 fn client(tls_verify: bool) -> Client {
-    Client::new(ClientOptions { tls_verify, ..Default::default() })
+    Client::new(ClientOptions {
+        tls_verify,
+        ..Default::default()
+    })
 }
 
 fn transfer_failure(e: distribution::TransferError) -> Failure {
@@ -365,7 +408,9 @@ fn transfer_failure(e: distribution::TransferError) -> Failure {
 struct NotFound(String);
 
 fn normalize(name: &str) -> Result<String, Failure> {
-    Reference::parse(name).map(|r| r.to_string()).map_err(Failure::input)
+    Reference::parse(name)
+        .map(|r| r.to_string())
+        .map_err(Failure::input)
 }
 
 fn find_image(store: &Store, name: &str) -> Result<StoredImage, Failure> {
@@ -388,7 +433,11 @@ fn human_size(bytes: u64) -> String {
         v /= 1000.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes}B") } else { format!("{v:.1}{}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, Failure> {
@@ -399,7 +448,9 @@ fn parse(file: &Path, format: ParseFormat) -> Result<(), Failure> {
     let bytes = read_file(file)?;
     let name = file.display().to_string();
     let text = match format {
-        ParseFormat::Dump => recipe::dump(&recipe::parse_syntax(&bytes, &name).map_err(Failure::input)?),
+        ParseFormat::Dump => {
+            recipe::dump(&recipe::parse_syntax(&bytes, &name).map_err(Failure::input)?)
+        }
         ParseFormat::Json => {
             let recipe = recipe::parse(&bytes, &name).map_err(Failure::input)?;
             serde_json::to_string_pretty(&recipe).map_err(Failure::runtime)?
@@ -420,9 +471,9 @@ enum Output {
 fn parse_output(spec: &str) -> Result<Output, Failure> {
     let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
     for part in spec.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| Failure::usage(format!("--output {spec:?}: expected key=value pairs")))?;
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            Failure::usage(format!("--output {spec:?}: expected key=value pairs"))
+        })?;
         fields.insert(k, v);
     }
     let dest = || {
@@ -450,24 +501,36 @@ fn key_value(s: &str, what: &str) -> Result<(String, String), Failure> {
 
 fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     if args.compression == CompressionArg::Zstd {
-        return Err(Failure::usage("--compression zstd is not supported yet").hint("use --compression gzip"));
+        return Err(Failure::usage("--compression zstd is not supported yet")
+            .hint("use --compression gzip"));
     }
     let context_dir = args.context.clone();
     if !context_dir.is_dir() {
-        return Err(Failure::usage(format!("build context {} is not a directory", context_dir.display())));
+        return Err(Failure::usage(format!(
+            "build context {} is not a directory",
+            context_dir.display()
+        )));
     }
     let (recipe_path, recipe_bytes) = match &args.file {
         Some(p) if p.as_os_str() == "-" => {
             let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf).map_err(|e| Failure::usage(format!("reading the recipe from stdin: {e}")))?;
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| Failure::usage(format!("reading the recipe from stdin: {e}")))?;
             (PathBuf::from("<stdin>"), buf)
         }
         Some(p) => (p.clone(), read_file(p)?),
         None => {
-            let candidates = [context_dir.join("Dockerfile"), context_dir.join("Containerfile")];
+            let candidates = [
+                context_dir.join("Dockerfile"),
+                context_dir.join("Containerfile"),
+            ];
             let found = candidates.iter().find(|p| p.is_file()).ok_or_else(|| {
-                Failure::usage(format!("no Dockerfile or Containerfile in {}", context_dir.display()))
-                    .hint("name the recipe with -f PATH")
+                Failure::usage(format!(
+                    "no Dockerfile or Containerfile in {}",
+                    context_dir.display()
+                ))
+                .hint("name the recipe with -f PATH")
             })?;
             (found.clone(), read_file(found)?)
         }
@@ -485,7 +548,11 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             }
         }
     }
-    let labels = args.labels.iter().map(|l| key_value(l, "--label")).collect::<Result<BTreeMap<_, _>, _>>()?;
+    let labels = args
+        .labels
+        .iter()
+        .map(|l| key_value(l, "--label"))
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
     let mut secrets = BTreeMap::new();
     for s in &args.secrets {
         let mut id = None;
@@ -494,35 +561,59 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             match part.split_once('=') {
                 Some(("id", v)) => id = Some(v.to_string()),
                 Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
-                _ => return Err(Failure::usage(format!("--secret {s:?}: expected id=ID,src=PATH"))),
+                _ => {
+                    return Err(Failure::usage(format!(
+                        "--secret {s:?}: expected id=ID,src=PATH"
+                    )));
+                }
             }
         }
         match (id, src) {
             (Some(id), Some(src)) if src.is_file() => {
                 secrets.insert(id, src);
             }
-            (Some(_), Some(src)) => return Err(Failure::usage(format!("--secret {s:?}: {} is not a file", src.display()))),
-            _ => return Err(Failure::usage(format!("--secret {s:?}: expected id=ID,src=PATH"))),
+            (Some(_), Some(src)) => {
+                return Err(Failure::usage(format!(
+                    "--secret {s:?}: {} is not a file",
+                    src.display()
+                )));
+            }
+            _ => {
+                return Err(Failure::usage(format!(
+                    "--secret {s:?}: expected id=ID,src=PATH"
+                )));
+            }
         }
     }
     let source_date_epoch = match args.source_date_epoch {
         Some(n) => Some(n),
         None => match std::env::var("SOURCE_DATE_EPOCH") {
-            Ok(v) if !v.is_empty() => Some(
-                v.parse::<i64>()
-                    .map_err(|_| Failure::usage(format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")))?,
-            ),
+            Ok(v) if !v.is_empty() => Some(v.parse::<i64>().map_err(|_| {
+                Failure::usage(format!(
+                    "SOURCE_DATE_EPOCH={v:?} is not a number of seconds"
+                ))
+            })?),
             _ => None,
         },
     };
-    let mut outputs = args.outputs.iter().map(|o| parse_output(o)).collect::<Result<Vec<_>, _>>()?;
+    let mut outputs = args
+        .outputs
+        .iter()
+        .map(|o| parse_output(o))
+        .collect::<Result<Vec<_>, _>>()?;
     if args.push {
         outputs.push(Output::Registry);
     }
     if outputs.iter().any(|o| matches!(o, Output::Registry)) && args.tags.is_empty() {
-        return Err(Failure::usage("pushing needs at least one -t NAME[:TAG] to push to"));
+        return Err(Failure::usage(
+            "pushing needs at least one -t NAME[:TAG] to push to",
+        ));
     }
-    let tags = args.tags.iter().map(|t| normalize(t)).collect::<Result<Vec<_>, _>>()?;
+    let tags = args
+        .tags
+        .iter()
+        .map(|t| normalize(t))
+        .collect::<Result<Vec<_>, _>>()?;
     let mode = match (args.quiet, args.progress) {
         (true, _) | (_, ProgressArg::Quiet) => Mode::Quiet,
         (_, ProgressArg::Plain) => Mode::Plain,
@@ -544,9 +635,14 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         },
         secrets,
         source_date_epoch,
-        jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        jobs: args.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
         tls_verify: args.tls_verify,
-        helper_exe: std::env::current_exe().map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
+        helper_exe: std::env::current_exe()
+            .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
     };
     let store = Store::open(root)?;
     let progress = Progress::new(mode);
@@ -558,7 +654,11 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         } else {
             1
         };
-        Failure { error: Box::new(e), code, hint: None }
+        Failure {
+            error: Box::new(e),
+            code,
+            hint: None,
+        }
     })?;
     for t in &tags {
         store.tag(t, &image.manifest)?;
@@ -578,8 +678,8 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             Output::Registry => {
                 for t in &tags {
                     let r = Reference::parse(t).map_err(Failure::input)?;
-                    let digest =
-                        distribution::push(&store, &client(args.tls_verify), &image, &r).map_err(transfer_failure)?;
+                    let digest = distribution::push(&store, &client(args.tls_verify), &image, &r)
+                        .map_err(transfer_failure)?;
                     progress.info(&format!("pushed {r}@{digest}"));
                 }
             }
@@ -587,7 +687,8 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     }
     let id = image.config_digest.to_string();
     if let Some(path) = &args.iidfile {
-        std::fs::write(path, &id).map_err(|e| Failure::usage(format!("writing {}: {e}", path.display())))?;
+        std::fs::write(path, &id)
+            .map_err(|e| Failure::usage(format!("writing {}: {e}", path.display())))?;
     }
     progress.finish(&id);
     println!("{id}");

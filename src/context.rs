@@ -73,9 +73,10 @@ pub struct Entry {
 impl Context {
     /// Opens `dir`, loading `<dockerfile>.dockerignore` or `dir/.dockerignore`.
     pub fn open(dir: &Path, dockerfile: Option<&Path>) -> Result<Context, ContextError> {
-        let root = dir
-            .canonicalize()
-            .map_err(|source| ContextError::Open { path: dir.to_path_buf(), source })?;
+        let root = dir.canonicalize().map_err(|source| ContextError::Open {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         if !root.is_dir() {
             return Err(ContextError::Open {
                 path: dir.to_path_buf(),
@@ -84,10 +85,14 @@ impl Context {
         }
         let ignore = match ignore_file_for(&root, dockerfile) {
             Some(path) => {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|source| ContextError::Open { path: path.clone(), source })?;
-                IgnoreRules::parse(&text)
-                    .map_err(|e| ContextError::Ignore { path: path.clone(), message: e.to_string() })?
+                let text = std::fs::read_to_string(&path).map_err(|source| ContextError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+                IgnoreRules::parse(&text).map_err(|e| ContextError::Ignore {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
             }
             None => IgnoreRules::empty(),
         };
@@ -101,14 +106,19 @@ impl Context {
 
     /// The host path of a context-relative path that [`Context::resolve`] returned.
     pub fn host_path(&self, rel: &str) -> PathBuf {
-        if rel.is_empty() { self.root.clone() } else { self.root.join(rel) }
+        if rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(rel)
+        }
     }
 
     /// Expands one COPY source (a path or a glob, relative to the context root) into the
     /// matching context-relative paths, sorted. A top-level symlink is followed, but only inside
     /// the context.
     pub fn resolve(&self, pattern: &str) -> Result<Vec<String>, ContextError> {
-        let cleaned = clean_relative(pattern).ok_or_else(|| ContextError::Outside(pattern.to_string()))?;
+        let cleaned =
+            clean_relative(pattern).ok_or_else(|| ContextError::Outside(pattern.to_string()))?;
         let mut current = vec![String::new()];
         for component in cleaned.split('/').filter(|c| !c.is_empty()) {
             let mut next = Vec::new();
@@ -120,10 +130,15 @@ impl Context {
                         .literal_separator(true)
                         .backslash_escape(true)
                         .build()
-                        .map_err(|e| ContextError::Pattern { pattern: pattern.to_string(), message: e.to_string() })?
+                        .map_err(|e| ContextError::Pattern {
+                            pattern: pattern.to_string(),
+                            message: e.to_string(),
+                        })?
                         .compile_matcher();
                     let dir = self.host_path(&base);
-                    let Ok(read) = std::fs::read_dir(&dir) else { continue };
+                    let Ok(read) = std::fs::read_dir(&dir) else {
+                        continue;
+                    };
                     let mut names: Vec<String> = read
                         .filter_map(|e| e.ok())
                         .filter_map(|e| e.file_name().into_string().ok())
@@ -162,8 +177,11 @@ impl Context {
             let host = self.host_path(&rel);
             match std::fs::symlink_metadata(&host) {
                 Ok(m) if m.file_type().is_symlink() => {
-                    let target = std::fs::read_link(&host)
-                        .map_err(|source| ContextError::Read { path: rel.clone(), source })?;
+                    let target =
+                        std::fs::read_link(&host).map_err(|source| ContextError::Read {
+                            path: rel.clone(),
+                            source,
+                        })?;
                     let target = target.to_string_lossy();
                     let joined = if target.starts_with('/') {
                         target.to_string()
@@ -171,7 +189,8 @@ impl Context {
                         let parent = rel.rsplit_once('/').map_or("", |(p, _)| p);
                         join(parent, &target)
                     };
-                    rel = clean_relative(&joined).ok_or_else(|| ContextError::Outside(pattern.to_string()))?;
+                    rel = clean_relative(&joined)
+                        .ok_or_else(|| ContextError::Outside(pattern.to_string()))?;
                 }
                 _ => return Ok(rel),
             }
@@ -184,10 +203,15 @@ impl Context {
     pub fn walk(&self, rel: &str) -> Result<Vec<Entry>, ContextError> {
         let mut out = Vec::new();
         let host = self.host_path(rel);
-        let meta = std::fs::symlink_metadata(&host)
-            .map_err(|source| ContextError::Read { path: rel.to_string(), source })?;
+        let meta = std::fs::symlink_metadata(&host).map_err(|source| ContextError::Read {
+            path: rel.to_string(),
+            source,
+        })?;
         let is_dir = meta.is_dir();
-        out.push(Entry { rel: rel.to_string(), meta });
+        out.push(Entry {
+            rel: rel.to_string(),
+            meta,
+        });
         if is_dir {
             self.walk_dir(rel, &mut out)?;
         }
@@ -195,25 +219,37 @@ impl Context {
     }
 
     fn walk_dir(&self, rel: &str, out: &mut Vec<Entry>) -> Result<(), ContextError> {
-        let read = std::fs::read_dir(self.host_path(rel))
-            .map_err(|source| ContextError::Read { path: rel.to_string(), source })?;
+        let read = std::fs::read_dir(self.host_path(rel)).map_err(|source| ContextError::Read {
+            path: rel.to_string(),
+            source,
+        })?;
         let mut names: Vec<String> = Vec::new();
         for e in read {
-            let e = e.map_err(|source| ContextError::Read { path: rel.to_string(), source })?;
+            let e = e.map_err(|source| ContextError::Read {
+                path: rel.to_string(),
+                source,
+            })?;
             names.push(e.file_name().to_string_lossy().into_owned());
         }
         names.sort();
         for n in names {
             let child = join(rel, &n);
-            let meta = std::fs::symlink_metadata(self.host_path(&child))
-                .map_err(|source| ContextError::Read { path: child.clone(), source })?;
+            let meta = std::fs::symlink_metadata(self.host_path(&child)).map_err(|source| {
+                ContextError::Read {
+                    path: child.clone(),
+                    source,
+                }
+            })?;
             let excluded = self.ignore.is_excluded(&child);
             if meta.is_dir() {
                 if excluded && !self.ignore.may_reinclude_under(&child) {
                     continue;
                 }
                 if !excluded {
-                    out.push(Entry { rel: child.clone(), meta });
+                    out.push(Entry {
+                        rel: child.clone(),
+                        meta,
+                    });
                 }
                 self.walk_dir(&child, out)?;
             } else if !excluded {
@@ -225,7 +261,10 @@ impl Context {
 
     /// Content digests of entries for cache keys: path → short hex digest of (type, mode,
     /// owner, size, link target, content).
-    pub fn digest_entries(&self, entries: &[Entry]) -> Result<BTreeMap<String, String>, ContextError> {
+    pub fn digest_entries(
+        &self,
+        entries: &[Entry],
+    ) -> Result<BTreeMap<String, String>, ContextError> {
         let mut out = BTreeMap::new();
         let mut buf = vec![0u8; 64 * 1024];
         for e in entries {
@@ -234,13 +273,21 @@ impl Context {
             h.update(format!("{:o} {} {} {}\n", m.mode(), m.uid(), m.gid(), m.len()).as_bytes());
             let host = self.host_path(&e.rel);
             if m.file_type().is_symlink() {
-                let t = std::fs::read_link(&host).map_err(|source| ContextError::Read { path: e.rel.clone(), source })?;
+                let t = std::fs::read_link(&host).map_err(|source| ContextError::Read {
+                    path: e.rel.clone(),
+                    source,
+                })?;
                 h.update(t.as_os_str().as_encoded_bytes());
             } else if m.is_file() {
-                let mut f = std::fs::File::open(&host)
-                    .map_err(|source| ContextError::Read { path: e.rel.clone(), source })?;
+                let mut f = std::fs::File::open(&host).map_err(|source| ContextError::Read {
+                    path: e.rel.clone(),
+                    source,
+                })?;
                 loop {
-                    let n = f.read(&mut buf).map_err(|source| ContextError::Read { path: e.rel.clone(), source })?;
+                    let n = f.read(&mut buf).map_err(|source| ContextError::Read {
+                        path: e.rel.clone(),
+                        source,
+                    })?;
                     if n == 0 {
                         break;
                     }
@@ -254,7 +301,11 @@ impl Context {
 }
 
 fn join(base: &str, name: &str) -> String {
-    if base.is_empty() { name.to_string() } else { format!("{base}/{name}") }
+    if base.is_empty() {
+        name.to_string()
+    } else {
+        format!("{base}/{name}")
+    }
 }
 
 /// Cleans a path lexically relative to a root: drops leading `/`, `.` and empty components,
@@ -318,10 +369,16 @@ mod tests {
     #[test]
     fn sources_stay_inside() {
         let (_d, c) = ctx();
-        assert!(matches!(c.resolve("../etc/passwd"), Err(ContextError::Outside(_))));
+        assert!(matches!(
+            c.resolve("../etc/passwd"),
+            Err(ContextError::Outside(_))
+        ));
         assert!(matches!(c.resolve("up"), Err(ContextError::Outside(_))));
         // An absolute symlink resolves inside the context, where /etc does not exist.
-        assert!(matches!(c.resolve("abs/passwd"), Err(ContextError::NotFound(_))));
+        assert!(matches!(
+            c.resolve("abs/passwd"),
+            Err(ContextError::NotFound(_))
+        ));
         assert_eq!(c.resolve("applink").unwrap(), vec!["app"]);
     }
 
@@ -330,7 +387,10 @@ mod tests {
         let (d, c) = ctx();
         let e = c.walk("app/main.py").unwrap();
         let a = c.digest_entries(&e).unwrap();
-        let f = std::fs::File::options().write(true).open(d.path().join("app/main.py")).unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(d.path().join("app/main.py"))
+            .unwrap();
         f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
         let e = c.walk("app/main.py").unwrap();
         assert_eq!(a, c.digest_entries(&e).unwrap());

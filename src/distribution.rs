@@ -31,11 +31,18 @@ pub enum TransferError {
 }
 
 fn invalid(r: &Reference, message: impl Into<String>) -> TransferError {
-    TransferError::Invalid { reference: r.to_string(), message: message.into() }
+    TransferError::Invalid {
+        reference: r.to_string(),
+        message: message.into(),
+    }
 }
 
 /// Pulls `reference` into the store and names it there by its normalised name.
-pub fn pull(store: &Store, client: &Client, reference: &Reference) -> Result<StoredImage, TransferError> {
+pub fn pull(
+    store: &Store,
+    client: &Client,
+    reference: &Reference,
+) -> Result<StoredImage, TransferError> {
     let (mut media_type, mut bytes, mut digest) = client.get_manifest(reference)?;
     if image::is_index_type(&media_type) {
         let (os, arch, variant) = image::host_platform();
@@ -45,12 +52,15 @@ pub fn pull(store: &Store, client: &Client, reference: &Reference) -> Result<Sto
         (media_type, bytes, digest) = client.get_manifest(&pinned)?;
     }
     if !image::is_manifest_type(&media_type) {
-        return Err(invalid(reference, format!("unsupported manifest type {media_type}")));
+        return Err(invalid(
+            reference,
+            format!("unsupported manifest type {media_type}"),
+        ));
     }
     let manifest = Manifest::from_json(&bytes).map_err(|e| invalid(reference, e.to_string()))?;
     let mut blobs: Vec<&Descriptor> = vec![&manifest.config];
     blobs.extend(manifest.layers.iter());
-    let fetch = |d: &Descriptor| -> Result<(), TransferError> {
+    let fetch = |d: &&Descriptor| -> Result<(), TransferError> {
         if store.has_blob(&d.digest) {
             return Ok(());
         }
@@ -62,7 +72,10 @@ pub fn pull(store: &Store, client: &Client, reference: &Reference) -> Result<Sto
     for_each_parallel(&blobs, fetch)?;
     let (stored, size) = store.put_blob(&bytes)?;
     if stored != digest {
-        return Err(invalid(reference, format!("manifest digest {stored} does not match {digest}")));
+        return Err(invalid(
+            reference,
+            format!("manifest digest {stored} does not match {digest}"),
+        ));
     }
     let desc = Descriptor::new(&media_type, digest, size);
     store.tag(&reference_name(reference), &desc)?;
@@ -77,10 +90,15 @@ fn reference_name(r: &Reference) -> String {
 }
 
 /// Pushes a stored image to `reference`; returns the manifest digest.
-pub fn push(store: &Store, client: &Client, img: &StoredImage, reference: &Reference) -> Result<Digest, TransferError> {
+pub fn push(
+    store: &Store,
+    client: &Client,
+    img: &StoredImage,
+    reference: &Reference,
+) -> Result<Digest, TransferError> {
     let mut blobs: Vec<&Descriptor> = img.manifest_body.layers.iter().collect();
     blobs.push(&img.manifest_body.config);
-    let upload = |d: &Descriptor| -> Result<(), TransferError> {
+    let upload = |d: &&Descriptor| -> Result<(), TransferError> {
         let open = || -> std::io::Result<Box<dyn std::io::Read>> {
             let f = store.open_blob(&d.digest).map_err(std::io::Error::other)?;
             Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, f)))
@@ -103,7 +121,14 @@ fn for_each_parallel<T: Sync>(
             let handles: Vec<_> = chunk.iter().map(|item| s.spawn(|| f(item))).collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(TransferError::Invalid { reference: String::new(), message: "transfer thread panicked".into() })))
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(TransferError::Invalid {
+                            reference: String::new(),
+                            message: "transfer thread panicked".into(),
+                        })
+                    })
+                })
                 .collect::<Result<Vec<()>, _>>()
         })?;
     }

@@ -2,16 +2,16 @@
 //!
 //! Modules, from the top of the pipeline down (DESIGN.md §3); a module only uses those below it.
 
-pub mod recipe;
-pub mod plan;
-pub mod context;
 pub mod build;
+pub mod context;
+pub mod digest;
 pub mod distribution;
-pub mod sandbox;
+pub mod image;
+pub mod plan;
+pub mod progress;
+pub mod recipe;
+pub mod registry;
 pub mod rootfs;
+pub mod sandbox;
 pub mod snapshot;
 pub mod store;
-pub mod image;
-pub mod registry;
-pub mod progress;
-pub mod digest;

@@ -116,7 +116,10 @@ pub struct PlanOptions {
 }
 
 fn invalid(span: Span, message: impl Into<String>) -> PlanError {
-    PlanError::Invalid { line: span.start_line, message: message.into() }
+    PlanError::Invalid {
+        line: span.start_line,
+        message: message.into(),
+    }
 }
 
 /// Resolves stages, bases, `COPY --from` sources and the target; prunes unneeded stages.
@@ -166,13 +169,19 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
             .map_err(|e| invalid(stage.span, e.to_string()))?
             .value;
         if base_text.is_empty() {
-            return Err(invalid(stage.span, format!("FROM {:?} expands to an empty name", stage.base)));
+            return Err(invalid(
+                stage.span,
+                format!("FROM {:?} expands to an empty name", stage.base),
+            ));
         }
         let base = if base_text.eq_ignore_ascii_case("scratch") {
             Base::Scratch
         } else if let Some(&i) = name_to_index.get(base_text.to_ascii_lowercase().as_str()) {
             if i >= index {
-                return Err(invalid(stage.span, format!("stage {base_text:?} is used before it is defined")));
+                return Err(invalid(
+                    stage.span,
+                    format!("stage {base_text:?} is used before it is defined"),
+                ));
             }
             Base::Stage(i)
         } else {
@@ -199,7 +208,10 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
                         CopySource::Stage(i)
                     }
                     None if value.parse::<usize>().is_ok() => {
-                        return Err(invalid(instr.span, format!("--from={value}: no earlier stage has that index")));
+                        return Err(invalid(
+                            instr.span,
+                            format!("--from={value}: no earlier stage has that index"),
+                        ));
                     }
                     None => CopySource::Image(value),
                 };
@@ -216,8 +228,13 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
     }
 
     let target = match &opts.target {
-        None => stages.len().checked_sub(1).ok_or_else(|| PlanError::UnknownTarget(String::new()))?,
-        Some(t) => find_stage(t, stages.len()).ok_or_else(|| PlanError::UnknownTarget(t.clone()))?,
+        None => stages
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| PlanError::UnknownTarget(String::new()))?,
+        Some(t) => {
+            find_stage(t, stages.len()).ok_or_else(|| PlanError::UnknownTarget(t.clone()))?
+        }
     };
     let mut needed = BTreeSet::new();
     let mut todo = vec![target];
@@ -241,7 +258,13 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         .cloned()
         .collect();
 
-    Ok(Plan { stages, target, needed: needed.into_iter().collect(), meta_args: meta, unused_build_args })
+    Ok(Plan {
+        stages,
+        target,
+        needed: needed.into_iter().collect(),
+        meta_args: meta,
+        unused_build_args,
+    })
 }
 
 /// Everything that determines a step's result besides its parent. Serialised canonically
@@ -321,10 +344,18 @@ pub fn explain_difference(old: &StepInputs, new: &StepInputs, parent_changed: bo
     for path in old.files.keys().filter(|p| !new.files.contains_key(*p)) {
         removed.push(path);
     }
-    for (what, list) in [("changed", &changed), ("added", &added), ("removed", &removed)] {
+    for (what, list) in [
+        ("changed", &changed),
+        ("added", &added),
+        ("removed", &removed),
+    ] {
         if !list.is_empty() {
             let noun = if list.len() == 1 { "file" } else { "files" };
-            reasons.push(format!("{} {noun} {what}: {}", list.len(), join_names(list)));
+            reasons.push(format!(
+                "{} {noun} {what}: {}",
+                list.len(),
+                join_names(list)
+            ));
         }
     }
     if old.from != new.from {
@@ -342,7 +373,12 @@ pub fn explain_difference(old: &StepInputs, new: &StepInputs, parent_changed: bo
 
 fn join_names(names: &[&String]) -> String {
     const SHOWN: usize = 3;
-    let mut s = names.iter().take(SHOWN).map(|n| n.as_str()).collect::<Vec<_>>().join(", ");
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > SHOWN {
         s.push_str(&format!(" and {} more", names.len() - SHOWN));
     }
@@ -357,7 +393,10 @@ mod tests {
     fn plan_of(src: &str, target: Option<&str>, args: &[(&str, &str)]) -> Plan {
         let recipe = parse(src.as_bytes(), "Dockerfile").unwrap();
         let opts = PlanOptions {
-            build_args: args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            build_args: args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             target: target.map(str::to_string),
             platform_args: BTreeMap::new(),
         };
@@ -374,33 +413,58 @@ mod tests {
         assert_eq!(p.target, 2);
         assert_eq!(p.needed, vec![0, 2]);
         assert_eq!(p.stages[2].base, Base::Stage(0));
-        assert_eq!(p.stages[2].copy_sources.get("0"), Some(&CopySource::Stage(0)));
+        assert_eq!(
+            p.stages[2].copy_sources.get("0"),
+            Some(&CopySource::Stage(0))
+        );
     }
 
     #[test]
     fn global_args_resolve_from_lines() {
         let src = "ARG IMG=base\nARG TAG\nFROM ${IMG}:${TAG:-1}\n";
-        assert_eq!(plan_of(src, None, &[]).stages[0].base, Base::Image("base:1".into()));
-        assert_eq!(plan_of(src, None, &[("TAG", "2")]).stages[0].base, Base::Image("base:2".into()));
+        assert_eq!(
+            plan_of(src, None, &[]).stages[0].base,
+            Base::Image("base:1".into())
+        );
+        assert_eq!(
+            plan_of(src, None, &[("TAG", "2")]).stages[0].base,
+            Base::Image("base:2".into())
+        );
     }
 
     #[test]
     fn copy_from_image_and_unused_args() {
-        let p = plan_of("FROM scratch\nCOPY --from=alpine:3 /x /x\n", None, &[("NOPE", "1"), ("HTTP_PROXY", "p")]);
-        assert_eq!(p.stages[0].copy_sources.get("alpine:3"), Some(&CopySource::Image("alpine:3".into())));
+        let p = plan_of(
+            "FROM scratch\nCOPY --from=alpine:3 /x /x\n",
+            None,
+            &[("NOPE", "1"), ("HTTP_PROXY", "p")],
+        );
+        assert_eq!(
+            p.stages[0].copy_sources.get("alpine:3"),
+            Some(&CopySource::Image("alpine:3".into()))
+        );
         assert_eq!(p.unused_build_args, vec!["NOPE".to_string()]);
     }
 
     #[test]
     fn unknown_target_is_an_error() {
         let recipe = parse(b"FROM scratch AS a\n", "Dockerfile").unwrap();
-        let opts = PlanOptions { target: Some("zzz".into()), ..Default::default() };
-        assert!(matches!(plan(&recipe, &opts), Err(PlanError::UnknownTarget(_))));
+        let opts = PlanOptions {
+            target: Some("zzz".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            plan(&recipe, &opts),
+            Err(PlanError::UnknownTarget(_))
+        ));
     }
 
     #[test]
     fn keys_depend_on_parent_and_inputs() {
-        let a = StepInputs { instruction: "RUN x".into(), ..Default::default() };
+        let a = StepInputs {
+            instruction: "RUN x".into(),
+            ..Default::default()
+        };
         let mut b = a.clone();
         b.args.insert("V".into(), "1".into());
         let p = Digest::of(b"parent");
@@ -411,16 +475,28 @@ mod tests {
 
     #[test]
     fn explains_differences() {
-        let mut old = StepInputs { instruction: "COPY app/ /app".into(), ..Default::default() };
+        let mut old = StepInputs {
+            instruction: "COPY app/ /app".into(),
+            ..Default::default()
+        };
         old.files.insert("app/main.py".into(), "1".into());
         old.files.insert("app/util.py".into(), "2".into());
         let mut new = old.clone();
         new.files.insert("app/main.py".into(), "3".into());
-        assert_eq!(explain_difference(&old, &new, false), "1 file changed: app/main.py");
+        assert_eq!(
+            explain_difference(&old, &new, false),
+            "1 file changed: app/main.py"
+        );
         let mut new2 = old.clone();
         new2.args.insert("VERSION".into(), "2".into());
         old.args.insert("VERSION".into(), "1".into());
-        assert_eq!(explain_difference(&old, &new2, false), "build arg VERSION changed");
-        assert_eq!(explain_difference(&old, &old, true), "an earlier step changed");
+        assert_eq!(
+            explain_difference(&old, &new2, false),
+            "build arg VERSION changed"
+        );
+        assert_eq!(
+            explain_difference(&old, &old, true),
+            "an earlier step changed"
+        );
     }
 }

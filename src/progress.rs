@@ -33,12 +33,22 @@ pub struct StepLabel {
 
 impl std::fmt::Display for StepLabel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "[{} {}/{}] {}", self.stage, self.number, self.total, one_line(&self.text, 100))
+        write!(
+            f,
+            "[{} {}/{}] {}",
+            self.stage,
+            self.number,
+            self.total,
+            one_line(&self.text, 100)
+        )
     }
 }
 
 fn one_line(s: &str, max: usize) -> String {
-    let flat: String = s.chars().map(|c| if c == '\n' || c == '\r' { ' ' } else { c }).collect();
+    let flat: String = s
+        .chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect();
     if flat.chars().count() > max {
         let mut t: String = flat.chars().take(max - 3).collect();
         t.push_str("...");
@@ -65,8 +75,14 @@ struct Counts {
 impl Progress {
     /// A sink in the given mode.
     pub fn new(mode: Mode) -> Progress {
-        let multi = (mode == Mode::Tty).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        Progress { mode, start: Instant::now(), multi, counts: Mutex::new(Counts::default()) }
+        let multi = (mode == Mode::Tty)
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        Progress {
+            mode,
+            start: Instant::now(),
+            multi,
+            counts: Mutex::new(Counts::default()),
+        }
     }
 
     /// The mode in use.
@@ -115,12 +131,22 @@ impl Progress {
         if self.mode == Mode::Plain {
             self.line(&label.to_string());
         }
-        Step { progress: self, label, start: Instant::now(), bar, partial: Vec::new() }
+        Step {
+            progress: self,
+            label,
+            start: Instant::now(),
+            bar,
+            partial: Vec::new(),
+        }
     }
 
     /// The end-of-build summary line.
     pub fn finish(&self, image_id: &str) {
-        let c = self.counts.lock().map(|c| (c.cached, c.built)).unwrap_or((0, 0));
+        let c = self
+            .counts
+            .lock()
+            .map(|c| (c.cached, c.built))
+            .unwrap_or((0, 0));
         let secs = self.start.elapsed().as_secs_f64();
         self.line(&format!(
             "built {image_id} in {secs:.2}s: {} steps run, {} from cache",
@@ -144,13 +170,15 @@ impl Step<'_> {
         if let Ok(mut c) = self.progress.counts.lock() {
             c.cached += 1;
         }
-        self.close(&format!("{} CACHED", self.label));
+        let text = format!("{} CACHED", self.label);
+        self.close(&text);
     }
 
     /// Why the step is being (re)built.
     pub fn rebuild_reason(&self, reason: &str) {
         if self.progress.mode == Mode::Plain {
-            self.progress.line(&format!("{}: rebuilding: {reason}", self.label));
+            self.progress
+                .line(&format!("{}: rebuilding: {reason}", self.label));
         } else if let Some(bar) = &self.bar {
             bar.set_message(format!("rebuilding: {reason}"));
         }
@@ -180,14 +208,16 @@ impl Step<'_> {
             c.built += 1;
         }
         let secs = self.start.elapsed().as_secs_f64();
-        self.close(&format!("{} DONE {secs:.2}s", self.label));
+        let text = format!("{} DONE {secs:.2}s", self.label);
+        self.close(&text);
     }
 
     /// The step failed; its output so far is shown in full in the tty view too.
     pub fn failed(mut self) {
         self.flush_partial();
         let secs = self.start.elapsed().as_secs_f64();
-        self.close(&format!("{} ERROR after {secs:.2}s", self.label));
+        let text = format!("{} ERROR after {secs:.2}s", self.label);
+        self.close(&text);
     }
 
     fn flush_partial(&mut self) {
@@ -213,9 +243,17 @@ mod tests {
 
     #[test]
     fn labels_are_one_line_and_bounded() {
-        let l = StepLabel { stage: "build".into(), number: 2, total: 5, text: "RUN a\nb".into() };
+        let l = StepLabel {
+            stage: "build".into(),
+            number: 2,
+            total: 5,
+            text: "RUN a\nb".into(),
+        };
         assert_eq!(l.to_string(), "[build 2/5] RUN a b");
-        let long = StepLabel { text: "x".repeat(300), ..l };
+        let long = StepLabel {
+            text: "x".repeat(300),
+            ..l
+        };
         assert!(long.to_string().len() < 130);
     }
 }

@@ -14,39 +14,81 @@ fn example_image_is_read_by_umoci_and_skopeo() {
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("oci");
     let ex = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello");
-    let out = k.run(&["build", "--progress", "plain", "-t", "hello", "-o", &format!("type=oci,dest={}", layout.display()), ex]);
+    let out = k.run(&[
+        "build",
+        "--progress",
+        "plain",
+        "-t",
+        "hello",
+        "-o",
+        &format!("type=oci,dest={}", layout.display()),
+        ex,
+    ]);
     assert_success(&out);
-    let sk = Command::new("skopeo").arg("inspect").arg(format!("oci:{}:latest", layout.display())).output().unwrap();
+    let sk = Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("oci:{}:latest", layout.display()))
+        .output()
+        .unwrap();
     assert_success(&sk);
     let info: serde_json::Value = serde_json::from_slice(&sk.stdout).unwrap();
     assert_eq!(info["Labels"]["org.opencontainers.image.title"], "hello");
     // The store itself is an OCI layout skopeo reads.
     let sk = Command::new("skopeo")
         .arg("inspect")
-        .arg(format!("oci:{}:docker.io/library/hello:latest", k.root.path().display()))
+        .arg(format!(
+            "oci:{}:docker.io/library/hello:latest",
+            k.root.path().display()
+        ))
         .output()
         .unwrap();
     assert_success(&sk);
     let bundle = dir.path().join("bundle");
-    let um = Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:latest", layout.display())).arg(&bundle).output().unwrap();
+    let um = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:latest", layout.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
     assert_success(&um);
     let rootfs = bundle.join("rootfs");
-    assert_eq!(std::fs::read_to_string(rootfs.join("app/greeting.txt")).unwrap(), "hello from kiln\n");
-    assert_eq!(std::fs::read_to_string(rootfs.join("etc/motd")).unwrap(), "Built by kiln.\n");
-    assert_eq!(std::fs::read_to_string(rootfs.join("app/data/epoch-year")).unwrap(), "1970\n");
-    let mode = std::fs::metadata(rootfs.join("app/hello.sh")).unwrap().permissions().mode();
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("app/greeting.txt")).unwrap(),
+        "hello from kiln\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/motd")).unwrap(),
+        "Built by kiln.\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("app/data/epoch-year")).unwrap(),
+        "1970\n"
+    );
+    let mode = std::fs::metadata(rootfs.join("app/hello.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o755);
     // Nothing of the sandbox's plumbing leaks into the image.
     for leaked in ["etc/hostname", "etc/resolv.conf", "etc/hosts"] {
-        assert!(!rootfs.join(leaked).exists(), "{leaked} leaked into the image");
+        assert!(
+            !rootfs.join(leaked).exists(),
+            "{leaked} leaked into the image"
+        );
     }
     let config = inspect(&k, "hello");
     assert_eq!(config["config"]["User"], "app");
     assert_eq!(config["config"]["WorkingDir"], "/app");
-    assert_eq!(config["config"]["Entrypoint"], serde_json::json!(["/app/hello.sh"]));
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/app/hello.sh"])
+    );
     assert_eq!(config["config"]["Cmd"], serde_json::json!(["world"]));
     assert!(config["config"]["ExposedPorts"].get("8080/tcp").is_some());
-    assert!(!config["config"]["Env"].to_string().contains("GREETING"), "ARG values must not reach the config");
+    assert!(
+        !config["config"]["Env"].to_string().contains("GREETING"),
+        "ARG values must not reach the config"
+    );
 }
 
 #[test]
@@ -73,7 +115,12 @@ MAINTAINER someone@example.com
     let c = inspect(&k, "meta");
     let cfg = &c["config"];
     let env: Vec<String> = serde_json::from_value(cfg["Env"].clone()).unwrap();
-    assert!(env.contains(&"A=1".into()) && env.contains(&"B=two words".into()) && env.contains(&"C=1-x".into()), "{env:?}");
+    assert!(
+        env.contains(&"A=1".into())
+            && env.contains(&"B=two words".into())
+            && env.contains(&"C=1-x".into()),
+        "{env:?}"
+    );
     assert_eq!(cfg["Labels"]["l 2"], "v 2");
     for p in ["80/tcp", "53/udp", "8000/tcp", "8001/tcp", "8002/tcp"] {
         assert!(cfg["ExposedPorts"].get(p).is_some(), "{p}");
@@ -86,20 +133,30 @@ MAINTAINER someone@example.com
     assert_eq!(cfg["StopSignal"], "SIGTERM");
     assert_eq!(cfg["Shell"], serde_json::json!(["/bin/sh", "-ec"]));
     assert_eq!(cfg["Cmd"], serde_json::json!(["/bin/sh", "-ec", "echo hi"]));
-    assert_eq!(cfg["Healthcheck"]["Test"], serde_json::json!(["CMD-SHELL", "wget -q localhost"]));
+    assert_eq!(
+        cfg["Healthcheck"]["Test"],
+        serde_json::json!(["CMD-SHELL", "wget -q localhost"])
+    );
     assert_eq!(cfg["Healthcheck"]["Interval"], 5_000_000_000u64);
     assert_eq!(cfg["Healthcheck"]["Retries"], 3);
     assert_eq!(cfg["OnBuild"], serde_json::json!(["RUN echo triggered"]));
     assert_eq!(c["author"], "someone@example.com");
     let history = c["history"].as_array().unwrap();
     let ours = &history[history.len() - 16..];
-    assert!(ours.iter().all(|h| h["empty_layer"] == true), "metadata steps add no layer");
+    assert!(
+        ours.iter().all(|h| h["empty_layer"] == true),
+        "metadata steps add no layer"
+    );
 
     // ENTRYPOINT resets an inherited CMD; the ONBUILD trigger runs in the child.
     let child = "FROM meta\nENTRYPOINT [\"/bin/true\"]\n";
     let (out, _ctx) = k.build(child, &[], &["-t", "child"]);
     assert_success(&out);
-    assert!(stderr(&out).contains("triggered"), "ONBUILD trigger did not run:\n{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("triggered"),
+        "ONBUILD trigger did not run:\n{}",
+        stderr(&out)
+    );
     let c = inspect(&k, "child");
     assert!(c["config"]["Cmd"].is_null(), "{}", c["config"]);
     assert!(c["config"]["OnBuild"].is_null());
@@ -119,16 +176,37 @@ RUN rm /d/file && rm -r /gone && rm -r /d/keep && mkdir /d/keep && echo new > /d
     let r = &u.rootfs;
     assert!(!r.join("d/file").exists(), "deleted file reappeared");
     assert!(!r.join("gone").exists(), "deleted dir reappeared");
-    assert!(!r.join("d/keep/old").exists(), "opaque dir kept a lower file");
-    assert_eq!(std::fs::read_to_string(r.join("d/keep/new")).unwrap(), "new\n");
+    assert!(
+        !r.join("d/keep/old").exists(),
+        "opaque dir kept a lower file"
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.join("d/keep/new")).unwrap(),
+        "new\n"
+    );
     let h1 = std::fs::metadata(r.join("h1")).unwrap();
     let h2 = std::fs::metadata(r.join("h2")).unwrap();
     assert_eq!(h1.ino(), h2.ino(), "hardlink lost");
-    assert_eq!(std::fs::read_link(r.join("rel")).unwrap().to_str(), Some("../h1"));
-    assert_eq!(std::fs::read_link(r.join("abs")).unwrap().to_str(), Some("/h1"));
-    assert_eq!(std::fs::read_link(r.join("dangling")).unwrap().to_str(), Some("/nowhere"));
-    assert_eq!(std::fs::metadata(r.join("suid")).unwrap().mode() & 0o7777, 0o4755);
-    assert_eq!(std::fs::metadata(r.join("sticky")).unwrap().mode() & 0o7777, 0o1777);
+    assert_eq!(
+        std::fs::read_link(r.join("rel")).unwrap().to_str(),
+        Some("../h1")
+    );
+    assert_eq!(
+        std::fs::read_link(r.join("abs")).unwrap().to_str(),
+        Some("/h1")
+    );
+    assert_eq!(
+        std::fs::read_link(r.join("dangling")).unwrap().to_str(),
+        Some("/nowhere")
+    );
+    assert_eq!(
+        std::fs::metadata(r.join("suid")).unwrap().mode() & 0o7777,
+        0o4755
+    );
+    assert_eq!(
+        std::fs::metadata(r.join("sticky")).unwrap().mode() & 0o7777,
+        0o1777
+    );
     let owned = std::fs::metadata(r.join("owned")).unwrap();
     assert_eq!((owned.uid(), owned.gid()), (1000, 1000));
 }
@@ -137,7 +215,11 @@ RUN rm /d/file && rm -r /gone && rm -r /d/keep && mkdir /d/keep && echo new > /d
 fn failing_run_names_the_step_and_leaves_nothing_behind() {
     let k = Kiln::new();
     let before = mount_count();
-    let (out, _ctx) = k.build("FROM busybox\nRUN echo ok\nRUN echo about to fail && exit 3\nRUN echo never\n", &[], &[]);
+    let (out, _ctx) = k.build(
+        "FROM busybox\nRUN echo ok\nRUN echo about to fail && exit 3\nRUN echo never\n",
+        &[],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("Dockerfile:3"), "{err}");
@@ -145,8 +227,13 @@ fn failing_run_names_the_step_and_leaves_nothing_behind() {
     assert!(!err.contains("never"), "{err}");
     assert_eq!(mount_count(), before, "a mount was left behind");
     let tmp = k.root.path().join("tmp");
-    let left: Vec<_> = std::fs::read_dir(&tmp).map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect()).unwrap_or_default();
-    assert!(left.iter().all(|p| !p.is_dir()), "scratch dirs left in the store: {left:?}");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.iter().all(|p| !p.is_dir()),
+        "scratch dirs left in the store: {left:?}"
+    );
 }
 
 #[test]
@@ -184,7 +271,10 @@ ADD bundle.tar /unpacked/
     assert_eq!(read("tree/x") + &read("tree/sub/y"), "XY");
     assert_eq!(read("tree2/sub/y"), "Y");
     assert_eq!(read("docs/one.md") + &read("docs/two.md"), "12");
-    assert!(!r.join("docs/skip.md").exists(), ".dockerignore not honoured");
+    assert!(
+        !r.join("docs/skip.md").exists(),
+        ".dockerignore not honoured"
+    );
     let m = std::fs::metadata(r.join("owned")).unwrap();
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (1000, 10, 0o600));
     assert_eq!(read("unpacked/inner/file.txt"), "from tar");
@@ -233,22 +323,41 @@ fn copy_and_add_cannot_escape() {
     // A source outside the context.
     let (out, _c) = k.build("FROM busybox\nCOPY ../secret /x\n", &[], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("outside the build context"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("outside the build context"),
+        "{}",
+        stderr(&out)
+    );
 
     // A symlink in the context pointing out of it.
     let ctx = context("FROM busybox\nCOPY link /x\n", &[]);
     std::os::unix::fs::symlink(outside.path().join("secret"), ctx.path().join("link")).unwrap();
     let out = k.run(&["build", "--progress", "plain", ctx.path().to_str().unwrap()]);
-    assert!(!out.status.success(), "copied through an absolute symlink out of the context");
+    assert!(
+        !out.status.success(),
+        "copied through an absolute symlink out of the context"
+    );
     let ctx = context("FROM busybox\nCOPY link /x\n", &[]);
-    std::os::unix::fs::symlink("../../../../../../../../../etc/passwd", ctx.path().join("link")).unwrap();
+    std::os::unix::fs::symlink(
+        "../../../../../../../../../etc/passwd",
+        ctx.path().join("link"),
+    )
+    .unwrap();
     let out = k.run(&["build", "--progress", "plain", ctx.path().to_str().unwrap()]);
-    assert!(!out.status.success(), "copied through a relative symlink out of the context");
+    assert!(
+        !out.status.success(),
+        "copied through a relative symlink out of the context"
+    );
 
     // Hostile tars: ../ entries, absolute paths, a symlink then a file through it.
     let victim = outside.path().join("victim");
     let cases: Vec<Vec<u8>> = vec![
-        raw_tar(&[("../../../../../../../../../tmp/kiln-escape-dotdot", b'0', "", b"x")]),
+        raw_tar(&[(
+            "../../../../../../../../../tmp/kiln-escape-dotdot",
+            b'0',
+            "",
+            b"x",
+        )]),
         raw_tar(&[("/tmp/kiln-escape-abs", b'0', "", b"x")]),
         raw_tar(&[
             ("link", b'2', outside.path().to_str().unwrap(), b""),
@@ -256,10 +365,20 @@ fn copy_and_add_cannot_escape() {
         ]),
     ];
     for (i, t) in cases.iter().enumerate() {
-        let (out, _c) = k.build("FROM busybox\nADD evil.tar /dst/\n", &[("evil.tar", t)], &[]);
+        let (out, _c) = k.build(
+            "FROM busybox\nADD evil.tar /dst/\n",
+            &[("evil.tar", t)],
+            &[],
+        );
         let err = stderr(&out);
-        assert!(!std::path::Path::new("/tmp/kiln-escape-dotdot").exists(), "case {i}: {err}");
-        assert!(!std::path::Path::new("/tmp/kiln-escape-abs").exists(), "case {i}: {err}");
+        assert!(
+            !std::path::Path::new("/tmp/kiln-escape-dotdot").exists(),
+            "case {i}: {err}"
+        );
+        assert!(
+            !std::path::Path::new("/tmp/kiln-escape-abs").exists(),
+            "case {i}: {err}"
+        );
         assert!(!victim.exists(), "case {i} wrote through a symlink: {err}");
     }
 }
@@ -271,9 +390,22 @@ fn same_inputs_give_the_same_digest() {
     let digest_of = |k: &Kiln| {
         let dir = tempfile::tempdir().unwrap();
         let layout = dir.path().join("oci");
-        k.build_ok(recipe, files, &["--source-date-epoch", "1700000000", "-o", &format!("type=oci,dest={}", layout.display())]);
-        let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-        index["manifests"][0]["digest"].as_str().unwrap().to_string()
+        k.build_ok(
+            recipe,
+            files,
+            &[
+                "--source-date-epoch",
+                "1700000000",
+                "-o",
+                &format!("type=oci,dest={}", layout.display()),
+            ],
+        );
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+        index["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
     let a = digest_of(&Kiln::new());
     let b = digest_of(&Kiln::new());

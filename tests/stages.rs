@@ -8,13 +8,17 @@ use common::*;
 /// Lines of plain progress output for steps that ran (`DONE`) and were cached (`CACHED`).
 fn steps(err: &str, suffix: &str) -> Vec<String> {
     err.lines()
-        .filter(|l| l.trim_end().ends_with(suffix) || (suffix == "DONE" && l.contains("] ") && l.contains(" DONE ")))
+        .filter(|l| {
+            l.trim_end().ends_with(suffix)
+                || (suffix == "DONE" && l.contains("] ") && l.contains(" DONE "))
+        })
         .map(|l| l.to_string())
         .collect()
 }
 
 fn ran(err: &str, needle: &str) -> bool {
-    err.lines().any(|l| l.contains(needle) && l.contains(" DONE "))
+    err.lines()
+        .any(|l| l.contains(needle) && l.contains(" DONE "))
 }
 
 #[test]
@@ -30,8 +34,14 @@ COPY --from=1 /two /two
 COPY --from=busybox /bin/busybox /bin/busybox
 "#;
     let u = k.build_unpacked(recipe, &[]);
-    assert_eq!(std::fs::read_to_string(u.rootfs.join("one")).unwrap(), "one\n");
-    assert_eq!(std::fs::read_to_string(u.rootfs.join("two")).unwrap(), "two\n");
+    assert_eq!(
+        std::fs::read_to_string(u.rootfs.join("one")).unwrap(),
+        "one\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(u.rootfs.join("two")).unwrap(),
+        "two\n"
+    );
     assert!(u.rootfs.join("bin/busybox").is_file());
 }
 
@@ -41,7 +51,11 @@ fn target_builds_only_what_it_needs() {
     let recipe = "FROM busybox AS broken\nRUN exit 1\nFROM busybox AS base\nRUN echo base > /b\nFROM base AS app\nRUN cat /b > /a\nFROM broken\n";
     let (out, _c) = k.build(recipe, &[], &["--target", "app", "-t", "app"]);
     assert_success(&out);
-    assert!(!stderr(&out).contains("RUN exit 1"), "an unneeded stage was built:\n{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("RUN exit 1"),
+        "an unneeded stage was built:\n{}",
+        stderr(&out)
+    );
     let (out, _c) = k.build(recipe, &[], &["--target", "1"]);
     assert_success(&out);
     let (out, _c) = k.build(recipe, &[], &["--target", "nope"]);
@@ -63,12 +77,20 @@ fn independent_stages_overlap_in_time() {
             .lines()
             .find(|l| l.contains(&tag) && l.contains(" DONE ") == done && !l.contains("rebuilding"))
             .unwrap_or_else(|| panic!("no {tag} line (done={done}) in\n{err}"));
-        line.trim_start_matches('#').split_whitespace().next().unwrap().parse().unwrap()
+        line.trim_start_matches('#')
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     let start = |stage: &str| time_at(stage, false);
     let done = |stage: &str| time_at(stage, true);
     let (sa, sb, da, db) = (start("a"), start("b"), done("a"), done("b"));
-    assert!(sa < db && sb < da, "stages did not overlap: a {sa}..{da}, b {sb}..{db}\n{err}");
+    assert!(
+        sa < db && sb < da,
+        "stages did not overlap: a {sa}..{da}, b {sb}..{db}\n{err}"
+    );
 }
 
 #[test]
@@ -95,15 +117,25 @@ ENV FROM_ENV=$VERSION
     let c = inspect(&k, "v2");
     let env = c["config"]["Env"].to_string();
     assert!(env.contains("FROM_ENV=2.0"), "{env}");
-    assert!(!env.contains("VERSION=") && !env.contains("GLOBAL"), "ARG values leaked into the config: {env}");
+    assert!(
+        !env.contains("VERSION=") && !env.contains("GLOBAL"),
+        "ARG values leaked into the config: {env}"
+    );
     let history = c["history"].to_string();
-    assert!(!history.contains("2.0\""), "ARG values leaked into history: {history}");
+    assert!(
+        !history.contains("2.0\""),
+        "ARG values leaked into history: {history}"
+    );
 }
 
 #[test]
 fn unused_build_arg_warns() {
     let k = Kiln::new();
-    let (out, _c) = k.build("FROM busybox\nRUN true\n", &[], &["--build-arg", "NOBODY=1"]);
+    let (out, _c) = k.build(
+        "FROM busybox\nRUN true\n",
+        &[],
+        &["--build-arg", "NOBODY=1"],
+    );
     assert_success(&out);
     assert!(stderr(&out).contains("NOBODY"), "{}", stderr(&out));
 }
@@ -113,14 +145,20 @@ fn onbuild_of_a_parent_stage_runs_in_the_child() {
     let k = Kiln::new();
     let recipe = "FROM busybox AS parent\nONBUILD RUN echo from-trigger > /trigger\nFROM parent\nRUN cat /trigger > /seen\n";
     let u = k.build_unpacked(recipe, &[]);
-    assert_eq!(std::fs::read_to_string(u.rootfs.join("seen")).unwrap(), "from-trigger\n");
+    assert_eq!(
+        std::fs::read_to_string(u.rootfs.join("seen")).unwrap(),
+        "from-trigger\n"
+    );
 }
 
 #[test]
 fn cache_reuses_and_explains() {
     let k = Kiln::new();
     let recipe = "FROM busybox\nARG VERSION=1\nRUN echo base > /base\nCOPY app/ /app/\nRUN echo v$VERSION > /v && cat /app/main.py > /copy\n";
-    let ctx = context(recipe, &[("app/main.py", b"print(1)"), ("app/util.py", b"x")]);
+    let ctx = context(
+        recipe,
+        &[("app/main.py", b"print(1)"), ("app/util.py", b"x")],
+    );
     let build = |extra: &[&str]| {
         let mut args = vec!["build", "--progress", "plain"];
         args.extend_from_slice(extra);
@@ -138,7 +176,10 @@ fn cache_reuses_and_explains() {
     // Unchanged: nothing runs, same image.
     let (id2, err2) = build(&[]);
     assert_eq!(id1, id2, "an unchanged rebuild changed the image");
-    assert!(steps(&err2, "DONE").iter().all(|l| !l.contains("RUN")), "a RUN ran on an unchanged rebuild:\n{err2}");
+    assert!(
+        steps(&err2, "DONE").iter().all(|l| !l.contains("RUN")),
+        "a RUN ran on an unchanged rebuild:\n{err2}"
+    );
 
     // One context file: the COPY and the step after it rebuild, nothing before.
     std::fs::write(ctx.path().join("app/main.py"), "print(2)").unwrap();
@@ -150,7 +191,10 @@ fn cache_reuses_and_explains() {
 
     // One build arg: only the RUN that sees it.
     let (_, err4) = build(&["--build-arg", "VERSION=2"]);
-    assert!(!ran(&err4, "RUN echo base") && !ran(&err4, "COPY app/"), "{err4}");
+    assert!(
+        !ran(&err4, "RUN echo base") && !ran(&err4, "COPY app/"),
+        "{err4}"
+    );
     assert!(ran(&err4, "RUN echo v$VERSION"), "{err4}");
     assert!(err4.contains("build arg VERSION changed"), "{err4}");
 
@@ -164,5 +208,8 @@ fn cache_reuses_and_explains() {
 
     // --no-cache runs everything.
     let (_, err6) = build(&["--build-arg", "VERSION=2", "--no-cache"]);
-    assert!(ran(&err6, "RUN echo base2") && ran(&err6, "COPY app/"), "{err6}");
+    assert!(
+        ran(&err6, "RUN echo base2") && ran(&err6, "COPY app/"),
+        "{err6}"
+    );
 }

@@ -17,7 +17,10 @@ pub fn default_shell() -> Vec<String> {
 /// Sets `key=value` in a Docker-style env list, replacing an existing entry.
 pub fn set_env(env: &mut Vec<String>, key: &str, value: &str) {
     let entry = format!("{key}={value}");
-    match env.iter_mut().find(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) == key) {
+    match env
+        .iter_mut()
+        .find(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) == key)
+    {
         Some(e) => *e = entry,
         None => env.push(entry),
     }
@@ -25,7 +28,8 @@ pub fn set_env(env: &mut Vec<String>, key: &str, value: &str) {
 
 /// Looks a key up in a Docker-style env list.
 pub fn get_env<'a>(env: &'a [String], key: &str) -> Option<&'a str> {
-    env.iter().find_map(|e| e.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v))
+    env.iter()
+        .find_map(|e| e.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v))
 }
 
 /// The argv for a command line: exec form as is, shell form wrapped in `shell`.
@@ -49,7 +53,10 @@ pub fn expose_ports(word: &str) -> Result<Vec<String>, String> {
     if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
         return Err(format!("invalid protocol {proto:?} in EXPOSE {word:?}"));
     }
-    let parse = |s: &str| s.parse::<u16>().map_err(|_| format!("invalid port {s:?} in EXPOSE {word:?}"));
+    let parse = |s: &str| {
+        s.parse::<u16>()
+            .map_err(|_| format!("invalid port {s:?} in EXPOSE {word:?}"))
+    };
     let (lo, hi) = match ports.split_once('-') {
         Some((a, b)) => (parse(a)?, parse(b)?),
         None => {
@@ -66,10 +73,22 @@ pub fn expose_ports(word: &str) -> Result<Vec<String>, String> {
 /// Applies `HEALTHCHECK`.
 pub fn set_healthcheck(config: &mut ImageConfig, hc: &Healthcheck) {
     config.config.healthcheck = Some(match hc {
-        Healthcheck::None => HealthConfig { test: vec!["NONE".to_string()], ..Default::default() },
-        Healthcheck::Check { command, interval_ns, timeout_ns, start_period_ns, start_interval_ns, retries } => {
+        Healthcheck::None => HealthConfig {
+            test: vec!["NONE".to_string()],
+            ..Default::default()
+        },
+        Healthcheck::Check {
+            command,
+            interval_ns,
+            timeout_ns,
+            start_period_ns,
+            start_interval_ns,
+            retries,
+        } => {
             let test = match command {
-                CommandLine::Exec(v) => std::iter::once("CMD".to_string()).chain(v.iter().cloned()).collect(),
+                CommandLine::Exec(v) => std::iter::once("CMD".to_string())
+                    .chain(v.iter().cloned())
+                    .collect(),
                 CommandLine::Shell(s) => vec!["CMD-SHELL".to_string(), s.clone()],
             };
             let set = |ns: u64| (ns > 0).then_some(ns as i64);
@@ -93,7 +112,10 @@ mod tests {
     fn expose_expands_ranges_and_defaults_tcp() {
         assert_eq!(expose_ports("80").unwrap(), vec!["80/tcp"]);
         assert_eq!(expose_ports("53/UDP").unwrap(), vec!["53/udp"]);
-        assert_eq!(expose_ports("8000-8002").unwrap(), vec!["8000/tcp", "8001/tcp", "8002/tcp"]);
+        assert_eq!(
+            expose_ports("8000-8002").unwrap(),
+            vec!["8000/tcp", "8001/tcp", "8002/tcp"]
+        );
         assert!(expose_ports("80/xyz").is_err());
         assert!(expose_ports("9-1").is_err());
         assert!(expose_ports("http").is_err());
@@ -111,7 +133,13 @@ mod tests {
     #[test]
     fn shell_form_is_wrapped() {
         let sh = default_shell();
-        assert_eq!(command_argv(&CommandLine::Shell("echo hi".into()), &sh), vec!["/bin/sh", "-c", "echo hi"]);
-        assert_eq!(command_argv(&CommandLine::Exec(vec!["a".into()]), &sh), vec!["a"]);
+        assert_eq!(
+            command_argv(&CommandLine::Shell("echo hi".into()), &sh),
+            vec!["/bin/sh", "-c", "echo hi"]
+        );
+        assert_eq!(
+            command_argv(&CommandLine::Exec(vec!["a".into()]), &sh),
+            vec!["a"]
+        );
     }
 }

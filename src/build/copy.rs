@@ -73,11 +73,17 @@ pub enum CopyError {
 }
 
 fn dest_err(path: &str, e: impl std::fmt::Display) -> CopyError {
-    CopyError::Dest { path: path.to_string(), message: e.to_string() }
+    CopyError::Dest {
+        path: path.to_string(),
+        message: e.to_string(),
+    }
 }
 
 fn src_err(path: &str, e: impl std::fmt::Display) -> CopyError {
-    CopyError::Source { path: path.to_string(), message: e.to_string() }
+    CopyError::Source {
+        path: path.to_string(),
+        message: e.to_string(),
+    }
 }
 
 /// Metadata of one source entry, independent of where it lives.
@@ -109,7 +115,13 @@ impl SrcMeta {
         } else {
             Kind::Other
         };
-        SrcMeta { kind, mode: m.permissions().mode() & 0o7777, uid: m.uid(), gid: m.gid(), mtime: m.mtime() }
+        SrcMeta {
+            kind,
+            mode: m.permissions().mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            mtime: m.mtime(),
+        }
     }
 }
 
@@ -140,8 +152,13 @@ impl SourceFs<'_> {
                     names.sort();
                     let mut subdirs = Vec::new();
                     for n in names {
-                        let child = if dir.is_empty() { n } else { format!("{dir}/{n}") };
-                        let m = std::fs::symlink_metadata(self.host_path(&child)?).map_err(|e| src_err(&child, e))?;
+                        let child = if dir.is_empty() {
+                            n
+                        } else {
+                            format!("{dir}/{n}")
+                        };
+                        let m = std::fs::symlink_metadata(self.host_path(&child)?)
+                            .map_err(|e| src_err(&child, e))?;
                         if m.is_dir() {
                             subdirs.push(child.clone());
                         }
@@ -164,49 +181,76 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
         (None, SourceFs::Context(_)) => (0, 0),
         (None, SourceFs::Rootfs(_)) => (m.uid, m.gid),
     };
-    let dest_exists_as_dir = root.metadata(&job.dest).map(|m| m.is_dir()).unwrap_or(false);
+    let dest_exists_as_dir = root
+        .metadata(&job.dest)
+        .map(|m| m.is_dir())
+        .unwrap_or(false);
     let into_dir = job.dest_is_dir || dest_exists_as_dir;
     if into_dir {
         let (uid, gid) = job.chown.unwrap_or((0, 0));
-        root.mkdir_all(&job.dest, 0o755, uid, gid).map_err(|e| dest_err(&job.dest, e))?;
+        root.mkdir_all(&job.dest, 0o755, uid, gid)
+            .map_err(|e| dest_err(&job.dest, e))?;
     } else if let Some((parent, _)) = job.dest.rsplit_once('/') {
         if !parent.is_empty() {
-            root.mkdir_all(parent, 0o755, 0, 0).map_err(|e| dest_err(parent, e))?;
+            root.mkdir_all(parent, 0o755, 0, 0)
+                .map_err(|e| dest_err(parent, e))?;
         }
     }
     for item in &job.items {
         match item {
             SourceItem::Inline { name, content } => {
-                let target = if into_dir { join(&job.dest, name) } else { job.dest.clone() };
+                let target = if into_dir {
+                    join(&job.dest, name)
+                } else {
+                    job.dest.clone()
+                };
                 let mode = job.chmod.unwrap_or(0o644);
-                let mut f = root.create_file(&target, mode).map_err(|e| dest_err(&target, e))?;
+                let mut f = root
+                    .create_file(&target, mode)
+                    .map_err(|e| dest_err(&target, e))?;
                 io::Write::write_all(&mut f, content).map_err(|e| dest_err(&target, e))?;
                 let (uid, gid) = job.chown.unwrap_or((0, 0));
-                root.lchown(&target, uid, gid).map_err(|e| dest_err(&target, e))?;
-                root.chmod(&target, mode).map_err(|e| dest_err(&target, e))?;
+                root.lchown(&target, uid, gid)
+                    .map_err(|e| dest_err(&target, e))?;
+                root.chmod(&target, mode)
+                    .map_err(|e| dest_err(&target, e))?;
             }
             SourceItem::Path(rel) => {
                 let host = job.from.host_path(rel)?;
                 let meta = std::fs::symlink_metadata(&host).map_err(|e| src_err(rel, e))?;
                 let m = SrcMeta::from(&meta);
-                if job.extract_archives && m.kind == Kind::File && snapshot::is_archive(&host).map_err(|e| src_err(rel, e))? {
+                if job.extract_archives
+                    && m.kind == Kind::File
+                    && snapshot::is_archive(&host).map_err(|e| src_err(rel, e))?
+                {
                     let dir = &job.dest;
-                    root.mkdir_all(dir, 0o755, 0, 0).map_err(|e| dest_err(dir, e))?;
-                    snapshot::extract_archive(&host, root, dir, job.chown).map_err(|e| dest_err(dir, e))?;
+                    root.mkdir_all(dir, 0o755, 0, 0)
+                        .map_err(|e| dest_err(dir, e))?;
+                    snapshot::extract_archive(&host, root, dir, job.chown)
+                        .map_err(|e| dest_err(dir, e))?;
                     continue;
                 }
                 if m.kind == Kind::Dir {
                     // A directory's contents go into the destination directory.
-                    root.mkdir_all(&job.dest, 0o755, 0, 0).map_err(|e| dest_err(&job.dest, e))?;
+                    root.mkdir_all(&job.dest, 0o755, 0, 0)
+                        .map_err(|e| dest_err(&job.dest, e))?;
                     let mut dirs = Vec::new();
                     for child in job.from.children(rel)? {
-                        let sub = child.strip_prefix(rel).unwrap_or(&child).trim_start_matches('/');
-                        if job.exclude.iter().any(|g| g.is_match(&child) || g.is_match(sub)) {
+                        let sub = child
+                            .strip_prefix(rel)
+                            .unwrap_or(&child)
+                            .trim_start_matches('/');
+                        if job
+                            .exclude
+                            .iter()
+                            .any(|g| g.is_match(&child) || g.is_match(sub))
+                        {
                             continue;
                         }
                         let target = join(&job.dest, sub);
                         let chost = job.from.host_path(&child)?;
-                        let cmeta = std::fs::symlink_metadata(&chost).map_err(|e| src_err(&child, e))?;
+                        let cmeta =
+                            std::fs::symlink_metadata(&chost).map_err(|e| src_err(&child, e))?;
                         let cm = SrcMeta::from(&cmeta);
                         copy_entry(root, &chost, &child, &target, &cm, owner(&cm), job.chmod)?;
                         if cm.kind == Kind::Dir {
@@ -218,7 +262,11 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                     }
                 } else {
                     let name = rel.rsplit('/').next().unwrap_or(rel);
-                    let target = if into_dir { join(&job.dest, name) } else { job.dest.clone() };
+                    let target = if into_dir {
+                        join(&job.dest, name)
+                    } else {
+                        job.dest.clone()
+                    };
                     copy_entry(root, &host, rel, &target, &m, owner(&m), job.chmod)?;
                 }
             }
@@ -239,27 +287,36 @@ fn copy_entry(
     let mode = chmod.unwrap_or(m.mode);
     match m.kind {
         Kind::Dir => {
-            root.mkdir_all(target, mode, uid, gid).map_err(|e| dest_err(target, e))?;
-            root.lchown(target, uid, gid).map_err(|e| dest_err(target, e))?;
+            root.mkdir_all(target, mode, uid, gid)
+                .map_err(|e| dest_err(target, e))?;
+            root.lchown(target, uid, gid)
+                .map_err(|e| dest_err(target, e))?;
             root.chmod(target, mode).map_err(|e| dest_err(target, e))?;
         }
         Kind::File => {
             let mut src = std::fs::File::open(host).map_err(|e| src_err(rel, e))?;
-            let mut dst = root.create_file(target, 0o600).map_err(|e| dest_err(target, e))?;
+            let mut dst = root
+                .create_file(target, 0o600)
+                .map_err(|e| dest_err(target, e))?;
             io::copy(&mut src, &mut dst).map_err(|e| dest_err(target, e))?;
             drop(dst);
-            root.lchown(target, uid, gid).map_err(|e| dest_err(target, e))?;
+            root.lchown(target, uid, gid)
+                .map_err(|e| dest_err(target, e))?;
             root.chmod(target, mode).map_err(|e| dest_err(target, e))?;
-            root.set_mtime(target, m.mtime).map_err(|e| dest_err(target, e))?;
+            root.set_mtime(target, m.mtime)
+                .map_err(|e| dest_err(target, e))?;
         }
         Kind::Symlink => {
             let link = std::fs::read_link(host).map_err(|e| src_err(rel, e))?;
             if root.symlink_metadata(target).is_ok() {
                 root.remove_all(target).map_err(|e| dest_err(target, e))?;
             }
-            root.symlink(&link, target).map_err(|e| dest_err(target, e))?;
-            root.lchown(target, uid, gid).map_err(|e| dest_err(target, e))?;
-            root.set_mtime(target, m.mtime).map_err(|e| dest_err(target, e))?;
+            root.symlink(&link, target)
+                .map_err(|e| dest_err(target, e))?;
+            root.lchown(target, uid, gid)
+                .map_err(|e| dest_err(target, e))?;
+            root.set_mtime(target, m.mtime)
+                .map_err(|e| dest_err(target, e))?;
         }
         Kind::Other => {}
     }

@@ -25,9 +25,11 @@ use crate::registry::{Client, ClientOptions};
 use crate::rootfs::RootDir;
 use crate::sandbox::{self, BindMount, NetworkMode, RunSpec, Sandbox};
 use crate::snapshot::{self, Compression, LayerOptions};
-use crate::store::{StoreError, Store, StoredImage};
+use crate::store::{Store, StoreError, StoredImage};
 
-use self::config::{DEFAULT_PATH, command_argv, default_shell, expose_ports, get_env, set_env, set_healthcheck};
+use self::config::{
+    DEFAULT_PATH, command_argv, default_shell, expose_ports, get_env, set_env, set_healthcheck,
+};
 
 /// Everything a build is asked to do, from the command line.
 #[derive(Clone, Debug)]
@@ -211,19 +213,28 @@ pub fn build(
         platform_args.insert(format!("{prefix}PLATFORM"), platform.clone());
         platform_args.insert(format!("{prefix}OS"), os.clone());
         platform_args.insert(format!("{prefix}ARCH"), arch.clone());
-        platform_args.insert(format!("{prefix}VARIANT"), variant.clone().unwrap_or_default());
+        platform_args.insert(
+            format!("{prefix}VARIANT"),
+            variant.clone().unwrap_or_default(),
+        );
     }
     let plan_opts = PlanOptions {
         build_args: opts.build_args.clone(),
         target: opts.target.clone(),
         platform_args,
     };
-    let plan = plan::plan(&recipe, &plan_opts).map_err(|source| BuildError::Plan { file: file.clone(), source })?;
+    let plan = plan::plan(&recipe, &plan_opts).map_err(|source| BuildError::Plan {
+        file: file.clone(),
+        source,
+    })?;
     for unused in &plan.unused_build_args {
-        progress.warn(&format!("build arg {unused:?} was given but no stage declares it"));
+        progress.warn(&format!(
+            "build arg {unused:?} was given but no stage declares it"
+        ));
     }
     let recipe_abs = std::fs::canonicalize(&opts.recipe_path).ok();
-    let context = Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
+    let context =
+        Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
     let _lease = store.build_lease()?;
     let engine = Engine {
         store,
@@ -233,7 +244,10 @@ pub fn build(
         progress,
         cancel,
         sandbox: Sandbox::new(opts.helper_exe.clone()),
-        client: Client::new(ClientOptions { tls_verify: opts.tls_verify, ..Default::default() }),
+        client: Client::new(ClientOptions {
+            tls_verify: opts.tls_verify,
+            ..Default::default()
+        }),
         pulls: Mutex::new(()),
         lexer: Lexer::new(recipe.directives.escape),
         context,
@@ -292,10 +306,15 @@ impl Engine<'_> {
                                 guard.2 -= 1;
                                 break deps
                                     .iter()
-                                    .map(|d| (*d, guard.0[*d].clone().unwrap_or_else(|| unreachable!())))
+                                    .map(|d| {
+                                        (*d, guard.0[*d].clone().unwrap_or_else(|| unreachable!()))
+                                    })
                                     .collect::<BTreeMap<_, _>>();
                             }
-                            guard = schedule.changed.wait(guard).unwrap_or_else(|e| e.into_inner());
+                            guard = schedule
+                                .changed
+                                .wait(guard)
+                                .unwrap_or_else(|e| e.into_inner());
                         }
                     };
                     let result = self.build_stage(index, &deps);
@@ -314,7 +333,10 @@ impl Engine<'_> {
                 });
             }
         });
-        let (mut results, error, _) = schedule.results.into_inner().unwrap_or_else(|e| e.into_inner());
+        let (mut results, error, _) = schedule
+            .results
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(e) = error {
             return Err(e);
         }
@@ -325,14 +347,26 @@ impl Engine<'_> {
     }
 
     fn stage_name(&self, index: usize) -> String {
-        self.recipe.stages[index].name.clone().unwrap_or_else(|| format!("stage-{index}"))
+        self.recipe.stages[index]
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{index}"))
     }
 
-    fn build_stage(&self, index: usize, deps: &BTreeMap<usize, Arc<StageState>>) -> Result<StageState, BuildError> {
+    fn build_stage(
+        &self,
+        index: usize,
+        deps: &BTreeMap<usize, Arc<StageState>>,
+    ) -> Result<StageState, BuildError> {
         let stage = &self.recipe.stages[index];
         let name = self.stage_name(index);
         let total = stage.instructions.len() + 1;
-        let label = |number: usize, text: &str| StepLabel { stage: name.clone(), number, total, text: text.to_string() };
+        let label = |number: usize, text: &str| StepLabel {
+            stage: name.clone(),
+            number,
+            total,
+            text: text.to_string(),
+        };
         let step = self.progress.step(label(1, &stage.text));
         let mut st = match &self.plan.stages[index].base {
             Base::Scratch => scratch_state(),
@@ -371,11 +405,20 @@ impl Engine<'_> {
     }
 
     fn invalid(&self, line: usize, message: impl Into<String>) -> BuildError {
-        BuildError::Invalid { file: self.file.clone(), line, message: message.into() }
+        BuildError::Invalid {
+            file: self.file.clone(),
+            line,
+            message: message.into(),
+        }
     }
 
     fn step_error(&self, stage: usize, line: usize, message: impl std::fmt::Display) -> BuildError {
-        BuildError::Step { stage: self.stage_name(stage), file: self.file.clone(), line, message: message.to_string() }
+        BuildError::Step {
+            stage: self.stage_name(stage),
+            file: self.file.clone(),
+            line,
+            message: message.to_string(),
+        }
     }
 
     /// Variables visible to expansion: ARGs in scope, overridden by ENV.
@@ -389,12 +432,28 @@ impl Engine<'_> {
         vars
     }
 
-    fn expand(&self, word: &str, vars: &BTreeMap<String, String>, line: usize) -> Result<String, BuildError> {
-        self.lexer.process_word(word, vars).map(|e| e.value).map_err(|e| self.invalid(line, e.to_string()))
+    fn expand(
+        &self,
+        word: &str,
+        vars: &BTreeMap<String, String>,
+        line: usize,
+    ) -> Result<String, BuildError> {
+        self.lexer
+            .process_word(word, vars)
+            .map(|e| e.value)
+            .map_err(|e| self.invalid(line, e.to_string()))
     }
 
-    fn expand_words(&self, word: &str, vars: &BTreeMap<String, String>, line: usize) -> Result<Vec<String>, BuildError> {
-        self.lexer.process_words(word, vars).map(|e| e.value).map_err(|e| self.invalid(line, e.to_string()))
+    fn expand_words(
+        &self,
+        word: &str,
+        vars: &BTreeMap<String, String>,
+        line: usize,
+    ) -> Result<Vec<String>, BuildError> {
+        self.lexer
+            .process_words(word, vars)
+            .map(|e| e.value)
+            .map_err(|e| self.invalid(line, e.to_string()))
     }
 
     fn history(&self, st: &mut StageState, created_by: String, empty_layer: bool) {
@@ -420,8 +479,12 @@ impl Engine<'_> {
         let cfg = &mut st.config.config;
         match &instr.kind {
             InstructionKind::Run(run) => return self.run_step(stage, n, st, instr, run, step),
-            InstructionKind::Copy(c) => return self.copy_step(stage, n, st, instr, c, false, step, deps),
-            InstructionKind::Add(c) => return self.copy_step(stage, n, st, instr, c, true, step, deps),
+            InstructionKind::Copy(c) => {
+                return self.copy_step(stage, n, st, instr, c, false, step, deps);
+            }
+            InstructionKind::Add(c) => {
+                return self.copy_step(stage, n, st, instr, c, true, step, deps);
+            }
             InstructionKind::Env(pairs) => {
                 for (k, v) in pairs {
                     let k = self.expand(k, &vars, line)?;
@@ -455,7 +518,10 @@ impl Engine<'_> {
                 } else {
                     format!("{}/{w}", cfg.working_dir.as_deref().unwrap_or(""))
                 };
-                cfg.working_dir = Some(format!("/{}", crate::context::clean_relative(&joined).unwrap_or_default()));
+                cfg.working_dir = Some(format!(
+                    "/{}",
+                    crate::context::clean_relative(&joined).unwrap_or_default()
+                ));
             }
             InstructionKind::User(u) => cfg.user = Some(self.expand(u, &vars, line)?),
             InstructionKind::Cmd(c) => {
@@ -491,7 +557,9 @@ impl Engine<'_> {
             InstructionKind::Stopsignal(s) => cfg.stop_signal = Some(self.expand(s, &vars, line)?),
             InstructionKind::Healthcheck(hc) => set_healthcheck(&mut st.config, hc),
             InstructionKind::Onbuild { trigger, .. } => {
-                cfg.on_build.get_or_insert_with(Vec::new).push(trigger.clone());
+                cfg.on_build
+                    .get_or_insert_with(Vec::new)
+                    .push(trigger.clone());
             }
             InstructionKind::Maintainer(m) => st.config.author = Some(m.clone()),
         }
@@ -519,14 +587,21 @@ impl Engine<'_> {
             set_env(&mut env, "PATH", DEFAULT_PATH);
         }
         env.into_iter()
-            .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .filter_map(|e| {
+                e.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
             .collect()
     }
 
     fn base_inputs(&self, st: &StageState, instruction: String) -> StepInputs {
         StepInputs {
             instruction,
-            env: self.run_env(st).into_iter().filter(|(k, _)| !plan::PROXY_ARGS.contains(&k.as_str())).collect(),
+            env: self
+                .run_env(st)
+                .into_iter()
+                .filter(|(k, _)| !plan::PROXY_ARGS.contains(&k.as_str()))
+                .collect(),
             args: st.args.clone(),
             user: st.config.config.user.clone().unwrap_or_default(),
             workdir: st.config.config.working_dir.clone().unwrap_or_default(),
@@ -578,7 +653,13 @@ impl Engine<'_> {
         Ok(None)
     }
 
-    fn apply_record(&self, st: &mut StageState, key: Digest, record: CacheRecord, created_by: String) -> Result<(), BuildError> {
+    fn apply_record(
+        &self,
+        st: &mut StageState,
+        key: Digest,
+        record: CacheRecord,
+        created_by: String,
+    ) -> Result<(), BuildError> {
         st.created = record.created.clone();
         match record.layer {
             Some(layer) => {
@@ -594,7 +675,15 @@ impl Engine<'_> {
         Ok(())
     }
 
-    fn remember(&self, stage: usize, n: usize, parent: Digest, key: &Digest, inputs: StepInputs, record: &CacheRecord) -> Result<(), BuildError> {
+    fn remember(
+        &self,
+        stage: usize,
+        n: usize,
+        parent: Digest,
+        key: &Digest,
+        inputs: StepInputs,
+        record: &CacheRecord,
+    ) -> Result<(), BuildError> {
         let value = serde_json::to_value(record).unwrap_or_default();
         self.store.cache_put(key, &value)?;
         if n != usize::MAX {
@@ -630,7 +719,9 @@ impl Engine<'_> {
             network = match net.as_str() {
                 "none" => NetworkMode::None,
                 "host" | "default" => NetworkMode::Host,
-                other => return Err(self.invalid(line, format!("unsupported RUN --network={other}"))),
+                other => {
+                    return Err(self.invalid(line, format!("unsupported RUN --network={other}")));
+                }
             };
         }
         let vars = self.vars(st);
@@ -639,9 +730,14 @@ impl Engine<'_> {
             let m = self.expand(m, &vars, line)?;
             binds.push(self.secret_mount(&m, line)?);
         }
-        let mut inputs = self.base_inputs(st, format!("RUN {}", serde_json::to_string(&argv).unwrap_or_default()));
+        let mut inputs = self.base_inputs(
+            st,
+            format!("RUN {}", serde_json::to_string(&argv).unwrap_or_default()),
+        );
         if !run.mounts.is_empty() {
-            inputs.instruction.push_str(&format!(" mounts={:?}", run.mounts));
+            inputs
+                .instruction
+                .push_str(&format!(" mounts={:?}", run.mounts));
         }
         let parent = st.key;
         let key = plan::cache_key(&parent, &inputs);
@@ -649,7 +745,12 @@ impl Engine<'_> {
         let created_by = if used_args.is_empty() {
             format!("RUN {}", argv.join(" "))
         } else {
-            format!("RUN |{} {} {}", used_args.len(), used_args.join(" "), argv.join(" "))
+            format!(
+                "RUN |{} {} {}",
+                used_args.len(),
+                used_args.join(" "),
+                argv.join(" ")
+            )
         };
         if let Some(record) = self.try_cache(stage, n, st, &key, &inputs, &step)? {
             self.apply_record(st, key, record, created_by)?;
@@ -660,7 +761,9 @@ impl Engine<'_> {
         let upper = scratch.path().join("upper");
         let work = scratch.path().join("work");
         for d in [&upper, &work] {
-            std::fs::create_dir(d).map_err(|e| self.step_error(stage, line, format!("creating {}: {e}", d.display())))?;
+            std::fs::create_dir(d).map_err(|e| {
+                self.step_error(stage, line, format!("creating {}: {e}", d.display()))
+            })?;
         }
         let spec = RunSpec {
             lower_dirs: st.lower_dirs.iter().rev().cloned().collect(),
@@ -668,14 +771,22 @@ impl Engine<'_> {
             work_dir: work,
             argv: argv.clone(),
             env: self.run_env(st),
-            cwd: st.config.config.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".to_string()),
+            cwd: st
+                .config
+                .config
+                .working_dir
+                .clone()
+                .filter(|w| !w.is_empty())
+                .unwrap_or_else(|| "/".to_string()),
             user: st.config.config.user.clone().unwrap_or_default(),
             hostname: "kiln".to_string(),
             network,
             stdin,
             binds,
         };
-        let result = self.sandbox.run(&spec, &mut |bytes| step.output(bytes), self.cancel);
+        let result = self
+            .sandbox
+            .run(&spec, &mut |bytes| step.output(bytes), self.cancel);
         let code = match result {
             Ok(code) => code,
             Err(sandbox::SandboxError::Cancelled) => {
@@ -697,8 +808,13 @@ impl Engine<'_> {
                 code,
             });
         }
-        let layer = self.commit_upper(&upper).map_err(|e| self.step_error(stage, line, e))?;
-        let record = CacheRecord { layer, created: Some(self.now_created()) };
+        let layer = self
+            .commit_upper(&upper)
+            .map_err(|e| self.step_error(stage, line, e))?;
+        let record = CacheRecord {
+            layer,
+            created: Some(self.now_created()),
+        };
         self.remember(stage, n, parent, &key, inputs, &record)?;
         self.apply_record(st, key, record, created_by)?;
         step.done();
@@ -720,16 +836,33 @@ impl Engine<'_> {
             }
         }
         if kind != "secret" {
-            return Err(self.invalid(line, format!("RUN --mount type={kind} is not supported yet (only type=secret)")));
+            return Err(self.invalid(
+                line,
+                format!("RUN --mount type={kind} is not supported yet (only type=secret)"),
+            ));
         }
         let id = id
-            .or_else(|| target.as_ref().and_then(|t| t.rsplit('/').next().map(str::to_string)))
+            .or_else(|| {
+                target
+                    .as_ref()
+                    .and_then(|t| t.rsplit('/').next().map(str::to_string))
+            })
             .ok_or_else(|| self.invalid(line, "RUN --mount=type=secret needs id= or target="))?;
         let target = target.unwrap_or_else(|| format!("/run/secrets/{id}"));
         match self.opts.secrets.get(&id) {
-            Some(src) => Ok(BindMount { source: src.clone(), target, readonly: true }),
-            None if required => Err(self.invalid(line, format!("secret {id:?} is required but was not given with --secret"))),
-            None => Err(self.invalid(line, format!("secret {id:?} was not given with --secret id={id},src=PATH"))),
+            Some(src) => Ok(BindMount {
+                source: src.clone(),
+                target,
+                readonly: true,
+            }),
+            None if required => Err(self.invalid(
+                line,
+                format!("secret {id:?} is required but was not given with --secret"),
+            )),
+            None => Err(self.invalid(
+                line,
+                format!("secret {id:?} was not given with --secret id={id},src=PATH"),
+            )),
         }
     }
 
@@ -747,7 +880,12 @@ impl Engine<'_> {
     ) -> Result<(), BuildError> {
         let line = instr.span.start_line;
         let vars = self.vars(st);
-        let workdir = st.config.config.working_dir.clone().unwrap_or_else(|| "/".to_string());
+        let workdir = st
+            .config
+            .config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| "/".to_string());
         let dest_raw = self.expand(&c.dest, &vars, line)?;
         let dest = if dest_raw.starts_with('/') {
             dest_raw.clone()
@@ -758,7 +896,9 @@ impl Engine<'_> {
         let chmod = match &c.chmod {
             Some(m) => {
                 let m = self.expand(m, &vars, line)?;
-                Some(copy::parse_chmod(&m).ok_or_else(|| self.invalid(line, format!("invalid --chmod={m}: expected an octal mode")))?)
+                Some(copy::parse_chmod(&m).ok_or_else(|| {
+                    self.invalid(line, format!("invalid --chmod={m}: expected an octal mode"))
+                })?)
             }
             None => None,
         };
@@ -782,7 +922,10 @@ impl Engine<'_> {
         let mut inputs = self.base_inputs(st, String::new());
         let mut items = Vec::new();
         let mut source_words = Vec::new();
-        let from = c.from.as_ref().map(|raw| self.plan.stages[stage].copy_sources.get(raw).cloned());
+        let from = c
+            .from
+            .as_ref()
+            .map(|raw| self.plan.stages[stage].copy_sources.get(raw).cloned());
         let from_state: Option<StageState> = match from {
             Some(Some(CopySource::Stage(i))) => Some((*deps[&i]).clone()),
             Some(Some(CopySource::Image(r))) => Some(self.load_image(&r, line)?),
@@ -791,35 +934,74 @@ impl Engine<'_> {
         };
         for raw in &c.sources {
             if let Some(name) = raw.strip_prefix("<<") {
-                let name = name.trim_start_matches('-').trim_matches(|ch| ch == '"' || ch == '\'');
+                let name = name
+                    .trim_start_matches('-')
+                    .trim_matches(|ch| ch == '"' || ch == '\'');
                 let h = c
                     .heredocs
                     .iter()
                     .find(|h| h.name == name)
                     .ok_or_else(|| self.invalid(line, format!("heredoc {name} has no body")))?;
-                let content = if h.expand { expand_heredoc(&h.content, &vars) } else { h.content.clone() };
-                inputs.files.insert(format!("<<{name}"), Digest::of(content.as_bytes()).hex());
-                items.push(copy::SourceItem::Inline { name: name.to_string(), content: content.into_bytes() });
+                let content = if h.expand {
+                    expand_heredoc(&h.content, &vars)
+                } else {
+                    h.content.clone()
+                };
+                inputs
+                    .files
+                    .insert(format!("<<{name}"), Digest::of(content.as_bytes()).hex());
+                items.push(copy::SourceItem::Inline {
+                    name: name.to_string(),
+                    content: content.into_bytes(),
+                });
                 source_words.push(format!("<<{name}"));
                 continue;
             }
             let word = self.expand(raw, &vars, line)?;
             if word.contains("://") {
-                return Err(self.invalid(line, format!("{} of a URL ({word}) is not supported", if is_add { "ADD" } else { "COPY" })));
+                return Err(self.invalid(
+                    line,
+                    format!(
+                        "{} of a URL ({word}) is not supported",
+                        if is_add { "ADD" } else { "COPY" }
+                    ),
+                ));
             }
             source_words.push(word.clone());
             match &from_state {
                 None => {
-                    let rels = self.context.resolve(&word).map_err(|source| BuildError::Context { file: self.file.clone(), line, source })?;
+                    let rels =
+                        self.context
+                            .resolve(&word)
+                            .map_err(|source| BuildError::Context {
+                                file: self.file.clone(),
+                                line,
+                                source,
+                            })?;
                     for rel in rels {
-                        let entries = self.context.walk(&rel).map_err(|source| BuildError::Context { file: self.file.clone(), line, source })?;
-                        let digests = self.context.digest_entries(&entries).map_err(|source| BuildError::Context { file: self.file.clone(), line, source })?;
+                        let entries =
+                            self.context
+                                .walk(&rel)
+                                .map_err(|source| BuildError::Context {
+                                    file: self.file.clone(),
+                                    line,
+                                    source,
+                                })?;
+                        let digests = self.context.digest_entries(&entries).map_err(|source| {
+                            BuildError::Context {
+                                file: self.file.clone(),
+                                line,
+                                source,
+                            }
+                        })?;
                         inputs.files.extend(digests);
                         items.push(copy::SourceItem::Path(rel));
                     }
                 }
                 Some(_) => {
-                    let rel = crate::context::clean_relative(&word).ok_or_else(|| self.invalid(line, format!("source {word:?} is outside the root")))?;
+                    let rel = crate::context::clean_relative(&word).ok_or_else(|| {
+                        self.invalid(line, format!("source {word:?} is outside the root"))
+                    })?;
                     items.push(copy::SourceItem::Path(rel));
                 }
             }
@@ -846,7 +1028,9 @@ impl Engine<'_> {
         let upper = scratch.path().join("upper");
         let work = scratch.path().join("work");
         for d in [&upper, &work] {
-            std::fs::create_dir(d).map_err(|e| self.step_error(stage, line, format!("creating {}: {e}", d.display())))?;
+            std::fs::create_dir(d).map_err(|e| {
+                self.step_error(stage, line, format!("creating {}: {e}", d.display()))
+            })?;
         }
         let lowers: Vec<PathBuf> = st.lower_dirs.iter().rev().cloned().collect();
         let copy_into = |src: copy::SourceFs<'_>, merged: &Path| -> Result<(), BuildError> {
@@ -875,19 +1059,29 @@ impl Engine<'_> {
             .and_then(|r| r),
             Some(fs) => {
                 let src_scratch = self.store.scratch_dir()?;
-                let (su, sw) = (src_scratch.path().join("upper"), src_scratch.path().join("work"));
+                let (su, sw) = (
+                    src_scratch.path().join("upper"),
+                    src_scratch.path().join("work"),
+                );
                 for d in [&su, &sw] {
-                    std::fs::create_dir(d)
-                        .map_err(|e| self.step_error(stage, line, format!("creating {}: {e}", d.display())))?;
+                    std::fs::create_dir(d).map_err(|e| {
+                        self.step_error(stage, line, format!("creating {}: {e}", d.display()))
+                    })?;
                 }
                 let src_lowers: Vec<PathBuf> = fs.lower_dirs.iter().rev().cloned().collect();
-                sandbox::with_rootfs(&src_lowers, &su, &sw, |src_root| -> Result<(), BuildError> {
-                    let src = RootDir::open_host(src_root).map_err(|e| self.step_error(stage, line, e))?;
-                    sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
-                        copy_into(copy::SourceFs::Rootfs(&src), merged)
-                    })
-                    .map_err(|e| self.step_error(stage, line, e))?
-                })
+                sandbox::with_rootfs(
+                    &src_lowers,
+                    &su,
+                    &sw,
+                    |src_root| -> Result<(), BuildError> {
+                        let src = RootDir::open_host(src_root)
+                            .map_err(|e| self.step_error(stage, line, e))?;
+                        sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
+                            copy_into(copy::SourceFs::Rootfs(&src), merged)
+                        })
+                        .map_err(|e| self.step_error(stage, line, e))?
+                    },
+                )
                 .map_err(|e| self.step_error(stage, line, e))
                 .and_then(|r| r)
             }
@@ -896,8 +1090,13 @@ impl Engine<'_> {
             step.failed();
             return Err(e);
         }
-        let layer = self.commit_upper(&upper).map_err(|e| self.step_error(stage, line, e))?;
-        let record = CacheRecord { layer, created: Some(self.now_created()) };
+        let layer = self
+            .commit_upper(&upper)
+            .map_err(|e| self.step_error(stage, line, e))?;
+        let record = CacheRecord {
+            layer,
+            created: Some(self.now_created()),
+        };
         self.remember(stage, n, parent, &key, inputs, &record)?;
         self.apply_record(st, key, record, created_by)?;
         step.done();
@@ -910,11 +1109,17 @@ impl Engine<'_> {
         if !snapshot::upper_has_changes(upper).map_err(|e| e.to_string())? {
             return Ok(None);
         }
-        let opts = LayerOptions { source_date_epoch: self.opts.source_date_epoch, compression: Compression::Gzip };
+        let opts = LayerOptions {
+            source_date_epoch: self.opts.source_date_epoch,
+            compression: Compression::Gzip,
+        };
         let writer = self.store.blob_writer().map_err(|e| e.to_string())?;
-        let (writer, summary) = snapshot::write_layer(upper, &opts, writer).map_err(|e| e.to_string())?;
+        let (writer, summary) =
+            snapshot::write_layer(upper, &opts, writer).map_err(|e| e.to_string())?;
         let (digest, size) = writer.commit().map_err(|e| e.to_string())?;
-        self.store.install_layer_dir(&summary.diff_id, upper).map_err(|e| e.to_string())?;
+        self.store
+            .install_layer_dir(&summary.diff_id, upper)
+            .map_err(|e| e.to_string())?;
         Ok(Some(Layer {
             desc: Descriptor::new(image::MEDIA_LAYER_GZIP, digest, size),
             diff_id: summary.diff_id,
@@ -928,10 +1133,13 @@ impl Engine<'_> {
         }
         let scratch = self.store.scratch_dir()?;
         let dir = scratch.path().join("layer");
-        std::fs::create_dir(&dir).map_err(|e| BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest)))?;
+        std::fs::create_dir(&dir).map_err(|e| {
+            BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest))
+        })?;
         let blob = self.store.open_blob(&layer.desc.digest)?;
-        let diff_id = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir)
-            .map_err(|e| BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest)))?;
+        let diff_id = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir).map_err(|e| {
+            BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest))
+        })?;
         if diff_id != layer.diff_id {
             return Err(BuildError::Image(format!(
                 "layer {} has diff_id {diff_id}, but the image config says {}",
@@ -942,28 +1150,38 @@ impl Engine<'_> {
     }
 
     fn load_image(&self, reference: &str, line: usize) -> Result<StageState, BuildError> {
-        let normalized = Reference::parse(reference).map_err(|e| self.invalid(line, e.to_string()))?;
+        let normalized =
+            Reference::parse(reference).map_err(|e| self.invalid(line, e.to_string()))?;
         let image = {
             let _one_pull_at_a_time = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
             match self.store.resolve(&normalized.to_string())? {
                 Some(image) => image,
                 None => {
                     self.progress.info(&format!("pulling {normalized}"));
-                    crate::distribution::pull(self.store, &self.client, &normalized)
-                        .map_err(|source| BuildError::Pull { reference: normalized.to_string(), source })?
+                    crate::distribution::pull(self.store, &self.client, &normalized).map_err(
+                        |source| BuildError::Pull {
+                            reference: normalized.to_string(),
+                            source,
+                        },
+                    )?
                 }
             }
         };
         let diff_ids = &image.config.rootfs.diff_ids;
         if diff_ids.len() != image.manifest_body.layers.len() {
-            return Err(BuildError::Image(format!("{normalized}: manifest and config disagree on the number of layers")));
+            return Err(BuildError::Image(format!(
+                "{normalized}: manifest and config disagree on the number of layers"
+            )));
         }
         let mut st = scratch_state();
         st.config = image.config.clone();
         st.created = image.config.created.clone();
         st.key = Digest::of(format!("image\n{}", image.manifest.digest).as_bytes());
         for (desc, diff_id) in image.manifest_body.layers.iter().zip(diff_ids) {
-            let layer = Layer { desc: desc.clone(), diff_id: *diff_id };
+            let layer = Layer {
+                desc: desc.clone(),
+                diff_id: *diff_id,
+            };
             st.lower_dirs.push(self.ensure_layer_dir(&layer)?);
             st.layers.push(layer);
         }
@@ -986,7 +1204,12 @@ impl Engine<'_> {
 
 fn scratch_state() -> StageState {
     let (os, arch, variant) = image::host_platform();
-    let mut config = ImageConfig { os, architecture: arch, variant, ..Default::default() };
+    let mut config = ImageConfig {
+        os,
+        architecture: arch,
+        variant,
+        ..Default::default()
+    };
     config.config.env.push(format!("PATH={DEFAULT_PATH}"));
     StageState {
         config,
@@ -1017,7 +1240,13 @@ fn run_argv(run: &Run, shell: &[String]) -> (Vec<String>, Option<Vec<u8>>) {
             if lone {
                 let body = &run.heredocs[0].content;
                 if let Some(first) = body.strip_prefix("#!") {
-                    let interp: Vec<String> = first.lines().next().unwrap_or("").split_whitespace().map(str::to_string).collect();
+                    let interp: Vec<String> = first
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .split_whitespace()
+                        .map(str::to_string)
+                        .collect();
                     if !interp.is_empty() {
                         let mut argv = interp;
                         argv.push("/dev/stdin".to_string());
@@ -1070,7 +1299,9 @@ fn expand_heredoc(body: &str, vars: &BTreeMap<String, String>) -> String {
                 None => ("", 0),
             }
         } else {
-            let end = rest.find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')).unwrap_or(rest.len());
+            let end = rest
+                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                .unwrap_or(rest.len());
             (&rest[..end], end)
         };
         if name.is_empty() || consumed == 0 {
@@ -1090,7 +1321,9 @@ fn resolve_owner(root: &RootDir, spec: &str) -> Result<(u32, u32), String> {
     let read = |p: &str| {
         root.open_read(p).ok().and_then(|mut f| {
             let mut s = String::new();
-            std::io::Read::read_to_string(&mut f, &mut s).ok().map(|_| s)
+            std::io::Read::read_to_string(&mut f, &mut s)
+                .ok()
+                .map(|_| s)
         })
     };
     let passwd = read("/etc/passwd");
@@ -1099,9 +1332,11 @@ fn resolve_owner(root: &RootDir, spec: &str) -> Result<(u32, u32), String> {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let resolved = sandbox::users::resolve(user, passwd.as_deref(), group.as_deref()).map_err(|e| format!("--chown={spec}: {e}"))?;
+    let resolved = sandbox::users::resolve(user, passwd.as_deref(), group.as_deref())
+        .map_err(|e| format!("--chown={spec}: {e}"))?;
     let gid = match grp {
-        Some(g) => sandbox::users::resolve_group(g, group.as_deref()).map_err(|e| format!("--chown={spec}: {e}"))?,
+        Some(g) => sandbox::users::resolve_group(g, group.as_deref())
+            .map_err(|e| format!("--chown={spec}: {e}"))?,
         // A user alone gives gid = uid when the user is numeric, else the user's primary group.
         None => resolved.gid,
     };
@@ -1114,7 +1349,12 @@ mod tests {
     use crate::recipe::instructions::Heredoc;
 
     fn heredoc(name: &str, content: &str) -> Heredoc {
-        Heredoc { name: name.into(), content: content.into(), expand: true, fd: None }
+        Heredoc {
+            name: name.into(),
+            content: content.into(),
+            expand: true,
+            fd: None,
+        }
     }
 
     #[test]
@@ -1161,6 +1401,9 @@ mod tests {
     #[test]
     fn heredoc_expansion() {
         let vars: BTreeMap<String, String> = [("A".to_string(), "x".to_string())].into();
-        assert_eq!(expand_heredoc("$A ${A} \\$A $B '$A' $", &vars), "x x $A  'x' $");
+        assert_eq!(
+            expand_heredoc("$A ${A} \\$A $B '$A' $", &vars),
+            "x x $A  'x' $"
+        );
     }
 }

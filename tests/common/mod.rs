@@ -23,11 +23,22 @@ fn base_archive() -> &'static Path {
         let root = dir.join("store");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/build-base.sh");
         let out = Command::new("bash")
-            .args([script, kiln_bin(), "--progress", "plain", "--source-date-epoch", "0"])
+            .args([
+                script,
+                kiln_bin(),
+                "--progress",
+                "plain",
+                "--source-date-epoch",
+                "0",
+            ])
             .env("KILN_ROOT", &root)
             .output()
             .unwrap();
-        assert!(out.status.success(), "building the busybox base failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "building the busybox base failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let archive = dir.join("busybox.tar");
         export_tagged(&root, "busybox", &archive);
         archive
@@ -46,7 +57,11 @@ fn export_tagged(root: &Path, name: &str, archive: &Path) {
         .arg(ctx.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "exporting the base failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exporting the base failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A test's own store, seeded with the busybox base.
@@ -60,22 +75,41 @@ impl Kiln {
     pub fn new() -> Kiln {
         let k = Kiln::empty();
         let out = k.run(&["import", base_archive().to_str().unwrap(), "busybox"]);
-        assert!(out.status.success(), "import failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         k
     }
 
     /// A fresh, empty store.
     pub fn empty() -> Kiln {
-        Kiln { root: tempfile::Builder::new().prefix("kiln-store-").tempdir().unwrap() }
+        Kiln {
+            root: tempfile::Builder::new()
+                .prefix("kiln-store-")
+                .tempdir()
+                .unwrap(),
+        }
     }
 
     /// Runs kiln with this store.
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(kiln_bin()).arg("--root").arg(self.root.path()).args(args).output().unwrap()
+        Command::new(kiln_bin())
+            .arg("--root")
+            .arg(self.root.path())
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// Builds `dockerfile` in a new context holding `files`; returns the output and the context.
-    pub fn build(&self, dockerfile: &str, files: &[(&str, &[u8])], args: &[&str]) -> (Output, tempfile::TempDir) {
+    pub fn build(
+        &self,
+        dockerfile: &str,
+        files: &[(&str, &[u8])],
+        args: &[&str],
+    ) -> (Output, tempfile::TempDir) {
         let ctx = context(dockerfile, files);
         let mut full = vec!["build", "--progress", "plain"];
         full.extend_from_slice(args);
@@ -106,7 +140,11 @@ impl Kiln {
             .output()
             .unwrap();
         assert_success(&out);
-        Unpacked { dir, layout, rootfs: bundle.join("rootfs") }
+        Unpacked {
+            dir,
+            layout,
+            rootfs: bundle.join("rootfs"),
+        }
     }
 }
 
@@ -122,7 +160,10 @@ pub struct Unpacked {
 
 /// A temp context dir with a Dockerfile and files.
 pub fn context(dockerfile: &str, files: &[(&str, &[u8])]) -> tempfile::TempDir {
-    let ctx = tempfile::Builder::new().prefix("kiln-ctx-").tempdir().unwrap();
+    let ctx = tempfile::Builder::new()
+        .prefix("kiln-ctx-")
+        .tempdir()
+        .unwrap();
     std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
     for (name, content) in files {
         let p = ctx.path().join(name);
@@ -145,7 +186,11 @@ pub fn assert_success(out: &Output) {
 
 /// The last line of stdout.
 pub fn stdout_line(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string()
 }
 
 /// The stderr text.
@@ -155,7 +200,10 @@ pub fn stderr(out: &Output) -> String {
 
 /// The number of mounts in this process's mount namespace.
 pub fn mount_count() -> usize {
-    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count()
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count()
 }
 
 /// The image config of `name` as JSON.
