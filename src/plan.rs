@@ -361,12 +361,11 @@ pub fn explain_difference(old: &StepInputs, new: &StepInputs, parent_changed: bo
     if old.from != new.from {
         reasons.push("--from source changed".to_string());
     }
+    if parent_changed {
+        reasons.push("an earlier step changed".to_string());
+    }
     if reasons.is_empty() {
-        if parent_changed {
-            reasons.push("an earlier step changed".to_string());
-        } else {
-            reasons.push("no earlier build recorded".to_string());
-        }
+        reasons.push("the cached result is gone".to_string());
     }
     reasons.join(", ")
 }

@@ -174,6 +174,13 @@ impl Step<'_> {
         self.close(&text);
     }
 
+    /// The step needed no work of its own (a FROM of something already at hand).
+    pub fn ready(self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+
     /// Why the step is being (re)built.
     pub fn rebuild_reason(&self, reason: &str) {
         if self.progress.mode == Mode::Plain {

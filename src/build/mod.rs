@@ -373,7 +373,7 @@ impl Engine<'_> {
             Base::Stage(i) => (*deps[i]).clone(),
             Base::Image(r) => self.load_image(r, stage.span.start_line)?,
         };
-        step.cached();
+        step.ready();
         st.args = BTreeMap::new();
         st.shell = st.config.config.shell.clone().unwrap_or_else(default_shell);
         st.cmd_set = false;
@@ -639,17 +639,17 @@ impl Engine<'_> {
             }
         }
         let reason = if self.opts.no_cache {
-            "--no-cache".to_string()
+            Some("--no-cache".to_string())
         } else {
-            match self.store.cache_get(&self.identity(stage, n))? {
-                Some(v) => match serde_json::from_value::<StepRecord>(v) {
-                    Ok(old) => plan::explain_difference(&old.inputs, inputs, old.parent != st.key),
-                    Err(_) => "no earlier build recorded".to_string(),
-                },
-                None => "no earlier build recorded".to_string(),
-            }
+            // A step never built before needs no explanation.
+            self.store
+                .cache_get(&self.identity(stage, n))?
+                .and_then(|v| serde_json::from_value::<StepRecord>(v).ok())
+                .map(|old| plan::explain_difference(&old.inputs, inputs, old.parent != st.key))
         };
-        step.rebuild_reason(&reason);
+        if let Some(reason) = reason {
+            step.rebuild_reason(&reason);
+        }
         Ok(None)
     }
 
