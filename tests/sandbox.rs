@@ -241,7 +241,8 @@ fn run_true_leaves_upper_empty() {
     run_ok(&s.spec);
     assert_eq!(upper_entries(&s.spec.upper_dir), Vec::<String>::new());
     // A bind mount whose target did not exist leaves nothing either.
-    let mut s = step("cat /run/secrets/token");
+    let mut s =
+        step("cat /run/secrets/token; (echo x > /run/secrets/token) 2>/dev/null || echo ' ro'");
     let secret = s.dir.path().join("token");
     std::fs::write(&secret, "s3cret").unwrap();
     s.spec.binds.push(BindMount {
@@ -249,8 +250,33 @@ fn run_true_leaves_upper_empty() {
         target: "/run/secrets/token".into(),
         readonly: true,
     });
-    assert_eq!(run_ok(&s.spec), "s3cret");
+    assert_eq!(run_ok(&s.spec), "s3cret ro\n");
     assert_eq!(upper_entries(&s.spec.upper_dir), Vec::<String>::new());
+}
+
+#[test]
+fn existing_mount_targets_are_reused_and_copy_ups_undone() {
+    let mut s = step("cat /etc/hosts; cat /tmp/secret");
+    let top = s.dir.path().join("top");
+    std::fs::create_dir_all(top.join("etc")).unwrap();
+    std::fs::create_dir_all(top.join("proc")).unwrap();
+    std::fs::write(top.join("etc/hosts"), "image hosts\n").unwrap();
+    s.spec.lower_dirs.insert(0, top.clone());
+    let secret = s.dir.path().join("secret");
+    std::fs::write(&secret, "s\n").unwrap();
+    s.spec.binds.push(BindMount {
+        source: secret,
+        target: "/tmp/secret".into(),
+        readonly: false,
+    });
+    let out = run_ok(&s.spec);
+    assert!(out.starts_with("127.0.0.1\tlocalhost kiln-test\n"), "{out}");
+    assert!(out.ends_with("s\n"), "{out}");
+    assert_eq!(upper_entries(&s.spec.upper_dir), Vec::<String>::new());
+    assert_eq!(
+        std::fs::read_to_string(top.join("etc/hosts")).unwrap(),
+        "image hosts\n"
+    );
 }
 
 #[test]
@@ -293,7 +319,7 @@ fn proc_is_the_new_pid_namespace() {
 }
 
 #[test]
-fn no_fd_beyond_stdio_is_inherited() {
+fn no_fd_or_ignored_signal_is_inherited() {
     // ls itself holds one fd (3) for the directory it lists.
     let out = run_ok(&step("ls /proc/self/fd").spec);
     assert_eq!(
@@ -309,6 +335,16 @@ fn no_fd_beyond_stdio_is_inherited() {
     assert_eq!(
         out.split_whitespace().collect::<Vec<_>>(),
         ["0", "1", "2", "3"]
+    );
+    s.spec.argv = vec![
+        "/bin/grep".into(),
+        "-E".into(),
+        "^Sig(Ign|Blk)".into(),
+        "/proc/self/status".into(),
+    ];
+    assert_eq!(
+        run_ok(&s.spec),
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
     );
     s.spec.argv = vec!["/bin/readlink".into(), "/proc/1/cwd".into()];
     assert_eq!(run_ok(&s.spec), "/\n");
