@@ -9,11 +9,16 @@ use std::time::{Duration, Instant};
 use kiln::sandbox::{BindMount, NetworkMode, RunSpec, Sandbox, SandboxError, with_rootfs};
 use tempfile::TempDir;
 
-/// A busybox rootfs with /etc/passwd and /etc/group (user `app`, group `extra`), made once.
+/// A busybox rootfs with /etc/passwd and /etc/group (user `app`, group `extra`), made once in
+/// cargo's per-target temp dir (built aside, then renamed into place).
 fn base_layer() -> &'static Path {
-    static BASE: OnceLock<TempDir> = OnceLock::new();
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
-        let tmp = TempDir::with_prefix("kiln-sandbox-test-base-").unwrap();
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sandbox-base-v1");
+        if base.join("etc/group").exists() {
+            return base;
+        }
+        let tmp = TempDir::with_prefix_in("sandbox-base-", env!("CARGO_TARGET_TMPDIR")).unwrap();
         let dir = tmp.path();
         for d in ["bin", "etc", "tmp", "root", "home/app"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
@@ -33,15 +38,19 @@ fn base_layer() -> &'static Path {
             "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
         )
         .unwrap();
+        std::fs::write(dir.join("etc/victim"), "delete me\n").unwrap();
         std::fs::write(
             dir.join("etc/group"),
             "root:x:0:\napp:x:1000:\nextra:x:1001:app\n",
         )
         .unwrap();
-        std::fs::write(dir.join("etc/victim"), "delete me\n").unwrap();
-        tmp
+        // Another test process may have won the race; its copy is just as good.
+        let built = tmp.keep();
+        if std::fs::rename(&built, &base).is_err() {
+            std::fs::remove_dir_all(&built).unwrap();
+        }
+        base
     })
-    .path()
 }
 
 struct Step {
