@@ -9,11 +9,16 @@ use std::time::{Duration, Instant};
 use kiln::sandbox::{BindMount, NetworkMode, RunSpec, Sandbox, SandboxError, with_rootfs};
 use tempfile::TempDir;
 
-/// A busybox rootfs with /etc/passwd and /etc/group (user `app`, group `extra`), made once.
+/// A busybox rootfs with /etc/passwd and /etc/group (user `app`, group `extra`), made once in
+/// cargo's per-target temp dir (built aside, then renamed into place).
 fn base_layer() -> &'static Path {
-    static BASE: OnceLock<TempDir> = OnceLock::new();
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
-        let tmp = TempDir::with_prefix("kiln-sandbox-test-base-").unwrap();
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sandbox-base-v1");
+        if base.join("etc/group").exists() {
+            return base;
+        }
+        let tmp = TempDir::with_prefix_in("sandbox-base-", env!("CARGO_TARGET_TMPDIR")).unwrap();
         let dir = tmp.path();
         for d in ["bin", "etc", "tmp", "root", "home/app"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
@@ -33,15 +38,19 @@ fn base_layer() -> &'static Path {
             "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
         )
         .unwrap();
+        std::fs::write(dir.join("etc/victim"), "delete me\n").unwrap();
         std::fs::write(
             dir.join("etc/group"),
             "root:x:0:\napp:x:1000:\nextra:x:1001:app\n",
         )
         .unwrap();
-        std::fs::write(dir.join("etc/victim"), "delete me\n").unwrap();
-        tmp
+        // Another test process may have won the race; its copy is just as good.
+        let built = tmp.keep();
+        if std::fs::rename(&built, &base).is_err() {
+            std::fs::remove_dir_all(&built).unwrap();
+        }
+        base
     })
-    .path()
 }
 
 struct Step {
@@ -241,7 +250,8 @@ fn run_true_leaves_upper_empty() {
     run_ok(&s.spec);
     assert_eq!(upper_entries(&s.spec.upper_dir), Vec::<String>::new());
     // A bind mount whose target did not exist leaves nothing either.
-    let mut s = step("cat /run/secrets/token");
+    let mut s =
+        step("cat /run/secrets/token; (echo x > /run/secrets/token) 2>/dev/null || echo ' ro'");
     let secret = s.dir.path().join("token");
     std::fs::write(&secret, "s3cret").unwrap();
     s.spec.binds.push(BindMount {
@@ -249,8 +259,33 @@ fn run_true_leaves_upper_empty() {
         target: "/run/secrets/token".into(),
         readonly: true,
     });
-    assert_eq!(run_ok(&s.spec), "s3cret");
+    assert_eq!(run_ok(&s.spec), "s3cret ro\n");
     assert_eq!(upper_entries(&s.spec.upper_dir), Vec::<String>::new());
+}
+
+#[test]
+fn existing_mount_targets_are_reused_and_copy_ups_undone() {
+    let mut s = step("cat /etc/hosts; cat /tmp/secret");
+    let top = s.dir.path().join("top");
+    std::fs::create_dir_all(top.join("etc")).unwrap();
+    std::fs::create_dir_all(top.join("proc")).unwrap();
+    std::fs::write(top.join("etc/hosts"), "image hosts\n").unwrap();
+    s.spec.lower_dirs.insert(0, top.clone());
+    let secret = s.dir.path().join("secret");
+    std::fs::write(&secret, "s\n").unwrap();
+    s.spec.binds.push(BindMount {
+        source: secret,
+        target: "/tmp/secret".into(),
+        readonly: false,
+    });
+    let out = run_ok(&s.spec);
+    assert!(out.starts_with("127.0.0.1\tlocalhost kiln-test\n"), "{out}");
+    assert!(out.ends_with("s\n"), "{out}");
+    assert_eq!(upper_entries(&s.spec.upper_dir), Vec::<String>::new());
+    assert_eq!(
+        std::fs::read_to_string(top.join("etc/hosts")).unwrap(),
+        "image hosts\n"
+    );
 }
 
 #[test]
@@ -293,7 +328,7 @@ fn proc_is_the_new_pid_namespace() {
 }
 
 #[test]
-fn no_fd_beyond_stdio_is_inherited() {
+fn no_fd_or_ignored_signal_is_inherited() {
     // ls itself holds one fd (3) for the directory it lists.
     let out = run_ok(&step("ls /proc/self/fd").spec);
     assert_eq!(
@@ -309,6 +344,16 @@ fn no_fd_beyond_stdio_is_inherited() {
     assert_eq!(
         out.split_whitespace().collect::<Vec<_>>(),
         ["0", "1", "2", "3"]
+    );
+    s.spec.argv = vec![
+        "/bin/grep".into(),
+        "-E".into(),
+        "^Sig(Ign|Blk)".into(),
+        "/proc/self/status".into(),
+    ];
+    assert_eq!(
+        run_ok(&s.spec),
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
     );
     s.spec.argv = vec!["/bin/readlink".into(), "/proc/1/cwd".into()];
     assert_eq!(run_ok(&s.spec), "/\n");

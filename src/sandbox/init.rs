@@ -460,10 +460,38 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(|e| {
         SandboxError::sys(&format!("setuid({})", user.uid), Path::new(""), e.into())
     })?;
+    reset_signals();
     // Changing credentials cleared the parent-death signal: set it again for the command.
     die_with_helper(&helper_alive)?;
     sys::cloexec_from_3().map_err(|e| SandboxError::sys("close_range", Path::new(""), e))?;
     exec(cfg)
+}
+
+/// Gives the command default signal dispositions and an empty signal mask (the Rust runtime
+/// of the helper ignores SIGPIPE, and ignored signals would survive exec).
+fn reset_signals() {
+    // The raw syscall, as libc refuses to touch the signals it reserves for itself. A zeroed
+    // kernel sigaction is SIG_DFL with no flags and an empty mask.
+    let dfl: [libc::c_ulong; 4] = [0; 4];
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: restoring the default disposition; no handler is involved.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    dfl.as_ptr(),
+                    std::ptr::null_mut::<libc::c_void>(),
+                    8usize,
+                )
+            };
+        }
+    }
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
 }
 
 /// Makes the kernel kill this process when the helper dies, and exits if it already has
