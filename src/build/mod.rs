@@ -586,6 +586,10 @@ impl Engine<'_> {
         if get_env(&env, "PATH").is_none() {
             set_env(&mut env, "PATH", DEFAULT_PATH);
         }
+        let user = st.config.config.user.as_deref().unwrap_or("");
+        if get_env(&env, "HOME").is_none() && matches!(user.split(':').next(), Some("" | "root" | "0")) {
+            set_env(&mut env, "HOME", "/root");
+        }
         env.into_iter()
             .filter_map(|e| {
                 e.split_once('=')
