@@ -523,10 +523,10 @@ fn set_lines(node: &mut Node, start: usize, end: usize, segments: &[Segment]) {
 /// True for RUN, COPY, ADD (and ONBUILD of those) not in exec form.
 fn can_contain_heredoc(node: &Node) -> bool {
     let mut n = node;
-    if n.keyword.eq_ignore_ascii_case("onbuild") {
-        if let Some(Arg::Nested(child)) = n.args.first() {
-            n = child;
-        }
+    if n.keyword.eq_ignore_ascii_case("onbuild")
+        && let Some(Arg::Nested(child)) = n.args.first()
+    {
+        n = child;
     }
     let kw = n.keyword.to_ascii_lowercase();
     matches!(kw.as_str(), "run" | "copy" | "add") && !n.json
