@@ -288,7 +288,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Import { path, name } => {
             let name = normalize(&name)?;
             let store = Store::open(&root)?;
-            let image = store::import(&store, &path).map_err(|e| Failure::input(e))?;
+            let image = store::import(&store, &path).map_err(Failure::input)?;
             store.tag(&name, &image.manifest)?;
             println!("{}", image.config_digest);
             Ok(())
@@ -417,10 +417,10 @@ fn find_image(store: &Store, name: &str) -> Result<StoredImage, Failure> {
     if let Some(img) = store.resolve(name)? {
         return Ok(img);
     }
-    if let Ok(r) = Reference::parse(name) {
-        if let Some(img) = store.resolve(&r.to_string())? {
-            return Ok(img);
-        }
+    if let Ok(r) = Reference::parse(name)
+        && let Some(img) = store.resolve(&r.to_string())?
+    {
+        return Ok(img);
     }
     Err(Failure::input(NotFound(name.to_string())).hint("`kiln images` lists what the store holds"))
 }

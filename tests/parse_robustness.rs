@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use kiln::recipe::{parse, parse_syntax};
 
-/// Generous even for a loaded debug build; the point is "linear, not quadratic".
-const LIMIT: Duration = Duration::from_secs(2);
+/// A bound against hangs and quadratic blow-ups on a loaded debug build, not a speed target.
+const LIMIT: Duration = Duration::from_secs(20);
 
 fn timed<T>(f: impl FnOnce() -> T) -> T {
     let t = Instant::now();

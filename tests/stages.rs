@@ -154,7 +154,7 @@ fn onbuild_of_a_parent_stage_runs_in_the_child() {
 #[test]
 fn cache_reuses_and_explains() {
     let k = Kiln::new();
-    let recipe = "FROM busybox\nARG VERSION=1\nRUN echo base > /base\nCOPY app/ /app/\nRUN echo v$VERSION > /v && cat /app/main.py > /copy\n";
+    let recipe = "FROM busybox\nRUN echo base > /base\nCOPY app/ /app/\nARG VERSION=1\nRUN echo v$VERSION > /v && cat /app/main.py > /copy\n";
     let ctx = context(
         recipe,
         &[("app/main.py", b"print(1)"), ("app/util.py", b"x")],

@@ -190,8 +190,10 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
         let (uid, gid) = job.chown.unwrap_or((0, 0));
         root.mkdir_all(&job.dest, 0o755, uid, gid)
             .map_err(|e| dest_err(&job.dest, e))?;
-    } else if let Some((parent, _)) = job.dest.rsplit_once('/') {
-        if !parent.is_empty() {
+    } else if let Some((parent, _)) = job.dest.rsplit_once('/')
+        && !parent.is_empty()
+    {
+        {
             root.mkdir_all(parent, 0o755, 0, 0)
                 .map_err(|e| dest_err(parent, e))?;
         }

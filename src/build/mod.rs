@@ -134,7 +134,7 @@ pub enum BuildError {
         /// The reference.
         reference: String,
         /// The cause.
-        source: crate::distribution::TransferError,
+        source: Box<crate::distribution::TransferError>,
     },
     /// The store failed.
     #[error(transparent)]
@@ -280,15 +280,26 @@ struct Engine<'a> {
 
 /// Shared scheduler state for parallel stages.
 struct Schedule {
-    results: Mutex<(Vec<Option<Arc<StageState>>>, Option<BuildError>, usize)>,
+    state: Mutex<Slots>,
     changed: Condvar,
+}
+
+/// What the stage threads share: finished stages, the first error, free job slots.
+struct Slots {
+    done: Vec<Option<Arc<StageState>>>,
+    error: Option<BuildError>,
+    free: usize,
 }
 
 impl Engine<'_> {
     fn run_stages(&self) -> Result<StageState, BuildError> {
         let n = self.recipe.stages.len();
         let schedule = Schedule {
-            results: Mutex::new((vec![None; n], None, self.opts.jobs.max(1))),
+            state: Mutex::new(Slots {
+                done: vec![None; n],
+                error: None,
+                free: self.opts.jobs.max(1),
+            }),
             changed: Condvar::new(),
         };
         std::thread::scope(|scope| {
@@ -296,20 +307,19 @@ impl Engine<'_> {
                 let schedule = &schedule;
                 scope.spawn(move || {
                     let deps = {
-                        let mut guard = schedule.results.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut guard = schedule.state.lock().unwrap_or_else(|e| e.into_inner());
                         loop {
-                            if guard.1.is_some() {
+                            if guard.error.is_some() {
                                 return;
                             }
                             let deps = &self.plan.stages[index].deps;
-                            if guard.2 > 0 && deps.iter().all(|d| guard.0[*d].is_some()) {
-                                guard.2 -= 1;
-                                break deps
-                                    .iter()
-                                    .map(|d| {
-                                        (*d, guard.0[*d].clone().unwrap_or_else(|| unreachable!()))
-                                    })
-                                    .collect::<BTreeMap<_, _>>();
+                            let ready: Option<BTreeMap<usize, Arc<StageState>>> = deps
+                                .iter()
+                                .map(|d| guard.done[*d].clone().map(|s| (*d, s)))
+                                .collect();
+                            if let (Some(ready), true) = (ready, guard.free > 0) {
+                                guard.free -= 1;
+                                break ready;
                             }
                             guard = schedule
                                 .changed
@@ -318,13 +328,13 @@ impl Engine<'_> {
                         }
                     };
                     let result = self.build_stage(index, &deps);
-                    let mut guard = schedule.results.lock().unwrap_or_else(|e| e.into_inner());
-                    guard.2 += 1;
+                    let mut guard = schedule.state.lock().unwrap_or_else(|e| e.into_inner());
+                    guard.free += 1;
                     match result {
-                        Ok(state) => guard.0[index] = Some(Arc::new(state)),
+                        Ok(state) => guard.done[index] = Some(Arc::new(state)),
                         Err(e) => {
-                            if guard.1.is_none() {
-                                guard.1 = Some(e);
+                            if guard.error.is_none() {
+                                guard.error = Some(e);
                             }
                             self.cancel.store(true, Ordering::SeqCst);
                         }
@@ -333,14 +343,16 @@ impl Engine<'_> {
                 });
             }
         });
-        let (mut results, error, _) = schedule
-            .results
+        let Slots {
+            mut done, error, ..
+        } = schedule
+            .state
             .into_inner()
             .unwrap_or_else(|e| e.into_inner());
         if let Some(e) = error {
             return Err(e);
         }
-        results[self.plan.target]
+        done[self.plan.target]
             .take()
             .map(|s| Arc::try_unwrap(s).unwrap_or_else(|a| (*a).clone()))
             .ok_or(BuildError::Cancelled)
@@ -577,17 +589,19 @@ impl Engine<'_> {
             }
         }
         for k in plan::PROXY_ARGS {
-            if let Some(v) = self.opts.build_args.get(k) {
-                if get_env(&env, k).is_none() {
-                    set_env(&mut env, k, v);
-                }
+            if let Some(v) = self.opts.build_args.get(k)
+                && get_env(&env, k).is_none()
+            {
+                set_env(&mut env, k, v);
             }
         }
         if get_env(&env, "PATH").is_none() {
             set_env(&mut env, "PATH", DEFAULT_PATH);
         }
         let user = st.config.config.user.as_deref().unwrap_or("");
-        if get_env(&env, "HOME").is_none() && matches!(user.split(':').next(), Some("" | "root" | "0")) {
+        if get_env(&env, "HOME").is_none()
+            && matches!(user.split(':').next(), Some("" | "root" | "0"))
+        {
             set_env(&mut env, "HOME", "/root");
         }
         env.into_iter()
@@ -598,13 +612,20 @@ impl Engine<'_> {
             .collect()
     }
 
-    fn base_inputs(&self, st: &StageState, instruction: String) -> StepInputs {
+    /// What a RUN's result depends on besides its parent: the command, the image env, the
+    /// ARGs in scope (a RUN sees them all), user, workdir and shell.
+    fn run_inputs(&self, st: &StageState, instruction: String) -> StepInputs {
         StepInputs {
             instruction,
-            env: self
-                .run_env(st)
-                .into_iter()
-                .filter(|(k, _)| !plan::PROXY_ARGS.contains(&k.as_str()))
+            env: st
+                .config
+                .config
+                .env
+                .iter()
+                .filter_map(|e| {
+                    e.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
                 .collect(),
             args: st.args.clone(),
             user: st.config.config.user.clone().unwrap_or_default(),
@@ -629,17 +650,18 @@ impl Engine<'_> {
         inputs: &StepInputs,
         step: &crate::progress::Step<'_>,
     ) -> Result<Option<CacheRecord>, BuildError> {
-        if !self.opts.no_cache {
-            if let Some(value) = self.store.cache_get(key)? {
-                if let Ok(record) = serde_json::from_value::<CacheRecord>(value) {
-                    let usable = match &record.layer {
-                        Some(l) => self.store.has_blob(&l.desc.digest),
-                        None => true,
-                    };
-                    if usable {
-                        return Ok(Some(record));
-                    }
-                }
+        let cached = match self.opts.no_cache {
+            true => None,
+            false => self.store.cache_get(key)?,
+        };
+        if let Some(record) = cached.and_then(|v| serde_json::from_value::<CacheRecord>(v).ok()) {
+            // A record whose layer blob was pruned is a miss.
+            let usable = match &record.layer {
+                Some(l) => self.store.has_blob(&l.desc.digest),
+                None => true,
+            };
+            if usable {
+                return Ok(Some(record));
             }
         }
         let reason = if self.opts.no_cache {
@@ -734,7 +756,7 @@ impl Engine<'_> {
             let m = self.expand(m, &vars, line)?;
             binds.push(self.secret_mount(&m, line)?);
         }
-        let mut inputs = self.base_inputs(
+        let mut inputs = self.run_inputs(
             st,
             format!("RUN {}", serde_json::to_string(&argv).unwrap_or_default()),
         );
@@ -923,7 +945,9 @@ impl Engine<'_> {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let mut inputs = self.base_inputs(st, String::new());
+        // A copy's result depends on its expanded words, its sources and the chown/chmod, not on
+        // the env or ARGs (those are already expanded into the words).
+        let mut inputs = StepInputs::default();
         let mut items = Vec::new();
         let mut source_words = Vec::new();
         let from = c
@@ -1165,7 +1189,7 @@ impl Engine<'_> {
                     crate::distribution::pull(self.store, &self.client, &normalized).map_err(
                         |source| BuildError::Pull {
                             reference: normalized.to_string(),
-                            source,
+                            source: Box::new(source),
                         },
                     )?
                 }

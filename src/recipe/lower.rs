@@ -242,7 +242,8 @@ impl Lowerer<'_> {
                 self.at_least(node, &args, 1)?;
                 InstructionKind::Expose(strings(&args))
             }
-            "add" | "copy" => InstructionKind::Copy(self.copy(node, &kw, &args, heredocs)?),
+            "add" => InstructionKind::Add(self.copy(node, &kw, &args, heredocs)?),
+            "copy" => InstructionKind::Copy(self.copy(node, &kw, &args, heredocs)?),
             "volume" => {
                 self.flags(node, none)?;
                 self.at_least(node, &args, 1)?;
@@ -712,6 +713,18 @@ mod tests {
     }
 
     #[test]
+    fn add_and_copy_stay_distinct() {
+        assert!(matches!(
+            first("FROM a\nADD x.tar /d/\n"),
+            InstructionKind::Add(_)
+        ));
+        assert!(matches!(
+            first("FROM a\nCOPY x.tar /d/\n"),
+            InstructionKind::Copy(_)
+        ));
+    }
+
+    #[test]
     fn stage_name_rules() {
         assert!(err("FROM a AS 1x\n").message.contains("invalid name"));
         assert!(err("FROM a AS scratch\n").message.contains("reserved"));
@@ -782,7 +795,7 @@ mod tests {
         assert!(c.link);
         assert_eq!(c.exclude, vec!["*.md", "x"]);
         assert_eq!(c.chmod.as_deref(), Some("755"));
-        let InstructionKind::Copy(c) =
+        let InstructionKind::Add(c) =
             first("FROM a\nADD --checksum=sha256:x --unpack=false --keep-git-dir=true u /d\n")
         else {
             panic!()
