@@ -18,6 +18,19 @@ use kiln::registry::{Client, ClientOptions};
 use kiln::sandbox::NetworkMode;
 use kiln::store::{self, Store, StoredImage};
 
+/// Writes a line of data to stdout; a closed pipe (`kiln parse F | head`) ends output quietly
+/// instead of panicking as `println!` would.
+macro_rules! emit {
+    ($($arg:tt)*) => {{
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*).and_then(|()| out.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 /// Set by SIGINT/SIGTERM; builds stop at the next check and clean up.
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
@@ -290,7 +303,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let store = Store::open(&root)?;
             let image = store::import(&store, &path).map_err(Failure::input)?;
             store.tag(&name, &image.manifest)?;
-            println!("{}", image.config_digest);
+            emit!("{}", image.config_digest);
             Ok(())
         }
         Command::Images => {
@@ -318,7 +331,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let store = Store::open(&root)?;
             let img = find_image(&store, &image)?;
             let value = serde_json::to_value(&img.config).map_err(Failure::runtime)?;
-            println!(
+            emit!(
                 "{}",
                 serde_json::to_string_pretty(&value).map_err(Failure::runtime)?
             );
@@ -350,7 +363,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let img =
                 distribution::pull(&store, &client(tls_verify), &r).map_err(transfer_failure)?;
             eprintln!("pulled {r}");
-            println!("{}", img.config_digest);
+            emit!("{}", img.config_digest);
             Ok(())
         }
         Command::Push {
@@ -365,7 +378,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let digest = distribution::push(&store, &client(tls_verify), &img, &target)
                 .map_err(transfer_failure)?;
             eprintln!("pushed {target}");
-            println!("{digest}");
+            emit!("{digest}");
             Ok(())
         }
         Command::Prune => {
@@ -456,7 +469,7 @@ fn parse(file: &Path, format: ParseFormat) -> Result<(), Failure> {
             serde_json::to_string_pretty(&recipe).map_err(Failure::runtime)?
         }
     };
-    println!("{text}");
+    emit!("{text}");
     Ok(())
 }
 
@@ -691,6 +704,6 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             .map_err(|e| Failure::usage(format!("writing {}: {e}", path.display())))?;
     }
     progress.finish(&id);
-    println!("{id}");
+    emit!("{id}");
     Ok(())
 }

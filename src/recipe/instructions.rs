@@ -81,7 +81,7 @@ pub struct Instruction {
 
 /// The typed content of an instruction.
 #[derive(Clone, Debug, Serialize)]
-#[serde(tag = "instruction", rename_all = "lowercase")]
+#[serde(tag = "instruction", content = "args", rename_all = "lowercase")]
 pub enum InstructionKind {
     /// `RUN`.
     Run(Run),
