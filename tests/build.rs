@@ -143,9 +143,25 @@ MAINTAINER someone@example.com
     assert_eq!(c["author"], "someone@example.com");
     let history = c["history"].as_array().unwrap();
     let ours = &history[history.len() - 16..];
+    let metadata_only = ours.iter().filter(|h| {
+        !h["created_by"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("WORKDIR")
+    });
+    assert!(metadata_only.clone().count() >= 14);
     assert!(
-        ours.iter().all(|h| h["empty_layer"] == true),
+        metadata_only.into_iter().all(|h| h["empty_layer"] == true),
         "metadata steps add no layer"
+    );
+    let workdir: Vec<_> = ours
+        .iter()
+        .filter(|h| h["created_by"] == "WORKDIR /srv")
+        .collect();
+    assert_eq!(workdir.len(), 1);
+    assert!(
+        workdir[0]["empty_layer"].is_null(),
+        "WORKDIR /srv should create the directory in a layer"
     );
 
     // ENTRYPOINT resets an inherited CMD; the ONBUILD trigger runs in the child.
@@ -420,4 +436,34 @@ fn bad_recipe_is_exit_2_with_location() {
     let err = stderr(&out);
     assert!(err.contains("Dockerfile:3:1"), "{err}");
     assert!(err.contains('^'), "{err}");
+}
+
+#[test]
+fn workdir_is_created_for_the_user_and_parents_are_kept() {
+    let k = Kiln::new();
+    let recipe = "FROM busybox\nUSER app\nWORKDIR /srv/data\nUSER root\nWORKDIR /empty\nCOPY --parents src/a/*.txt /keep/\nCOPY --parents ./src/./b/ /pivot/\n";
+    let files: &[(&str, &[u8])] = &[
+        ("src/a/1.txt", b"1"),
+        ("src/a/2.txt", b"2"),
+        ("src/b/x", b"x"),
+    ];
+    let u = k.build_unpacked(recipe, files);
+    let r = &u.rootfs;
+    let m = std::fs::metadata(r.join("srv/data")).unwrap();
+    assert!(m.is_dir());
+    assert_eq!(
+        (m.uid(), m.gid()),
+        (1000, 1000),
+        "WORKDIR not owned by USER"
+    );
+    assert!(r.join("empty").is_dir(), "WORKDIR not created");
+    assert_eq!(
+        std::fs::read_to_string(r.join("keep/src/a/1.txt")).unwrap(),
+        "1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.join("keep/src/a/2.txt")).unwrap(),
+        "2"
+    );
+    assert_eq!(std::fs::read_to_string(r.join("pivot/b/x")).unwrap(), "x");
 }

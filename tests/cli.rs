@@ -179,6 +179,7 @@ fn sleep_running() -> bool {
         .unwrap()
         .filter_map(|e| e.ok())
         .any(|e| {
-            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.starts_with(b"sleep\x00300\x00"))
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| c.starts_with(b"sleep\x00300\x00"))
         })
 }

@@ -21,7 +21,12 @@ pub enum SourceFs<'a> {
 /// One resolved source.
 pub enum SourceItem {
     /// A path in the source filesystem ("" = its root).
-    Path(String),
+    Path {
+        /// The path.
+        rel: String,
+        /// With `--parents`: the part of `rel` recreated under the destination.
+        keep: Option<String>,
+    },
     /// A heredoc body, written as a file named `name`.
     Inline {
         /// File name when the destination is a directory.
@@ -49,6 +54,8 @@ pub struct CopyJob<'a> {
     pub extract_archives: bool,
     /// `--exclude` patterns (context-relative globs).
     pub exclude: Vec<globset::GlobMatcher>,
+    /// `--parents`: keep each source's parent directories under the destination.
+    pub parents: bool,
 }
 
 /// An error while copying; names the path.
@@ -185,7 +192,7 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
         .metadata(&job.dest)
         .map(|m| m.is_dir())
         .unwrap_or(false);
-    let into_dir = job.dest_is_dir || dest_exists_as_dir;
+    let into_dir = job.dest_is_dir || dest_exists_as_dir || job.parents;
     if into_dir {
         let (uid, gid) = job.chown.unwrap_or((0, 0));
         root.mkdir_all(&job.dest, 0o755, uid, gid)
@@ -217,7 +224,7 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                 root.chmod(&target, mode)
                     .map_err(|e| dest_err(&target, e))?;
             }
-            SourceItem::Path(rel) => {
+            SourceItem::Path { rel, keep } => {
                 let host = job.from.host_path(rel)?;
                 let meta = std::fs::symlink_metadata(&host).map_err(|e| src_err(rel, e))?;
                 let m = SrcMeta::from(&meta);
@@ -233,9 +240,14 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                     continue;
                 }
                 if m.kind == Kind::Dir {
-                    // A directory's contents go into the destination directory.
-                    root.mkdir_all(&job.dest, 0o755, 0, 0)
-                        .map_err(|e| dest_err(&job.dest, e))?;
+                    // A directory's contents go into the destination directory (with
+                    // --parents, into its kept path there).
+                    let base = match keep {
+                        Some(k) => join(&job.dest, k),
+                        None => job.dest.clone(),
+                    };
+                    root.mkdir_all(&base, 0o755, 0, 0)
+                        .map_err(|e| dest_err(&base, e))?;
                     let mut dirs = Vec::new();
                     for child in job.from.children(rel)? {
                         let sub = child
@@ -249,7 +261,7 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                         {
                             continue;
                         }
-                        let target = join(&job.dest, sub);
+                        let target = join(&base, sub);
                         let chost = job.from.host_path(&child)?;
                         let cmeta =
                             std::fs::symlink_metadata(&chost).map_err(|e| src_err(&child, e))?;
@@ -264,11 +276,18 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                     }
                 } else {
                     let name = rel.rsplit('/').next().unwrap_or(rel);
-                    let target = if into_dir {
-                        join(&job.dest, name)
-                    } else {
-                        job.dest.clone()
+                    let target = match keep {
+                        Some(k) => join(&job.dest, k),
+                        None if into_dir => join(&job.dest, name),
+                        None => job.dest.clone(),
                     };
+                    if let Some((parent, _)) = target.rsplit_once('/')
+                        && keep.is_some()
+                        && !parent.is_empty()
+                    {
+                        root.mkdir_all(parent, 0o755, 0, 0)
+                            .map_err(|e| dest_err(parent, e))?;
+                    }
                     copy_entry(root, &host, rel, &target, &m, owner(&m), job.chmod)?;
                 }
             }
@@ -335,6 +354,21 @@ fn join(dir: &str, name: &str) -> String {
     }
 }
 
+/// With `--parents`, the part of a matched path kept under the destination: everything after
+/// a `./` pivot in the pattern (`a/./b/c` keeps `b/c`), else the whole path.
+pub fn kept_path(pattern: &str, rel: &str) -> String {
+    let pattern = pattern.trim_start_matches("./");
+    match pattern.rfind("/./") {
+        Some(i) => {
+            let pivot = crate::context::clean_relative(&pattern[..i]).unwrap_or_default();
+            rel.strip_prefix(&pivot)
+                .map(|r| r.trim_start_matches('/').to_string())
+                .unwrap_or_else(|| rel.to_string())
+        }
+        None => rel.to_string(),
+    }
+}
+
 /// Parses `--chmod` (octal, e.g. `755` or `0644`).
 pub fn parse_chmod(s: &str) -> Option<u32> {
     u32::from_str_radix(s, 8).ok().filter(|m| *m <= 0o7777)
@@ -350,6 +384,13 @@ mod tests {
         assert_eq!(parse_chmod("04755"), Some(0o4755));
         assert_eq!(parse_chmod("999"), None);
         assert_eq!(parse_chmod("u+x"), None);
+    }
+
+    #[test]
+    fn parents_keep_the_path_after_the_pivot() {
+        assert_eq!(kept_path("a/b/*.txt", "a/b/c.txt"), "a/b/c.txt");
+        assert_eq!(kept_path("a/./b/*.txt", "a/b/c.txt"), "b/c.txt");
+        assert_eq!(kept_path("./a/b", "a/b"), "a/b");
     }
 
     #[test]

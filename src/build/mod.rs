@@ -261,6 +261,14 @@ pub fn build(
     engine.finish(state)
 }
 
+/// Where a rootfs step is, for messages, identities and history.
+struct RootfsStep {
+    stage: usize,
+    n: usize,
+    line: usize,
+    created_by: String,
+}
+
 struct Engine<'a> {
     store: &'a Store,
     opts: &'a BuildOptions,
@@ -534,6 +542,7 @@ impl Engine<'_> {
                     "/{}",
                     crate::context::clean_relative(&joined).unwrap_or_default()
                 ));
+                return self.workdir_step(stage, n, st, instr, step);
             }
             InstructionKind::User(u) => cfg.user = Some(self.expand(u, &vars, line)?),
             InstructionKind::Cmd(c) => {
@@ -783,14 +792,7 @@ impl Engine<'_> {
             step.cached();
             return Ok(());
         }
-        let scratch = self.store.scratch_dir()?;
-        let upper = scratch.path().join("upper");
-        let work = scratch.path().join("work");
-        for d in [&upper, &work] {
-            std::fs::create_dir(d).map_err(|e| {
-                self.step_error(stage, line, format!("creating {}: {e}", d.display()))
-            })?;
-        }
+        let (_scratch, upper, work) = self.scratch_upper(stage, line)?;
         let spec = RunSpec {
             lower_dirs: st.lower_dirs.iter().rev().cloned().collect(),
             upper_dir: upper.clone(),
@@ -1023,14 +1025,16 @@ impl Engine<'_> {
                             }
                         })?;
                         inputs.files.extend(digests);
-                        items.push(copy::SourceItem::Path(rel));
+                        let keep = c.parents.then(|| copy::kept_path(&word, &rel));
+                        items.push(copy::SourceItem::Path { rel, keep });
                     }
                 }
                 Some(_) => {
                     let rel = crate::context::clean_relative(&word).ok_or_else(|| {
                         self.invalid(line, format!("source {word:?} is outside the root"))
                     })?;
-                    items.push(copy::SourceItem::Path(rel));
+                    let keep = c.parents.then(|| copy::kept_path(&word, &rel));
+                    items.push(copy::SourceItem::Path { rel, keep });
                 }
             }
         }
@@ -1039,36 +1043,22 @@ impl Engine<'_> {
         }
         let dest_is_dir = dest_slash || items.len() > 1;
         inputs.instruction = format!(
-            "{} {:?} -> {dest} dir={dest_is_dir} chown={chown:?} chmod={chmod:?} exclude={:?}",
+            "{} {:?} -> {dest} dir={dest_is_dir} chown={chown:?} chmod={chmod:?} exclude={:?} parents={}",
             if is_add { "ADD" } else { "COPY" },
             source_words,
-            c.exclude
+            c.exclude,
+            c.parents
         );
-        let parent = st.key;
-        let key = plan::cache_key(&parent, &inputs);
-        let created_by = instr.text.clone();
-        if let Some(record) = self.try_cache(stage, n, st, &key, &inputs, &step)? {
-            self.apply_record(st, key, record, created_by)?;
-            step.cached();
-            return Ok(());
-        }
-        let scratch = self.store.scratch_dir()?;
-        let upper = scratch.path().join("upper");
-        let work = scratch.path().join("work");
-        for d in [&upper, &work] {
-            std::fs::create_dir(d).map_err(|e| {
-                self.step_error(stage, line, format!("creating {}: {e}", d.display()))
-            })?;
-        }
-        let lowers: Vec<PathBuf> = st.lower_dirs.iter().rev().cloned().collect();
-        let copy_into = |src: copy::SourceFs<'_>, merged: &Path| -> Result<(), BuildError> {
-            let root = RootDir::open_host(merged).map_err(|e| self.step_error(stage, line, e))?;
+        let copy_into = |root: &RootDir, src: Option<&RootDir>| -> Result<(), BuildError> {
             let owner = match &chown {
-                Some(spec) => Some(resolve_owner(&root, spec).map_err(|m| self.invalid(line, m))?),
+                Some(spec) => Some(resolve_owner(root, spec).map_err(|m| self.invalid(line, m))?),
                 None => None,
             };
             let job = copy::CopyJob {
-                from: src,
+                from: match src {
+                    Some(src) => copy::SourceFs::Rootfs(src),
+                    None => copy::SourceFs::Context(&self.context),
+                },
                 items,
                 dest: dest.clone(),
                 dest_is_dir,
@@ -1076,51 +1066,117 @@ impl Engine<'_> {
                 chmod,
                 extract_archives: is_add,
                 exclude,
+                parents: c.parents,
             };
-            copy::run(&root, &job).map_err(|e| self.step_error(stage, line, e))
+            copy::run(root, &job).map_err(|e| self.step_error(stage, line, e))
         };
-        let copied: Result<(), BuildError> = match &from_state {
-            None => sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
-                copy_into(copy::SourceFs::Context(&self.context), merged)
+        let step_ctx = RootfsStep {
+            stage,
+            n,
+            line,
+            created_by: instr.text.clone(),
+        };
+        self.rootfs_step(st, step_ctx, inputs, step, from_state.as_ref(), copy_into)
+    }
+
+    /// `WORKDIR`: records the directory and creates it (owned by the current USER) when the
+    /// image does not have it yet, as Docker does.
+    fn workdir_step(
+        &self,
+        stage: usize,
+        n: usize,
+        st: &mut StageState,
+        instr: &Instruction,
+        step: crate::progress::Step<'_>,
+    ) -> Result<(), BuildError> {
+        let line = instr.span.start_line;
+        let dir = st
+            .config
+            .config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| "/".to_string());
+        let user = st.config.config.user.clone().unwrap_or_default();
+        let inputs = StepInputs {
+            instruction: format!("WORKDIR {dir}"),
+            user: user.clone(),
+            ..Default::default()
+        };
+        let create = |root: &RootDir, _: Option<&RootDir>| -> Result<(), BuildError> {
+            if root.metadata(&dir).is_ok() {
+                return Ok(());
+            }
+            let (uid, gid) = match user.as_str() {
+                "" => (0, 0),
+                spec => resolve_owner(root, spec).map_err(|m| self.invalid(line, m))?,
+            };
+            root.mkdir_all(&dir, 0o755, uid, gid)
+                .map_err(|e| self.step_error(stage, line, format!("creating WORKDIR {dir}: {e}")))
+        };
+        let step_ctx = RootfsStep {
+            stage,
+            n,
+            line,
+            created_by: instr.text.clone(),
+        };
+        self.rootfs_step(st, step_ctx, inputs, step, None, create)
+    }
+
+    /// A step that changes files through the mounted rootfs (COPY, ADD, WORKDIR): cache lookup,
+    /// then `f` on the mounted rootfs (and on the mounted `--from` source), then the snapshot.
+    fn rootfs_step(
+        &self,
+        st: &mut StageState,
+        ctx: RootfsStep,
+        inputs: StepInputs,
+        step: crate::progress::Step<'_>,
+        source: Option<&StageState>,
+        f: impl FnOnce(&RootDir, Option<&RootDir>) -> Result<(), BuildError> + Send,
+    ) -> Result<(), BuildError> {
+        let RootfsStep {
+            stage,
+            n,
+            line,
+            created_by,
+        } = ctx;
+        let parent = st.key;
+        let key = plan::cache_key(&parent, &inputs);
+        if let Some(record) = self.try_cache(stage, n, st, &key, &inputs, &step)? {
+            self.apply_record(st, key, record, created_by)?;
+            step.cached();
+            return Ok(());
+        }
+        let (scratch, upper, work) = self.scratch_upper(stage, line)?;
+        let lowers: Vec<PathBuf> = st.lower_dirs.iter().rev().cloned().collect();
+        let in_dest = |src: Option<&RootDir>| -> Result<(), BuildError> {
+            sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
+                let root =
+                    RootDir::open_host(merged).map_err(|e| self.step_error(stage, line, e))?;
+                f(&root, src)
             })
-            .map_err(|e| self.step_error(stage, line, e))
-            .and_then(|r| r),
+            .map_err(|e| self.step_error(stage, line, e))?
+        };
+        let result = match source {
+            None => in_dest(None),
             Some(fs) => {
-                let src_scratch = self.store.scratch_dir()?;
-                let (su, sw) = (
-                    src_scratch.path().join("upper"),
-                    src_scratch.path().join("work"),
-                );
-                for d in [&su, &sw] {
-                    std::fs::create_dir(d).map_err(|e| {
-                        self.step_error(stage, line, format!("creating {}: {e}", d.display()))
-                    })?;
-                }
+                let (_src_scratch, su, sw) = self.scratch_upper(stage, line)?;
                 let src_lowers: Vec<PathBuf> = fs.lower_dirs.iter().rev().cloned().collect();
-                sandbox::with_rootfs(
-                    &src_lowers,
-                    &su,
-                    &sw,
-                    |src_root| -> Result<(), BuildError> {
-                        let src = RootDir::open_host(src_root)
-                            .map_err(|e| self.step_error(stage, line, e))?;
-                        sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
-                            copy_into(copy::SourceFs::Rootfs(&src), merged)
-                        })
-                        .map_err(|e| self.step_error(stage, line, e))?
-                    },
-                )
-                .map_err(|e| self.step_error(stage, line, e))
-                .and_then(|r| r)
+                sandbox::with_rootfs(&src_lowers, &su, &sw, |src_root| {
+                    let src = RootDir::open_host(src_root)
+                        .map_err(|e| self.step_error(stage, line, e))?;
+                    in_dest(Some(&src))
+                })
+                .map_err(|e| self.step_error(stage, line, e))?
             }
         };
-        if let Err(e) = copied {
+        if let Err(e) = result {
             step.failed();
             return Err(e);
         }
         let layer = self
             .commit_upper(&upper)
             .map_err(|e| self.step_error(stage, line, e))?;
+        drop(scratch);
         let record = CacheRecord {
             layer,
             created: Some(self.now_created()),
@@ -1129,6 +1185,23 @@ impl Engine<'_> {
         self.apply_record(st, key, record, created_by)?;
         step.done();
         Ok(())
+    }
+
+    /// A fresh scratch dir in the store with empty `upper` and `work` dirs for an overlay.
+    fn scratch_upper(
+        &self,
+        stage: usize,
+        line: usize,
+    ) -> Result<(tempfile::TempDir, PathBuf, PathBuf), BuildError> {
+        let scratch = self.store.scratch_dir()?;
+        let upper = scratch.path().join("upper");
+        let work = scratch.path().join("work");
+        for d in [&upper, &work] {
+            std::fs::create_dir(d).map_err(|e| {
+                self.step_error(stage, line, format!("creating {}: {e}", d.display()))
+            })?;
+        }
+        Ok((scratch, upper, work))
     }
 
     /// Turns a step's upper dir into a stored layer and keeps the dir as that layer's
