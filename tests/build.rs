@@ -467,3 +467,63 @@ fn workdir_is_created_for_the_user_and_parents_are_kept() {
     );
     assert_eq!(std::fs::read_to_string(r.join("pivot/b/x")).unwrap(), "x");
 }
+
+#[test]
+fn run_mounts_secret_cache_tmpfs_and_bind() {
+    let k = Kiln::new();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "s3cr3t").unwrap();
+    let secret_arg = format!("id=token,src={}", secret.path().display());
+    let recipe = r#"FROM busybox
+RUN --mount=type=secret,id=token cat /run/secrets/token > /seen-secret
+RUN --mount=type=cache,target=/var/cache/app echo run >> /var/cache/app/log && wc -l < /var/cache/app/log > /cache-count
+RUN --mount=type=tmpfs,target=/scratch echo temp > /scratch/x && cat /scratch/x > /seen-tmpfs
+RUN --mount=type=bind,source=data,target=/mnt/data cat /mnt/data/file > /seen-bind
+"#;
+    let files: &[(&str, &[u8])] = &[("data/file", b"from context")];
+    let (out, _ctx) = k.build(recipe, files, &["--secret", &secret_arg, "-t", "m1"]);
+    assert_success(&out);
+    // A changed recipe line re-runs the cache step, which sees the earlier run's file.
+    let again = recipe.replace("echo run >>", "echo again >>");
+    let u = {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = dir.path().join("oci");
+        let o = format!("type=oci,dest={}", layout.display());
+        k.build_ok(&again, files, &["--secret", &secret_arg, "-o", &o]);
+        let bundle = dir.path().join("b");
+        let um = std::process::Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:latest", layout.display()))
+            .arg(&bundle)
+            .output()
+            .unwrap();
+        assert_success(&um);
+        (dir, bundle.join("rootfs"))
+    };
+    let r = &u.1;
+    let read = |p: &str| std::fs::read_to_string(r.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("seen-secret"), "s3cr3t");
+    assert_eq!(
+        read("cache-count").trim(),
+        "2",
+        "the cache mount did not persist"
+    );
+    assert_eq!(read("seen-tmpfs"), "temp\n");
+    assert_eq!(read("seen-bind"), "from context");
+    for absent in [
+        "run/secrets/token",
+        "var/cache/app/log",
+        "scratch/x",
+        "mnt/data/file",
+    ] {
+        assert!(!r.join(absent).exists(), "{absent} leaked into the image");
+    }
+    // A secret that was not given is a clear input error.
+    let (out, _c) = k.build(
+        "FROM busybox\nRUN --mount=type=secret,id=nope true\n",
+        &[],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
+}

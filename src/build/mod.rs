@@ -761,9 +761,12 @@ impl Engine<'_> {
         }
         let vars = self.vars(st);
         let mut binds = Vec::new();
+        let mut _mount_scratch = Vec::new();
         for m in &run.mounts {
             let m = self.expand(m, &vars, line)?;
-            binds.push(self.secret_mount(&m, line)?);
+            let (bind, scratch) = self.run_mount(&m, line)?;
+            binds.push(bind);
+            _mount_scratch.extend(scratch);
         }
         let mut inputs = self.run_inputs(
             st,
@@ -849,47 +852,131 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// `--mount=type=secret,id=ID[,target=PATH][,required]` → a read-only bind of the secret file.
-    fn secret_mount(&self, spec: &str, line: usize) -> Result<BindMount, BuildError> {
-        let mut kind = "bind";
-        let (mut id, mut target, mut required) = (None, None, false);
-        for field in spec.split(',') {
+    /// One `RUN --mount=…` as a bind mount for the sandbox. Supported types:
+    /// `secret` (a `--secret` file, read-only, default target `/run/secrets/ID`), `cache` (a
+    /// directory kept in the store across builds, by `id`, default the target), `tmpfs` (an
+    /// empty directory discarded after the step) and `bind` (a context path, read-only).
+    /// The returned scratch dir, if any, must live until the step ends.
+    fn run_mount(
+        &self,
+        spec: &str,
+        line: usize,
+    ) -> Result<(BindMount, Option<tempfile::TempDir>), BuildError> {
+        let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
+        for field in spec.split(',').filter(|f| !f.is_empty()) {
             let (k, v) = field.split_once('=').unwrap_or((field, ""));
-            match k {
-                "type" => kind = v,
-                "id" => id = Some(v.to_string()),
-                "target" | "dst" | "destination" => target = Some(v.to_string()),
-                "required" => required = v.is_empty() || v == "true",
-                _ => {}
+            let k = match k {
+                "dst" | "destination" => "target",
+                "src" => "source",
+                "readonly" => "ro",
+                k => k,
+            };
+            fields.insert(k, v);
+        }
+        let kind = fields.get("type").copied().unwrap_or("bind");
+        let target = fields.get("target").map(|t| t.to_string());
+        let need_target = || {
+            target
+                .clone()
+                .filter(|t| t.starts_with('/'))
+                .ok_or_else(|| {
+                    self.invalid(
+                        line,
+                        format!("RUN --mount type={kind} needs an absolute target="),
+                    )
+                })
+        };
+        match kind {
+            "secret" => {
+                let id = fields
+                    .get("id")
+                    .map(|s| s.to_string())
+                    .or_else(|| {
+                        target
+                            .as_ref()
+                            .and_then(|t| t.rsplit('/').next().map(str::to_string))
+                    })
+                    .ok_or_else(|| {
+                        self.invalid(line, "RUN --mount=type=secret needs id= or target=")
+                    })?;
+                let target = target.unwrap_or_else(|| format!("/run/secrets/{id}"));
+                match self.opts.secrets.get(&id) {
+                    Some(src) => Ok((
+                        BindMount {
+                            source: src.clone(),
+                            target,
+                            readonly: true,
+                        },
+                        None,
+                    )),
+                    None => Err(self.invalid(
+                        line,
+                        format!("secret {id:?} was not given: pass --secret id={id},src=PATH"),
+                    )),
+                }
             }
-        }
-        if kind != "secret" {
-            return Err(self.invalid(
+            "cache" => {
+                let target = need_target()?;
+                let id = fields
+                    .get("id")
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| target.clone());
+                let dir = self.store.cache_mount_dir(&id)?;
+                let readonly = fields.contains_key("ro");
+                Ok((
+                    BindMount {
+                        source: dir,
+                        target,
+                        readonly,
+                    },
+                    None,
+                ))
+            }
+            "tmpfs" => {
+                let target = need_target()?;
+                let scratch = self.store.scratch_dir()?;
+                Ok((
+                    BindMount {
+                        source: scratch.path().to_path_buf(),
+                        target,
+                        readonly: false,
+                    },
+                    Some(scratch),
+                ))
+            }
+            "bind" => {
+                let target = need_target()?;
+                if fields.contains_key("from") {
+                    return Err(self.invalid(line, "RUN --mount=type=bind,from=… is not supported yet (binds read the context)"));
+                }
+                if fields
+                    .get("rw")
+                    .is_some_and(|v| v.is_empty() || *v == "true")
+                {
+                    return Err(self.invalid(line, "RUN --mount=type=bind,rw is not supported yet"));
+                }
+                let source = fields.get("source").copied().unwrap_or(".");
+                let rel = self
+                    .context
+                    .resolve(source)
+                    .map_err(|source| BuildError::Context {
+                        file: self.file.clone(),
+                        line,
+                        source,
+                    })?;
+                let rel = rel.into_iter().next().unwrap_or_default();
+                Ok((
+                    BindMount {
+                        source: self.context.host_path(&rel),
+                        target,
+                        readonly: true,
+                    },
+                    None,
+                ))
+            }
+            other => Err(self.invalid(
                 line,
-                format!("RUN --mount type={kind} is not supported yet (only type=secret)"),
-            ));
-        }
-        let id = id
-            .or_else(|| {
-                target
-                    .as_ref()
-                    .and_then(|t| t.rsplit('/').next().map(str::to_string))
-            })
-            .ok_or_else(|| self.invalid(line, "RUN --mount=type=secret needs id= or target="))?;
-        let target = target.unwrap_or_else(|| format!("/run/secrets/{id}"));
-        match self.opts.secrets.get(&id) {
-            Some(src) => Ok(BindMount {
-                source: src.clone(),
-                target,
-                readonly: true,
-            }),
-            None if required => Err(self.invalid(
-                line,
-                format!("secret {id:?} is required but was not given with --secret"),
-            )),
-            None => Err(self.invalid(
-                line,
-                format!("secret {id:?} was not given with --secret id={id},src=PATH"),
+                format!("RUN --mount type={other} is not supported (secret, cache, tmpfs, bind)"),
             )),
         }
     }

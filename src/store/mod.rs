@@ -486,6 +486,17 @@ impl Store {
         }
     }
 
+    /// The persistent directory of a `RUN --mount=type=cache` with this id,
+    /// `ROOT/mounts/<sha256 of id>`, created on first use and kept across builds.
+    pub fn cache_mount_dir(&self, id: &str) -> Result<PathBuf, StoreError> {
+        let dir = self
+            .root
+            .join("mounts")
+            .join(Digest::of(id.as_bytes()).hex());
+        fs::create_dir_all(&dir).at(&dir)?;
+        Ok(dir)
+    }
+
     /// A fresh directory under `ROOT/tmp` (same filesystem as the store), removed on drop.
     pub fn scratch_dir(&self) -> Result<tempfile::TempDir, StoreError> {
         tempfile::Builder::new()
@@ -862,6 +873,7 @@ impl Store {
             "tmp",
             "lock",
             "gc.lock",
+            "mounts",
         ];
         for entry in fs::read_dir(&self.root).at(&self.root)? {
             let entry = entry.at(&self.root)?;
