@@ -759,6 +759,17 @@ impl Engine<'_> {
                 }
             };
         }
+        match run.security.as_deref() {
+            None | Some("sandbox") => {}
+            Some(other) => {
+                return Err(self.invalid(
+                    line,
+                    format!(
+                        "RUN --security={other} is not supported: RUN steps always run sandboxed"
+                    ),
+                ));
+            }
+        }
         let vars = self.vars(st);
         let mut binds = Vec::new();
         let mut _mount_scratch = Vec::new();
@@ -1130,11 +1141,12 @@ impl Engine<'_> {
         }
         let dest_is_dir = dest_slash || items.len() > 1;
         inputs.instruction = format!(
-            "{} {:?} -> {dest} dir={dest_is_dir} chown={chown:?} chmod={chmod:?} exclude={:?} parents={}",
+            "{} {:?} -> {dest} dir={dest_is_dir} chown={chown:?} chmod={chmod:?} exclude={:?} parents={} unpack={:?}",
             if is_add { "ADD" } else { "COPY" },
             source_words,
             c.exclude,
-            c.parents
+            c.parents,
+            c.unpack
         );
         let copy_into = |root: &RootDir, src: Option<&RootDir>| -> Result<(), BuildError> {
             let owner = match &chown {
@@ -1151,7 +1163,7 @@ impl Engine<'_> {
                 dest_is_dir,
                 chown: owner,
                 chmod,
-                extract_archives: is_add,
+                extract_archives: is_add && c.unpack != Some(false),
                 exclude,
                 parents: c.parents,
             };
