@@ -12,18 +12,6 @@ use crate::recipe::shell::Lexer;
 /// Bumped whenever the cache-key encoding changes, so old records can never match.
 pub const CACHE_KEY_VERSION: u32 = 1;
 
-/// The ARGs every build predefines in the global scope (BuildKit's automatic platform ARGs).
-pub const PLATFORM_ARGS: [&str; 8] = [
-    "TARGETPLATFORM",
-    "TARGETOS",
-    "TARGETARCH",
-    "TARGETVARIANT",
-    "BUILDPLATFORM",
-    "BUILDOS",
-    "BUILDARCH",
-    "BUILDVARIANT",
-];
-
 /// Build args usable without an ARG declaration, kept out of history and cache keys.
 pub const PROXY_ARGS: [&str; 10] = [
     "HTTP_PROXY",

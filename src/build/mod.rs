@@ -261,8 +261,8 @@ pub fn build(
     engine.finish(state)
 }
 
-/// Where a rootfs step is, for messages, identities and history.
-struct RootfsStep {
+/// Where a layer step is: for messages, step identities and history.
+struct StepPlace {
     stage: usize,
     n: usize,
     line: usize,
@@ -745,7 +745,7 @@ impl Engine<'_> {
         st: &mut StageState,
         instr: &Instruction,
         run: &Run,
-        mut step: crate::progress::Step<'_>,
+        step: crate::progress::Step<'_>,
     ) -> Result<(), BuildError> {
         let line = instr.span.start_line;
         let (argv, stdin) = run_argv(run, &st.shell);
@@ -801,11 +801,15 @@ impl Engine<'_> {
                 argv.join(" ")
             )
         };
-        if let Some(record) = self.try_cache(stage, n, st, &key, &inputs, &step)? {
-            self.apply_record(st, key, record, created_by)?;
-            step.cached();
+        let place = StepPlace {
+            stage,
+            n,
+            line,
+            created_by,
+        };
+        let Some(mut step) = self.reuse_cached(st, &place, key, &inputs, step)? else {
             return Ok(());
-        }
+        };
         let (_scratch, upper, work) = self.scratch_upper(stage, line)?;
         let spec = RunSpec {
             lower_dirs: st.lower_dirs.iter().rev().cloned().collect(),
@@ -850,17 +854,7 @@ impl Engine<'_> {
                 code,
             });
         }
-        let layer = self
-            .commit_upper(&upper)
-            .map_err(|e| self.step_error(stage, line, e))?;
-        let record = CacheRecord {
-            layer,
-            created: Some(self.now_created()),
-        };
-        self.remember(stage, n, parent, &key, inputs, &record)?;
-        self.apply_record(st, key, record, created_by)?;
-        step.done();
-        Ok(())
+        self.commit_step(st, place, parent, key, inputs, &upper, step)
     }
 
     /// One `RUN --mount=…` as a bind mount for the sandbox. Supported types:
@@ -1169,7 +1163,7 @@ impl Engine<'_> {
             };
             copy::run(root, &job).map_err(|e| self.step_error(stage, line, e))
         };
-        let step_ctx = RootfsStep {
+        let step_ctx = StepPlace {
             stage,
             n,
             line,
@@ -1212,7 +1206,7 @@ impl Engine<'_> {
             root.mkdir_all(&dir, 0o755, uid, gid)
                 .map_err(|e| self.step_error(stage, line, format!("creating WORKDIR {dir}: {e}")))
         };
-        let step_ctx = RootfsStep {
+        let step_ctx = StepPlace {
             stage,
             n,
             line,
@@ -1226,25 +1220,18 @@ impl Engine<'_> {
     fn rootfs_step(
         &self,
         st: &mut StageState,
-        ctx: RootfsStep,
+        ctx: StepPlace,
         inputs: StepInputs,
         step: crate::progress::Step<'_>,
         source: Option<&StageState>,
         f: impl FnOnce(&RootDir, Option<&RootDir>) -> Result<(), BuildError> + Send,
     ) -> Result<(), BuildError> {
-        let RootfsStep {
-            stage,
-            n,
-            line,
-            created_by,
-        } = ctx;
+        let (stage, line) = (ctx.stage, ctx.line);
         let parent = st.key;
         let key = plan::cache_key(&parent, &inputs);
-        if let Some(record) = self.try_cache(stage, n, st, &key, &inputs, &step)? {
-            self.apply_record(st, key, record, created_by)?;
-            step.cached();
+        let Some(step) = self.reuse_cached(st, &ctx, key, &inputs, step)? else {
             return Ok(());
-        }
+        };
         let (scratch, upper, work) = self.scratch_upper(stage, line)?;
         let lowers: Vec<PathBuf> = st.lower_dirs.iter().rev().cloned().collect();
         let in_dest = |src: Option<&RootDir>| -> Result<(), BuildError> {
@@ -1272,16 +1259,53 @@ impl Engine<'_> {
             step.failed();
             return Err(e);
         }
-        let layer = self
-            .commit_upper(&upper)
-            .map_err(|e| self.step_error(stage, line, e))?;
+        let result = self.commit_step(st, ctx, parent, key, inputs, &upper, step);
         drop(scratch);
+        result
+    }
+
+    /// On a cache hit applies the cached result and closes the step (None); on a miss returns
+    /// the step to run, having said why it is rebuilt.
+    fn reuse_cached<'p>(
+        &self,
+        st: &mut StageState,
+        place: &StepPlace,
+        key: Digest,
+        inputs: &StepInputs,
+        step: crate::progress::Step<'p>,
+    ) -> Result<Option<crate::progress::Step<'p>>, BuildError> {
+        match self.try_cache(place.stage, place.n, st, &key, inputs, &step)? {
+            Some(record) => {
+                self.apply_record(st, key, record, place.created_by.clone())?;
+                step.cached();
+                Ok(None)
+            }
+            None => Ok(Some(step)),
+        }
+    }
+
+    /// Snapshots a finished step's upper dir into a layer, records it in the cache (and as the
+    /// step's latest build, for explanations) and applies it to the stage.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_step(
+        &self,
+        st: &mut StageState,
+        place: StepPlace,
+        parent: Digest,
+        key: Digest,
+        inputs: StepInputs,
+        upper: &Path,
+        step: crate::progress::Step<'_>,
+    ) -> Result<(), BuildError> {
+        let layer = self
+            .commit_upper(upper)
+            .map_err(|e| self.step_error(place.stage, place.line, e))?;
         let record = CacheRecord {
             layer,
             created: Some(self.now_created()),
         };
-        self.remember(stage, n, parent, &key, inputs, &record)?;
-        self.apply_record(st, key, record, created_by)?;
+        self.remember(place.stage, place.n, parent, &key, inputs, &record)?;
+        self.apply_record(st, key, record, place.created_by)?;
         step.done();
         Ok(())
     }
