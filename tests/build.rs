@@ -527,3 +527,17 @@ RUN --mount=type=bind,source=data,target=/mnt/data cat /mnt/data/file > /seen-bi
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
 }
+
+#[test]
+fn whiteout_names_made_by_run_are_refused() {
+    let k = Kiln::new();
+    let (out, _c) = k.build(
+        "FROM busybox\nRUN mkdir -p /d && touch /d/.wh.victim\n",
+        &[],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(".wh.victim"), "{err}");
+    assert!(err.contains("Dockerfile:2") || err.contains(":2:"), "{err}");
+}
