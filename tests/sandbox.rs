@@ -435,7 +435,7 @@ fn cancel_kills_everything_and_leaves_no_mount() {
     let r = sandbox().run(&s.spec, &mut |_| {}, &cancel);
     t.join().unwrap();
     assert!(matches!(r, Err(SandboxError::Cancelled)), "{r:?}");
-    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(start.elapsed() < Duration::from_secs(30));
     assert_eq!(mountinfo(), before);
     assert_eq!(upper_entries(&s.spec.upper_dir), Vec::<String>::new());
     assert!(processes_with(&tag).is_empty());
