@@ -13,7 +13,8 @@ use std::sync::Mutex;
 use common::registry::{Action, Proxy, Registry, RegistrySetup, docker_config, skopeo};
 use common::{Kiln, assert_success, context, kiln_bin, stderr, stdout_line};
 use kiln::digest::Digest;
-use kiln::registry::Reference;
+use kiln::image::MEDIA_LAYER_GZIP;
+use kiln::registry::{MEDIA_DOCKER_MANIFEST, MEDIA_OCI_MANIFEST, Reference};
 use kiln::store::{Store, StoredImage};
 
 /// A kiln command on `k`'s store whose registry credentials come only from `auth` (none
@@ -192,6 +193,32 @@ fn pull_of_a_skopeo_pushed_image_and_from_a_registry_image() {
         base_img.manifest_body.layers.len() + 1
     );
     assert_fsck_clean(&fresh);
+
+    // FROM a Docker schema 2 image: kiln's OCI manifest gives its layers OCI media types.
+    let docker_base = format!("{}/base:docker", reg.host());
+    skopeo(&[
+        "--policy",
+        permissive_policy(work.path()).to_str().unwrap(),
+        "copy",
+        "--format",
+        "v2s2",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:1", layout.display()),
+        &format!("docker://{docker_base}"),
+    ]);
+    let from_docker = Kiln::empty();
+    build(
+        &from_docker,
+        &format!("FROM {docker_base}\nRUN cat /marker > /copied\n"),
+        &["-t", "child:docker"],
+    );
+    let pulled = stored(&from_docker, &docker_base).unwrap();
+    assert_eq!(pulled.manifest.media_type, MEDIA_DOCKER_MANIFEST);
+    let img = stored(&from_docker, "child:docker").unwrap();
+    assert_eq!(img.manifest.media_type, MEDIA_OCI_MANIFEST);
+    for layer in &img.manifest_body.layers {
+        assert_eq!(layer.media_type, MEDIA_LAYER_GZIP, "{layer:?}");
+    }
 }
 
 #[test]
