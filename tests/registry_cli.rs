@@ -361,10 +361,7 @@ fn push_and_pull_through_faults_and_a_corrupted_blob() {
     let out = kiln(&victim, &["pull", &reference], None);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(
-        err.contains("digest mismatch") || err.contains("does not match"),
-        "{err}"
-    );
+    assert!(err.contains("digest mismatch"), "{err}");
     assert!(err.contains(&corrupting.host()), "{err}");
     assert_eq!(blob_files(&victim), before);
     let tmp_left: Vec<_> = walk_files(&victim.root.path().join("tmp"));
