@@ -2,6 +2,8 @@
 //! host platform from an index, verifying every blob), push from it (blobs first, in
 //! parallel, skipping what the registry has, the manifest last).
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use crate::digest::Digest;
 use crate::image::{self, Descriptor, Manifest};
 use crate::registry::reference::Reference;
@@ -111,26 +113,76 @@ pub fn push(
     Ok(client.put_manifest(reference, &img.manifest.media_type, &bytes)?)
 }
 
-/// Runs `f` over `items`, a few at a time; the first error wins.
+/// Runs `f` over `items` on [`PARALLEL_BLOBS`] workers that each take the next item as soon
+/// as they are done (one large blob does not hold back the rest); after an error no new item
+/// is started, and that error is returned.
 fn for_each_parallel<T: Sync>(
     items: &[T],
     f: impl Fn(&T) -> Result<(), TransferError> + Sync,
 ) -> Result<(), TransferError> {
-    for chunk in items.chunks(PARALLEL_BLOBS) {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = chunk.iter().map(|item| s.spawn(|| f(item))).collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(TransferError::Invalid {
-                            reference: String::new(),
-                            message: "transfer thread panicked".into(),
-                        })
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let worker = || -> Result<(), TransferError> {
+        while !failed.load(Ordering::SeqCst) {
+            let Some(item) = items.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                break;
+            };
+            f(item).inspect_err(|_| failed.store(true, Ordering::SeqCst))?;
+        }
+        Ok(())
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..PARALLEL_BLOBS.min(items.len()))
+            .map(|_| s.spawn(worker))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(TransferError::Invalid {
+                        reference: String::new(),
+                        message: "transfer thread panicked".into(),
                     })
                 })
-                .collect::<Result<Vec<()>, _>>()
-        })?;
-    }
+            })
+            .collect::<Result<Vec<()>, _>>()
+    })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn every_item_once_and_no_new_work_after_an_error() {
+        let seen: Vec<AtomicUsize> = (0..20).map(|_| AtomicUsize::new(0)).collect();
+        let items: Vec<usize> = (0..20).collect();
+        for_each_parallel(&items, |&i| {
+            seen[i].fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+        assert!(seen.iter().all(|n| n.load(Ordering::SeqCst) == 1));
+
+        let started = AtomicUsize::new(0);
+        let err = for_each_parallel(&items, |&i| {
+            started.fetch_add(1, Ordering::SeqCst);
+            if i == 0 {
+                return Err(TransferError::Invalid {
+                    reference: "r".into(),
+                    message: "boom".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("boom"), "{err}");
+        assert!(
+            started.load(Ordering::SeqCst) <= PARALLEL_BLOBS,
+            "{started:?}"
+        );
+    }
 }

@@ -1402,8 +1402,11 @@ impl Engine<'_> {
         st.created = image.config.created.clone();
         st.key = Digest::of(format!("image\n{}", image.manifest.digest).as_bytes());
         for (desc, diff_id) in image.manifest_body.layers.iter().zip(diff_ids) {
+            // The result is an OCI manifest: a Docker base's layers get OCI media types.
+            let mut desc = desc.clone();
+            desc.media_type = image::oci_layer_type(&desc.media_type).to_string();
             let layer = Layer {
-                desc: desc.clone(),
+                desc,
                 diff_id: *diff_id,
             };
             st.lower_dirs.push(self.ensure_layer_dir(&layer)?);

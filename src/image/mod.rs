@@ -53,6 +53,18 @@ pub fn is_index_type(media_type: &str) -> bool {
     media_type == MEDIA_INDEX || media_type == DOCKER_MEDIA_MANIFEST_LIST
 }
 
+/// The OCI layer media type for a Docker one (`…rootfs.diff.tar.gzip` → `…layer.v1.tar+gzip`),
+/// so that a manifest kiln writes over a Docker image's layers is OCI throughout. Other
+/// types are returned unchanged.
+pub fn oci_layer_type(media_type: &str) -> &str {
+    match media_type {
+        DOCKER_MEDIA_LAYER_GZIP => MEDIA_LAYER_GZIP,
+        DOCKER_MEDIA_LAYER_TAR => MEDIA_LAYER_TAR,
+        DOCKER_MEDIA_LAYER_ZSTD => MEDIA_LAYER_ZSTD,
+        other => other,
+    }
+}
+
 /// A document that could not be read as the format it was expected to be.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {

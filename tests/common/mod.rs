@@ -3,6 +3,8 @@
 //! what kiln wrote. These tests need root (namespaces, overlayfs), as CI runs them.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
