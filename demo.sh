@@ -16,7 +16,7 @@ echo "--- config of hello"
 "$kiln" inspect hello
 if command -v umoci >/dev/null; then
   rm -rf target/hello-bundle
-  umoci unpack --image target/hello-oci:hello target/hello-bundle >/dev/null
+  umoci unpack --image target/hello-oci:latest target/hello-bundle >/dev/null
   echo "--- /app in the unpacked image"
   ls -l target/hello-bundle/rootfs/app
   echo "--- running the entrypoint in the unpacked rootfs"
