@@ -4,4 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --quiet -- --test-threads=2
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --quiet --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+awk '/^test result:/ { p += $4; f += $6 } END { printf "kiln tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
