@@ -29,6 +29,8 @@ pub struct StepLabel {
     pub total: usize,
     /// The instruction as written (one line).
     pub text: String,
+    /// The instruction's line in the recipe.
+    pub line: usize,
 }
 
 impl std::fmt::Display for StepLabel {
@@ -184,8 +186,10 @@ impl Step<'_> {
     /// Why the step is being (re)built.
     pub fn rebuild_reason(&self, reason: &str) {
         if self.progress.mode == Mode::Plain {
-            self.progress
-                .line(&format!("{}: rebuilding: {reason}", self.label));
+            self.progress.line(&format!(
+                "{} (line {}): rebuilding: {reason}",
+                self.label, self.label.line
+            ));
         } else if let Some(bar) = &self.bar {
             bar.set_message(format!("rebuilding: {reason}"));
         }
@@ -255,6 +259,7 @@ mod tests {
             number: 2,
             total: 5,
             text: "RUN a\nb".into(),
+            line: 3,
         };
         assert_eq!(l.to_string(), "[build 2/5] RUN a b");
         let long = StepLabel {

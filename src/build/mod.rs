@@ -381,13 +381,16 @@ impl Engine<'_> {
         let stage = &self.recipe.stages[index];
         let name = self.stage_name(index);
         let total = stage.instructions.len() + 1;
-        let label = |number: usize, text: &str| StepLabel {
+        let label = |number: usize, text: &str, line: usize| StepLabel {
             stage: name.clone(),
             number,
             total,
             text: text.to_string(),
+            line,
         };
-        let step = self.progress.step(label(1, &stage.text));
+        let step = self
+            .progress
+            .step(label(1, &stage.text, stage.span.start_line));
         let mut st = match &self.plan.stages[index].base {
             Base::Scratch => scratch_state(),
             Base::Stage(i) => (*deps[i]).clone(),
@@ -400,14 +403,20 @@ impl Engine<'_> {
         let triggers = st.config.config.on_build.take().unwrap_or_default();
         for trigger in triggers {
             let instr = self.parse_trigger(&trigger, stage.span.start_line)?;
-            let step = self.progress.step(label(1, &format!("ONBUILD {trigger}")));
+            let step = self.progress.step(label(
+                1,
+                &format!("ONBUILD {trigger}"),
+                stage.span.start_line,
+            ));
             self.execute(index, usize::MAX, &mut st, &instr, step, deps)?;
         }
         for (n, instr) in stage.instructions.iter().enumerate() {
             if self.cancel.load(Ordering::SeqCst) {
                 return Err(BuildError::Cancelled);
             }
-            let step = self.progress.step(label(n + 2, &instr.text));
+            let step = self
+                .progress
+                .step(label(n + 2, &instr.text, instr.span.start_line));
             self.execute(index, n, &mut st, instr, step, deps)?;
         }
         Ok(st)
