@@ -4,36 +4,26 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
-use flate2::GzBuilder;
 use flate2::read::MultiGzDecoder;
-use flate2::write::GzEncoder;
 
 use super::Compression;
-
-/// The fixed deflate level for gzip layers (zlib's default; the backend is pinned to zlib-rs).
-const GZIP_LEVEL: u32 = 6;
-/// gzip header OS byte: 255 = unknown, so the bytes do not depend on the host.
-const GZIP_OS_UNKNOWN: u8 = 255;
+use super::pgzip::ParGzWriter;
 
 /// A layer compressor writing into `W`.
 pub(super) enum Encoder<W: Write> {
-    /// gzip with a fixed header.
-    Gzip(Box<GzEncoder<W>>),
+    /// Block-parallel gzip with a fixed header, identical bytes on any number of threads.
+    Gzip(Box<ParGzWriter<W>>),
     /// No compression.
     Plain(W),
 }
 
 impl<W: Write> Encoder<W> {
     /// A compressor for `c` writing into `out`.
-    pub(super) fn new(out: W, c: Compression) -> Self {
-        match c {
-            Compression::Gzip => Encoder::Gzip(Box::new(
-                GzBuilder::new()
-                    .operating_system(GZIP_OS_UNKNOWN)
-                    .write(out, flate2::Compression::new(GZIP_LEVEL)),
-            )),
+    pub(super) fn new(out: W, c: Compression) -> io::Result<Self> {
+        Ok(match c {
+            Compression::Gzip => Encoder::Gzip(Box::new(ParGzWriter::new(out)?)),
             Compression::None => Encoder::Plain(out),
-        }
+        })
     }
 
     /// Writes any trailer and returns the inner writer.

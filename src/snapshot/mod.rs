@@ -7,6 +7,7 @@
 
 mod compress;
 mod extract;
+mod pgzip;
 mod write;
 
 use std::io;
@@ -30,7 +31,8 @@ pub struct LayerOptions {
 /// Compression of a layer blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {
-    /// gzip at a fixed level with a fixed header (no name, mtime 0, OS byte 255).
+    /// gzip at a fixed level with a fixed header (no name, mtime 0, OS byte 255), compressed
+    /// block-parallel with output independent of the thread count.
     #[default]
     Gzip,
     /// The plain tar.
