@@ -35,6 +35,8 @@ pub enum Compression {
     /// block-parallel with output independent of the thread count.
     #[default]
     Gzip,
+    /// zstd at a fixed level, single-threaded, no checksum or content size in the frame.
+    Zstd,
     /// The plain tar.
     None,
 }
