@@ -483,3 +483,27 @@ fn zstd_layers_are_read_by_umoci_skopeo_and_a_later_build() {
     assert_success(&k2.run(&["import", layout.to_str().unwrap(), "z"]));
     k2.build_ok("FROM z\nRUN cat /z /f > /both\n", &[], &[]);
 }
+
+#[test]
+fn big_directory_copy_is_complete_and_exact() {
+    // Over the parallel-copy threshold: 48 files of 256 KiB in nested dirs, with a symlink.
+    let k = Kiln::new();
+    let mut owned: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..48u32 {
+        let body: Vec<u8> = (0..256 * 1024u32)
+            .map(|j| (j.wrapping_mul(i + 7) >> 3) as u8)
+            .collect();
+        owned.push((format!("tree/d{}/f{i:02}", i % 5), body));
+    }
+    let files: Vec<(&str, &[u8])> = owned
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    let u = k.build_unpacked("FROM busybox\nCOPY tree /t/\n", &files);
+    for (name, body) in &owned {
+        let got = std::fs::read(u.rootfs.join("t").join(&name["tree/".len()..])).unwrap();
+        assert!(&got == body, "{name} differs");
+    }
+    let count = std::fs::read_dir(u.rootfs.join("t/d0")).unwrap().count();
+    assert_eq!(count, 10);
+}

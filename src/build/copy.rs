@@ -93,6 +93,7 @@ struct SrcMeta {
     uid: u32,
     gid: u32,
     mtime: i64,
+    size: u64,
 }
 
 #[derive(PartialEq)]
@@ -121,6 +122,7 @@ impl SrcMeta {
             uid: m.uid(),
             gid: m.gid(),
             mtime: m.mtime(),
+            size: m.len(),
         }
     }
 }
@@ -237,6 +239,7 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                     root.mkdir_all(&job.dest, 0o755, 0, 0)
                         .map_err(|e| dest_err(&job.dest, e))?;
                     let mut dirs = Vec::new();
+                    let mut files = Vec::new();
                     for child in job.from.children(rel)? {
                         let sub = child
                             .strip_prefix(rel)
@@ -254,11 +257,24 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                         let cmeta =
                             std::fs::symlink_metadata(&chost).map_err(|e| src_err(&child, e))?;
                         let cm = SrcMeta::from(&cmeta);
+                        if cm.kind == Kind::File {
+                            // Directories and links first; file contents later, in parallel.
+                            let own = owner(&cm);
+                            files.push(FileCopy {
+                                host: chost,
+                                rel: child,
+                                target,
+                                meta: cm,
+                                owner: own,
+                            });
+                            continue;
+                        }
                         copy_entry(root, &chost, &child, &target, &cm, owner(&cm), job.chmod)?;
                         if cm.kind == Kind::Dir {
                             dirs.push((target, cm.mtime));
                         }
                     }
+                    copy_files(root, &files, job.chmod)?;
                     for (d, mtime) in dirs.iter().rev() {
                         root.set_mtime(d, *mtime).map_err(|e| dest_err(d, e))?;
                     }
@@ -275,6 +291,55 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
         }
     }
     Ok(())
+}
+
+/// A regular file of a directory source, copied after every directory and link exists.
+struct FileCopy {
+    host: PathBuf,
+    rel: String,
+    target: String,
+    meta: SrcMeta,
+    owner: (u32, u32),
+}
+
+/// Below this many bytes in total a tree's files are copied on the calling thread.
+const PARALLEL_COPY_MIN_BYTES: u64 = 8 << 20;
+
+/// Copies `files` (their directories already exist) on up to one thread per core. Targets are
+/// distinct paths, so the order does not change the result; the first error wins.
+fn copy_files(root: &RootDir, files: &[FileCopy], chmod: Option<u32>) -> Result<(), CopyError> {
+    let one = |f: &FileCopy| copy_entry(root, &f.host, &f.rel, &f.target, &f.meta, f.owner, chmod);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len());
+    let bytes: u64 = files.iter().map(|f| f.meta.size).sum();
+    if threads < 2 || bytes < PARALLEL_COPY_MIN_BYTES {
+        return files.iter().try_for_each(one);
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> Result<(), CopyError> {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    while !failed.load(Relaxed) {
+                        let Some(f) = files.get(next.fetch_add(1, Relaxed)) else {
+                            break;
+                        };
+                        if let Err(e) = one(f) {
+                            failed.store(true, Relaxed);
+                            return Err(e);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })
 }
 
 fn copy_entry(
