@@ -1,4 +1,4 @@
-//! Throughput of `write_layer`: 512 MiB (half text-like, half random) into a sink, gzip and plain.
+//! Throughput of `write_layer`: 512 MiB (half text-like, half random) into a sink: gzip, zstd, plain.
 //!
 //! `cargo bench --bench layer -- DIR [RUNS]` writes DIR as the layer instead of the generated
 //! fixture (e.g. the directory of `bench-cases/bigrun/gen.sh --data`) and prints one line per run
@@ -93,7 +93,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         None => (t.path().to_path_buf(), fixture(t.path())?, 1),
     };
-    for (name, compression) in [("gzip", Compression::Gzip), ("none", Compression::None)] {
+    for (name, compression) in [
+        ("gzip", Compression::Gzip),
+        ("zstd", Compression::Zstd),
+        ("none", Compression::None),
+    ] {
         let opts = LayerOptions {
             source_date_epoch: Some(0),
             compression,

@@ -158,8 +158,8 @@ cat "$data_dir/mixed.bin" > /dev/null
 mb() { awk -v s="$1" 'BEGIN { printf "%.0f", 536870912 / s / 1e6 }'; }
 for run in $(seq 1 "$runs"); do
   "$layer_bench" "$data_dir" 1 > "$work/layer.$run"
-  for tool in kiln-gzip kiln-tar; do
-    pat=gzip; [ $tool = kiln-tar ] && pat=none
+  for tool in kiln-gzip kiln-zstd kiln-tar; do
+    pat=${tool#kiln-}; [ "$pat" = tar ] && pat=none
     s="$(sed -n "s/^write_layer *$pat: .* in \([0-9.]*\) s.*/\1/p" "$work/layer.$run")"
     printf 'layer\t%s\t%s\t%s\t0\n' "$tool" "$run" "$s" >> "$out"
     echo "  layer $tool run $run: $s s ($(mb "$s") MB/s)" >&2
@@ -197,7 +197,7 @@ for case in ["steps20", "cached", "bigcopy", "bigrun", "multistage"]:
 print()
 print("| layer writing, 512 MiB | median (s) | MB/s |")
 print("|---|---|---|")
-for tool in ["kiln-gzip", "kiln-tar", "sha256sum", "gzip-6", "pigz-6", "pigz-1"]:
+for tool in ["kiln-gzip", "kiln-zstd", "kiln-tar", "sha256sum", "gzip-6", "pigz-6", "pigz-1"]:
     s = med.get(("layer", tool))
     if s:
         print(f"| {tool} | {s:.2f} | {536870912 / s / 1e6:.0f} |")

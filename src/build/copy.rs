@@ -366,11 +366,14 @@ fn copy_entry(
                 .create_file(target, 0o600)
                 .map_err(|e| dest_err(target, e))?;
             io::copy(&mut src, &mut dst).map_err(|e| dest_err(target, e))?;
-            drop(dst);
-            root.lchown(target, uid, gid)
+            // On the fd just created: no path is resolved again. chown before chmod (chown
+            // clears setuid/setgid), times last.
+            std::os::unix::fs::fchown(&dst, Some(uid), Some(gid))
                 .map_err(|e| dest_err(target, e))?;
-            root.chmod(target, mode).map_err(|e| dest_err(target, e))?;
-            root.set_mtime(target, m.mtime)
+            dst.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|e| dest_err(target, e))?;
+            let t = epoch_time(m.mtime);
+            dst.set_times(std::fs::FileTimes::new().set_accessed(t).set_modified(t))
                 .map_err(|e| dest_err(target, e))?;
         }
         Kind::Symlink => {
@@ -388,6 +391,16 @@ fn copy_entry(
         Kind::Other => {}
     }
     Ok(())
+}
+
+/// `secs` since the epoch (negative: before it) as a `SystemTime`.
+fn epoch_time(secs: i64) -> std::time::SystemTime {
+    let d = std::time::Duration::from_secs(secs.unsigned_abs());
+    if secs >= 0 {
+        std::time::UNIX_EPOCH + d
+    } else {
+        std::time::UNIX_EPOCH - d
+    }
 }
 
 fn join(dir: &str, name: &str) -> String {
