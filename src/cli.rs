@@ -513,10 +513,6 @@ fn key_value(s: &str, what: &str) -> Result<(String, String), Failure> {
 }
 
 fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
-    if args.compression == CompressionArg::Zstd {
-        return Err(Failure::usage("--compression zstd is not supported yet")
-            .hint("use --compression gzip"));
-    }
     let context_dir = args.context.clone();
     if !context_dir.is_dir() {
         return Err(Failure::usage(format!(
@@ -654,6 +650,10 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
                 .unwrap_or(1)
         }),
         tls_verify: args.tls_verify,
+        compression: match args.compression {
+            CompressionArg::Gzip => kiln::snapshot::Compression::Gzip,
+            CompressionArg::Zstd => kiln::snapshot::Compression::Zstd,
+        },
         helper_exe: std::env::current_exe()
             .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
     };

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 
 use globset::GlobBuilder;
 use sha2::{Digest as _, Sha256};
@@ -260,45 +261,70 @@ impl Context {
     }
 
     /// Content digests of entries for cache keys: path → short hex digest of (type, mode,
-    /// owner, size, link target, content).
+    /// owner, size, link target, content). Big contexts are hashed on every core.
     pub fn digest_entries(
         &self,
         entries: &[Entry],
     ) -> Result<BTreeMap<String, String>, ContextError> {
-        let mut out = BTreeMap::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        for e in entries {
-            let m = &e.meta;
-            let mut h = Sha256::new();
-            h.update(format!("{:o} {} {} {}\n", m.mode(), m.uid(), m.gid(), m.len()).as_bytes());
-            let host = self.host_path(&e.rel);
-            if m.file_type().is_symlink() {
-                let t = std::fs::read_link(&host).map_err(|source| ContextError::Read {
-                    path: e.rel.clone(),
-                    source,
-                })?;
-                h.update(t.as_os_str().as_encoded_bytes());
-            } else if m.is_file() {
-                let mut f = std::fs::File::open(&host).map_err(|source| ContextError::Read {
-                    path: e.rel.clone(),
-                    source,
-                })?;
-                loop {
-                    let n = f.read(&mut buf).map_err(|source| ContextError::Read {
-                        path: e.rel.clone(),
-                        source,
-                    })?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                }
-            }
-            out.insert(e.rel.clone(), hex::encode(&h.finalize()[..16]));
+        let bytes: u64 = entries.iter().map(|e| e.meta.len()).sum();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(entries.len());
+        if threads < 2 || bytes < PARALLEL_DIGEST_MIN_BYTES {
+            return entries.iter().map(|e| self.digest_entry(e)).collect();
         }
-        Ok(out)
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut out = Vec::new();
+                        while let Some(e) = entries.get(next.fetch_add(1, Relaxed)) {
+                            out.push(self.digest_entry(e)?);
+                        }
+                        Ok::<_, ContextError>(out)
+                    })
+                })
+                .collect();
+            let mut all = BTreeMap::new();
+            for w in workers {
+                let part = w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+                all.extend(part);
+            }
+            Ok(all)
+        })
+    }
+
+    /// The digest of one entry (see [`Context::digest_entries`]).
+    fn digest_entry(&self, e: &Entry) -> Result<(String, String), ContextError> {
+        let read_err = |source| ContextError::Read {
+            path: e.rel.clone(),
+            source,
+        };
+        let m = &e.meta;
+        let mut h = Sha256::new();
+        h.update(format!("{:o} {} {} {}\n", m.mode(), m.uid(), m.gid(), m.len()).as_bytes());
+        let host = self.host_path(&e.rel);
+        if m.file_type().is_symlink() {
+            let t = std::fs::read_link(&host).map_err(read_err)?;
+            h.update(t.as_os_str().as_encoded_bytes());
+        } else if m.is_file() {
+            let mut f = std::fs::File::open(&host).map_err(read_err)?;
+            let mut buf = vec![0u8; (m.len() as usize).clamp(1, 256 * 1024)];
+            loop {
+                let n = f.read(&mut buf).map_err(read_err)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+        }
+        Ok((e.rel.clone(), hex::encode(&h.finalize()[..16])))
     }
 }
+
+/// Below this many bytes in total, a context is hashed on the calling thread.
+const PARALLEL_DIGEST_MIN_BYTES: u64 = 8 << 20;
 
 fn join(base: &str, name: &str) -> String {
     if base.is_empty() {
@@ -380,6 +406,21 @@ mod tests {
             Err(ContextError::NotFound(_))
         ));
         assert_eq!(c.resolve("applink").unwrap(), vec!["app"]);
+    }
+
+    #[test]
+    fn big_contexts_hash_in_parallel_to_the_same_digests() {
+        let (d, c) = ctx();
+        for i in 0..12 {
+            std::fs::write(d.path().join(format!("big{i}")), vec![i as u8; 1 << 20]).unwrap();
+        }
+        let e = c.walk("").unwrap();
+        let all = c.digest_entries(&e).unwrap();
+        assert_eq!(all.len(), e.len());
+        for entry in &e {
+            let (rel, h) = c.digest_entry(entry).unwrap();
+            assert_eq!(all[&rel], h);
+        }
     }
 
     #[test]

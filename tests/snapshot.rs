@@ -262,6 +262,20 @@ fn round_trip_keeps_the_tree_and_the_diff_id() {
     let dest2 = t.path().join("unpacked-plain");
     fs::create_dir(&dest2).unwrap();
     assert_eq!(unpack_layer(&raw[..], &dest2).unwrap(), sum.diff_id);
+
+    // zstd: a zstd frame, same diff_id, same bytes every time, unpacked by magic.
+    let zst = LayerOptions {
+        compression: Compression::Zstd,
+        ..GZ
+    };
+    let (z, sz) = write_layer(&upper, &zst, Vec::new()).unwrap();
+    assert!(z.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]));
+    assert_eq!(sz.diff_id, sum.diff_id);
+    assert!(write_layer(&upper, &zst, Vec::new()).unwrap().0 == z);
+    let dest3 = t.path().join("unpacked-zstd");
+    fs::create_dir(&dest3).unwrap();
+    assert_eq!(unpack_layer(&z[..], &dest3).unwrap(), sum.diff_id);
+    assert_eq!(listing(&dest3, false), listing(&dest, false));
 }
 
 #[test]

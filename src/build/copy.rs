@@ -100,6 +100,7 @@ struct SrcMeta {
     uid: u32,
     gid: u32,
     mtime: i64,
+    size: u64,
 }
 
 #[derive(PartialEq)]
@@ -128,6 +129,7 @@ impl SrcMeta {
             uid: m.uid(),
             gid: m.gid(),
             mtime: m.mtime(),
+            size: m.len(),
         }
     }
 }
@@ -249,6 +251,7 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                     root.mkdir_all(&base, 0o755, 0, 0)
                         .map_err(|e| dest_err(&base, e))?;
                     let mut dirs = Vec::new();
+                    let mut files = Vec::new();
                     for child in job.from.children(rel)? {
                         let sub = child
                             .strip_prefix(rel)
@@ -266,11 +269,24 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                         let cmeta =
                             std::fs::symlink_metadata(&chost).map_err(|e| src_err(&child, e))?;
                         let cm = SrcMeta::from(&cmeta);
+                        if cm.kind == Kind::File {
+                            // Directories and links first; file contents later, in parallel.
+                            let own = owner(&cm);
+                            files.push(FileCopy {
+                                host: chost,
+                                rel: child,
+                                target,
+                                meta: cm,
+                                owner: own,
+                            });
+                            continue;
+                        }
                         copy_entry(root, &chost, &child, &target, &cm, owner(&cm), job.chmod)?;
                         if cm.kind == Kind::Dir {
                             dirs.push((target, cm.mtime));
                         }
                     }
+                    copy_files(root, &files, job.chmod)?;
                     for (d, mtime) in dirs.iter().rev() {
                         root.set_mtime(d, *mtime).map_err(|e| dest_err(d, e))?;
                     }
@@ -294,6 +310,55 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
         }
     }
     Ok(())
+}
+
+/// A regular file of a directory source, copied after every directory and link exists.
+struct FileCopy {
+    host: PathBuf,
+    rel: String,
+    target: String,
+    meta: SrcMeta,
+    owner: (u32, u32),
+}
+
+/// Below this many bytes in total a tree's files are copied on the calling thread.
+const PARALLEL_COPY_MIN_BYTES: u64 = 8 << 20;
+
+/// Copies `files` (their directories already exist) on up to one thread per core. Targets are
+/// distinct paths, so the order does not change the result; the first error wins.
+fn copy_files(root: &RootDir, files: &[FileCopy], chmod: Option<u32>) -> Result<(), CopyError> {
+    let one = |f: &FileCopy| copy_entry(root, &f.host, &f.rel, &f.target, &f.meta, f.owner, chmod);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len());
+    let bytes: u64 = files.iter().map(|f| f.meta.size).sum();
+    if threads < 2 || bytes < PARALLEL_COPY_MIN_BYTES {
+        return files.iter().try_for_each(one);
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> Result<(), CopyError> {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    while !failed.load(Relaxed) {
+                        let Some(f) = files.get(next.fetch_add(1, Relaxed)) else {
+                            break;
+                        };
+                        if let Err(e) = one(f) {
+                            failed.store(true, Relaxed);
+                            return Err(e);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })
 }
 
 fn copy_entry(
@@ -320,11 +385,14 @@ fn copy_entry(
                 .create_file(target, 0o600)
                 .map_err(|e| dest_err(target, e))?;
             io::copy(&mut src, &mut dst).map_err(|e| dest_err(target, e))?;
-            drop(dst);
-            root.lchown(target, uid, gid)
+            // On the fd just created: no path is resolved again. chown before chmod (chown
+            // clears setuid/setgid), times last.
+            std::os::unix::fs::fchown(&dst, Some(uid), Some(gid))
                 .map_err(|e| dest_err(target, e))?;
-            root.chmod(target, mode).map_err(|e| dest_err(target, e))?;
-            root.set_mtime(target, m.mtime)
+            dst.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|e| dest_err(target, e))?;
+            let t = epoch_time(m.mtime);
+            dst.set_times(std::fs::FileTimes::new().set_accessed(t).set_modified(t))
                 .map_err(|e| dest_err(target, e))?;
         }
         Kind::Symlink => {
@@ -342,6 +410,16 @@ fn copy_entry(
         Kind::Other => {}
     }
     Ok(())
+}
+
+/// `secs` since the epoch (negative: before it) as a `SystemTime`.
+fn epoch_time(secs: i64) -> std::time::SystemTime {
+    let d = std::time::Duration::from_secs(secs.unsigned_abs());
+    if secs >= 0 {
+        std::time::UNIX_EPOCH + d
+    } else {
+        std::time::UNIX_EPOCH - d
+    }
 }
 
 fn join(dir: &str, name: &str) -> String {

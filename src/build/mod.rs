@@ -60,6 +60,8 @@ pub struct BuildOptions {
     pub helper_exe: PathBuf,
     /// Registries: verify TLS (false also allows plain http).
     pub tls_verify: bool,
+    /// `--compression` of the layers this build writes.
+    pub compression: Compression,
 }
 
 /// Why a build stopped.
@@ -1344,7 +1346,12 @@ impl Engine<'_> {
         }
         let opts = LayerOptions {
             source_date_epoch: self.opts.source_date_epoch,
-            compression: Compression::Gzip,
+            compression: self.opts.compression,
+        };
+        let media_type = match opts.compression {
+            Compression::Gzip => image::MEDIA_LAYER_GZIP,
+            Compression::Zstd => image::MEDIA_LAYER_ZSTD,
+            Compression::None => image::MEDIA_LAYER_TAR,
         };
         let writer = self.store.blob_writer().map_err(|e| e.to_string())?;
         let (writer, summary) =
@@ -1354,7 +1361,7 @@ impl Engine<'_> {
             .install_layer_dir(&summary.diff_id, upper)
             .map_err(|e| e.to_string())?;
         Ok(Some(Layer {
-            desc: Descriptor::new(image::MEDIA_LAYER_GZIP, digest, size),
+            desc: Descriptor::new(media_type, digest, size),
             diff_id: summary.diff_id,
         }))
     }

@@ -14,7 +14,7 @@ use super::{SnapshotError, WH_OPAQUE, WH_PREFIX, xattr_is_private};
 use crate::digest::{Digest, HashingReader};
 use crate::rootfs::{RootDir, RootfsError};
 
-/// Decompress (gzip detected by magic, or plain tar) and unpack a layer into `dest` (an empty dir)
+/// Decompress (gzip or zstd detected by magic, or plain tar) and unpack a layer into `dest` (an empty dir)
 /// in overlayfs-native form, so `dest` can serve as an overlay lowerdir: OCI `.wh.NAME` → char
 /// device 0/0 named NAME; `.wh..wh..opq` → xattr `trusted.overlay.opaque=y` on the dir.
 /// Path-safe (entries with `..` that climb out are refused; absolute paths, paths through
@@ -29,6 +29,9 @@ pub fn unpack_layer<R: Read>(blob: R, dest: &Path) -> Result<Digest, SnapshotErr
     let fmt = compress::sniff(&mut input).map_err(read_err)?;
     let tar: Box<dyn Read> = match fmt {
         Format::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
+        Format::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(input).map_err(read_err)?)
+        }
         Format::Plain => Box::new(input),
         other => {
             return Err(read_err(io::Error::new(

@@ -7,6 +7,7 @@
 
 mod compress;
 mod extract;
+mod pgzip;
 mod write;
 
 use std::io;
@@ -30,9 +31,12 @@ pub struct LayerOptions {
 /// Compression of a layer blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {
-    /// gzip at a fixed level with a fixed header (no name, mtime 0, OS byte 255).
+    /// gzip at a fixed level with a fixed header (no name, mtime 0, OS byte 255), compressed
+    /// block-parallel with output independent of the thread count.
     #[default]
     Gzip,
+    /// zstd at a fixed level, single-threaded, no checksum or content size in the frame.
+    Zstd,
     /// The plain tar.
     None,
 }

@@ -40,10 +40,9 @@ pub fn write_layer<W: Write>(
     opts: &LayerOptions,
     out: W,
 ) -> Result<(W, LayerSummary), SnapshotError> {
-    let sink = BufWriter::with_capacity(
-        BUF_SIZE,
-        HashingWriter::new(Encoder::new(out, opts.compression)),
-    );
+    let enc = Encoder::new(out, opts.compression)
+        .map_err(|e| SnapshotError::io("start compressing layer from", upper, e))?;
+    let sink = BufWriter::with_capacity(BUF_SIZE, HashingWriter::new(enc));
     let mut tw = TarWriter {
         out: sink,
         epoch: opts.source_date_epoch,

@@ -75,8 +75,14 @@ fn copy_blob(store: &Store, d: &Digest, blobs_dir: &Path) -> Result<(), StoreErr
         return Ok(());
     }
     let mut reader = HashingReader::new(store.open_blob(d)?);
-    let mut tmp = NamedTempFile::new_in(blobs_dir).at(blobs_dir)?;
-    io::copy(&mut reader, &mut tmp).at(&dest)?;
+    let tmp = NamedTempFile::new_in(blobs_dir).at(blobs_dir)?;
+    // Through a 1 MiB buffer: io::copy reads straight into it (8 KiB chunks otherwise).
+    let mut buffered = io::BufWriter::with_capacity(1 << 20, tmp);
+    io::copy(&mut reader, &mut buffered).at(&dest)?;
+    let tmp = buffered.into_inner().map_err(|e| StoreError::Io {
+        path: dest.clone(),
+        source: e.into_error(),
+    })?;
     let (_, actual, _) = reader.finish();
     if actual != *d {
         return Err(StoreError::DigestMismatch {

@@ -16,8 +16,8 @@ use super::{IoContext, Store, StoreError, StoredImage, pick_platform, read_limit
 use crate::digest::{Digest, HashingReader};
 use crate::image::docker_archive::{self, ArchiveEntry};
 use crate::image::{
-    Descriptor, ImageConfig, Index, MEDIA_LAYER_GZIP, MEDIA_LAYER_TAR, MEDIA_MANIFEST, Manifest,
-    is_index_type, is_manifest_type,
+    Descriptor, ImageConfig, Index, MEDIA_LAYER_GZIP, MEDIA_LAYER_TAR, MEDIA_LAYER_ZSTD,
+    MEDIA_MANIFEST, Manifest, is_index_type, is_manifest_type,
 };
 
 /// The largest JSON document (index, manifest, config, manifest.json) read into memory.
@@ -368,7 +368,7 @@ fn import_archive(store: &Store, path: &Path) -> Result<StoredImage, StoreError>
 }
 
 /// Checks a docker-archive layer against its diff_id and returns its media type: uncompressed
-/// tar (its digest is the diff_id) or gzip (its decompressed digest is).
+/// tar (its digest is the diff_id), or gzip or zstd (its decompressed digest is).
 fn layer_media_type(
     store: &Store,
     digest: &Digest,
@@ -377,13 +377,8 @@ fn layer_media_type(
 ) -> Result<&'static str, StoreError> {
     let mut file = BufReader::new(store.open_blob(digest)?);
     let magic = file.fill_buf().at(what)?;
-    if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        return Err(invalid(
-            what,
-            "zstd-compressed docker-archive layers are not supported",
-        ));
-    }
-    if !magic.starts_with(&[0x1f, 0x8b]) {
+    let zstd = magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
+    if !zstd && !magic.starts_with(&[0x1f, 0x8b]) {
         return if digest == diff_id {
             Ok(MEDIA_LAYER_TAR)
         } else {
@@ -394,7 +389,13 @@ fn layer_media_type(
             })
         };
     }
-    let mut reader = HashingReader::new(GzDecoder::new(file));
+    let (media_type, decoded): (_, Box<dyn io::Read>) = if zstd {
+        let z = zstd::stream::read::Decoder::with_buffer(file).at(what)?;
+        (MEDIA_LAYER_ZSTD, Box::new(z))
+    } else {
+        (MEDIA_LAYER_GZIP, Box::new(GzDecoder::new(file)))
+    };
+    let mut reader = HashingReader::new(decoded);
     io::copy(&mut reader, &mut io::sink()).at(what)?;
     let (_, actual, _) = reader.finish();
     if actual != *diff_id {
@@ -404,5 +405,5 @@ fn layer_media_type(
             actual,
         });
     }
-    Ok(MEDIA_LAYER_GZIP)
+    Ok(media_type)
 }
