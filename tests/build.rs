@@ -44,13 +44,7 @@ fn example_image_is_read_by_umoci_and_skopeo() {
         .unwrap();
     assert_success(&sk);
     let bundle = dir.path().join("bundle");
-    let um = Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:latest", layout.display()))
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert_success(&um);
+    umoci_unpack(&layout, "latest", &bundle);
     let rootfs = bundle.join("rootfs");
     assert_eq!(
         std::fs::read_to_string(rootfs.join("app/greeting.txt")).unwrap(),
@@ -491,13 +485,7 @@ RUN --mount=type=bind,source=data,target=/mnt/data cat /mnt/data/file > /seen-bi
         let o = format!("type=oci,dest={}", layout.display());
         k.build_ok(&again, files, &["--secret", &secret_arg, "-o", &o]);
         let bundle = dir.path().join("b");
-        let um = std::process::Command::new("umoci")
-            .args(["unpack", "--image"])
-            .arg(format!("{}:latest", layout.display()))
-            .arg(&bundle)
-            .output()
-            .unwrap();
-        assert_success(&um);
+        umoci_unpack(&layout, "latest", &bundle);
         (dir, bundle.join("rootfs"))
     };
     let r = &u.1;
@@ -587,13 +575,7 @@ fn zstd_layers_are_read_by_umoci_skopeo_and_a_later_build() {
         .unwrap();
     assert_success(&sk);
     let bundle = dir.path().join("bundle");
-    let um = Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:latest", gz_layout.display()))
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert_success(&um);
+    umoci_unpack(&gz_layout, "latest", &bundle);
     assert_eq!(
         std::fs::read_to_string(bundle.join("rootfs/z")).unwrap(),
         "from-zstd\n"

@@ -1600,15 +1600,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lone_heredoc_runs_its_body() {
-        let run = Run {
-            command: CommandLine::Shell("<<EOF".into()),
-            heredocs: vec![heredoc("EOF", "echo hi\n")],
+    fn shell_run(command: &str, heredocs: Vec<Heredoc>) -> Run {
+        Run {
+            command: CommandLine::Shell(command.into()),
+            heredocs,
             mounts: vec![],
             network: None,
             security: None,
-        };
+        }
+    }
+
+    #[test]
+    fn lone_heredoc_runs_its_body() {
+        let run = shell_run("<<EOF", vec![heredoc("EOF", "echo hi\n")]);
         let (argv, stdin) = run_argv(&run, &default_shell());
         assert_eq!(argv, vec!["/bin/sh", "-c", "echo hi\n"]);
         assert!(stdin.is_none());
@@ -1616,13 +1620,10 @@ mod tests {
 
     #[test]
     fn shebang_heredoc_uses_interpreter() {
-        let run = Run {
-            command: CommandLine::Shell("<<EOF".into()),
-            heredocs: vec![heredoc("EOF", "#!/bin/busybox sh\necho hi\n")],
-            mounts: vec![],
-            network: None,
-            security: None,
-        };
+        let run = shell_run(
+            "<<EOF",
+            vec![heredoc("EOF", "#!/bin/busybox sh\necho hi\n")],
+        );
         let (argv, stdin) = run_argv(&run, &default_shell());
         assert_eq!(argv, vec!["/bin/busybox", "sh", "/dev/stdin"]);
         assert_eq!(stdin.unwrap(), b"#!/bin/busybox sh\necho hi\n");
@@ -1630,13 +1631,10 @@ mod tests {
 
     #[test]
     fn heredoc_bodies_follow_the_command() {
-        let run = Run {
-            command: CommandLine::Shell("cat <<A >a && cat <<B >b".into()),
-            heredocs: vec![heredoc("A", "1\n"), heredoc("B", "2\n")],
-            mounts: vec![],
-            network: None,
-            security: None,
-        };
+        let run = shell_run(
+            "cat <<A >a && cat <<B >b",
+            vec![heredoc("A", "1\n"), heredoc("B", "2\n")],
+        );
         let (argv, _) = run_argv(&run, &default_shell());
         assert_eq!(argv[2], "cat <<A >a && cat <<B >b\n1\nA\n2\nB\n");
     }

@@ -135,13 +135,7 @@ impl Kiln {
         let out_arg = format!("type=oci,dest={}", layout.display());
         self.build_ok(dockerfile, files, &["-t", "test:latest", "-o", &out_arg]);
         let bundle = dir.path().join("bundle");
-        let out = Command::new("umoci")
-            .args(["unpack", "--image"])
-            .arg(format!("{}:latest", layout.display()))
-            .arg(&bundle)
-            .output()
-            .unwrap();
-        assert_success(&out);
+        umoci_unpack(&layout, "latest", &bundle);
         Unpacked {
             dir,
             layout,
@@ -158,6 +152,18 @@ pub struct Unpacked {
     pub layout: PathBuf,
     /// The unpacked root filesystem.
     pub rootfs: PathBuf,
+}
+
+/// Unpacks `layout:tag` with umoci into `bundle` (asserting success); returns the rootfs.
+pub fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
+    let out = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(bundle)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    bundle.join("rootfs")
 }
 
 /// A temp context dir with a Dockerfile and files.
