@@ -609,3 +609,53 @@ fn big_directory_copy_is_complete_and_exact() {
     let count = std::fs::read_dir(u.rootfs.join("t/d0")).unwrap().count();
     assert_eq!(count, 10);
 }
+
+#[test]
+fn cached_layers_are_not_reused_across_compressions() {
+    let k = Kiln::new();
+    let ctx = context("FROM busybox\nRUN echo z > /z\n", &[]);
+    let p = ctx.path().to_str().unwrap();
+    assert_success(&k.run(&["build", "-q", p]));
+    let out = k.run(&[
+        "build",
+        "--progress",
+        "plain",
+        "--compression",
+        "zstd",
+        "-t",
+        "z",
+        p,
+    ]);
+    assert_success(&out);
+    assert!(
+        stderr(&out).contains("the cached layer has another compression"),
+        "{}",
+        stderr(&out)
+    );
+    let layout = tempfile::tempdir().unwrap();
+    let o = format!("type=oci,dest={}", layout.path().display());
+    assert_success(&k.run(&["build", "-q", "--compression", "zstd", "-o", &o, p]));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.path().join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .path()
+                .join("blobs/sha256")
+                .join(&manifest_digest[7..]),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let last = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        last["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
+}

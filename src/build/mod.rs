@@ -674,10 +674,15 @@ impl Engine<'_> {
             true => None,
             false => self.store.cache_get(key)?,
         };
+        let mut other_encoding = false;
         if let Some(record) = cached.and_then(|v| serde_json::from_value::<CacheRecord>(v).ok()) {
-            // A record whose layer blob was pruned is a miss.
+            // A record whose layer blob was pruned, or that is encoded differently from what
+            // this build asks for (`--compression`), is a miss.
             let usable = match &record.layer {
-                Some(l) => self.store.has_blob(&l.desc.digest),
+                Some(l) => {
+                    other_encoding = l.desc.media_type != self.layer_media_type();
+                    self.store.has_blob(&l.desc.digest) && !other_encoding
+                }
                 None => true,
             };
             if usable {
@@ -686,6 +691,8 @@ impl Engine<'_> {
         }
         let reason = if self.opts.no_cache {
             Some("--no-cache".to_string())
+        } else if other_encoding {
+            Some("the cached layer has another compression".to_string())
         } else {
             // A step never built before needs no explanation.
             self.store
@@ -1338,6 +1345,15 @@ impl Engine<'_> {
         Ok((scratch, upper, work))
     }
 
+    /// The media type of the layers this build writes.
+    fn layer_media_type(&self) -> &'static str {
+        match self.opts.compression {
+            Compression::Gzip => image::MEDIA_LAYER_GZIP,
+            Compression::Zstd => image::MEDIA_LAYER_ZSTD,
+            Compression::None => image::MEDIA_LAYER_TAR,
+        }
+    }
+
     /// Turns a step's upper dir into a stored layer and keeps the dir as that layer's
     /// unpacked form; None when the step changed nothing.
     fn commit_upper(&self, upper: &Path) -> Result<Option<Layer>, String> {
@@ -1348,11 +1364,7 @@ impl Engine<'_> {
             source_date_epoch: self.opts.source_date_epoch,
             compression: self.opts.compression,
         };
-        let media_type = match opts.compression {
-            Compression::Gzip => image::MEDIA_LAYER_GZIP,
-            Compression::Zstd => image::MEDIA_LAYER_ZSTD,
-            Compression::None => image::MEDIA_LAYER_TAR,
-        };
+        let media_type = self.layer_media_type();
         let writer = self.store.blob_writer().map_err(|e| e.to_string())?;
         let (writer, summary) =
             snapshot::write_layer(upper, &opts, writer).map_err(|e| e.to_string())?;
