@@ -6,6 +6,7 @@ pub mod build;
 pub mod context;
 pub mod digest;
 pub mod distribution;
+pub mod fetch;
 pub mod image;
 pub mod plan;
 pub mod progress;

@@ -659,3 +659,117 @@ fn cached_layers_are_not_reused_across_compressions() {
         "application/vnd.oci.image.layer.v1.tar+zstd"
     );
 }
+
+/// A minimal HTTP/1.1 file server on 127.0.0.1 for ADD <url>; stops when dropped.
+struct FileServer {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FileServer {
+    fn start(path: &'static str, body: &'static [u8]) -> FileServer {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while !flag.load(std::sync::atomic::Ordering::SeqCst)
+                && std::time::Instant::now() < deadline
+            {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                };
+                conn.set_nonblocking(false).unwrap();
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&req)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let response = if line.starts_with(&format!("GET {path} ")) {
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nLast-Modified: Sun, 06 Nov 1994 08:49:37 GMT\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(body);
+                    r
+                } else {
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_vec()
+                };
+                let _ = conn.write_all(&response);
+            }
+        });
+        FileServer {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn add_downloads_urls_with_checksums() {
+    let server = FileServer::start("/files/tool.txt", b"downloaded\n");
+    let url = format!("http://127.0.0.1:{}/files/tool.txt", server.port);
+    let good = kiln::digest::Digest::of(b"downloaded\n");
+    let k = Kiln::new();
+    let recipe = format!("FROM busybox\nADD {url} /opt/\nADD --checksum={good} {url} /pinned\n");
+    let u = k.build_unpacked(&recipe, &[]);
+    let m = std::fs::metadata(u.rootfs.join("opt/tool.txt")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(u.rootfs.join("opt/tool.txt")).unwrap(),
+        "downloaded\n"
+    );
+    assert_eq!(m.mode() & 0o777, 0o600);
+    assert_eq!(
+        m.mtime(),
+        784_111_777,
+        "mtime should come from Last-Modified"
+    );
+    assert_eq!(
+        std::fs::read_to_string(u.rootfs.join("pinned")).unwrap(),
+        "downloaded\n"
+    );
+
+    let wrong = kiln::digest::Digest::of(b"other");
+    let (out, _c) = k.build(
+        &format!("FROM busybox\nADD --checksum={wrong} {url} /x\n"),
+        &[],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("checksum mismatch"),
+        "{}",
+        stderr(&out)
+    );
+    let missing = format!("http://127.0.0.1:{}/nope", server.port);
+    let (out, _c) = k.build(&format!("FROM busybox\nADD {missing} /x\n"), &[], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/nope"), "{}", stderr(&out));
+    let (out, _c) = k.build(&format!("FROM busybox\nCOPY {url} /x\n"), &[], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

@@ -27,6 +27,15 @@ pub enum SourceItem {
         /// With `--parents`: the part of `rel` recreated under the destination.
         keep: Option<String>,
     },
+    /// A file downloaded for `ADD <url>` (mode 0600 unless `--chmod`, mtime from the server).
+    Download {
+        /// File name when the destination is a directory.
+        name: String,
+        /// The downloaded file on the host.
+        path: PathBuf,
+        /// Its modification time.
+        mtime: Option<i64>,
+    },
     /// A heredoc body, written as a file named `name`.
     Inline {
         /// File name when the destination is a directory.
@@ -225,6 +234,31 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                     .map_err(|e| dest_err(&target, e))?;
                 root.chmod(&target, mode)
                     .map_err(|e| dest_err(&target, e))?;
+            }
+            SourceItem::Download { name, path, mtime } => {
+                let target = if into_dir {
+                    join(&job.dest, name)
+                } else {
+                    job.dest.clone()
+                };
+                let size = std::fs::metadata(path).map_err(|e| src_err(name, e))?.len();
+                let meta = SrcMeta {
+                    kind: Kind::File,
+                    mode: 0o600,
+                    uid: 0,
+                    gid: 0,
+                    mtime: mtime.unwrap_or(0),
+                    size,
+                };
+                copy_entry(
+                    root,
+                    path,
+                    name,
+                    &target,
+                    &meta,
+                    job.chown.unwrap_or((0, 0)),
+                    job.chmod,
+                )?;
             }
             SourceItem::Path { rel, keep } => {
                 let host = job.from.host_path(rel)?;

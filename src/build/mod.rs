@@ -1062,6 +1062,8 @@ impl Engine<'_> {
         let mut inputs = StepInputs::default();
         let mut items = Vec::new();
         let mut source_words = Vec::new();
+        // Scratch dirs holding downloads; they live until the copy is done.
+        let mut downloads = Vec::new();
         let from = c
             .from
             .as_ref()
@@ -1098,14 +1100,26 @@ impl Engine<'_> {
                 continue;
             }
             let word = self.expand(raw, &vars, line)?;
-            if word.contains("://") {
-                return Err(self.invalid(
-                    line,
-                    format!(
-                        "{} of a URL ({word}) is not supported",
-                        if is_add { "ADD" } else { "COPY" }
-                    ),
-                ));
+            if word.starts_with("http://") || word.starts_with("https://") {
+                if !is_add || from_state.is_some() {
+                    return Err(self.invalid(line, format!("only ADD can download a URL ({word})")));
+                }
+                let checksum = match &c.checksum {
+                    Some(raw) => Some(self.expand(raw, &vars, line)?),
+                    None => None,
+                };
+                let dir = self.store.scratch_dir()?;
+                let fetched = crate::fetch::fetch(&word, dir.path(), checksum.as_deref())
+                    .map_err(|e| self.step_error(stage, line, e))?;
+                inputs.files.insert(word.clone(), fetched.digest.hex());
+                items.push(copy::SourceItem::Download {
+                    name: fetched.file_name,
+                    path: fetched.path,
+                    mtime: fetched.mtime,
+                });
+                source_words.push(word);
+                downloads.push(dir);
+                continue;
             }
             source_words.push(word.clone());
             match &from_state {
