@@ -57,7 +57,7 @@ pub struct StagePlan {
     pub base: Base,
     /// Stages this stage needs finished first (base and `COPY --from`), sorted.
     pub deps: Vec<usize>,
-    /// `COPY --from` values resolved, keyed by the raw value.
+    /// `COPY --from` and `RUN --mount=…,from=` values resolved, keyed by the raw value.
     pub copy_sources: BTreeMap<String, CopySource>,
 }
 
@@ -181,11 +181,14 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         }
         let mut copy_sources = BTreeMap::new();
         for instr in &stage.instructions {
-            let from = match &instr.kind {
-                InstructionKind::Copy(c) | InstructionKind::Add(c) => c.from.as_ref(),
-                _ => None,
+            let froms: Vec<&str> = match &instr.kind {
+                InstructionKind::Copy(c) | InstructionKind::Add(c) => {
+                    c.from.iter().map(String::as_str).collect()
+                }
+                InstructionKind::Run(r) => r.mounts.iter().filter_map(|m| mount_from(m)).collect(),
+                _ => Vec::new(),
             };
-            if let Some(raw) = from {
+            for raw in froms {
                 let value = lexer
                     .process_word(raw, &meta)
                     .map_err(|e| invalid(instr.span, e.to_string()))?
@@ -203,7 +206,7 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
                     }
                     None => CopySource::Image(value),
                 };
-                copy_sources.insert(raw.clone(), source);
+                copy_sources.insert(raw.to_string(), source);
             }
         }
         stages.push(StagePlan {
@@ -253,6 +256,11 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         meta_args: meta,
         unused_build_args,
     })
+}
+
+/// The raw `from=` value of a `RUN --mount` spec (`type=bind,from=build,source=/out,...`).
+pub fn mount_from(spec: &str) -> Option<&str> {
+    spec.split(',').find_map(|f| f.strip_prefix("from="))
 }
 
 /// Everything that determines a step's result besides its parent. Serialised canonically
@@ -431,6 +439,21 @@ mod tests {
             Some(&CopySource::Image("alpine:3".into()))
         );
         assert_eq!(p.unused_build_args, vec!["NOPE".to_string()]);
+    }
+
+    #[test]
+    fn run_mount_sources_are_dependencies() {
+        let p = plan_of(
+            "FROM scratch AS build\nFROM scratch\nRUN --mount=type=bind,from=build,target=/b true\n",
+            None,
+            &[],
+        );
+        assert_eq!(p.stages[1].deps, vec![0]);
+        assert_eq!(p.needed, vec![0, 1]);
+        assert_eq!(
+            p.stages[1].copy_sources.get("build"),
+            Some(&CopySource::Stage(0))
+        );
     }
 
     #[test]

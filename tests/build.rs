@@ -773,3 +773,52 @@ fn add_downloads_urls_with_checksums() {
     let (out, _c) = k.build(&format!("FROM busybox\nCOPY {url} /x\n"), &[], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+#[test]
+fn run_mount_binds_from_stages_and_rw_context() {
+    let k = Kiln::new();
+    let recipe = r#"FROM busybox AS build
+RUN mkdir /out && echo built > /out/artifact
+FROM busybox
+RUN --mount=type=bind,from=build,source=/out,target=/in cat /in/artifact > /got
+RUN --mount=type=bind,from=busybox,source=/etc,target=/base-etc cp /base-etc/passwd /got-passwd
+RUN --mount=type=bind,source=.,target=/ctx,rw echo scribble > /ctx/new && cat /ctx/data > /got-ctx
+"#;
+    let ctx = context(recipe, &[("data", b"ctx data")]);
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("oci");
+    let o = format!("type=oci,dest={}", layout.display());
+    let out = k.run(&[
+        "build",
+        "--progress",
+        "plain",
+        "-o",
+        &o,
+        ctx.path().to_str().unwrap(),
+    ]);
+    assert_success(&out);
+    let rootfs = umoci_unpack(&layout, "latest", &dir.path().join("b"));
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("got")).unwrap(),
+        "built\n"
+    );
+    assert!(
+        std::fs::read_to_string(rootfs.join("got-passwd"))
+            .unwrap()
+            .contains("app:x:1000")
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("got-ctx")).unwrap(),
+        "ctx data"
+    );
+    assert!(
+        !ctx.path().join("new").exists(),
+        "an rw bind wrote into the host's context"
+    );
+    for absent in ["in", "base-etc", "ctx"] {
+        assert!(
+            !rootfs.join(absent).exists(),
+            "the mount point {absent} leaked"
+        );
+    }
+}

@@ -263,6 +263,29 @@ pub fn build(
     engine.finish(state)
 }
 
+/// A RUN mount, as the sandbox gets it.
+enum RunMount {
+    /// A host path bound as it is (secrets, cache dirs, tmpfs scratch, read-only context paths).
+    Host(BindMount),
+    /// A path of a tree mounted for the step.
+    Tree(MountedTree),
+}
+
+/// A tree (a stage's or image's layers, or the context) mounted as an overlay over a scratch
+/// upper for one RUN step, of which `source` is bound at `target`; writes are discarded.
+struct MountedTree {
+    /// Overlay lower dirs, top first.
+    lowers: Vec<PathBuf>,
+    /// The path bound, inside the tree.
+    source: String,
+    /// Where it appears in the step.
+    target: String,
+    /// Read-only bind.
+    readonly: bool,
+    /// Identity of the tree's content, for the cache key.
+    key: String,
+}
+
 /// Where a layer step is: for messages, step identities and history.
 struct StepPlace {
     stage: usize,
@@ -509,7 +532,9 @@ impl Engine<'_> {
         let vars = self.vars(st);
         let cfg = &mut st.config.config;
         match &instr.kind {
-            InstructionKind::Run(run) => return self.run_step(stage, n, st, instr, run, step),
+            InstructionKind::Run(run) => {
+                return self.run_step(stage, n, st, instr, run, step, deps);
+            }
             InstructionKind::Copy(c) => {
                 return self.copy_step(stage, n, st, instr, c, false, step, deps);
             }
@@ -756,6 +781,7 @@ impl Engine<'_> {
         image::rfc3339(secs)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_step(
         &self,
         stage: usize,
@@ -764,6 +790,7 @@ impl Engine<'_> {
         instr: &Instruction,
         run: &Run,
         step: crate::progress::Step<'_>,
+        deps: &BTreeMap<usize, Arc<StageState>>,
     ) -> Result<(), BuildError> {
         let line = instr.span.start_line;
         let (argv, stdin) = run_argv(run, &st.shell);
@@ -790,12 +817,23 @@ impl Engine<'_> {
         }
         let vars = self.vars(st);
         let mut binds = Vec::new();
+        let mut trees: Vec<MountedTree> = Vec::new();
         let mut _mount_scratch = Vec::new();
         for m in &run.mounts {
-            let m = self.expand(m, &vars, line)?;
-            let (bind, scratch) = self.run_mount(&m, line)?;
-            binds.push(bind);
-            _mount_scratch.extend(scratch);
+            let expanded = self.expand(m, &vars, line)?;
+            match self.run_mount(stage, m, &expanded, line, deps)? {
+                (RunMount::Host(bind), scratch) => {
+                    binds.push(bind);
+                    _mount_scratch.extend(scratch);
+                }
+                (RunMount::Tree(tree), _) => trees.push(tree),
+            }
+        }
+        if trees.len() > 1 {
+            return Err(self.invalid(
+                line,
+                "only one --mount=type=bind with from= or rw per RUN is supported",
+            ));
         }
         let mut inputs = self.run_inputs(
             st,
@@ -805,6 +843,9 @@ impl Engine<'_> {
             inputs
                 .instruction
                 .push_str(&format!(" mounts={:?}", run.mounts));
+        }
+        if let Some(tree) = trees.first() {
+            inputs.from = tree.key.clone();
         }
         let parent = st.key;
         let key = plan::cache_key(&parent, &inputs);
@@ -848,9 +889,31 @@ impl Engine<'_> {
             stdin,
             binds,
         };
-        let result = self
-            .sandbox
-            .run(&spec, &mut |bytes| step.output(bytes), self.cancel);
+        let result = match trees.pop() {
+            None => self
+                .sandbox
+                .run(&spec, &mut |bytes| step.output(bytes), self.cancel),
+            Some(tree) => {
+                let (_tree_scratch, tree_upper, tree_work) = self.scratch_upper(stage, line)?;
+                let step = &mut step;
+                sandbox::with_rootfs(&tree.lowers, &tree_upper, &tree_work, move |merged| {
+                    let root = RootDir::open_host(merged)
+                        .map_err(|e| sandbox::SandboxError::Setup(e.to_string()))?;
+                    let source = root
+                        .resolve(&tree.source)
+                        .map_err(|e| sandbox::SandboxError::Setup(e.to_string()))?;
+                    let mut spec = spec;
+                    spec.binds.push(BindMount {
+                        source,
+                        target: tree.target,
+                        readonly: tree.readonly,
+                    });
+                    self.sandbox
+                        .run(&spec, &mut |bytes| step.output(bytes), self.cancel)
+                })
+                .and_then(|r| r)
+            }
+        };
         let code = match result {
             Ok(code) => code,
             Err(sandbox::SandboxError::Cancelled) => {
@@ -882,9 +945,12 @@ impl Engine<'_> {
     /// The returned scratch dir, if any, must live until the step ends.
     fn run_mount(
         &self,
+        stage: usize,
+        raw: &str,
         spec: &str,
         line: usize,
-    ) -> Result<(BindMount, Option<tempfile::TempDir>), BuildError> {
+        deps: &BTreeMap<usize, Arc<StageState>>,
+    ) -> Result<(RunMount, Option<tempfile::TempDir>), BuildError> {
         let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
         for field in spec.split(',').filter(|f| !f.is_empty()) {
             let (k, v) = field.split_once('=').unwrap_or((field, ""));
@@ -925,11 +991,11 @@ impl Engine<'_> {
                 let target = target.unwrap_or_else(|| format!("/run/secrets/{id}"));
                 match self.opts.secrets.get(&id) {
                     Some(src) => Ok((
-                        BindMount {
+                        RunMount::Host(BindMount {
                             source: src.clone(),
                             target,
                             readonly: true,
-                        },
+                        }),
                         None,
                     )),
                     None => Err(self.invalid(
@@ -947,11 +1013,11 @@ impl Engine<'_> {
                 let dir = self.store.cache_mount_dir(&id)?;
                 let readonly = fields.contains_key("ro");
                 Ok((
-                    BindMount {
+                    RunMount::Host(BindMount {
                         source: dir,
                         target,
                         readonly,
-                    },
+                    }),
                     None,
                 ))
             }
@@ -959,43 +1025,69 @@ impl Engine<'_> {
                 let target = need_target()?;
                 let scratch = self.store.scratch_dir()?;
                 Ok((
-                    BindMount {
+                    RunMount::Host(BindMount {
                         source: scratch.path().to_path_buf(),
                         target,
                         readonly: false,
-                    },
+                    }),
                     Some(scratch),
                 ))
             }
             "bind" => {
                 let target = need_target()?;
-                if fields.contains_key("from") {
-                    return Err(self.invalid(line, "RUN --mount=type=bind,from=… is not supported yet (binds read the context)"));
-                }
-                if fields
+                let readonly = !fields
                     .get("rw")
-                    .is_some_and(|v| v.is_empty() || *v == "true")
-                {
-                    return Err(self.invalid(line, "RUN --mount=type=bind,rw is not supported yet"));
-                }
-                let source = fields.get("source").copied().unwrap_or(".");
-                let rel = self
-                    .context
-                    .resolve(source)
-                    .map_err(|source| BuildError::Context {
-                        file: self.file.clone(),
-                        line,
-                        source,
-                    })?;
-                let rel = rel.into_iter().next().unwrap_or_default();
-                Ok((
-                    BindMount {
+                    .is_some_and(|v| v.is_empty() || *v == "true");
+                let source = fields.get("source").copied().unwrap_or("/");
+                let from_raw = plan::mount_from(raw);
+                if from_raw.is_none() && readonly {
+                    let rel =
+                        self.context
+                            .resolve(source)
+                            .map_err(|source| BuildError::Context {
+                                file: self.file.clone(),
+                                line,
+                                source,
+                            })?;
+                    let rel = rel.into_iter().next().unwrap_or_default();
+                    let bind = BindMount {
                         source: self.context.host_path(&rel),
                         target,
                         readonly: true,
-                    },
-                    None,
-                ))
+                    };
+                    return Ok((RunMount::Host(bind), None));
+                }
+                // A stage's or image's files, or context files that may be written: mounted for
+                // the step over a scratch upper, so whatever the step writes there is discarded.
+                let (lowers, key) = match from_raw {
+                    None => (
+                        vec![self.context.root().to_path_buf()],
+                        "context".to_string(),
+                    ),
+                    Some(raw_from) => {
+                        let state = match self.plan.stages[stage].copy_sources.get(raw_from) {
+                            Some(CopySource::Stage(i)) => (*deps[i]).clone(),
+                            Some(CopySource::Image(r)) => self.load_image(r, line)?,
+                            None => {
+                                return Err(
+                                    self.invalid(line, format!("unresolved from={raw_from}"))
+                                );
+                            }
+                        };
+                        (
+                            state.lower_dirs.iter().rev().cloned().collect(),
+                            state.key.to_string(),
+                        )
+                    }
+                };
+                let tree = MountedTree {
+                    lowers,
+                    source: source.to_string(),
+                    target,
+                    readonly,
+                    key,
+                };
+                Ok((RunMount::Tree(tree), None))
             }
             other => Err(self.invalid(
                 line,
