@@ -1,0 +1,278 @@
+//! The build cache and layer commits: looking a step up, explaining a miss, recording a
+//! result, turning an upper dir into a stored layer, and the unpacked layer dirs of base images.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{BuildError, Engine, Layer, StageState, StepPlace, scratch_state};
+use crate::digest::Digest;
+use crate::image::{self, Descriptor};
+use crate::plan::{self, StepInputs};
+use crate::registry::reference::Reference;
+use crate::snapshot::{self, Compression, LayerOptions};
+
+/// What a cache record holds.
+#[derive(Serialize, Deserialize)]
+struct CacheRecord {
+    layer: Option<Layer>,
+    created: Option<String>,
+}
+
+/// What the last build of a step saw (for miss explanations).
+#[derive(Serialize, Deserialize)]
+struct StepRecord {
+    parent: Digest,
+    inputs: StepInputs,
+}
+
+impl Engine<'_> {
+    fn identity(&self, stage: usize, n: usize) -> Digest {
+        Digest::of(format!("kiln-step-identity\n{}\n{stage}\n{n}", self.recipe_id).as_bytes())
+    }
+
+    /// Looks the step up in the cache; on a hit applies it and returns true. On a miss, tells
+    /// the progress view why.
+    fn try_cache(
+        &self,
+        stage: usize,
+        n: usize,
+        st: &mut StageState,
+        key: &Digest,
+        inputs: &StepInputs,
+        step: &crate::progress::Step<'_>,
+    ) -> Result<Option<CacheRecord>, BuildError> {
+        let cached = match self.opts.no_cache {
+            true => None,
+            false => self.store.cache_get(key)?,
+        };
+        let mut other_encoding = false;
+        if let Some(record) = cached.and_then(|v| serde_json::from_value::<CacheRecord>(v).ok()) {
+            // A record whose layer blob was pruned, or that is encoded differently from what
+            // this build asks for (`--compression`), is a miss.
+            let usable = match &record.layer {
+                Some(l) => {
+                    other_encoding = l.desc.media_type != self.layer_media_type();
+                    self.store.has_blob(&l.desc.digest) && !other_encoding
+                }
+                None => true,
+            };
+            if usable {
+                return Ok(Some(record));
+            }
+        }
+        let reason = if self.opts.no_cache {
+            Some("--no-cache".to_string())
+        } else if other_encoding {
+            Some("the cached layer has another compression".to_string())
+        } else {
+            // A step never built before needs no explanation.
+            self.store
+                .cache_get(&self.identity(stage, n))?
+                .and_then(|v| serde_json::from_value::<StepRecord>(v).ok())
+                .map(|old| plan::explain_difference(&old.inputs, inputs, old.parent != st.key))
+        };
+        if let Some(reason) = reason {
+            step.rebuild_reason(&reason);
+        }
+        Ok(None)
+    }
+
+    fn apply_record(
+        &self,
+        st: &mut StageState,
+        key: Digest,
+        record: CacheRecord,
+        created_by: String,
+    ) -> Result<(), BuildError> {
+        st.created = record.created.clone();
+        match record.layer {
+            Some(layer) => {
+                let dir = self.ensure_layer_dir(&layer)?;
+                st.lower_dirs.push(dir);
+                st.config.rootfs.diff_ids.push(layer.diff_id);
+                st.layers.push(layer);
+                self.history(st, created_by, false);
+            }
+            None => self.history(st, created_by, true),
+        }
+        st.key = key;
+        Ok(())
+    }
+
+    fn remember(
+        &self,
+        stage: usize,
+        n: usize,
+        parent: Digest,
+        key: &Digest,
+        inputs: StepInputs,
+        record: &CacheRecord,
+    ) -> Result<(), BuildError> {
+        let value = serde_json::to_value(record).unwrap_or_default();
+        self.store.cache_put(key, &value)?;
+        if n != usize::MAX {
+            let id = serde_json::to_value(StepRecord { parent, inputs }).unwrap_or_default();
+            self.store.cache_put(&self.identity(stage, n), &id)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn now_created(&self) -> String {
+        let secs = self.opts.source_date_epoch.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0)
+        });
+        image::rfc3339(secs)
+    }
+
+    /// On a cache hit applies the cached result and closes the step (None); on a miss returns
+    /// the step to run, having said why it is rebuilt.
+    pub(super) fn reuse_cached<'p>(
+        &self,
+        st: &mut StageState,
+        place: &StepPlace,
+        key: Digest,
+        inputs: &StepInputs,
+        step: crate::progress::Step<'p>,
+    ) -> Result<Option<crate::progress::Step<'p>>, BuildError> {
+        match self.try_cache(place.stage, place.n, st, &key, inputs, &step)? {
+            Some(record) => {
+                self.apply_record(st, key, record, place.created_by.clone())?;
+                step.cached();
+                Ok(None)
+            }
+            None => Ok(Some(step)),
+        }
+    }
+
+    /// Snapshots a finished step's upper dir into a layer, records it in the cache (and as the
+    /// step's latest build, for explanations) and applies it to the stage.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn commit_step(
+        &self,
+        st: &mut StageState,
+        place: StepPlace,
+        parent: Digest,
+        key: Digest,
+        inputs: StepInputs,
+        upper: &Path,
+        step: crate::progress::Step<'_>,
+    ) -> Result<(), BuildError> {
+        let layer = self
+            .commit_upper(upper)
+            .map_err(|e| self.step_error(place.stage, place.line, e))?;
+        let record = CacheRecord {
+            layer,
+            created: Some(self.now_created()),
+        };
+        self.remember(place.stage, place.n, parent, &key, inputs, &record)?;
+        self.apply_record(st, key, record, place.created_by)?;
+        step.done();
+        Ok(())
+    }
+
+    /// The media type of the layers this build writes.
+    fn layer_media_type(&self) -> &'static str {
+        match self.opts.compression {
+            Compression::Gzip => image::MEDIA_LAYER_GZIP,
+            Compression::Zstd => image::MEDIA_LAYER_ZSTD,
+            Compression::None => image::MEDIA_LAYER_TAR,
+        }
+    }
+
+    /// Turns a step's upper dir into a stored layer and keeps the dir as that layer's
+    /// unpacked form; None when the step changed nothing.
+    fn commit_upper(&self, upper: &Path) -> Result<Option<Layer>, String> {
+        if !snapshot::upper_has_changes(upper).map_err(|e| e.to_string())? {
+            return Ok(None);
+        }
+        let opts = LayerOptions {
+            source_date_epoch: self.opts.source_date_epoch,
+            compression: self.opts.compression,
+        };
+        let media_type = self.layer_media_type();
+        let writer = self.store.blob_writer().map_err(|e| e.to_string())?;
+        let (writer, summary) =
+            snapshot::write_layer(upper, &opts, writer).map_err(|e| e.to_string())?;
+        let (digest, size) = writer.commit().map_err(|e| e.to_string())?;
+        self.store
+            .install_layer_dir(&summary.diff_id, upper)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(Layer {
+            desc: Descriptor::new(media_type, digest, size),
+            diff_id: summary.diff_id,
+        }))
+    }
+
+    /// The unpacked dir of a layer, unpacking its blob once if needed.
+    fn ensure_layer_dir(&self, layer: &Layer) -> Result<PathBuf, BuildError> {
+        if let Some(dir) = self.store.layer_dir(&layer.diff_id) {
+            return Ok(dir);
+        }
+        let scratch = self.store.scratch_dir()?;
+        let dir = scratch.path().join("layer");
+        std::fs::create_dir(&dir).map_err(|e| {
+            BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest))
+        })?;
+        let blob = self.store.open_blob(&layer.desc.digest)?;
+        let diff_id = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir).map_err(|e| {
+            BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest))
+        })?;
+        if diff_id != layer.diff_id {
+            return Err(BuildError::Image(format!(
+                "layer {} has diff_id {diff_id}, but the image config says {}",
+                layer.desc.digest, layer.diff_id
+            )));
+        }
+        Ok(self.store.install_layer_dir(&layer.diff_id, &dir)?)
+    }
+
+    pub(super) fn load_image(
+        &self,
+        reference: &str,
+        line: usize,
+    ) -> Result<StageState, BuildError> {
+        let normalized =
+            Reference::parse(reference).map_err(|e| self.invalid(line, e.to_string()))?;
+        let image = {
+            let _one_pull_at_a_time = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
+            match self.store.resolve(&normalized.to_string())? {
+                Some(image) => image,
+                None => {
+                    self.progress.info(&format!("pulling {normalized}"));
+                    crate::distribution::pull(self.store, &self.client, &normalized).map_err(
+                        |source| BuildError::Pull {
+                            reference: normalized.to_string(),
+                            source: Box::new(source),
+                        },
+                    )?
+                }
+            }
+        };
+        let diff_ids = &image.config.rootfs.diff_ids;
+        if diff_ids.len() != image.manifest_body.layers.len() {
+            return Err(BuildError::Image(format!(
+                "{normalized}: manifest and config disagree on the number of layers"
+            )));
+        }
+        let mut st = scratch_state();
+        st.config = image.config.clone();
+        st.created = image.config.created.clone();
+        st.key = Digest::of(format!("image\n{}", image.manifest.digest).as_bytes());
+        for (desc, diff_id) in image.manifest_body.layers.iter().zip(diff_ids) {
+            // The result is an OCI manifest: a Docker base's layers get OCI media types.
+            let mut desc = desc.clone();
+            desc.media_type = image::oci_layer_type(&desc.media_type).to_string();
+            let layer = Layer {
+                desc,
+                diff_id: *diff_id,
+            };
+            st.lower_dirs.push(self.ensure_layer_dir(&layer)?);
+            st.layers.push(layer);
+        }
+        Ok(st)
+    }
+}
