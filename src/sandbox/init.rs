@@ -331,14 +331,7 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
         flags |= CloneFlags::CLONE_NEWNET;
     }
     unshare(flags).map_err(|e| SandboxError::sys("unshare", Path::new(""), e.into()))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| SandboxError::sys("make mounts private", Path::new("/"), e.into()))?;
+    sys::make_mounts_private()?;
 
     let empty = [cfg.scratch.join("empty")];
     let lowers = if cfg.lowers.is_empty() {

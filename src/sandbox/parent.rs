@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2};
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::mount::{MntFlags, umount2};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::stat::{Mode, fstatat};
@@ -367,14 +367,7 @@ pub(super) fn with_rootfs<R: Send>(
             unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS).map_err(|e| {
                 SandboxError::sys("unshare(CLONE_FS|CLONE_NEWNS)", Path::new(""), e.into())
             })?;
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )
-            .map_err(|e| SandboxError::sys("make mounts private", Path::new("/"), e.into()))?;
+            sys::make_mounts_private()?;
             sys::mount_overlay(
                 &Overlay {
                     lowers,

@@ -96,6 +96,19 @@ fn move_mount(mnt: &OwnedFd, target: &Path) -> Result<(), SandboxError> {
 }
 
 /// Marks every fd from 3 up close-on-exec (`close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`).
+/// Makes every mount in this mount namespace private, so nothing we mount propagates back to
+/// the host's namespace (call right after unsharing the mount namespace).
+pub(crate) fn make_mounts_private() -> Result<(), SandboxError> {
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| SandboxError::sys("make mounts private", Path::new("/"), e.into()))
+}
+
 pub(crate) fn cloexec_from_3() -> io::Result<()> {
     // SAFETY: plain syscall on integers.
     check(unsafe {

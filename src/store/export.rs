@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use tempfile::NamedTempFile;
@@ -54,18 +53,7 @@ fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     let mut tmp = NamedTempFile::new_in(dir).at(dir)?;
     tmp.write_all(bytes).at(tmp.path())?;
-    finish_file(tmp, dest)
-}
-
-/// Fsyncs a temp file, makes it world-readable and renames it to `dest`.
-fn finish_file(tmp: NamedTempFile, dest: &Path) -> Result<(), StoreError> {
-    tmp.as_file().sync_all().at(tmp.path())?;
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644)).at(tmp.path())?;
-    tmp.persist(dest).map_err(|e| StoreError::Io {
-        path: dest.to_path_buf(),
-        source: e.error,
-    })?;
-    Ok(())
+    super::persist_synced(tmp, dest)
 }
 
 /// Copies blob `d` from the store into `blobs_dir`, verifying its digest on the way.
@@ -91,7 +79,7 @@ fn copy_blob(store: &Store, d: &Digest, blobs_dir: &Path) -> Result<(), StoreErr
             actual,
         });
     }
-    finish_file(tmp, &dest)
+    super::persist_synced(tmp, &dest)
 }
 
 /// Writes `img` into the OCI image layout directory `dest` (created if missing; an existing
@@ -280,5 +268,5 @@ fn write_tar(
         path: tmp_path.clone(),
         source: e.into_error(),
     })?;
-    finish_file(tmp, dest)
+    super::persist_synced(tmp, dest)
 }

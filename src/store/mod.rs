@@ -314,6 +314,17 @@ impl FsckReport {
     }
 }
 
+/// Fsyncs a finished temp file, makes it world-readable and renames it to `dest`.
+fn persist_synced(tmp: NamedTempFile, dest: &Path) -> Result<(), StoreError> {
+    tmp.as_file().sync_all().at(tmp.path())?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644)).at(tmp.path())?;
+    tmp.persist(dest).map_err(|e| StoreError::Io {
+        path: dest.to_path_buf(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
 /// Fsyncs a directory so renames into it are durable.
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|f| f.sync_all()).at(dir)
@@ -1062,12 +1073,7 @@ impl Store {
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let mut tmp = NamedTempFile::new_in(&self.session.dir).at(&self.session.dir)?;
         tmp.write_all(bytes).at(tmp.path())?;
-        tmp.as_file().sync_all().at(tmp.path())?;
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644)).at(tmp.path())?;
-        tmp.persist(dest).map_err(|e| StoreError::Io {
-            path: dest.to_path_buf(),
-            source: e.error,
-        })?;
+        persist_synced(tmp, dest)?;
         match dest.parent() {
             Some(parent) => sync_dir(parent),
             None => Ok(()),
