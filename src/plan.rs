@@ -156,6 +156,13 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
             .process_word(&stage.base, &meta)
             .map_err(|e| invalid(stage.span, e.to_string()))?
             .value;
+        if let Some(raw) = &stage.platform {
+            let wanted = lexer
+                .process_word(raw, &meta)
+                .map_err(|e| invalid(stage.span, e.to_string()))?
+                .value;
+            check_platform(&wanted, &opts.platform_args).map_err(|m| invalid(stage.span, m))?;
+        }
         if base_text.is_empty() {
             return Err(invalid(
                 stage.span,
@@ -256,6 +263,28 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         meta_args: meta,
         unused_build_args,
     })
+}
+
+/// Checks a `FROM --platform=` value against the platform kiln builds for (TARGETPLATFORM):
+/// kiln runs RUN steps natively and does not emulate other architectures.
+fn check_platform(wanted: &str, platform_args: &BTreeMap<String, String>) -> Result<(), String> {
+    let target = platform_args
+        .get("TARGETPLATFORM")
+        .map(String::as_str)
+        .unwrap_or("");
+    let norm = |p: &str| {
+        let mut parts: Vec<&str> = p.split('/').collect();
+        if parts.len() == 2 && parts[1] == "arm64" {
+            parts.push("v8");
+        }
+        parts.join("/")
+    };
+    if wanted.is_empty() || target.is_empty() || norm(wanted) == norm(target) {
+        return Ok(());
+    }
+    Err(format!(
+        "FROM --platform={wanted}: kiln builds for {target} only (no emulation of other platforms)"
+    ))
 }
 
 /// The raw `from=` value of a `RUN --mount` spec (`type=bind,from=build,source=/out,...`).
@@ -454,6 +483,32 @@ mod tests {
             p.stages[1].copy_sources.get("build"),
             Some(&CopySource::Stage(0))
         );
+    }
+
+    #[test]
+    fn foreign_platforms_are_refused() {
+        let host: BTreeMap<String, String> =
+            [("TARGETPLATFORM".to_string(), "linux/amd64".to_string())].into();
+        assert!(check_platform("linux/amd64", &host).is_ok());
+        assert!(check_platform("", &host).is_ok());
+        let e = check_platform("linux/arm64", &host).unwrap_err();
+        assert!(
+            e.contains("linux/arm64") && e.contains("linux/amd64"),
+            "{e}"
+        );
+        let arm: BTreeMap<String, String> =
+            [("TARGETPLATFORM".to_string(), "linux/arm64/v8".to_string())].into();
+        assert!(check_platform("linux/arm64", &arm).is_ok());
+        let recipe = parse(b"FROM --platform=$BUILDPLATFORM scratch\n", "Dockerfile").unwrap();
+        let opts = PlanOptions {
+            platform_args: [
+                ("TARGETPLATFORM".to_string(), "linux/amd64".to_string()),
+                ("BUILDPLATFORM".to_string(), "linux/amd64".to_string()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        assert!(plan(&recipe, &opts).is_ok());
     }
 
     #[test]

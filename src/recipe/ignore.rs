@@ -177,21 +177,27 @@ impl IgnoreRules {
     }
 }
 
-/// Which ignore file applies: `<dockerfile-name>.dockerignore` next to the Dockerfile takes
-/// precedence over CONTEXT/.dockerignore.
+/// Which ignore file applies: `<dockerfile-name>.containerignore` or `.dockerignore` next to
+/// the Dockerfile takes precedence over `CONTEXT/.containerignore` (buildah's name, preferred
+/// as buildah does) and then `CONTEXT/.dockerignore`.
 pub fn ignore_file_for(context_dir: &Path, dockerfile: Option<&Path>) -> Option<PathBuf> {
+    const NAMES: [&str; 2] = [".containerignore", ".dockerignore"];
     if let Some(dockerfile) = dockerfile
         && let Some(name) = dockerfile.file_name()
     {
-        let mut specific = name.to_os_string();
-        specific.push(".dockerignore");
-        let specific = dockerfile.with_file_name(specific);
-        if specific.is_file() {
-            return Some(specific);
+        for suffix in NAMES {
+            let mut specific = name.to_os_string();
+            specific.push(suffix);
+            let specific = dockerfile.with_file_name(specific);
+            if specific.is_file() {
+                return Some(specific);
+            }
         }
     }
-    let root = context_dir.join(".dockerignore");
-    root.is_file().then_some(root)
+    NAMES
+        .iter()
+        .map(|n| context_dir.join(n))
+        .find(|p| p.is_file())
 }
 
 /// Drop a leading `/` and trailing `/`s from a path handed in by the walker.
@@ -614,6 +620,18 @@ mod tests {
         assert_eq!(
             ignore_file_for(ctx, Some(&df)),
             Some(ctx.join("sub/Dockerfile.dev.dockerignore"))
+        );
+        // buildah's name wins over Docker's, at both levels.
+        std::fs::write(ctx.join("sub/Dockerfile.dev.containerignore"), "z").unwrap();
+        assert_eq!(
+            ignore_file_for(ctx, Some(&df)),
+            Some(ctx.join("sub/Dockerfile.dev.containerignore"))
+        );
+        std::fs::write(ctx.join(".dockerignore"), "x").unwrap();
+        std::fs::write(ctx.join(".containerignore"), "c").unwrap();
+        assert_eq!(
+            ignore_file_for(ctx, None),
+            Some(ctx.join(".containerignore"))
         );
     }
 
