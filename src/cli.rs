@@ -265,10 +265,17 @@ pub fn main() -> i32 {
 
 fn print_error(f: &Failure) {
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "error: {}", f.error);
+    let top = f.error.to_string();
+    let _ = writeln!(err, "error: {top}");
+    // Causes whose text the message above already shows are not repeated.
+    let mut shown = top;
     let mut source = f.error.source();
     while let Some(s) = source {
-        let _ = writeln!(err, "  caused by: {s}");
+        let text = s.to_string();
+        if !shown.contains(&text) {
+            let _ = writeln!(err, "  caused by: {text}");
+            shown = text;
+        }
         source = s.source();
     }
     if let Some(h) = &f.hint {
@@ -667,10 +674,14 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         } else {
             1
         };
+        let hint = matches!(e, BuildError::Pull { .. }).then(|| {
+            "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline"
+                .to_string()
+        });
         Failure {
             error: Box::new(e),
             code,
-            hint: None,
+            hint,
         }
     })?;
     for t in &tags {
