@@ -278,6 +278,45 @@ fn push_to_an_authenticated_tls_registry() {
     let out = kiln(&k, &["push", "app:1", &target], Some(&good));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains(&reg.host()), "{}", stderr(&out));
+
+    // Credentials from a docker-credential-* helper named by credHelpers.
+    let bin = work.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let helper = bin.join("docker-credential-kilntest");
+    std::fs::write(
+        &helper,
+        "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread server\nprintf '{\"ServerURL\":\"%s\",\"Username\":\"kiln\",\"Secret\":\"s3cret\"}' \"$server\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let helper_dir = work.path().join("helper-config");
+    std::fs::create_dir(&helper_dir).unwrap();
+    std::fs::write(
+        helper_dir.join("config.json"),
+        format!("{{\"credHelpers\":{{\"{}\":\"kilntest\"}}}}", reg.host()),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let via_helper = format!("{}/private/app:helper", reg.host());
+    let out = kiln_cmd(
+        &k,
+        &["push", "--tls-verify=false", "app:1", &via_helper],
+        None,
+    )
+    .env("DOCKER_CONFIG", &helper_dir)
+    .env("PATH", path)
+    .env_remove("REGISTRY_AUTH_FILE")
+    .output()
+    .unwrap();
+    assert_success(&out);
+    assert_eq!(
+        skopeo_digest(&via_helper, &["--creds", "kiln:s3cret"]),
+        pushed.to_string()
+    );
 }
 
 /// A proxy policy under which every distinct request (method and path; an upload PUT by
