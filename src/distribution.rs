@@ -80,15 +80,10 @@ pub fn pull(
         ));
     }
     let desc = Descriptor::new(&media_type, digest, size);
-    store.tag(&reference_name(reference), &desc)?;
+    store.tag(&reference.to_string(), &desc)?;
     store
-        .resolve(&reference_name(reference))?
+        .resolve(&reference.to_string())?
         .ok_or_else(|| invalid(reference, "pulled image not found in the store"))
-}
-
-/// The name a pulled image gets in the store (tag form; digest-only references keep the digest).
-fn reference_name(r: &Reference) -> String {
-    r.to_string()
 }
 
 /// Pushes a stored image to `reference`; returns the manifest digest.

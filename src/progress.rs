@@ -87,11 +87,6 @@ impl Progress {
         }
     }
 
-    /// The mode in use.
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
     fn line(&self, text: &str) {
         match (&self.multi, self.mode) {
             (Some(m), _) => {

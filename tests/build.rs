@@ -359,37 +359,66 @@ fn copy_and_add_cannot_escape() {
         "copied through a relative symlink out of the context"
     );
 
-    // Hostile tars: ../ entries, absolute paths, a symlink then a file through it.
+    // Hostile tars: ../ entries, absolute paths, a symlink then a file through it. Each also
+    // holds a harmless file, so a build that succeeds must have really extracted the archive.
     let victim = outside.path().join("victim");
-    let cases: Vec<Vec<u8>> = vec![
-        raw_tar(&[(
-            "../../../../../../../../../tmp/kiln-escape-dotdot",
-            b'0',
-            "",
-            b"x",
-        )]),
-        raw_tar(&[("/tmp/kiln-escape-abs", b'0', "", b"x")]),
-        raw_tar(&[
-            ("link", b'2', outside.path().to_str().unwrap(), b""),
-            ("link/victim", b'0', "", b"x"),
-        ]),
+    let ok = ("ok.txt", b'0', "", b"fine" as &[u8]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "kiln-escape-dotdot",
+            raw_tar(&[
+                ok,
+                (
+                    "../../../../../../../../../tmp/kiln-escape-dotdot",
+                    b'0',
+                    "",
+                    b"x",
+                ),
+            ]),
+        ),
+        (
+            "kiln-escape-abs",
+            raw_tar(&[ok, ("/tmp/kiln-escape-abs", b'0', "", b"x")]),
+        ),
+        (
+            "link",
+            raw_tar(&[
+                ok,
+                ("link", b'2', outside.path().to_str().unwrap(), b""),
+                ("link/victim", b'0', "", b"x"),
+            ]),
+        ),
     ];
-    for (i, t) in cases.iter().enumerate() {
-        let (out, _c) = k.build(
-            "FROM busybox\nADD evil.tar /dst/\n",
-            &[("evil.tar", t)],
-            &[],
-        );
+    for (entry, t) in &cases {
+        let ctx = context("FROM busybox\nADD evil.tar /dst/\n", &[("evil.tar", t)]);
+        let dir = tempfile::tempdir().unwrap();
+        let layout = dir.path().join("oci");
+        let o = format!("type=oci,dest={}", layout.display());
+        let out = k.run(&["build", "-o", &o, ctx.path().to_str().unwrap()]);
         let err = stderr(&out);
         assert!(
             !std::path::Path::new("/tmp/kiln-escape-dotdot").exists(),
-            "case {i}: {err}"
+            "{entry}: {err}"
         );
         assert!(
             !std::path::Path::new("/tmp/kiln-escape-abs").exists(),
-            "case {i}: {err}"
+            "{entry}: {err}"
         );
-        assert!(!victim.exists(), "case {i} wrote through a symlink: {err}");
+        assert!(!victim.exists(), "{entry}: wrote through a symlink: {err}");
+        if out.status.success() {
+            let rootfs = umoci_unpack(&layout, "latest", &dir.path().join("b"));
+            let extracted = std::fs::read_to_string(rootfs.join("dst/ok.txt"));
+            assert_eq!(
+                extracted.ok().as_deref(),
+                Some("fine"),
+                "{entry}: the archive was not extracted"
+            );
+        } else {
+            assert!(
+                err.contains(entry),
+                "{entry}: the error does not name the entry: {err}"
+            );
+        }
     }
 }
 

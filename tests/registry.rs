@@ -9,7 +9,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::registry::{Action, Proxy, Registry, RegistrySetup, Seen, docker_config, skopeo};
+use common::registry::{
+    Action, Proxy, Registry, RegistrySetup, Seen, corrupt_blob_gets, docker_config, skopeo,
+};
 use kiln::digest::Digest;
 use kiln::registry::{
     Client, ClientOptions, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, PushOutcome, Reference,
@@ -523,16 +525,7 @@ fn a_corrupted_blob_is_a_digest_mismatch() {
     let img = make_image("will be corrupted\n", "amd64");
     push_image(&client, &direct, &img);
 
-    let proxy = Proxy::start(
-        reg.port,
-        Box::new(|_, req| {
-            if req.line.starts_with("GET ") && req.line.contains("/blobs/sha256:") {
-                Action::Corrupt
-            } else {
-                Action::Forward
-            }
-        }),
-    );
+    let proxy = Proxy::start(reg.port, corrupt_blob_gets());
     let r = reference(&format!("{}/kiln/corrupt:v1", proxy.host()));
     let err = client
         .get_blob(&r, &img.layer_digest, &mut Vec::new())

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 
-use common::registry::{Action, Proxy, Registry, RegistrySetup, docker_config, skopeo};
+use common::registry::{
+    Action, Proxy, Registry, RegistrySetup, corrupt_blob_gets, docker_config, skopeo,
+};
 use common::{Kiln, assert_success, context, kiln_bin, stderr, stdout_line};
 use kiln::digest::Digest;
 use kiln::image::MEDIA_LAYER_GZIP;
@@ -384,16 +386,7 @@ fn push_and_pull_through_faults_and_a_corrupted_blob() {
 
     // A proxy that flips a byte of every blob: the pull fails naming the mismatch, and
     // nothing of those blobs stays in the store.
-    let corrupting = Proxy::start(
-        reg.port,
-        Box::new(|_, req| {
-            if req.line.starts_with("GET ") && req.line.contains("/blobs/sha256:") {
-                Action::Corrupt
-            } else {
-                Action::Forward
-            }
-        }),
-    );
+    let corrupting = Proxy::start(reg.port, corrupt_blob_gets());
     let victim = Kiln::empty();
     let before = blob_files(&victim);
     let reference = format!("{}/flaky/app:1", corrupting.host());

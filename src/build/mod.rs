@@ -430,6 +430,15 @@ impl Engine<'_> {
         }
     }
 
+    /// Maps a context error to one located at `line` of the recipe.
+    fn context_err(&self, line: usize) -> impl Fn(ContextError) -> BuildError + '_ {
+        move |source| BuildError::Context {
+            file: self.file.clone(),
+            line,
+            source,
+        }
+    }
+
     fn step_error(&self, stage: usize, line: usize, message: impl std::fmt::Display) -> BuildError {
         BuildError::Step {
             stage: self.stage_name(stage),

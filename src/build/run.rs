@@ -351,14 +351,10 @@ impl Engine<'_> {
                 let source = fields.get("source").copied().unwrap_or("/");
                 let from_raw = plan::mount_from(raw);
                 if from_raw.is_none() && readonly {
-                    let rel =
-                        self.context
-                            .resolve(source)
-                            .map_err(|source| BuildError::Context {
-                                file: self.file.clone(),
-                                line,
-                                source,
-                            })?;
+                    let rel = self
+                        .context
+                        .resolve(source)
+                        .map_err(self.context_err(line))?;
                     let rel = rel.into_iter().next().unwrap_or_default();
                     let bind = BindMount {
                         source: self.context.host_path(&rel),

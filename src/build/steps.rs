@@ -134,30 +134,16 @@ impl Engine<'_> {
             source_words.push(word.clone());
             match &from_state {
                 None => {
-                    let rels =
-                        self.context
-                            .resolve(&word)
-                            .map_err(|source| BuildError::Context {
-                                file: self.file.clone(),
-                                line,
-                                source,
-                            })?;
+                    let rels = self
+                        .context
+                        .resolve(&word)
+                        .map_err(self.context_err(line))?;
                     for rel in rels {
-                        let entries =
-                            self.context
-                                .walk(&rel)
-                                .map_err(|source| BuildError::Context {
-                                    file: self.file.clone(),
-                                    line,
-                                    source,
-                                })?;
-                        let digests = self.context.digest_entries(&entries).map_err(|source| {
-                            BuildError::Context {
-                                file: self.file.clone(),
-                                line,
-                                source,
-                            }
-                        })?;
+                        let entries = self.context.walk(&rel).map_err(self.context_err(line))?;
+                        let digests = self
+                            .context
+                            .digest_entries(&entries)
+                            .map_err(self.context_err(line))?;
                         inputs.files.extend(digests);
                         let keep = c.parents.then(|| copy::kept_path(&word, &rel));
                         items.push(copy::SourceItem::Path { rel, keep });

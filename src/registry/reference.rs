@@ -125,11 +125,6 @@ impl Reference {
             None => full,
         }
     }
-
-    /// True for registries reached over plain http by default (loopback).
-    pub fn is_loopback(&self) -> bool {
-        is_loopback_host(&self.registry)
-    }
 }
 
 /// True when `authority` (`host` or `host:port`) names the loopback interface: `localhost`,
@@ -225,10 +220,18 @@ mod tests {
 
     #[test]
     fn loopback() {
-        assert!(Reference::parse("127.0.0.1:5000/a").unwrap().is_loopback());
-        assert!(Reference::parse("localhost:1/a").unwrap().is_loopback());
-        assert!(!Reference::parse("quay.io/a").unwrap().is_loopback());
-        assert!(!Reference::parse("127.example.com/a").unwrap().is_loopback());
+        assert!(is_loopback_host(
+            &Reference::parse("127.0.0.1:5000/a").unwrap().registry
+        ));
+        assert!(is_loopback_host(
+            &Reference::parse("localhost:1/a").unwrap().registry
+        ));
+        assert!(!is_loopback_host(
+            &Reference::parse("quay.io/a").unwrap().registry
+        ));
+        assert!(!is_loopback_host(
+            &Reference::parse("127.example.com/a").unwrap().registry
+        ));
         assert!(is_loopback_host("[::1]:5000"));
         assert!(is_loopback_host("127.1.2.3"));
         assert!(!is_loopback_host("[::2]:5000"));

@@ -314,6 +314,23 @@ impl FsckReport {
     }
 }
 
+/// The entries of `dir` whose names are digests' hex (blobs, unpacked layers), with those
+/// digests; other names are skipped.
+fn digest_named_entries(dir: &Path) -> Result<Vec<(Digest, fs::DirEntry)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        if let Some(d) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| Digest::from_hex(n).ok())
+        {
+            out.push((d, entry));
+        }
+    }
+    Ok(out)
+}
+
 /// Fsyncs a finished temp file, makes it world-readable and renames it to `dest`.
 fn persist_synced(tmp: NamedTempFile, dest: &Path) -> Result<(), StoreError> {
     tmp.as_file().sync_all().at(tmp.path())?;
@@ -742,15 +759,7 @@ impl Store {
 
         let mut removed = BTreeSet::new();
         let blobs_dir = self.blobs_dir();
-        for entry in fs::read_dir(&blobs_dir).at(&blobs_dir)? {
-            let entry = entry.at(&blobs_dir)?;
-            let Some(d) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| Digest::from_hex(n).ok())
-            else {
-                continue;
-            };
+        for (d, entry) in digest_named_entries(&blobs_dir)? {
             if blobs.contains(&d) {
                 continue;
             }
@@ -762,15 +771,7 @@ impl Store {
         }
 
         let layers = self.root.join("layers");
-        for entry in fs::read_dir(&layers).at(&layers)? {
-            let entry = entry.at(&layers)?;
-            let Some(d) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| Digest::from_hex(n).ok())
-            else {
-                continue;
-            };
+        for (d, entry) in digest_named_entries(&layers)? {
             if diff_ids.contains(&d) {
                 continue;
             }

@@ -19,7 +19,8 @@ pub fn kiln_bin() -> &'static str {
 fn base_archive() -> &'static Path {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("kiln-test-base-{}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("kiln-test-base-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let root = dir.join("store");
@@ -43,6 +44,8 @@ fn base_archive() -> &'static Path {
         );
         let archive = dir.join("busybox.tar");
         export_tagged(&root, "busybox", &archive);
+        // Only the archive is needed from here on.
+        std::fs::remove_dir_all(&root).unwrap();
         archive
     })
 }

@@ -263,6 +263,17 @@ pub struct Seen {
 /// Decides what happens to the n-th request (counted from 1).
 pub type Policy = dyn Fn(usize, &Seen) -> Action + Send + Sync;
 
+/// A policy that flips a byte in every blob body the registry sends and forwards the rest.
+pub fn corrupt_blob_gets() -> Box<Policy> {
+    Box::new(|_, req| {
+        if req.line.starts_with("GET ") && req.line.contains("/blobs/sha256:") {
+            Action::Corrupt
+        } else {
+            Action::Forward
+        }
+    })
+}
+
 /// A raw HTTP/1.1 proxy on a free 127.0.0.1 port that forwards each request (one per
 /// connection) to `upstream` or injects a fault as `policy(request number, request)`
 /// says. Stops on drop.
