@@ -46,6 +46,22 @@ fn fsconfig_string(fs: &OwnedFd, key: &CStr, value: &CStr) -> io::Result<()> {
     .map(drop)
 }
 
+/// `fsconfig(2)` with `FSCONFIG_SET_FLAG`: an option without a value.
+fn fsconfig_flag(fs: &OwnedFd, key: &CStr) -> io::Result<()> {
+    // SAFETY: valid fd and NUL-terminated key; a flag takes no value.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            0 as libc::c_uint, // FSCONFIG_SET_FLAG
+            key.as_ptr(),
+            std::ptr::null::<libc::c_void>(),
+            0 as libc::c_int,
+        )
+    })
+    .map(drop)
+}
+
 /// `fsconfig(2)` with `FSCONFIG_CMD_CREATE`.
 fn fsconfig_create(fs: &OwnedFd) -> io::Result<()> {
     // SAFETY: valid fd; the command takes no key or value.
@@ -183,6 +199,7 @@ const OVERLAY_FLAGS: [(&CStr, &CStr); 3] = [
 /// limit applies; every dir is passed as a short `/proc/self/fd/N`. On older kernels it falls
 /// back to mount(2) with the same short names (about 200 layers fit in its one-page limit).
 pub(crate) fn mount_overlay(o: &Overlay<'_>, target: &Path) -> Result<(), SandboxError> {
+    allow_volatile_remount(o.work)?;
     let fs =
         fsopen(c"overlay").map_err(|e| SandboxError::sys("fsopen(overlay)", Path::new(""), e))?;
     let set = |key: &CStr, value: &CStr, about: &Path| {
@@ -211,6 +228,17 @@ pub(crate) fn mount_overlay(o: &Overlay<'_>, target: &Path) -> Result<(), Sandbo
     for (k, v) in OVERLAY_FLAGS {
         set(k, v, o.upper)?;
     }
+    // `volatile`: no sync of the upper filesystem when the overlay is unmounted. Without it,
+    // tearing a sandbox down runs syncfs on the whole host filesystem the scratch dir lives
+    // on, writing out the step's files (and anything else dirty) before the snapshot even
+    // starts. The upper dir is scratch: what must be durable is the layer blob, which the
+    // store fsyncs, and unpacked layer dirs are guarded by the store (see `Store::open`).
+    fsconfig_flag(&fs, c"volatile").map_err(|e| SandboxError::Overlay {
+        path: o.upper.to_path_buf(),
+        option: "volatile".into(),
+        source: e,
+        log: fs_log(&fs),
+    })?;
     fsconfig_create(&fs).map_err(|e| SandboxError::Overlay {
         path: o.upper.to_path_buf(),
         option: "create".into(),
@@ -219,6 +247,20 @@ pub(crate) fn mount_overlay(o: &Overlay<'_>, target: &Path) -> Result<(), Sandbo
     })?;
     let mnt = fsmount(&fs, 0).map_err(|e| SandboxError::sys("fsmount(overlay)", o.upper, e))?;
     move_mount(&mnt, target)
+}
+
+/// A `volatile` overlay leaves `WORK/work/incompat/volatile` behind, and the kernel refuses
+/// to mount that work dir again while it exists (after a crash the upper dir may have lost
+/// writes). The caller owns the pair and mounts it again only within one live process (kiln's
+/// scratch dirs never outlive their session), so the marker is cleared before each mount.
+fn allow_volatile_remount(work: &Path) -> Result<(), SandboxError> {
+    let incompat = work.join("work/incompat");
+    match std::fs::remove_dir_all(&incompat) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(SandboxError::sys("remove", &incompat, e))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The mount(2) fallback of [`mount_overlay`] for kernels without `lowerdir+`.
@@ -241,6 +283,7 @@ fn mount_overlay_legacy(o: &Overlay<'_>, target: &Path) -> Result<(), SandboxErr
     for (k, v) in OVERLAY_FLAGS {
         data.push_str(&format!(",{}={}", k.to_string_lossy(), v.to_string_lossy()));
     }
+    data.push_str(",volatile"); // as in `mount_overlay`
     if data.len() >= 4096 {
         return Err(SandboxError::InvalidInput(format!(
             "{} layers do not fit in one overlay mount on this kernel (Linux 6.8+ has no limit)",

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use tempfile::NamedTempFile;
 
+use super::writeback::WritebackFile;
 use super::{IoContext, Store, StoreError, StoredImage};
 use crate::digest::{Digest, HashingReader};
 use crate::image::docker_archive::{self, ArchiveEntry};
@@ -65,12 +66,15 @@ fn copy_blob(store: &Store, d: &Digest, blobs_dir: &Path) -> Result<(), StoreErr
     let mut reader = HashingReader::new(store.open_blob(d)?);
     let tmp = NamedTempFile::new_in(blobs_dir).at(blobs_dir)?;
     // Through a 1 MiB buffer: io::copy reads straight into it (8 KiB chunks otherwise).
-    let mut buffered = io::BufWriter::with_capacity(1 << 20, tmp);
+    let mut buffered = io::BufWriter::with_capacity(1 << 20, WritebackFile::new(tmp));
     io::copy(&mut reader, &mut buffered).at(&dest)?;
-    let tmp = buffered.into_inner().map_err(|e| StoreError::Io {
-        path: dest.clone(),
-        source: e.into_error(),
-    })?;
+    let tmp = buffered
+        .into_inner()
+        .map_err(|e| StoreError::Io {
+            path: dest.clone(),
+            source: e.into_error(),
+        })?
+        .into_inner();
     let (_, actual, _) = reader.finish();
     if actual != *d {
         return Err(StoreError::DigestMismatch {

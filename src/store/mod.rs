@@ -21,6 +21,7 @@
 
 mod export;
 mod import;
+mod writeback;
 
 pub use export::{export_docker_archive, export_oci_archive, export_oci_dir};
 pub use import::import;
@@ -40,6 +41,7 @@ use crate::image::{
     ANNOTATION_REF_NAME, Descriptor, ImageConfig, ImageError, Index, MEDIA_CONFIG, MEDIA_MANIFEST,
     Manifest, canonical_json, is_index_type,
 };
+use writeback::WritebackFile;
 
 /// Something went wrong in the store; every variant names the path or reference involved.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +147,7 @@ impl Drop for Session {
 /// the temporary file.
 pub struct BlobWriter {
     blobs_dir: PathBuf,
-    inner: HashingWriter<BufWriter<NamedTempFile>>,
+    inner: HashingWriter<BufWriter<WritebackFile>>,
 }
 
 impl Write for BlobWriter {
@@ -172,10 +174,13 @@ impl BlobWriter {
 
     fn finish(self, expected: Option<&Digest>) -> Result<(Digest, u64), StoreError> {
         let (buf, digest, size) = self.inner.finish();
-        let tmp = buf.into_inner().map_err(|e| StoreError::Io {
-            path: self.blobs_dir.clone(),
-            source: e.into_error(),
-        })?;
+        let tmp = buf
+            .into_inner()
+            .map_err(|e| StoreError::Io {
+                path: self.blobs_dir.clone(),
+                source: e.into_error(),
+            })?
+            .into_inner();
         if let Some(expected) = expected
             && *expected != digest
         {
@@ -342,6 +347,26 @@ fn persist_synced(tmp: NamedTempFile, dest: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// How long a layer dir installed in this boot stays marked unsynced before `open` settles it
+/// with a `syncfs` (by then the kernel has normally written it back already).
+const UNSYNCED_GRACE: Duration = Duration::from_secs(600);
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`); empty if unknown, which never
+/// matches a recorded id, so unknown boots count as different.
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Removes a file; one that is already gone is fine.
+fn remove_if_present(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e).at(path),
+        _ => Ok(()),
+    }
+}
+
 /// Fsyncs a directory so renames into it are durable.
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|f| f.sync_all()).at(dir)
@@ -382,7 +407,7 @@ impl Store {
     /// left by processes that are gone.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         let root = root.to_path_buf();
-        for sub in ["blobs/sha256", "layers", "cache", "tmp"] {
+        for sub in ["blobs/sha256", "layers", "unsynced", "cache", "tmp"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).at(&dir)?;
         }
@@ -390,6 +415,7 @@ impl Store {
         clean_stale(&tmp);
         let session = Session::create(&tmp)?;
         let store = Store { root, session };
+        store.recover_unsynced_layers()?;
         let layout = store.root.join("oci-layout");
         if !layout.is_file() {
             store.write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
@@ -434,7 +460,10 @@ impl Store {
             .at(&self.session.dir)?;
         Ok(BlobWriter {
             blobs_dir: self.blobs_dir(),
-            inner: HashingWriter::new(BufWriter::with_capacity(256 * 1024, tmp)),
+            inner: HashingWriter::new(BufWriter::with_capacity(
+                256 * 1024,
+                WritebackFile::new(tmp),
+            )),
         })
     }
 
@@ -489,6 +518,11 @@ impl Store {
     /// Installs `populated` (a fully populated directory on the store's filesystem, typically
     /// inside [`scratch_dir`](Self::scratch_dir)) as the unpacked layer for `diff_id`, by rename.
     /// If another process installed it first, ours is discarded. Returns the installed path.
+    ///
+    /// The files inside are not fsynced (one fsync per file would cost more than the build
+    /// step). Instead a durable marker `unsynced/<hex>` naming this boot is written before the
+    /// rename; [`open`](Self::open) discards layer dirs whose marker names an earlier boot,
+    /// since a crash may have lost their contents (they are unpacked again from the blob).
     pub fn install_layer_dir(
         &self,
         diff_id: &Digest,
@@ -496,6 +530,8 @@ impl Store {
     ) -> Result<PathBuf, StoreError> {
         let layers = self.root.join("layers");
         let dest = layers.join(diff_id.hex());
+        let unsynced = self.root.join("unsynced");
+        self.write_atomic(&unsynced.join(diff_id.hex()), boot_id().as_bytes())?;
         match fs::rename(populated, &dest) {
             Ok(()) => {
                 sync_dir(&layers)?;
@@ -512,6 +548,51 @@ impl Store {
                 source: e,
             }),
         }
+    }
+
+    /// Discards unpacked layer dirs that were installed during an earlier boot and never known
+    /// to be on disk (see [`install_layer_dir`](Self::install_layer_dir)); markers of this boot
+    /// older than [`UNSYNCED_GRACE`] are settled with one `syncfs` of the store's filesystem.
+    fn recover_unsynced_layers(&self) -> Result<(), StoreError> {
+        let unsynced = self.root.join("unsynced");
+        let this_boot = boot_id();
+        let mut settled = Vec::new();
+        for (d, entry) in digest_named_entries(&unsynced)? {
+            let marker = entry.path();
+            let boot = fs::read_to_string(&marker).unwrap_or_default();
+            if boot == this_boot {
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > UNSYNCED_GRACE);
+                if old {
+                    settled.push(marker);
+                }
+                continue;
+            }
+            let dir = self.root.join("layers").join(d.hex());
+            if dir.exists() {
+                // Out of layers/ first, so a half-deleted tree never looks installed.
+                let doomed = self.session.dir.join(format!("rm-{}", d.hex()));
+                if fs::rename(&dir, &doomed).is_ok() {
+                    fs::remove_dir_all(&doomed).at(&doomed)?;
+                }
+            }
+            remove_if_present(&marker)?;
+        }
+        if !settled.is_empty() {
+            let root = File::open(&self.root).at(&self.root)?;
+            // SAFETY: a plain syscall on an fd we own.
+            if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
+                return Err(io::Error::last_os_error()).at(&self.root);
+            }
+            for marker in settled {
+                remove_if_present(&marker)?;
+            }
+        }
+        sync_dir(&unsynced)
     }
 
     /// The persistent directory of a `RUN --mount=type=cache` with this id,
@@ -779,6 +860,7 @@ impl Store {
             let doomed = self.session.dir.join(format!("rm-{}", d.hex()));
             fs::rename(entry.path(), &doomed).at(&entry.path())?;
             fs::remove_dir_all(&doomed).at(&doomed)?;
+            remove_if_present(&self.root.join("unsynced").join(d.hex()))?;
             report.layer_dirs_removed += 1;
             removed.insert(d);
         }
@@ -881,6 +963,7 @@ impl Store {
             "index.json",
             "oci-layout",
             "layers",
+            "unsynced",
             "cache",
             "tmp",
             "lock",
@@ -932,7 +1015,7 @@ impl Store {
             present.insert(d);
         }
 
-        for (dir, suffix) in [("layers", ""), ("cache", ".json")] {
+        for (dir, suffix) in [("layers", ""), ("unsynced", ""), ("cache", ".json")] {
             let dir = self.root.join(dir);
             for entry in fs::read_dir(&dir).at(&dir)? {
                 let entry = entry.at(&dir)?;
@@ -1210,5 +1293,41 @@ mod tests {
         drop(a);
         assert!(!a_session.exists());
         drop(b);
+    }
+
+    #[test]
+    fn layer_dirs_from_an_earlier_boot_are_dropped_and_old_ones_of_this_boot_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let install = |name: &str| {
+            let diff = Digest::of(name.as_bytes());
+            let populated = store.scratch_dir().unwrap().keep();
+            fs::write(populated.join("file"), name).unwrap();
+            store.install_layer_dir(&diff, &populated).unwrap();
+            let marker = dir.path().join("unsynced").join(diff.hex());
+            assert_eq!(fs::read_to_string(&marker).unwrap(), boot_id());
+            (diff, marker)
+        };
+        let (before_crash, crash_marker) = install("before a reboot");
+        let (settled, old_marker) = install("ten minutes ago");
+        let (fresh, fresh_marker) = install("just now");
+        fs::write(&crash_marker, "a-boot-before-this-one").unwrap();
+        let long_ago = SystemTime::now() - UNSYNCED_GRACE - Duration::from_secs(60);
+        File::options()
+            .write(true)
+            .open(&old_marker)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.layer_dir(&before_crash).is_none(), "may be torn");
+        assert!(!crash_marker.exists());
+        assert!(store.layer_dir(&settled).is_some());
+        assert!(!old_marker.exists(), "settled by syncfs");
+        assert!(store.layer_dir(&fresh).is_some());
+        assert!(fresh_marker.exists(), "still unsynced");
+        assert!(store.fsck().unwrap().problems.is_empty());
     }
 }
