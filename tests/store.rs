@@ -648,3 +648,32 @@ fn cache_records_round_trip() {
         Err(StoreError::Json { .. })
     ));
 }
+
+#[test]
+fn oci_dir_export_copies_blobs_exactly_and_verifies_those_of_earlier_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::open(&root).unwrap();
+    let img = make_image(&store, "a:1", b"exported by the session that wrote it");
+    let layer = img.manifest_body.layers[0].digest;
+    // Same session: copied in the kernel, byte for byte.
+    export_oci_dir(&store, &img, &dir.path().join("out1"), None).unwrap();
+    let copied = fs::read(dir.path().join("out1/blobs/sha256").join(layer.hex())).unwrap();
+    assert_eq!(Digest::of(&copied), layer);
+    drop(store);
+    // A later session finds the blob damaged on disk: the export refuses it.
+    let blob = root.join("blobs/sha256").join(layer.hex());
+    let mut bytes = fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&blob, &bytes).unwrap();
+    let store = Store::open(&root).unwrap();
+    let err = export_oci_dir(&store, &img, &dir.path().join("out2"), None).unwrap_err();
+    assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+    assert!(
+        !dir.path()
+            .join("out2/blobs/sha256")
+            .join(layer.hex())
+            .exists()
+    );
+}

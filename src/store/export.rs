@@ -57,14 +57,21 @@ fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     super::persist_synced(tmp, dest)
 }
 
-/// Copies blob `d` from the store into `blobs_dir`, verifying its digest on the way.
+/// Copies blob `d` from the store into `blobs_dir`, verifying its digest on the way unless
+/// this `Store` wrote (and hashed) the blob itself; those are copied in the kernel.
 fn copy_blob(store: &Store, d: &Digest, blobs_dir: &Path) -> Result<(), StoreError> {
     let dest = blobs_dir.join(d.hex());
     if dest.is_file() {
         return Ok(());
     }
-    let mut reader = HashingReader::new(store.open_blob(d)?);
     let tmp = NamedTempFile::new_in(blobs_dir).at(blobs_dir)?;
+    let mut src = store.open_blob(d)?;
+    if store.wrote_blob(d) {
+        let mut out = WritebackFile::new(tmp);
+        out.copy_from(&mut src).at(&dest)?;
+        return super::persist_synced(out.into_inner(), &dest);
+    }
+    let mut reader = HashingReader::new(src);
     // Through a 1 MiB buffer: io::copy reads straight into it (8 KiB chunks otherwise).
     let mut buffered = io::BufWriter::with_capacity(1 << 20, WritebackFile::new(tmp));
     io::copy(&mut reader, &mut buffered).at(&dest)?;

@@ -32,6 +32,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tempfile::NamedTempFile;
@@ -129,6 +130,8 @@ const STALE_AFTER: Duration = Duration::from_secs(3600);
 pub struct Store {
     root: PathBuf,
     session: Session,
+    /// Blobs this `Store` hashed as it wrote them; exports copy these without hashing again.
+    written: Arc<Mutex<BTreeSet<Digest>>>,
 }
 
 /// The per-`Store` scratch directory and the exclusive lock that marks it live.
@@ -147,6 +150,7 @@ impl Drop for Session {
 /// the temporary file.
 pub struct BlobWriter {
     blobs_dir: PathBuf,
+    written: Arc<Mutex<BTreeSet<Digest>>>,
     inner: HashingWriter<BufWriter<WritebackFile>>,
 }
 
@@ -201,6 +205,10 @@ impl BlobWriter {
             source: e.error,
         })?;
         sync_dir(&self.blobs_dir)?;
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(digest);
         Ok((digest, size))
     }
 }
@@ -414,7 +422,11 @@ impl Store {
         let tmp = root.join("tmp");
         clean_stale(&tmp);
         let session = Session::create(&tmp)?;
-        let store = Store { root, session };
+        let store = Store {
+            root,
+            session,
+            written: Arc::default(),
+        };
         store.recover_unsynced_layers()?;
         let layout = store.root.join("oci-layout");
         if !layout.is_file() {
@@ -447,6 +459,15 @@ impl Store {
         self.blobs_dir().join(d.hex())
     }
 
+    /// Whether this `Store` wrote blob `d` itself, hashing it on the way (so its content was
+    /// verified moments ago, not read back from an earlier run).
+    pub(crate) fn wrote_blob(&self, d: &Digest) -> bool {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(d)
+    }
+
     /// Whether the blob `d` is in the store (blobs only appear complete).
     pub fn has_blob(&self, d: &Digest) -> bool {
         self.blob_path(d).is_file()
@@ -460,6 +481,7 @@ impl Store {
             .at(&self.session.dir)?;
         Ok(BlobWriter {
             blobs_dir: self.blobs_dir(),
+            written: Arc::clone(&self.written),
             inner: HashingWriter::new(BufWriter::with_capacity(
                 256 * 1024,
                 WritebackFile::new(tmp),

@@ -33,6 +33,24 @@ impl WritebackFile {
         self.file
     }
 
+    /// Appends all of `src` (from its current position) with in-kernel copies
+    /// (`copy_file_range` where the filesystems allow it), one window at a time.
+    pub(super) fn copy_from(&mut self, src: &mut std::fs::File) -> io::Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = io::copy(
+                &mut io::Read::take(&mut *src, WINDOW),
+                self.file.as_file_mut(),
+            )?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+            self.written += n;
+            self.request_writeback();
+        }
+    }
+
     /// Asks the kernel to start writing `[requested, written)` out, without waiting for it.
     fn request_writeback(&mut self) {
         let fd = self.file.as_file().as_fd().as_raw_fd();
