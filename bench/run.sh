@@ -19,8 +19,11 @@
 #   steps20 in the store / storage root its cold run just filled;
 # - every timed build ends with an OCI layout on disk (kiln: --output type=oci,dest=DIR;
 #   buildah: bud && push IMG oci:DIR); runs are interleaved (kiln, buildah, kiln, ...);
+# - `sync` before every timed run, so no run pays for the write-back of an earlier one;
 # - the wall time and peak RSS (GNU time %e / %M, the largest process of the tree) of every run
-#   go to $BENCH_OUT; the summary (medians, kiln/buildah ratios) goes to stdout.
+#   go to $BENCH_OUT; the summary (medians, kiln/buildah ratios) goes to stdout;
+# - the floor of each case with RUN steps: that RUN work alone, natively in a chroot
+#   (bench/floor.py), so floor/buildah is the best ratio any builder could reach.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 runs="${1:-3}"
@@ -85,6 +88,7 @@ timed() {
   local tool=$1 case=$2 run=$3
   shift 3
   local t="$work/time.$$"
+  sync # untimed: no run pays for the write-back of an earlier one
   if ! /usr/bin/time -f "%e %M" -o "$t" "$@" >"$work/log-$tool-$case-$run" 2>&1; then
     echo "$tool $case run $run failed; log: $work/log-$tool-$case-$run" >&2
     tail -5 "$work/log-$tool-$case-$run" >&2
@@ -174,6 +178,13 @@ for run in $(seq 1 "$runs"); do
   done
 done
 
+echo "== floors: each case's RUN work alone, natively in a chroot (bench/floor.py)" >&2
+for case in steps20 bigrun multistage; do
+  s="$(python3 "$here/bench/floor.py" "$kiln" "$(recipe_of "$case")" "$runs")"
+  printf 'floor\t%s\t0\t%s\t0\n' "$case" "$s" >> "$out"
+  echo "  floor $case: $s s" >&2
+done
+
 echo "== summary (medians of $runs)"
 python3 - "$out" <<'PY'
 import statistics, sys
@@ -185,15 +196,19 @@ for line in open(sys.argv[1]):
     rows[(tool, case)].append(float(secs))
     rss[(tool, case)].append(int(kib))
 med = {k: statistics.median(v) for k, v in rows.items()}
-print("| case | kiln (s) | buildah (s) | kiln/buildah | kiln peak RSS (MiB) | buildah peak RSS (MiB) |")
-print("|---|---|---|---|---|---|")
+# floor: the case's RUN work alone (bench/floor.py); floor/buildah is the best ratio any
+# builder could reach in this run.
+print("| case | kiln (s) | buildah (s) | kiln/buildah | floor (s) | floor/buildah | kiln peak RSS (MiB) | buildah peak RSS (MiB) |")
+print("|---|---|---|---|---|---|---|---|")
 for case in ["steps20", "cached", "bigcopy", "bigrun", "multistage"]:
     k, b = med.get(("kiln", case)), med.get(("buildah", case))
     if k is None or b is None:
         continue
     kr = max(rss[("kiln", case)]) / 1024
     br = max(rss[("buildah", case)]) / 1024
-    print(f"| {case} | {k:.2f} | {b:.2f} | {k / b:.3f} | {kr:.1f} | {br:.1f} |")
+    f = med.get(("floor", case))
+    floor = f"{f:.2f} | {f / b:.3f}" if f is not None else "- | -"
+    print(f"| {case} | {k:.2f} | {b:.2f} | {k / b:.3f} | {floor} | {kr:.1f} | {br:.1f} |")
 print()
 print("| layer writing, 512 MiB | median (s) | MB/s |")
 print("|---|---|---|")

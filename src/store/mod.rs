@@ -553,7 +553,11 @@ impl Store {
         let layers = self.root.join("layers");
         let dest = layers.join(diff_id.hex());
         let unsynced = self.root.join("unsynced");
-        self.write_atomic(&unsynced.join(diff_id.hex()), boot_id().as_bytes())?;
+        // Only the marker's name must be durable before the rename: a crash that loses its
+        // content leaves a marker naming no boot, which counts as an earlier one.
+        let marker = unsynced.join(diff_id.hex());
+        fs::write(&marker, boot_id()).at(&marker)?;
+        sync_dir(&unsynced)?;
         match fs::rename(populated, &dest) {
             Ok(()) => {
                 sync_dir(&layers)?;
