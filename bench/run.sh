@@ -18,7 +18,7 @@
 #   fresh buildah storage root (the base pulled, untimed) for every run; "cached" rebuilds
 #   steps20 in the store / storage root its cold run just filled;
 # - every timed build ends with an OCI layout on disk (kiln: --output type=oci,dest=DIR;
-#   buildah: bud && push IMG oci:DIR); runs are interleaved (kiln, buildah, kiln, ...);
+#   buildah: bud && push IMG oci:DIR); case by case, runs interleaved (kiln, buildah, kiln, ...);
 # - `sync` before every timed run, so no run pays for the write-back of an earlier one;
 # - the wall time and peak RSS (GNU time %e / %M, the largest process of the tree) of every run
 #   go to $BENCH_OUT; the summary (medians, kiln/buildah ratios) goes to stdout;
@@ -136,9 +136,12 @@ buildah_build() { # STORAGE CASE DEST
 export -f kiln_build buildah_build recipe_of ctx_of
 export kiln work cases_dir
 
-for run in $(seq 1 "$runs"); do
-  echo "== run $run of $runs" >&2
-  for case in steps20 bigcopy bigrun multistage; do
+# Case by case, so the small cases are not timed in the wake of the big ones (on this VM the
+# memory the big cases touch is handed back to the host afterwards, which slows whatever runs
+# next); within a case, runs alternate between the tools.
+for case in steps20 bigcopy bigrun multistage; do
+  echo "== $case" >&2
+  for run in $(seq 1 "$runs"); do
     ks="$work/kiln-store"
     bs="$work/buildah-store"
     kiln_store "$ks"

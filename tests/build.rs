@@ -851,3 +851,69 @@ RUN --mount=type=bind,source=.,target=/ctx,rw echo scribble > /ctx/new && cat /c
         );
     }
 }
+
+#[test]
+fn copy_link_is_reused_on_a_changed_base_and_keeps_the_base_dirs() {
+    let k = Kiln::new();
+    let dockerfile = "FROM busybox AS base\nARG V\n\
+        RUN echo $V > /v && mkdir -p /opt/app && chmod 1777 /opt/app && chown 7:8 /opt/app\n\
+        FROM base\nCOPY --link f.txt /opt/app\nRUN cat /v /opt/app/f.txt > /both\n";
+    let ctx = context(dockerfile, &[("f.txt", b"linked\n")]);
+    let p = ctx.path().to_str().unwrap();
+    let build = |v: &str, tag: &str| {
+        let arg = format!("V={v}");
+        let out = k.run(&[
+            "build",
+            "--progress",
+            "plain",
+            "--build-arg",
+            &arg,
+            "-t",
+            tag,
+            p,
+        ]);
+        assert_success(&out);
+        stderr(&out)
+    };
+    build("1", "one");
+    let second = build("2", "two");
+    // The base changed: its RUN and the RUN after the copy are rebuilt; the linked copy is not.
+    assert!(
+        second.contains("COPY --link f.txt /opt/app CACHED"),
+        "{second}"
+    );
+    assert!(
+        !second.contains("RUN cat /v /opt/app/f.txt > /both CACHED"),
+        "{second}"
+    );
+    let ids = |tag: &str| -> Vec<String> {
+        inspect(&k, tag)["rootfs"]["diff_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect()
+    };
+    let (one, two) = (ids("one"), ids("two"));
+    let n = one.len();
+    assert_eq!(n, two.len());
+    assert_ne!(one[n - 3], two[n - 3], "the base's RUN layer");
+    assert_eq!(one[n - 2], two[n - 2], "the linked layer is the same blob");
+    assert_ne!(one[n - 1], two[n - 1], "the RUN after it saw the new base");
+
+    // /opt/app existed as a directory: the file went into it, and the layer kept its mode and
+    // owner (a plain empty-dir copy would have reset them to 0755 root).
+    let layout = tempfile::tempdir().unwrap();
+    let o = format!("type=oci,dest={}", layout.path().display());
+    let arg = "V=2".to_string();
+    assert_success(&k.run(&["build", "-q", "--build-arg", &arg, "-o", &o, "-t", "two", p]));
+    let bundle = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(layout.path(), "latest", &bundle.path().join("b"));
+    let app = std::fs::metadata(rootfs.join("opt/app")).unwrap();
+    assert_eq!(app.mode() & 0o7777, 0o1777);
+    assert_eq!((app.uid(), app.gid()), (7, 8));
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("both")).unwrap(),
+        "2\nlinked\n"
+    );
+}

@@ -161,7 +161,12 @@ impl Engine<'_> {
         if let Some(fs) = &from_state {
             inputs.from = fs.key.to_string();
         }
-        let dest_is_dir = dest_slash || items.len() > 1;
+        let linked = match c.link {
+            true => Some(self.probe_link_base(st, &dest, chown.as_deref(), stage, line)?),
+            false => None,
+        };
+        let dest_is_dir =
+            dest_slash || items.len() > 1 || linked.as_ref().is_some_and(|l| l.dest_is_dir);
         inputs.instruction = format!(
             "{} {:?} -> {dest} dir={dest_is_dir} chown={chown:?} chmod={chmod:?} exclude={:?} parents={} unpack={:?}",
             if is_add { "ADD" } else { "COPY" },
@@ -170,10 +175,17 @@ impl Engine<'_> {
             c.parents,
             c.unpack
         );
+        if let Some(l) = &linked {
+            // What the linked layer took from the stage: all that ties it to the layers below.
+            inputs.instruction += &format!(" linked dirs={:?} owner={:?}", l.dirs, l.owner);
+        }
         let copy_into = |root: &RootDir, src: Option<&RootDir>| -> Result<(), BuildError> {
-            let owner = match &chown {
-                Some(spec) => Some(resolve_owner(root, spec).map_err(|m| self.invalid(line, m))?),
-                None => None,
+            let owner = match (&linked, &chown) {
+                (Some(l), _) => l.owner,
+                (None, Some(spec)) => {
+                    Some(resolve_owner(root, spec).map_err(|m| self.invalid(line, m))?)
+                }
+                (None, None) => None,
             };
             let job = copy::CopyJob {
                 from: match src {
@@ -189,7 +201,12 @@ impl Engine<'_> {
                 exclude,
                 parents: c.parents,
             };
-            copy::run(root, &job).map_err(|e| self.step_error(stage, line, e))
+            copy::run(root, &job).map_err(|e| self.step_error(stage, line, e))?;
+            if let Some(l) = &linked {
+                l.restore_dirs(root)
+                    .map_err(|e| self.step_error(stage, line, e))?;
+            }
+            Ok(())
         };
         let step_ctx = StepPlace {
             stage,
@@ -197,7 +214,65 @@ impl Engine<'_> {
             line,
             created_by: instr.text.clone(),
         };
-        self.rootfs_step(st, step_ctx, inputs, step, from_state.as_ref(), copy_into)
+        let layering = match linked {
+            Some(_) => Layering::Linked,
+            None => Layering::Stacked,
+        };
+        self.rootfs_step(
+            st,
+            step_ctx,
+            inputs,
+            step,
+            (from_state.as_ref(), layering),
+            copy_into,
+        )
+    }
+
+    /// What a `COPY --link` to `dest` needs from the stage it lands on: the mode and owner of
+    /// each directory on the way to `dest` that the stage already has (so the layer does not
+    /// reset them, e.g. /tmp's 1777), whether `dest` is a directory there, and `--chown`'s
+    /// names as numbers. Looked up once on a read-only view of the stage; nothing else of it
+    /// reaches the layer.
+    fn probe_link_base(
+        &self,
+        st: &StageState,
+        dest: &str,
+        chown: Option<&str>,
+        stage: usize,
+        line: usize,
+    ) -> Result<LinkBase, BuildError> {
+        let (_scratch, upper, work) = self.scratch_upper(stage, line)?;
+        let lowers: Vec<PathBuf> = st.lower_dirs.iter().rev().cloned().collect();
+        sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
+            let root = RootDir::open_host(merged).map_err(|e| self.step_error(stage, line, e))?;
+            let mut dirs = Vec::new();
+            let mut path = String::new();
+            for part in dest.split('/').filter(|p| !p.is_empty() && *p != ".") {
+                path.push('/');
+                path.push_str(part);
+                let found = root.symlink_metadata(&path).ok().map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    let kind = match m.file_type() {
+                        t if t.is_dir() => BaseKind::Dir,
+                        t if t.is_symlink() => BaseKind::Symlink,
+                        _ => BaseKind::Other,
+                    };
+                    (kind, m.mode() & 0o7777, m.uid(), m.gid())
+                });
+                dirs.push((path.clone(), found));
+            }
+            let dest_is_dir = matches!(dirs.last(), Some((_, Some((BaseKind::Dir, ..)))));
+            let owner = match chown {
+                Some(spec) => Some(resolve_owner(&root, spec).map_err(|m| self.invalid(line, m))?),
+                None => None,
+            };
+            Ok(LinkBase {
+                dirs,
+                dest_is_dir,
+                owner,
+            })
+        })
+        .map_err(|e| self.step_error(stage, line, e))?
     }
 
     /// `WORKDIR`: records the directory and creates it (owned by the current USER) when the
@@ -240,35 +315,69 @@ impl Engine<'_> {
             line,
             created_by: instr.text.clone(),
         };
-        self.rootfs_step(st, step_ctx, inputs, step, None, create)
+        self.rootfs_step(
+            st,
+            step_ctx,
+            inputs,
+            step,
+            (None, Layering::Stacked),
+            create,
+        )
     }
 
     /// A step that changes files through the mounted rootfs (COPY, ADD, WORKDIR): cache lookup,
     /// then `f` on the mounted rootfs (and on the mounted `--from` source), then the snapshot.
+    /// A [`Layering::Linked`] step has `f` write into an empty directory instead, which becomes
+    /// the layer as it is.
     fn rootfs_step(
         &self,
         st: &mut StageState,
         ctx: StepPlace,
         inputs: StepInputs,
         step: crate::progress::Step<'_>,
-        source: Option<&StageState>,
+        (source, layering): (Option<&StageState>, Layering),
         f: impl FnOnce(&RootDir, Option<&RootDir>) -> Result<(), BuildError> + Send,
     ) -> Result<(), BuildError> {
         let (stage, line) = (ctx.stage, ctx.line);
         let parent = st.key;
-        let key = plan::cache_key(&parent, &inputs);
+        // `key` finds the layer in the cache; `chain` is what later steps build on. A linked
+        // layer is found by its own inputs, whatever lies below it.
+        let (key, chain) = match layering {
+            Layering::Stacked => {
+                let key = plan::cache_key(&parent, &inputs);
+                (key, key)
+            }
+            Layering::Linked => {
+                let own =
+                    plan::cache_key(&Digest::of(b"kiln: linked layers have no parent"), &inputs);
+                (
+                    own,
+                    Digest::of(format!("{parent}\nlinked {own}").as_bytes()),
+                )
+            }
+        };
         let Some(step) = self.reuse_cached(st, &ctx, key, &inputs, step)? else {
+            st.key = chain;
             return Ok(());
         };
         let (scratch, upper, work) = self.scratch_upper(stage, line)?;
-        let lowers: Vec<PathBuf> = st.lower_dirs.iter().rev().cloned().collect();
         let in_dest = |src: Option<&RootDir>| -> Result<(), BuildError> {
-            sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
-                let root =
-                    RootDir::open_host(merged).map_err(|e| self.step_error(stage, line, e))?;
-                f(&root, src)
-            })
-            .map_err(|e| self.step_error(stage, line, e))?
+            match layering {
+                Layering::Stacked => {
+                    let lowers: Vec<PathBuf> = st.lower_dirs.iter().rev().cloned().collect();
+                    sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
+                        let root = RootDir::open_host(merged)
+                            .map_err(|e| self.step_error(stage, line, e))?;
+                        f(&root, src)
+                    })
+                    .map_err(|e| self.step_error(stage, line, e))?
+                }
+                Layering::Linked => {
+                    let root =
+                        RootDir::open_host(&upper).map_err(|e| self.step_error(stage, line, e))?;
+                    f(&root, src)
+                }
+            }
         };
         let result = match source {
             None => in_dest(None),
@@ -288,6 +397,7 @@ impl Engine<'_> {
             return Err(e);
         }
         let result = self.commit_step(st, ctx, parent, key, inputs, &upper, step);
+        st.key = chain;
         drop(scratch);
         result
     }
@@ -307,6 +417,53 @@ impl Engine<'_> {
             })?;
         }
         Ok((scratch, upper, work))
+    }
+}
+
+/// How a rootfs step's changes become a layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Layering {
+    /// Written over the stage's rootfs (overlayfs); the layer is the overlay's upper dir.
+    Stacked,
+    /// `COPY --link`: written into an empty directory, which is the layer, cached by the step's
+    /// own inputs whatever the layers below.
+    Linked,
+}
+
+/// What a path on the way to a `COPY --link` destination is in the stage below.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum BaseKind {
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// A path's kind, mode, uid and gid in the stage below a `COPY --link`.
+type BaseEntry = (BaseKind, u32, u32, u32);
+
+/// What a `COPY --link` takes from the stage it lands on (see `probe_link_base`).
+struct LinkBase {
+    /// Each path from the root to the destination, with what the stage has there.
+    dirs: Vec<(String, Option<BaseEntry>)>,
+    /// The destination is a directory in the stage.
+    dest_is_dir: bool,
+    /// `--chown`, resolved against the stage's /etc/passwd and /etc/group.
+    owner: Option<(u32, u32)>,
+}
+
+impl LinkBase {
+    /// Gives the directories the copy created on the way to the destination the mode and owner
+    /// the stage has for them, so stacking the layer leaves them as they were.
+    fn restore_dirs(&self, root: &RootDir) -> Result<(), crate::rootfs::RootfsError> {
+        for (path, found) in &self.dirs {
+            if let Some((BaseKind::Dir, mode, uid, gid)) = found
+                && root.symlink_metadata(path).is_ok_and(|m| m.is_dir())
+            {
+                root.lchown(path, *uid, *gid)?;
+                root.chmod(path, *mode)?;
+            }
+        }
+        Ok(())
     }
 }
 
