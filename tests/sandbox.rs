@@ -542,3 +542,35 @@ fn overhead_per_step() {
         times[10], times[0], times[20], cpu
     );
 }
+
+#[test]
+fn root_in_a_step_is_confined() {
+    // Docker's default capabilities without CAP_MKNOD, and nothing more, ever: not in the
+    // bounding set either, so no setuid program can regain CAP_SYS_ADMIN and the like.
+    let out = run_ok(&step("grep -E '^Cap(Eff|Prm|Bnd|Amb):' /proc/self/status").spec);
+    for line in [
+        "CapEff:\t00000000a00425fb",
+        "CapPrm:\t00000000a00425fb",
+        "CapBnd:\t00000000a00425fb",
+        "CapAmb:\t0000000000000000",
+    ] {
+        assert!(out.contains(line), "{line} in {out}");
+    }
+    // Host-wide kernel knobs are read-only; mounts and device nodes are refused.
+    let (r, out) = run(&step("echo 3 > /proc/sys/vm/drop_caches").spec);
+    assert_ne!(r.unwrap(), 0);
+    assert!(out.contains("Read-only file system"), "{out}");
+    let (r, out) = run(&step("mkdir -p /m && mount -t tmpfs none /m").spec);
+    assert_ne!(r.unwrap(), 0, "{out}");
+    let (r, out) = run(&step("mknod /disk b 254 0").spec);
+    assert_ne!(r.unwrap(), 0, "{out}");
+    // Host-only information under /proc and /sys is masked where this kernel has it.
+    let out = run_ok(
+        &step("for f in /proc/kcore /proc/keys /proc/timer_list; do [ -e $f ] && wc -c < $f; done; ls -A /sys/firmware | wc -l").spec,
+    );
+    assert!(out.lines().all(|l| l.trim() == "0"), "{out}");
+    // A non-root user holds no capability at all.
+    let mut s = step("grep '^CapEff:' /proc/self/status");
+    s.spec.user = "1000".into();
+    assert!(run_ok(&s.spec).contains("CapEff:\t0000000000000000"));
+}

@@ -370,6 +370,7 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     };
     let proc_dir = required("/proc")?;
     mount_at("proc", &proc_dir, Some("proc"), nosuid_nodev_noexec, None)?;
+    protect_proc(&proc_dir)?;
 
     let dev = required("/dev")?;
     mount_at(
@@ -386,6 +387,7 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     if mount(Some("sysfs"), &sysfs, Some("sysfs"), ro, None::<&str>).is_err() {
         bind(Path::new("/sys"), &sysfs, true)?;
     }
+    mask(&sysfs.join("firmware"))?;
 
     for name in ["hosts", "resolv.conf", "hostname"] {
         if let Some(target) = rootfs.ensure(&format!("/etc/{name}"), Kind::File)? {
@@ -445,6 +447,8 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
         .iter()
         .map(|g| Gid::from_raw(*g))
         .collect();
+    // Before the credentials change, while the init still holds CAP_SETPCAP.
+    bound_capabilities()?;
     nix::unistd::setgroups(&gids)
         .map_err(|e| SandboxError::sys("setgroups", Path::new(""), e.into()))?;
     nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(|e| {
@@ -453,11 +457,110 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(|e| {
         SandboxError::sys(&format!("setuid({})", user.uid), Path::new(""), e.into())
     })?;
+    // A non-root user lost every capability with setuid; root keeps the default set only.
+    limit_capabilities()?;
     reset_signals();
     // Changing credentials cleared the parent-death signal: set it again for the command.
     die_with_helper(&helper_alive)?;
     sys::cloexec_from_3().map_err(|e| SandboxError::sys("close_range", Path::new(""), e))?;
     exec(cfg)
+}
+
+/// The capabilities a RUN step keeps: Docker's default set without `CAP_MKNOD` (kiln has no
+/// device cgroup to stop a step from creating and opening the host's disks). Notably absent:
+/// `CAP_SYS_ADMIN` (no mounts, so the protections below cannot be undone), `CAP_SYS_MODULE`,
+/// `CAP_SYS_TIME`, `CAP_SYS_BOOT`, `CAP_SYS_RAWIO`, `CAP_NET_ADMIN`, `CAP_SYS_PTRACE`.
+const KEPT_CAPABILITIES: [caps::Capability; 13] = [
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_FSETID,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_NET_RAW,
+    caps::Capability::CAP_SETGID,
+    caps::Capability::CAP_SETUID,
+    caps::Capability::CAP_SETFCAP,
+    caps::Capability::CAP_SETPCAP,
+    caps::Capability::CAP_NET_BIND_SERVICE,
+    caps::Capability::CAP_SYS_CHROOT,
+    caps::Capability::CAP_KILL,
+    caps::Capability::CAP_AUDIT_WRITE,
+];
+
+/// Files under /proc that show host state a step has no business reading: covered with
+/// /dev/null (as Docker does).
+const MASKED_PROC_FILES: [&str; 6] = [
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+];
+/// Directories under /proc covered with an empty read-only tmpfs.
+const MASKED_PROC_DIRS: [&str; 3] = ["acpi", "asound", "scsi"];
+/// Paths under /proc made read-only: writing them changes the host kernel, not the sandbox.
+const READONLY_PROC: [&str; 5] = ["sys", "sysrq-trigger", "bus", "fs", "irq"];
+
+/// Makes the fresh /proc safe to hand to a step: host-wide knobs read-only, host-only
+/// information masked.
+fn protect_proc(proc_dir: &Path) -> Result<(), SandboxError> {
+    for name in READONLY_PROC {
+        let path = proc_dir.join(name);
+        if path.exists() {
+            bind(&path, &path, true)?;
+        }
+    }
+    for name in MASKED_PROC_FILES {
+        let path = proc_dir.join(name);
+        if path.is_file() {
+            bind(Path::new("/dev/null"), &path, true)?;
+        }
+    }
+    for name in MASKED_PROC_DIRS {
+        mask(&proc_dir.join(name))?;
+    }
+    Ok(())
+}
+
+/// Covers a directory (if it exists) with an empty read-only tmpfs.
+fn mask(dir: &Path) -> Result<(), SandboxError> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_at("tmpfs", dir, Some("tmpfs"), flags, Some("size=0,mode=555"))
+}
+
+/// Drops every capability outside [`KEPT_CAPABILITIES`] from the bounding set, so neither the
+/// step nor any setuid program it runs can ever hold one.
+fn bound_capabilities() -> Result<(), SandboxError> {
+    for cap in caps::runtime::thread_all_supported() {
+        if !KEPT_CAPABILITIES.contains(&cap) {
+            caps::drop(None, caps::CapSet::Bounding, cap).map_err(|e| {
+                SandboxError::Setup(format!("dropping {cap} from the bounding set: {e}"))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Reduces the effective, permitted and inheritable sets to [`KEPT_CAPABILITIES`] and clears
+/// the ambient set.
+fn limit_capabilities() -> Result<(), SandboxError> {
+    let keep: caps::CapsHashSet = KEPT_CAPABILITIES.into_iter().collect();
+    for set in [
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+        caps::CapSet::Inheritable,
+    ] {
+        let now = caps::read(None, set)
+            .map_err(|e| SandboxError::Setup(format!("reading capabilities: {e}")))?;
+        let limited: caps::CapsHashSet = now.intersection(&keep).copied().collect();
+        caps::set(None, set, &limited)
+            .map_err(|e| SandboxError::Setup(format!("limiting capabilities: {e}")))?;
+    }
+    caps::clear(None, caps::CapSet::Ambient)
+        .map_err(|e| SandboxError::Setup(format!("clearing ambient capabilities: {e}")))
 }
 
 /// Gives the command default signal dispositions and an empty signal mask (the Rust runtime
