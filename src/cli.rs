@@ -184,6 +184,10 @@ struct BuildArgs {
     /// A secret for RUN --mount=type=secret: id=ID,src=PATH (repeatable).
     #[arg(long = "secret", value_name = "id=ID,src=PATH")]
     secrets: Vec<String>,
+    /// An ssh-agent socket for RUN --mount=type=ssh: ID (the socket in $SSH_AUTH_SOCK) or
+    /// ID=SOCKET (repeatable; the usual ID is `default`).
+    #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
+    ssh: Vec<String>,
     /// Clamp timestamps to this time (also read from $SOURCE_DATE_EPOCH).
     #[arg(long, value_name = "N")]
     source_date_epoch: Option<i64>,
@@ -601,6 +605,31 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             }
         }
     }
+    let mut ssh = BTreeMap::new();
+    for spec in &args.ssh {
+        let (id, socket) = match spec.split_once('=') {
+            Some((id, path)) => (id, PathBuf::from(path)),
+            None => match std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty()) {
+                Some(sock) => (spec.as_str(), PathBuf::from(sock)),
+                None => {
+                    return Err(Failure::usage(format!(
+                        "--ssh {spec}: SSH_AUTH_SOCK is not set; start ssh-agent or pass \
+                         --ssh {spec}=SOCKET"
+                    )));
+                }
+            },
+        };
+        let is_socket = std::fs::metadata(&socket)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+        if id.is_empty() || !is_socket {
+            return Err(Failure::usage(format!(
+                "--ssh {spec}: {} is not an ssh-agent socket (kiln forwards a running agent; \
+                 load keys into it with ssh-add)",
+                socket.display()
+            )));
+        }
+        ssh.insert(id.to_string(), socket);
+    }
     let source_date_epoch = match args.source_date_epoch {
         Some(n) => Some(n),
         None => match std::env::var("SOURCE_DATE_EPOCH") {
@@ -650,6 +679,7 @@ fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             NetworkArg::None => NetworkMode::None,
         },
         secrets,
+        ssh,
         source_date_epoch,
         jobs: args.jobs.unwrap_or_else(|| {
             std::thread::available_parallelism()

@@ -917,3 +917,59 @@ fn copy_link_is_reused_on_a_changed_base_and_keeps_the_base_dirs() {
         "2\nlinked\n"
     );
 }
+
+#[test]
+fn run_mount_ssh_forwards_the_agent_socket() {
+    let k = Kiln::new();
+    // Any unix socket stands in for the agent: the step checks it sees a socket there.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let _agent = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let ssh_default = format!("default={}", sock.display());
+    let ssh_work = format!("work={}", sock.display());
+    let recipe = r#"FROM busybox
+RUN --mount=type=ssh [ -S "$SSH_AUTH_SOCK" ] && echo "$SSH_AUTH_SOCK" > /seen-default
+RUN --mount=type=ssh,id=work,target=/agent.sock [ -S /agent.sock ] && echo "$SSH_AUTH_SOCK" > /seen-work
+"#;
+    let layout = tempfile::tempdir().unwrap();
+    let o = format!("type=oci,dest={}", layout.path().display());
+    k.build_ok(
+        recipe,
+        &[],
+        &["--ssh", &ssh_default, "--ssh", &ssh_work, "-o", &o],
+    );
+    let bundle = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(layout.path(), "latest", &bundle.path().join("b"));
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap();
+    assert_eq!(read("seen-default"), "/run/buildkit/ssh_agent.0\n");
+    assert_eq!(read("seen-work"), "/agent.sock\n");
+    for absent in ["run/buildkit/ssh_agent.0", "agent.sock"] {
+        assert!(
+            !rootfs.join(absent).exists(),
+            "{absent} leaked into the image"
+        );
+    }
+
+    // Not forwarded: the mount is skipped, unless required.
+    k.build_ok(
+        "FROM busybox\nRUN --mount=type=ssh [ -z \"$SSH_AUTH_SOCK\" ]\n",
+        &[],
+        &[],
+    );
+    let (out, _c) = k.build(
+        "FROM busybox\nRUN --mount=type=ssh,required=true true\n",
+        &[],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--ssh default"), "{}", stderr(&out));
+    // --ssh must name a socket.
+    let not_a_socket = format!("default={}", dir.path().display());
+    let (out, _c) = k.build("FROM busybox\n", &[], &["--ssh", &not_a_socket]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("not an ssh-agent socket"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -53,6 +53,8 @@ pub struct BuildOptions {
     pub network: NetworkMode,
     /// `--secret id=ID,src=PATH` values.
     pub secrets: BTreeMap<String, PathBuf>,
+    /// ssh-agent sockets for RUN --mount=type=ssh, by id (`--ssh`).
+    pub ssh: BTreeMap<String, PathBuf>,
     /// SOURCE_DATE_EPOCH.
     pub source_date_epoch: Option<i64>,
     /// Stages built at once.

@@ -18,6 +18,10 @@ enum RunMount {
     Host(BindMount),
     /// A path of a tree mounted for the step.
     Tree(MountedTree),
+    /// A forwarded ssh-agent socket; the step's `SSH_AUTH_SOCK` names the first one.
+    Agent(BindMount),
+    /// An optional mount whose source was not given (`type=ssh` without `--ssh`).
+    Skipped,
 }
 
 /// A tree (a stage's or image's layers, or the context) mounted as an overlay over a scratch
@@ -129,14 +133,20 @@ impl Engine<'_> {
         let mut binds = Vec::new();
         let mut trees: Vec<MountedTree> = Vec::new();
         let mut _mount_scratch = Vec::new();
+        let mut agent_sockets: Vec<String> = Vec::new();
         for m in &run.mounts {
             let expanded = self.expand(m, &vars, line)?;
-            match self.run_mount(stage, m, &expanded, line, deps)? {
+            match self.run_mount(stage, m, &expanded, line, deps, agent_sockets.len())? {
                 (RunMount::Host(bind), scratch) => {
                     binds.push(bind);
                     _mount_scratch.extend(scratch);
                 }
                 (RunMount::Tree(tree), _) => trees.push(tree),
+                (RunMount::Agent(bind), _) => {
+                    agent_sockets.push(bind.target.clone());
+                    binds.push(bind);
+                }
+                (RunMount::Skipped, _) => {}
             }
         }
         if trees.len() > 1 {
@@ -185,7 +195,13 @@ impl Engine<'_> {
             upper_dir: upper.clone(),
             work_dir: work,
             argv: argv.clone(),
-            env: self.run_env(st),
+            env: {
+                let mut env = self.run_env(st);
+                if let Some(sock) = agent_sockets.first() {
+                    env.push(("SSH_AUTH_SOCK".to_string(), sock.clone()));
+                }
+                env
+            },
             cwd: st
                 .config
                 .config
@@ -251,7 +267,9 @@ impl Engine<'_> {
     /// One `RUN --mount=…` as a bind mount for the sandbox. Supported types:
     /// `secret` (a `--secret` file, read-only, default target `/run/secrets/ID`), `cache` (a
     /// directory kept in the store across builds, by `id`, default the target), `tmpfs` (an
-    /// empty directory discarded after the step) and `bind` (a context path, read-only).
+    /// empty directory discarded after the step), `bind` (a context path, read-only, or a
+    /// stage's or image's files) and `ssh` (an `--ssh` agent socket, default target
+    /// `/run/buildkit/ssh_agent.N` with N = `index`, skipped when not given unless `required`).
     /// The returned scratch dir, if any, must live until the step ends.
     fn run_mount(
         &self,
@@ -260,6 +278,7 @@ impl Engine<'_> {
         spec: &str,
         line: usize,
         deps: &BTreeMap<usize, Arc<StageState>>,
+        index: usize,
     ) -> Result<(RunMount, Option<tempfile::TempDir>), BuildError> {
         let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
         for field in spec.split(',').filter(|f| !f.is_empty()) {
@@ -312,6 +331,40 @@ impl Engine<'_> {
                         line,
                         format!("secret {id:?} was not given: pass --secret id={id},src=PATH"),
                     )),
+                }
+            }
+            "ssh" => {
+                if let Some(opt) = ["uid", "gid", "mode"]
+                    .iter()
+                    .find(|o| fields.contains_key(**o))
+                {
+                    return Err(self.invalid(
+                        line,
+                        format!(
+                            "RUN --mount=type=ssh,{opt}= is not supported: the agent socket is \
+                             bound as it is (reachable by root in the step)"
+                        ),
+                    ));
+                }
+                let id = fields.get("id").copied().unwrap_or("default");
+                let required = fields
+                    .get("required")
+                    .is_some_and(|v| v.is_empty() || *v == "true");
+                let target = target.unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{index}"));
+                match self.opts.ssh.get(id) {
+                    Some(socket) => Ok((
+                        RunMount::Agent(BindMount {
+                            source: socket.clone(),
+                            target,
+                            readonly: false,
+                        }),
+                        None,
+                    )),
+                    None if required => Err(self.invalid(
+                        line,
+                        format!("ssh agent {id:?} was not forwarded: pass --ssh {id}[=SOCKET]"),
+                    )),
+                    None => Ok((RunMount::Skipped, None)),
                 }
             }
             "cache" => {
@@ -397,7 +450,9 @@ impl Engine<'_> {
             }
             other => Err(self.invalid(
                 line,
-                format!("RUN --mount type={other} is not supported (secret, cache, tmpfs, bind)"),
+                format!(
+                    "RUN --mount type={other} is not supported (secret, ssh, cache, tmpfs, bind)"
+                ),
             )),
         }
     }
