@@ -900,6 +900,17 @@ fn copy_link_is_reused_on_a_changed_base_and_keeps_the_base_dirs() {
     assert_ne!(one[n - 3], two[n - 3], "the base's RUN layer");
     assert_eq!(one[n - 2], two[n - 2], "the linked layer is the same blob");
     assert_ne!(one[n - 1], two[n - 1], "the RUN after it saw the new base");
+    // When its own source changes, that is the reason given, not the (also changed) base.
+    std::fs::write(ctx.path().join("f.txt"), "relinked\n").unwrap();
+    let third = build("3", "three");
+    let why = third
+        .lines()
+        .find(|l| l.contains("COPY --link f.txt /opt/app") && l.contains("rebuilding"))
+        .unwrap_or_else(|| panic!("no rebuild reason in {third}"));
+    assert!(
+        why.contains("f.txt") && !why.contains("earlier step"),
+        "{why}"
+    );
 
     // /opt/app existed as a directory: the file went into it, and the layer kept its mode and
     // owner (a plain empty-dir copy would have reset them to 0755 root).
@@ -914,7 +925,7 @@ fn copy_link_is_reused_on_a_changed_base_and_keeps_the_base_dirs() {
     assert_eq!((app.uid(), app.gid()), (7, 8));
     assert_eq!(
         std::fs::read_to_string(rootfs.join("both")).unwrap(),
-        "2\nlinked\n"
+        "2\nrelinked\n"
     );
 }
 

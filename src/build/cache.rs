@@ -31,13 +31,14 @@ impl Engine<'_> {
         Digest::of(format!("kiln-step-identity\n{}\n{stage}\n{n}", self.recipe_id).as_bytes())
     }
 
-    /// Looks the step up in the cache; on a hit applies it and returns true. On a miss, tells
-    /// the progress view why.
+    /// Looks the step up in the cache and returns the record of a hit. On a miss, tells the
+    /// progress view why, comparing with the step's last build (whose `parent` is the key the
+    /// step was built on).
     fn try_cache(
         &self,
         stage: usize,
         n: usize,
-        st: &mut StageState,
+        parent: &Digest,
         key: &Digest,
         inputs: &StepInputs,
         step: &crate::progress::Step<'_>,
@@ -70,7 +71,7 @@ impl Engine<'_> {
             self.store
                 .cache_get(&self.identity(stage, n))?
                 .and_then(|v| serde_json::from_value::<StepRecord>(v).ok())
-                .map(|old| plan::explain_difference(&old.inputs, inputs, old.parent != st.key))
+                .map(|old| plan::explain_difference(&old.inputs, inputs, old.parent != *parent))
         };
         if let Some(reason) = reason {
             step.rebuild_reason(&reason);
@@ -129,16 +130,17 @@ impl Engine<'_> {
     }
 
     /// On a cache hit applies the cached result and closes the step (None); on a miss returns
-    /// the step to run, having said why it is rebuilt.
+    /// the step to run, having said why it is rebuilt. `parent` is what the key was derived
+    /// from (the stage's key, or a constant for a linked layer).
     pub(super) fn reuse_cached<'p>(
         &self,
         st: &mut StageState,
         place: &StepPlace,
-        key: Digest,
+        (parent, key): (Digest, Digest),
         inputs: &StepInputs,
         step: crate::progress::Step<'p>,
     ) -> Result<Option<crate::progress::Step<'p>>, BuildError> {
-        match self.try_cache(place.stage, place.n, st, &key, inputs, &step)? {
+        match self.try_cache(place.stage, place.n, &parent, &key, inputs, &step)? {
             Some(record) => {
                 self.apply_record(st, key, record, place.created_by.clone())?;
                 step.cached();

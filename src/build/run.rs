@@ -186,7 +186,7 @@ impl Engine<'_> {
             line,
             created_by,
         };
-        let Some(mut step) = self.reuse_cached(st, &place, key, &inputs, step)? else {
+        let Some(mut step) = self.reuse_cached(st, &place, (parent, key), &inputs, step)? else {
             return Ok(());
         };
         let (_scratch, upper, work) = self.scratch_upper(stage, line)?;

@@ -339,24 +339,21 @@ impl Engine<'_> {
         f: impl FnOnce(&RootDir, Option<&RootDir>) -> Result<(), BuildError> + Send,
     ) -> Result<(), BuildError> {
         let (stage, line) = (ctx.stage, ctx.line);
-        let parent = st.key;
-        // `key` finds the layer in the cache; `chain` is what later steps build on. A linked
-        // layer is found by its own inputs, whatever lies below it.
-        let (key, chain) = match layering {
+        // `key` finds the layer in the cache, derived from `parent`; `chain` is what later
+        // steps build on. A linked layer is found by its own inputs, whatever lies below it.
+        let (parent, key, chain) = match layering {
             Layering::Stacked => {
-                let key = plan::cache_key(&parent, &inputs);
-                (key, key)
+                let key = plan::cache_key(&st.key, &inputs);
+                (st.key, key, key)
             }
             Layering::Linked => {
-                let own =
-                    plan::cache_key(&Digest::of(b"kiln: linked layers have no parent"), &inputs);
-                (
-                    own,
-                    Digest::of(format!("{parent}\nlinked {own}").as_bytes()),
-                )
+                let none = Digest::of(b"kiln: linked layers have no parent");
+                let own = plan::cache_key(&none, &inputs);
+                let chain = Digest::of(format!("{}\nlinked {own}", st.key).as_bytes());
+                (none, own, chain)
             }
         };
-        let Some(step) = self.reuse_cached(st, &ctx, key, &inputs, step)? else {
+        let Some(step) = self.reuse_cached(st, &ctx, (parent, key), &inputs, step)? else {
             st.key = chain;
             return Ok(());
         };
