@@ -166,7 +166,7 @@ impl Engine<'_> {
             false => None,
         };
         let dest_is_dir =
-            dest_slash || items.len() > 1 || linked.as_ref().is_some_and(|l| l.dest_is_dir);
+            dest_slash || items.len() > 1 || linked.as_ref().is_some_and(LinkBase::dest_is_dir);
         inputs.instruction = format!(
             "{} {:?} -> {dest} dir={dest_is_dir} chown={chown:?} chmod={chmod:?} exclude={:?} parents={} unpack={:?}",
             if is_add { "ADD" } else { "COPY" },
@@ -261,16 +261,11 @@ impl Engine<'_> {
                 });
                 dirs.push((path.clone(), found));
             }
-            let dest_is_dir = matches!(dirs.last(), Some((_, Some((BaseKind::Dir, ..)))));
             let owner = match chown {
                 Some(spec) => Some(resolve_owner(&root, spec).map_err(|m| self.invalid(line, m))?),
                 None => None,
             };
-            Ok(LinkBase {
-                dirs,
-                dest_is_dir,
-                owner,
-            })
+            Ok(LinkBase { dirs, owner })
         })
         .map_err(|e| self.step_error(stage, line, e))?
     }
@@ -442,13 +437,16 @@ type BaseEntry = (BaseKind, u32, u32, u32);
 struct LinkBase {
     /// Each path from the root to the destination, with what the stage has there.
     dirs: Vec<(String, Option<BaseEntry>)>,
-    /// The destination is a directory in the stage.
-    dest_is_dir: bool,
     /// `--chown`, resolved against the stage's /etc/passwd and /etc/group.
     owner: Option<(u32, u32)>,
 }
 
 impl LinkBase {
+    /// The destination is a directory in the stage.
+    fn dest_is_dir(&self) -> bool {
+        matches!(self.dirs.last(), Some((_, Some((BaseKind::Dir, ..)))))
+    }
+
     /// Gives the directories the copy created on the way to the destination the mode and owner
     /// the stage has for them, so stacking the layer leaves them as they were.
     fn restore_dirs(&self, root: &RootDir) -> Result<(), crate::rootfs::RootfsError> {

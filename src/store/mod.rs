@@ -132,6 +132,8 @@ pub struct Store {
     session: Session,
     /// Blobs this `Store` hashed as it wrote them; exports copy these without hashing again.
     written: Arc<Mutex<BTreeSet<Digest>>>,
+    /// This boot's id, which unsynced-layer markers record (see `install_layer_dir`).
+    boot_id: String,
 }
 
 /// The per-`Store` scratch directory and the exclusive lock that marks it live.
@@ -426,6 +428,7 @@ impl Store {
             root,
             session,
             written: Arc::default(),
+            boot_id: boot_id(),
         };
         store.recover_unsynced_layers()?;
         let layout = store.root.join("oci-layout");
@@ -556,7 +559,7 @@ impl Store {
         // Only the marker's name must be durable before the rename: a crash that loses its
         // content leaves a marker naming no boot, which counts as an earlier one.
         let marker = unsynced.join(diff_id.hex());
-        fs::write(&marker, boot_id()).at(&marker)?;
+        fs::write(&marker, &self.boot_id).at(&marker)?;
         sync_dir(&unsynced)?;
         match fs::rename(populated, &dest) {
             Ok(()) => {
@@ -581,12 +584,12 @@ impl Store {
     /// older than [`UNSYNCED_GRACE`] are settled with one `syncfs` of the store's filesystem.
     fn recover_unsynced_layers(&self) -> Result<(), StoreError> {
         let unsynced = self.root.join("unsynced");
-        let this_boot = boot_id();
         let mut settled = Vec::new();
+        let mut dropped = false;
         for (d, entry) in digest_named_entries(&unsynced)? {
             let marker = entry.path();
             let boot = fs::read_to_string(&marker).unwrap_or_default();
-            if boot == this_boot {
+            if boot == self.boot_id {
                 let old = entry
                     .metadata()
                     .and_then(|m| m.modified())
@@ -598,15 +601,8 @@ impl Store {
                 }
                 continue;
             }
-            let dir = self.root.join("layers").join(d.hex());
-            if dir.exists() {
-                // Out of layers/ first, so a half-deleted tree never looks installed.
-                let doomed = self.session.dir.join(format!("rm-{}", d.hex()));
-                if fs::rename(&dir, &doomed).is_ok() {
-                    fs::remove_dir_all(&doomed).at(&doomed)?;
-                }
-            }
-            remove_if_present(&marker)?;
+            self.discard_layer_dir(&d)?;
+            dropped = true;
         }
         if !settled.is_empty() {
             let root = File::open(&self.root).at(&self.root)?;
@@ -617,8 +613,23 @@ impl Store {
             for marker in settled {
                 remove_if_present(&marker)?;
             }
+        } else if !dropped {
+            return Ok(());
         }
         sync_dir(&unsynced)
+    }
+
+    /// Removes the unpacked dir of layer `d` (if any) and its unsynced marker. The dir leaves
+    /// `layers/` by rename first, so a half-deleted tree never looks installed.
+    fn discard_layer_dir(&self, d: &Digest) -> Result<(), StoreError> {
+        let dir = self.root.join("layers").join(d.hex());
+        let doomed = self.session.dir.join(format!("rm-{}", d.hex()));
+        match fs::rename(&dir, &doomed) {
+            Ok(()) => fs::remove_dir_all(&doomed).at(&doomed)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).at(&dir),
+        }
+        remove_if_present(&self.root.join("unsynced").join(d.hex()))
     }
 
     /// The persistent directory of a `RUN --mount=type=cache` with this id,
@@ -878,15 +889,11 @@ impl Store {
         }
 
         let layers = self.root.join("layers");
-        for (d, entry) in digest_named_entries(&layers)? {
+        for (d, _) in digest_named_entries(&layers)? {
             if diff_ids.contains(&d) {
                 continue;
             }
-            // Move it out of layers/ first so a half-deleted tree never looks installed.
-            let doomed = self.session.dir.join(format!("rm-{}", d.hex()));
-            fs::rename(entry.path(), &doomed).at(&entry.path())?;
-            fs::remove_dir_all(&doomed).at(&doomed)?;
-            remove_if_present(&self.root.join("unsynced").join(d.hex()))?;
+            self.discard_layer_dir(&d)?;
             report.layer_dirs_removed += 1;
             removed.insert(d);
         }
