@@ -5,6 +5,7 @@ mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
+use std::time::{Duration, UNIX_EPOCH};
 
 use common::*;
 
@@ -983,4 +984,123 @@ RUN --mount=type=ssh,id=work,target=/agent.sock [ -S /agent.sock ] && echo "$SSH
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn final_copy_written_from_the_context_equals_the_copy_performed() {
+    // The last COPY of the target stage is written into its layer straight from the context
+    // (its files are never created); ending the stage with WORKDIR, which reads the files,
+    // makes kiln perform the copy instead. Both must give the same layer, byte for byte.
+    let ctx = tempfile::tempdir().unwrap();
+    let c = ctx.path();
+    // The recipe lives outside the context, which `COPY .` copies.
+    let recipes = tempfile::tempdir().unwrap();
+    let dockerfile = recipes.path().join("Dockerfile");
+    let f = dockerfile.to_str().unwrap();
+    for (path, body) in [
+        ("a.txt", "a\n"),
+        ("sub/b", "b\n"),
+        ("sub/deep/d", "d\n"),
+        ("sub/skip.txt", "excluded\n"),
+        ("passwd", "not the base's\n"),
+    ] {
+        std::fs::create_dir_all(c.join(path).parent().unwrap()).unwrap();
+        std::fs::write(c.join(path), body).unwrap();
+    }
+    std::fs::create_dir(c.join("empty")).unwrap();
+    std::fs::write(c.join("L".repeat(150)), "a long name\n").unwrap();
+    std::fs::set_permissions(c.join("sub/b"), std::fs::Permissions::from_mode(0o4750)).unwrap();
+    std::os::unix::fs::symlink("../a.txt", c.join("sub/rel")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", c.join("abs")).unwrap();
+    let old = std::fs::FileTimes::new().set_modified(UNIX_EPOCH + Duration::from_secs(500_000_000));
+    for p in ["sub/deep/d", "sub/deep", "a.txt"] {
+        std::fs::File::open(c.join(p))
+            .unwrap()
+            .set_times(old)
+            .unwrap();
+    }
+    // Base dirs with an old mtime, so a layer that got the wrong one for them shows it.
+    let base = "FROM busybox\nRUN mkdir /opt && touch -d @500000000 /usr /opt /tmp /etc\n";
+    // (the copy, whether it can be written from the context, a check of its result)
+    let cases = [
+        (
+            "COPY . /usr/share/app/",
+            true,
+            "test -u /usr/share/app/sub/b",
+        ),
+        (
+            "COPY --chown=7:8 --chmod=640 sub /opt/new/place",
+            true,
+            "stat -c %u:%g:%a /opt/new/place/deep/d | grep -qx 7:8:640",
+        ),
+        (
+            "COPY --exclude=*.txt sub a.txt /tmp/",
+            true,
+            "test -f /tmp/a.txt -a -f /tmp/deep/d -a ! -e /tmp/skip.txt",
+        ),
+        ("WORKDIR /app\nCOPY . .", true, "test -L /app/sub/rel"),
+        ("COPY empty /usr/empty/", true, "test -d /usr/empty"),
+        // Lands on the base's /etc/passwd: performed either way.
+        ("COPY passwd /etc/", false, "grep -q base /etc/passwd"),
+    ];
+    let diff_id = |k: &Kiln, tag: &str| -> String {
+        let ids = inspect(k, tag)["rootfs"]["diff_ids"].clone();
+        let ids = ids.as_array().unwrap();
+        ids[ids.len() - 1].as_str().unwrap().to_string()
+    };
+    let unpacked = |k: &Kiln, id: &str| {
+        k.root
+            .path()
+            .join("layers")
+            .join(id.trim_start_matches("sha256:"))
+            .is_dir()
+    };
+    for (copy, listed, check) in cases {
+        let k = Kiln::new();
+        let build = |end: &str, tag: &str| {
+            let recipe = format!("{base}{copy}\n{end}\n");
+            std::fs::write(&dockerfile, &recipe).unwrap();
+            let p = c.to_str().unwrap();
+            let args = [
+                "build",
+                "-q",
+                "--no-cache",
+                "--source-date-epoch",
+                "1000000000",
+            ];
+            let mut args = args.to_vec();
+            args.extend(["-f", f, "-t", tag, p]);
+            assert_success(&k.run(&args));
+        };
+        build("ENV END=1", "listed");
+        build("WORKDIR /", "performed");
+        let (l, p) = (diff_id(&k, "listed"), diff_id(&k, "performed"));
+        assert_eq!(l, p, "{copy}: the two ways gave different layers");
+        assert!(
+            unpacked(&k, &p),
+            "{copy}: the performed copy keeps its layer dir"
+        );
+        // The listed build left no layer dir behind; the performed one (same diff_id) did, so
+        // this is checked in a store of its own.
+        let fresh = Kiln::new();
+        let recipe = format!("{base}{copy}\nENV END=1\n");
+        std::fs::write(&dockerfile, &recipe).unwrap();
+        let p = c.to_str().unwrap();
+        assert_success(&fresh.run(&["build", "-q", "-f", f, "-t", "listed", p]));
+        assert_eq!(
+            !unpacked(&fresh, &diff_id(&fresh, "listed")),
+            listed,
+            "{copy}: written from the context?"
+        );
+        // A later build on top of it unpacks the layer when a step needs the files.
+        let recipe = format!("{base}{copy}\nRUN {check}\n");
+        std::fs::write(&dockerfile, &recipe).unwrap();
+        let out = fresh.run(&["build", "--progress", "plain", "-f", f, "-t", "more", p]);
+        assert_success(&out);
+        assert!(
+            stderr(&out).contains(&format!("{} CACHED", copy.lines().last().unwrap())),
+            "{}",
+            stderr(&out)
+        );
+    }
 }

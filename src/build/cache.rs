@@ -89,8 +89,6 @@ impl Engine<'_> {
         st.created = record.created.clone();
         match record.layer {
             Some(layer) => {
-                let dir = self.ensure_layer_dir(&layer)?;
-                st.lower_dirs.push(dir);
                 st.config.rootfs.diff_ids.push(layer.diff_id);
                 st.layers.push(layer);
                 self.history(st, created_by, false);
@@ -166,6 +164,19 @@ impl Engine<'_> {
         let layer = self
             .commit_upper(upper)
             .map_err(|e| self.step_error(place.stage, place.line, e))?;
+        self.commit_layer(st, place, (parent, key), inputs, layer, step)
+    }
+
+    /// Records a step's result (its layer, if it made one) in the cache and applies it.
+    pub(super) fn commit_layer(
+        &self,
+        st: &mut StageState,
+        place: StepPlace,
+        (parent, key): (Digest, Digest),
+        inputs: StepInputs,
+        layer: Option<Layer>,
+        step: crate::progress::Step<'_>,
+    ) -> Result<(), BuildError> {
         let record = CacheRecord {
             layer,
             created: Some(self.now_created()),
@@ -191,22 +202,60 @@ impl Engine<'_> {
         if !snapshot::upper_has_changes(upper).map_err(|e| e.to_string())? {
             return Ok(None);
         }
+        let layer = self.store_layer(|opts, out| snapshot::write_layer(upper, opts, out))?;
+        self.store
+            .install_layer_dir(&layer.diff_id, upper)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(layer))
+    }
+
+    /// Stores the layer of `entries` (read from `origin`), never unpacked until a step needs
+    /// it; None when there are no entries.
+    pub(super) fn commit_listed(
+        &self,
+        entries: Vec<snapshot::ListedEntry>,
+        origin: &Path,
+    ) -> Result<Option<Layer>, String> {
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        self.store_layer(|opts, out| snapshot::write_listed_layer(entries, origin, opts, out))
+            .map(Some)
+    }
+
+    /// Writes one layer blob into the store with `write` (this build's layer options).
+    fn store_layer(
+        &self,
+        write: impl FnOnce(
+            &LayerOptions,
+            crate::store::BlobWriter,
+        ) -> Result<
+            (crate::store::BlobWriter, snapshot::LayerSummary),
+            snapshot::SnapshotError,
+        >,
+    ) -> Result<Layer, String> {
         let opts = LayerOptions {
             source_date_epoch: self.opts.source_date_epoch,
             compression: self.opts.compression,
         };
         let media_type = self.layer_media_type();
         let writer = self.store.blob_writer().map_err(|e| e.to_string())?;
-        let (writer, summary) =
-            snapshot::write_layer(upper, &opts, writer).map_err(|e| e.to_string())?;
+        let (writer, summary) = write(&opts, writer).map_err(|e| e.to_string())?;
         let (digest, size) = writer.commit().map_err(|e| e.to_string())?;
-        self.store
-            .install_layer_dir(&summary.diff_id, upper)
-            .map_err(|e| e.to_string())?;
-        Ok(Some(Layer {
+        Ok(Layer {
             desc: Descriptor::new(media_type, digest, size),
             diff_id: summary.diff_id,
-        }))
+        })
+    }
+
+    /// The overlay lower dirs of `st`'s rootfs, top first, unpacking any layer not unpacked yet
+    /// (a layer written straight from its sources, or a base image's layer never needed before).
+    pub(super) fn lowers(&self, st: &StageState) -> Result<Vec<PathBuf>, BuildError> {
+        st.layers
+            .iter()
+            .rev()
+            .map(|l| self.ensure_layer_dir(l))
+            .collect()
     }
 
     /// The unpacked dir of a layer, unpacking its blob once if needed.
@@ -272,7 +321,6 @@ impl Engine<'_> {
                 desc,
                 diff_id: *diff_id,
             };
-            st.lower_dirs.push(self.ensure_layer_dir(&layer)?);
             st.layers.push(layer);
         }
         Ok(st)

@@ -19,6 +19,7 @@ pub enum SourceFs<'a> {
 }
 
 /// One resolved source.
+#[derive(Clone)]
 pub enum SourceItem {
     /// A path in the source filesystem ("" = its root).
     Path {
@@ -103,17 +104,18 @@ fn src_err(path: &str, e: impl std::fmt::Display) -> CopyError {
 }
 
 /// Metadata of one source entry, independent of where it lives.
-struct SrcMeta {
-    kind: Kind,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: i64,
-    size: u64,
+pub(super) struct SrcMeta {
+    pub(super) kind: Kind,
+    pub(super) mode: u32,
+    pub(super) uid: u32,
+    pub(super) gid: u32,
+    pub(super) mtime: i64,
+    pub(super) size: u64,
 }
 
+/// What a source entry is, as far as a copy cares.
 #[derive(PartialEq)]
-enum Kind {
+pub(super) enum Kind {
     File,
     Dir,
     Symlink,
@@ -121,7 +123,7 @@ enum Kind {
 }
 
 impl SrcMeta {
-    fn from(m: &std::fs::Metadata) -> SrcMeta {
+    pub(super) fn from(m: &std::fs::Metadata) -> SrcMeta {
         let ft = m.file_type();
         let kind = if ft.is_symlink() {
             Kind::Symlink

@@ -5,6 +5,7 @@
 mod cache;
 pub mod config;
 pub mod copy;
+mod listed;
 mod run;
 mod steps;
 
@@ -175,9 +176,9 @@ struct Layer {
 #[derive(Clone)]
 struct StageState {
     config: ImageConfig,
+    /// The stage's layers, bottom first; unpacked only when a step needs the rootfs
+    /// ([`Engine::lowers`]).
     layers: Vec<Layer>,
-    /// Unpacked layer dirs, bottom first.
-    lower_dirs: Vec<PathBuf>,
     key: Digest,
     created: Option<String>,
     args: BTreeMap<String, String>,
@@ -626,7 +627,6 @@ fn scratch_state() -> StageState {
     StageState {
         config,
         layers: Vec::new(),
-        lower_dirs: Vec::new(),
         key: Digest::of(b"scratch"),
         created: None,
         args: BTreeMap::new(),

@@ -191,7 +191,7 @@ impl Engine<'_> {
         };
         let (_scratch, upper, work) = self.scratch_upper(stage, line)?;
         let spec = RunSpec {
-            lower_dirs: st.lower_dirs.iter().rev().cloned().collect(),
+            lower_dirs: self.lowers(st)?,
             upper_dir: upper.clone(),
             work_dir: work,
             argv: argv.clone(),
@@ -433,10 +433,7 @@ impl Engine<'_> {
                                 );
                             }
                         };
-                        (
-                            state.lower_dirs.iter().rev().cloned().collect(),
-                            state.key.to_string(),
-                        )
+                        (self.lowers(&state)?, state.key.to_string())
                     }
                 };
                 let tree = MountedTree {

@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::copy;
 use super::{BuildError, Engine, StageState, StepPlace};
+use super::{copy, listed};
 use crate::digest::Digest;
 use crate::plan::{self, CopySource, StepInputs};
 use crate::recipe::instructions::{Copy, Instruction};
 use crate::rootfs::RootDir;
 use crate::sandbox;
+use crate::snapshot::ListedEntry;
 
 impl Engine<'_> {
     #[allow(clippy::too_many_arguments)]
@@ -179,7 +180,7 @@ impl Engine<'_> {
             // What the linked layer took from the stage: all that ties it to the layers below.
             inputs.instruction += &format!(" linked dirs={:?} owner={:?}", l.dirs, l.owner);
         }
-        let copy_into = |root: &RootDir, src: Option<&RootDir>| -> Result<(), BuildError> {
+        let job_for = |root: &RootDir| -> Result<copy::CopyJob, BuildError> {
             let owner = match (&linked, &chown) {
                 (Some(l), _) => l.owner,
                 (None, Some(spec)) => {
@@ -187,20 +188,23 @@ impl Engine<'_> {
                 }
                 (None, None) => None,
             };
-            let job = copy::CopyJob {
-                from: match src {
-                    Some(src) => copy::SourceFs::Rootfs(src),
-                    None => copy::SourceFs::Context(&self.context),
-                },
-                items,
+            Ok(copy::CopyJob {
+                from: copy::SourceFs::Context(&self.context),
+                items: items.clone(),
                 dest: dest.clone(),
                 dest_is_dir,
                 chown: owner,
                 chmod,
                 extract_archives: is_add && c.unpack != Some(false),
-                exclude,
+                exclude: exclude.clone(),
                 parents: c.parents,
-            };
+            })
+        };
+        let copy_into = |root: &RootDir, src: Option<&RootDir>| -> Result<(), BuildError> {
+            let mut job = job_for(root)?;
+            if let Some(src) = src {
+                job.from = copy::SourceFs::Rootfs(src);
+            }
             copy::run(root, &job).map_err(|e| self.step_error(stage, line, e))?;
             if let Some(l) = &linked {
                 l.restore_dirs(root)
@@ -208,6 +212,14 @@ impl Engine<'_> {
             }
             Ok(())
         };
+        // When nothing after this step reads the stage's files, a copy from the context can be
+        // written into its layer straight from the context, without creating the files.
+        let list = |root: &RootDir, now: i64| -> Result<Option<Vec<ListedEntry>>, BuildError> {
+            let job = job_for(root)?;
+            listed::listed_copy(root, &job, now).map_err(|e| self.step_error(stage, line, e))
+        };
+        let listable =
+            from_state.is_none() && linked.is_none() && self.files_unused_after(stage, n);
         let step_ctx = StepPlace {
             stage,
             n,
@@ -218,14 +230,61 @@ impl Engine<'_> {
             Some(_) => Layering::Linked,
             None => Layering::Stacked,
         };
+        let lister: Option<&Lister> = if listable { Some(&list) } else { None };
         self.rootfs_step(
             st,
             step_ctx,
             inputs,
             step,
-            (from_state.as_ref(), layering),
+            (from_state.as_ref(), layering, lister),
             copy_into,
         )
+    }
+
+    /// Whether no step after step `n` of `stage` reads or changes the stage's files: the stage
+    /// is the build's target (so no other stage builds on it) and only config instructions
+    /// follow.
+    fn files_unused_after(&self, stage: usize, n: usize) -> bool {
+        use crate::recipe::instructions::InstructionKind as K;
+        stage == self.plan.target
+            && n != usize::MAX
+            && self.recipe.stages[stage].instructions[n + 1..]
+                .iter()
+                .all(|i| {
+                    matches!(
+                        i.kind,
+                        K::Cmd(_)
+                            | K::Entrypoint(_)
+                            | K::Shell(_)
+                            | K::Env(_)
+                            | K::Label(_)
+                            | K::Expose(_)
+                            | K::Volume(_)
+                            | K::User(_)
+                            | K::Arg(_)
+                            | K::Onbuild { .. }
+                            | K::Stopsignal(_)
+                            | K::Healthcheck(_)
+                            | K::Maintainer(_)
+                    )
+                })
+    }
+
+    /// Runs `f` on a view of the stage's files that it must only read.
+    fn with_stage_view<T: Send>(
+        &self,
+        st: &StageState,
+        stage: usize,
+        line: usize,
+        f: impl FnOnce(&RootDir) -> Result<T, BuildError> + Send,
+    ) -> Result<T, BuildError> {
+        let (_scratch, upper, work) = self.scratch_upper(stage, line)?;
+        let lowers = self.lowers(st)?;
+        sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
+            let root = RootDir::open_host(merged).map_err(|e| self.step_error(stage, line, e))?;
+            f(&root)
+        })
+        .map_err(|e| self.step_error(stage, line, e))?
     }
 
     /// What a `COPY --link` to `dest` needs from the stage it lands on: the mode and owner of
@@ -241,10 +300,7 @@ impl Engine<'_> {
         stage: usize,
         line: usize,
     ) -> Result<LinkBase, BuildError> {
-        let (_scratch, upper, work) = self.scratch_upper(stage, line)?;
-        let lowers: Vec<PathBuf> = st.lower_dirs.iter().rev().cloned().collect();
-        sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
-            let root = RootDir::open_host(merged).map_err(|e| self.step_error(stage, line, e))?;
+        self.with_stage_view(st, stage, line, |root| {
             let mut dirs = Vec::new();
             let mut path = String::new();
             for part in dest.split('/').filter(|p| !p.is_empty() && *p != ".") {
@@ -262,12 +318,11 @@ impl Engine<'_> {
                 dirs.push((path.clone(), found));
             }
             let owner = match chown {
-                Some(spec) => Some(resolve_owner(&root, spec).map_err(|m| self.invalid(line, m))?),
+                Some(spec) => Some(resolve_owner(root, spec).map_err(|m| self.invalid(line, m))?),
                 None => None,
             };
             Ok(LinkBase { dirs, owner })
         })
-        .map_err(|e| self.step_error(stage, line, e))?
     }
 
     /// `WORKDIR`: records the directory and creates it (owned by the current USER) when the
@@ -315,7 +370,7 @@ impl Engine<'_> {
             step_ctx,
             inputs,
             step,
-            (None, Layering::Stacked),
+            (None, Layering::Stacked, None),
             create,
         )
     }
@@ -330,7 +385,7 @@ impl Engine<'_> {
         ctx: StepPlace,
         inputs: StepInputs,
         step: crate::progress::Step<'_>,
-        (source, layering): (Option<&StageState>, Layering),
+        (source, layering, lister): (Option<&StageState>, Layering, Option<&Lister>),
         f: impl FnOnce(&RootDir, Option<&RootDir>) -> Result<(), BuildError> + Send,
     ) -> Result<(), BuildError> {
         let (stage, line) = (ctx.stage, ctx.line);
@@ -352,11 +407,37 @@ impl Engine<'_> {
             st.key = chain;
             return Ok(());
         };
+        if let Some(list) = lister {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let listed = self.with_stage_view(st, stage, line, |root| list(root, now));
+            let layer = match listed {
+                Ok(Some(entries)) => Some(
+                    self.commit_listed(entries, self.context.host_path("").as_path())
+                        .map_err(|e| self.step_error(stage, line, e)),
+                ),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            };
+            match layer {
+                Some(Ok(layer)) => {
+                    let result = self.commit_layer(st, ctx, (parent, key), inputs, layer, step);
+                    st.key = chain;
+                    return result;
+                }
+                Some(Err(e)) => {
+                    step.failed();
+                    return Err(e);
+                }
+                None => {}
+            }
+        }
         let (scratch, upper, work) = self.scratch_upper(stage, line)?;
         let in_dest = |src: Option<&RootDir>| -> Result<(), BuildError> {
             match layering {
                 Layering::Stacked => {
-                    let lowers: Vec<PathBuf> = st.lower_dirs.iter().rev().cloned().collect();
+                    let lowers = self.lowers(st)?;
                     sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
                         let root = RootDir::open_host(merged)
                             .map_err(|e| self.step_error(stage, line, e))?;
@@ -375,7 +456,7 @@ impl Engine<'_> {
             None => in_dest(None),
             Some(fs) => {
                 let (_src_scratch, su, sw) = self.scratch_upper(stage, line)?;
-                let src_lowers: Vec<PathBuf> = fs.lower_dirs.iter().rev().cloned().collect();
+                let src_lowers = self.lowers(fs)?;
                 sandbox::with_rootfs(&src_lowers, &su, &sw, |src_root| {
                     let src = RootDir::open_host(src_root)
                         .map_err(|e| self.step_error(stage, line, e))?;
@@ -411,6 +492,10 @@ impl Engine<'_> {
         Ok((scratch, upper, work))
     }
 }
+
+/// Tells a step's layer as a list of entries, given a read-only view of the stage and the
+/// time of the step; `None` when the step must be run to know.
+type Lister<'a> = dyn Fn(&RootDir, i64) -> Result<Option<Vec<ListedEntry>>, BuildError> + Sync + 'a;
 
 /// How a rootfs step's changes become a layer.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -17,7 +17,9 @@ use crate::digest::Digest;
 use crate::rootfs::RootfsError;
 
 pub use extract::{extract_archive, is_archive, unpack_layer};
-pub use write::{upper_has_changes, write_layer};
+pub use write::{
+    ListedEntry, ListedKind, layer_xattrs, upper_has_changes, write_layer, write_listed_layer,
+};
 
 /// How a layer is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,18 +40,126 @@ pub fn write_layer<W: Write>(
     opts: &LayerOptions,
     out: W,
 ) -> Result<(W, LayerSummary), SnapshotError> {
+    with_tar_writer(upper, opts, out, |tw| tw.walk())
+}
+
+/// One entry of a layer given as a list rather than walked from a directory (see
+/// [`write_listed_layer`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListedEntry {
+    /// Path in the layer: relative, `/`-separated, no trailing slash.
+    pub path: Vec<u8>,
+    /// What the entry is.
+    pub kind: ListedKind,
+    /// Permission bits (`0o7777`).
+    pub mode: u32,
+    /// Numeric owner.
+    pub uid: u32,
+    /// Numeric group.
+    pub gid: u32,
+    /// Modification time, seconds since the epoch (clamped like a walked entry's).
+    pub mtime: i64,
+    /// Extended attributes, sorted, as [`layer_xattrs`] returns them.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The kind of a [`ListedEntry`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum ListedKind {
+    /// A directory.
+    Dir,
+    /// A regular file whose `size` bytes are read from `source` (never through a symlink).
+    File {
+        /// Where the content is read from.
+        source: PathBuf,
+        /// Its length; a file that changed length meanwhile is an error.
+        size: u64,
+    },
+    /// A symbolic link to this target.
+    Symlink(Vec<u8>),
+}
+
+/// Writes a layer of new entries described by `entries` (e.g. a COPY's sources, never created on
+/// disk) exactly as [`write_layer`] would write a directory holding them: same order, headers,
+/// clamping and streaming. `origin` names where the entries come from in errors. The entries may
+/// come in any order; every parent directory must be listed.
+pub fn write_listed_layer<W: Write>(
+    mut entries: Vec<ListedEntry>,
+    origin: &Path,
+    opts: &LayerOptions,
+    out: W,
+) -> Result<(W, LayerSummary), SnapshotError> {
+    // Sorted by path components: the walker's depth-first order with sorted children.
+    entries.sort_by(|a, b| {
+        a.path
+            .split(|&c| c == b'/')
+            .cmp(b.path.split(|&c| c == b'/'))
+    });
+    with_tar_writer(origin, opts, out, |tw| {
+        for e in &entries {
+            let name = e.path.rsplit(|&c| c == b'/').next().unwrap_or_default();
+            if name.starts_with(WH_PREFIX) {
+                return Err(SnapshotError::ReservedName {
+                    path: rel_path(&e.path),
+                });
+            }
+            let stat = Stat {
+                mode: e.mode & 0o7777,
+                uid: e.uid,
+                gid: e.gid,
+                mtime: e.mtime,
+                rdev: 0,
+            };
+            match &e.kind {
+                ListedKind::Dir => {
+                    let mut rel = e.path.clone();
+                    rel.push(b'/');
+                    tw.entry(&rel, &stat, EntryType::Directory, 0, None, &e.xattrs)?;
+                }
+                ListedKind::File { source, size } => {
+                    tw.entry(&e.path, &stat, EntryType::Regular, *size, None, &e.xattrs)?;
+                    tw.copy_file(source, &e.path, *size)?;
+                }
+                ListedKind::Symlink(target) => {
+                    let stat = Stat {
+                        mode: 0o777,
+                        ..stat
+                    };
+                    tw.entry(
+                        &e.path,
+                        &stat,
+                        EntryType::Symlink,
+                        0,
+                        Some(target),
+                        &e.xattrs,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Sets up the tar → sha256 → compressor pipeline, lets `body` write the entries, then ends
+/// the archive and returns `out` with the summary.
+fn with_tar_writer<W: Write>(
+    origin: &Path,
+    opts: &LayerOptions,
+    out: W,
+    body: impl FnOnce(&mut TarWriter<'_, W>) -> Result<(), SnapshotError>,
+) -> Result<(W, LayerSummary), SnapshotError> {
     let enc = Encoder::new(out, opts.compression)
-        .map_err(|e| SnapshotError::io("start compressing layer from", upper, e))?;
+        .map_err(|e| SnapshotError::io("start compressing layer from", origin, e))?;
     let sink = BufWriter::with_capacity(BUF_SIZE, HashingWriter::new(enc));
     let mut tw = TarWriter {
         out: sink,
         epoch: opts.source_date_epoch,
         entries: 0,
         links: HashMap::new(),
-        upper,
+        upper: origin,
     };
-    tw.walk()?;
-    let w = |e| SnapshotError::io("write layer from", upper, e);
+    body(&mut tw)?;
+    let w = |e| SnapshotError::io("write layer from", origin, e);
     tw.out.write_all(&[0u8; 2 * BLOCK as usize]).map_err(w)?;
     let entries = tw.entries;
     let hashing = tw.out.into_inner().map_err(|e| w(e.into_error()))?;
@@ -65,6 +173,27 @@ pub fn write_layer<W: Write>(
             entries,
         },
     ))
+}
+
+/// The header fields of one entry that come from its inode.
+struct Stat {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    rdev: u64,
+}
+
+impl From<&Metadata> for Stat {
+    fn from(md: &Metadata) -> Stat {
+        Stat {
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime: md.mtime(),
+            rdev: md.rdev(),
+        }
+    }
 }
 
 /// What kind of tar entry a walked file becomes.
@@ -143,6 +272,7 @@ impl<W: Write> TarWriter<'_, W> {
             rel.extend_from_slice(name.as_bytes());
             let parent_rel_len = top.rel.len();
             let ft = md.file_type();
+            let stat = Stat::from(&md);
             if is_whiteout(&md) {
                 if name.as_bytes().starts_with(WH_PREFIX) {
                     return Err(SnapshotError::ReservedName {
@@ -187,7 +317,7 @@ impl<W: Write> TarWriter<'_, W> {
             match kind {
                 Kind::Dir { opaque } => {
                     rel.push(b'/');
-                    self.entry(&rel, &md, EntryType::Directory, 0, None, &xattrs)?;
+                    self.entry(&rel, &stat, EntryType::Directory, 0, None, &xattrs)?;
                     if opaque {
                         let mut m = rel.clone();
                         m.extend_from_slice(WH_OPAQUE);
@@ -197,17 +327,17 @@ impl<W: Write> TarWriter<'_, W> {
                     stack.push(f);
                 }
                 Kind::File => {
-                    self.entry(&rel, &md, EntryType::Regular, md.len(), None, &xattrs)?;
+                    self.entry(&rel, &stat, EntryType::Regular, md.len(), None, &xattrs)?;
                     self.copy_file(&host, &rel, md.len())?;
                 }
                 Kind::Link(first) => {
-                    self.entry(&rel, &md, EntryType::Link, 0, Some(&first), &[])?;
+                    self.entry(&rel, &stat, EntryType::Link, 0, Some(&first), &[])?;
                 }
                 Kind::Symlink(t) => {
-                    self.entry(&rel, &md, EntryType::Symlink, 0, Some(&t), &xattrs)?;
+                    self.entry(&rel, &stat, EntryType::Symlink, 0, Some(&t), &xattrs)?;
                 }
-                Kind::Device(t) => self.entry(&rel, &md, t, 0, None, &xattrs)?,
-                Kind::Fifo => self.entry(&rel, &md, EntryType::Fifo, 0, None, &xattrs)?,
+                Kind::Device(t) => self.entry(&rel, &stat, t, 0, None, &xattrs)?,
+                Kind::Fifo => self.entry(&rel, &stat, EntryType::Fifo, 0, None, &xattrs)?,
             }
         }
         Ok(())
@@ -255,7 +385,7 @@ impl<W: Write> TarWriter<'_, W> {
     fn entry(
         &mut self,
         rel: &[u8],
-        md: &Metadata,
+        md: &Stat,
         ty: EntryType,
         size: u64,
         link: Option<&[u8]>,
@@ -263,25 +393,25 @@ impl<W: Write> TarWriter<'_, W> {
     ) -> Result<(), SnapshotError> {
         let mut h = Header::new_ustar();
         h.set_entry_type(ty);
-        h.set_mode(md.mode() & 0o7777);
-        h.set_uid(md.uid().into());
-        h.set_gid(md.gid().into());
-        h.set_mtime(self.clamp(md.mtime()));
+        h.set_mode(md.mode);
+        h.set_uid(md.uid.into());
+        h.set_gid(md.gid.into());
+        h.set_mtime(self.clamp(md.mtime));
         h.set_size(size);
         let mut pax = Vec::new();
         if matches!(ty, EntryType::Char | EntryType::Block) {
-            let (maj, min) = (libc::major(md.rdev()), libc::minor(md.rdev()));
+            let (maj, min) = (libc::major(md.rdev), libc::minor(md.rdev));
             h.set_device_major(maj).map_err(|e| self.werr(e))?;
             h.set_device_minor(min).map_err(|e| self.werr(e))?;
         }
         if size > MAX_OCTAL_11 {
             pax_record(&mut pax, b"size", size.to_string().as_bytes());
         }
-        if u64::from(md.uid()) > MAX_OCTAL_7 {
-            pax_record(&mut pax, b"uid", md.uid().to_string().as_bytes());
+        if u64::from(md.uid) > MAX_OCTAL_7 {
+            pax_record(&mut pax, b"uid", md.uid.to_string().as_bytes());
         }
-        if u64::from(md.gid()) > MAX_OCTAL_7 {
-            pax_record(&mut pax, b"gid", md.gid().to_string().as_bytes());
+        if u64::from(md.gid) > MAX_OCTAL_7 {
+            pax_record(&mut pax, b"gid", md.gid.to_string().as_bytes());
         }
         for (k, v) in xattrs {
             let mut key = b"SCHILY.xattr.".to_vec();
@@ -399,10 +529,17 @@ fn pax_record(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     buf.push(b'\n');
 }
 
-/// The xattrs that go into the layer (sorted, non-empty, not host- or overlay-private) and
-/// whether the overlay marked this directory opaque. Redirect/metacopy xattrs are errors.
+/// Extended attributes as (name, value) pairs.
 type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// The xattrs of `host` that a layer entry for it carries (sorted; none that are host- or
+/// overlay-private), as [`write_layer`] would write them.
+pub fn layer_xattrs(host: &Path) -> Result<Xattrs, SnapshotError> {
+    read_xattrs(host, host.as_os_str().as_bytes()).map(|(x, _)| x)
+}
+
+/// The xattrs that go into the layer (sorted, non-empty, not host- or overlay-private) and
+/// whether the overlay marked this directory opaque. Redirect/metacopy xattrs are errors.
 fn read_xattrs(host: &Path, rel: &[u8]) -> Result<(Xattrs, bool), SnapshotError> {
     let names = match xattr::list(host) {
         Ok(n) => n,
