@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -650,16 +651,37 @@ fn cache_records_round_trip() {
 }
 
 #[test]
-fn oci_dir_export_copies_blobs_exactly_and_verifies_those_of_earlier_sessions() {
+fn oci_dir_export_links_fresh_blobs_and_verifies_those_of_earlier_sessions() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
     let store = Store::open(&root).unwrap();
     let img = make_image(&store, "a:1", b"exported by the session that wrote it");
     let layer = img.manifest_body.layers[0].digest;
-    // Same session: copied in the kernel, byte for byte.
+    // Same session, same filesystem: the very blob, hard-linked.
     export_oci_dir(&store, &img, &dir.path().join("out1"), None).unwrap();
-    let copied = fs::read(dir.path().join("out1/blobs/sha256").join(layer.hex())).unwrap();
-    assert_eq!(Digest::of(&copied), layer);
+    let out = dir.path().join("out1/blobs/sha256").join(layer.hex());
+    assert_eq!(Digest::of(&fs::read(&out).unwrap()), layer);
+    let stored = root.join("blobs/sha256").join(layer.hex());
+    assert_eq!(
+        fs::metadata(&out).unwrap().ino(),
+        fs::metadata(&stored).unwrap().ino()
+    );
+    // Another filesystem (a tmpfs): copied in the kernel, byte for byte.
+    let other = dir.path().join("tmpfs");
+    fs::create_dir(&other).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &other,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let result = export_oci_dir(&store, &img, &other.join("out"), None);
+    let copied = fs::read(other.join("out/blobs/sha256").join(layer.hex()));
+    nix::mount::umount(&other).unwrap();
+    result.unwrap();
+    assert_eq!(Digest::of(&copied.unwrap()), layer);
     drop(store);
     // A later session finds the blob damaged on disk: the export refuses it.
     let blob = root.join("blobs/sha256").join(layer.hex());

@@ -58,10 +58,15 @@ fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 }
 
 /// Copies blob `d` from the store into `blobs_dir`, verifying its digest on the way unless
-/// this `Store` wrote (and hashed) the blob itself; those are copied in the kernel.
+/// this `Store` wrote (and hashed) the blob itself. Those are hard-linked when `blobs_dir` is
+/// on the store's filesystem (blobs are immutable: nothing ever writes to one in place), else
+/// copied in the kernel.
 fn copy_blob(store: &Store, d: &Digest, blobs_dir: &Path) -> Result<(), StoreError> {
     let dest = blobs_dir.join(d.hex());
     if dest.is_file() {
+        return Ok(());
+    }
+    if store.wrote_blob(d) && fs::hard_link(store.blob_path(d), &dest).is_ok() {
         return Ok(());
     }
     let tmp = NamedTempFile::new_in(blobs_dir).at(blobs_dir)?;
