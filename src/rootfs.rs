@@ -556,6 +556,15 @@ impl RootDir {
         fd_path(&fd).map_err(|e| Self::io("resolve", rel, e))
     }
 
+    /// The real host path of the entry `rel` itself: its parent resolved inside the root
+    /// (following symlinks within it), its last component not followed, so a symlink stays one.
+    pub fn resolve_entry(&self, rel: impl AsRef<Path>) -> Result<PathBuf> {
+        let rel = rel.as_ref();
+        let (dir, name) = self.parent(rel, "resolve")?;
+        let p = fd_path(&dir).map_err(|e| Self::io("resolve", rel, e))?;
+        Ok(p.join(OsStr::from_bytes(name.as_bytes())))
+    }
+
     /// Whether `rel` exists (a dangling symlink exists).
     pub fn exists(&self, rel: impl AsRef<Path>) -> Result<bool> {
         match self.symlink_metadata(rel) {

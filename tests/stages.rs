@@ -213,3 +213,29 @@ fn cache_reuses_and_explains() {
         "{err6}"
     );
 }
+
+#[test]
+fn copy_from_a_stage_keeps_symlinks_inside_the_copied_directory() {
+    let k = Kiln::new();
+    let dockerfile = "FROM busybox AS s\n\
+        RUN mkdir -p /d/sub && echo hi > /d/f && ln -s f /d/rel && ln -s /etc/passwd /d/abs \\\n\
+         && ln -s sub /d/dirlink && ln -s /nowhere /d/dangling\n\
+        FROM busybox\nCOPY --from=s /d /out\n";
+    let img = k.build_unpacked(dockerfile, &[]);
+    let out = img.rootfs.join("out");
+    for (name, target) in [
+        ("rel", "f"),
+        ("abs", "/etc/passwd"),
+        ("dirlink", "sub"),
+        ("dangling", "/nowhere"),
+    ] {
+        let link = std::fs::read_link(out.join(name));
+        assert_eq!(
+            link.ok().as_deref(),
+            Some(std::path::Path::new(target)),
+            "/out/{name} is not the stage's symlink"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), "hi\n");
+    assert!(out.join("sub").is_dir());
+}

@@ -146,10 +146,20 @@ impl SrcMeta {
 }
 
 impl SourceFs<'_> {
+    /// The host path of a source as named in the instruction: a symlink there is followed
+    /// (within the source), as Docker does.
     fn host_path(&self, rel: &str) -> Result<PathBuf, CopyError> {
         match self {
             SourceFs::Context(c) => Ok(c.host_path(rel)),
             SourceFs::Rootfs(r) => r.resolve(rel).map_err(|e| src_err(rel, e)),
+        }
+    }
+
+    /// The host path of an entry found inside a source directory: a symlink stays a symlink.
+    fn entry_path(&self, rel: &str) -> Result<PathBuf, CopyError> {
+        match self {
+            SourceFs::Context(c) => Ok(c.host_path(rel)),
+            SourceFs::Rootfs(r) => r.resolve_entry(rel).map_err(|e| src_err(rel, e)),
         }
     }
 
@@ -177,7 +187,7 @@ impl SourceFs<'_> {
                         } else {
                             format!("{dir}/{n}")
                         };
-                        let m = std::fs::symlink_metadata(self.host_path(&child)?)
+                        let m = std::fs::symlink_metadata(self.entry_path(&child)?)
                             .map_err(|e| src_err(&child, e))?;
                         if m.is_dir() {
                             subdirs.push(child.clone());
@@ -301,7 +311,7 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                             continue;
                         }
                         let target = join(&base, sub);
-                        let chost = job.from.host_path(&child)?;
+                        let chost = job.from.entry_path(&child)?;
                         let cmeta =
                             std::fs::symlink_metadata(&chost).map_err(|e| src_err(&child, e))?;
                         let cm = SrcMeta::from(&cmeta);
