@@ -987,10 +987,11 @@ RUN --mount=type=ssh,id=work,target=/agent.sock [ -S /agent.sock ] && echo "$SSH
 }
 
 #[test]
-fn final_copy_written_from_the_context_equals_the_copy_performed() {
-    // The last COPY of the target stage is written into its layer straight from the context
-    // (its files are never created); ending the stage with WORKDIR, which reads the files,
-    // makes kiln perform the copy instead. Both must give the same layer, byte for byte.
+fn final_copy_written_from_its_sources_equals_the_copy_performed() {
+    // The last COPY of the target stage is written into its layer straight from its sources
+    // (the context or a stage; the files are never created); ending the stage with WORKDIR,
+    // which reads the files, makes kiln perform the copy instead. Both must give the same
+    // layer, byte for byte.
     let ctx = tempfile::tempdir().unwrap();
     let c = ctx.path();
     // The recipe lives outside the context, which `COPY .` copies.
@@ -1019,8 +1020,12 @@ fn final_copy_written_from_the_context_equals_the_copy_performed() {
             .set_times(old)
             .unwrap();
     }
-    // Base dirs with an old mtime, so a layer that got the wrong one for them shows it.
-    let base = "FROM busybox\nRUN mkdir /opt && touch -d @500000000 /usr /opt /tmp /etc\n";
+    // A stage to copy from; base dirs with an old mtime, so a layer that got the wrong one
+    // for them shows it.
+    let base = "FROM busybox AS src\n\
+        RUN mkdir -p /d/sub && echo hi > /d/f && ln -s f /d/rel && chown -R 5:6 /d/sub \\\n\
+         && touch -d @500000000 /d/f\n\
+        FROM busybox\nRUN mkdir /opt && touch -d @500000000 /usr /opt /tmp /etc\n";
     // (the copy, whether it can be written from the context, a check of its result)
     let cases = [
         (
@@ -1040,6 +1045,16 @@ fn final_copy_written_from_the_context_equals_the_copy_performed() {
         ),
         ("WORKDIR /app\nCOPY . .", true, "test -L /app/sub/rel"),
         ("COPY empty /usr/empty/", true, "test -d /usr/empty"),
+        (
+            "COPY --from=src /d /opt/fromstage/",
+            true,
+            "test -L /opt/fromstage/rel && stat -c %u:%g /opt/fromstage/sub | grep -qx 5:6",
+        ),
+        (
+            "COPY --from=src --chown=1:2 /d/f /usr/bin/f",
+            true,
+            "stat -c %u:%g /usr/bin/f | grep -qx 1:2",
+        ),
         // Lands on the base's /etc/passwd: performed either way.
         ("COPY passwd /etc/", false, "grep -q base /etc/passwd"),
     ];

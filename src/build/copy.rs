@@ -148,7 +148,7 @@ impl SrcMeta {
 impl SourceFs<'_> {
     /// The host path of a source as named in the instruction: a symlink there is followed
     /// (within the source), as Docker does.
-    fn host_path(&self, rel: &str) -> Result<PathBuf, CopyError> {
+    pub(super) fn host_path(&self, rel: &str) -> Result<PathBuf, CopyError> {
         match self {
             SourceFs::Context(c) => Ok(c.host_path(rel)),
             SourceFs::Rootfs(r) => r.resolve(rel).map_err(|e| src_err(rel, e)),
@@ -156,14 +156,15 @@ impl SourceFs<'_> {
     }
 
     /// The host path of an entry found inside a source directory: a symlink stays a symlink.
-    fn entry_path(&self, rel: &str) -> Result<PathBuf, CopyError> {
+    pub(super) fn entry_path(&self, rel: &str) -> Result<PathBuf, CopyError> {
         match self {
             SourceFs::Context(c) => Ok(c.host_path(rel)),
             SourceFs::Rootfs(r) => r.resolve_entry(rel).map_err(|e| src_err(rel, e)),
         }
     }
 
-    fn children(&self, rel: &str) -> Result<Vec<String>, CopyError> {
+    /// Every path below the directory `rel` (not `rel` itself), sorted.
+    pub(super) fn children(&self, rel: &str) -> Result<Vec<String>, CopyError> {
         match self {
             SourceFs::Context(c) => {
                 let entries = c.walk(rel).map_err(|e| src_err(rel, e))?;

@@ -1,7 +1,7 @@
-//! A COPY from the build context told as a list of layer entries instead of performed: what
-//! [`copy::run`] would add on top of a stage, worked out from the context and a read-only look
-//! at the stage, so the layer can be written straight from the context files and they are never
-//! created on disk (used when no later step needs the stage's files).
+//! A COPY told as a list of layer entries instead of performed: what [`copy::run`] would add on
+//! top of a stage, worked out from its sources (the context, or another stage or image) and a
+//! read-only look at the stage, so the layer can be written straight from the source files and
+//! they are never created on disk (used when no later step needs the stage's files).
 //!
 //! Only cases whose result is certain without doing the copy are told; anything else (a path on
 //! the way to the destination that is a symlink or a file, a source landing on something the
@@ -9,7 +9,9 @@
 //! performs the copy instead.
 
 use std::collections::BTreeMap;
+use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 
 use super::copy::{CopyError, CopyJob, Kind, SourceFs, SourceItem, SrcMeta};
 use crate::rootfs::RootDir;
@@ -23,9 +25,6 @@ pub fn listed_copy(
     job: &CopyJob,
     now: i64,
 ) -> Result<Option<Vec<ListedEntry>>, CopyError> {
-    let SourceFs::Context(context) = &job.from else {
-        return Ok(None);
-    };
     if job.extract_archives || job.parents {
         return Ok(None);
     }
@@ -40,8 +39,13 @@ pub fn listed_copy(
         nodes: BTreeMap::new(),
         now,
     };
-    // Files from the context belong to root unless `--chown` says otherwise.
-    let owner = job.chown.unwrap_or((0, 0));
+    // Files from the context belong to root, files from a stage keep their owners, unless
+    // `--chown` says otherwise.
+    let owner = |m: &SrcMeta| match (job.chown, &job.from) {
+        (Some(o), _) => o,
+        (None, SourceFs::Context(_)) => (0, 0),
+        (None, SourceFs::Rootfs(_)) => (m.uid, m.gid),
+    };
     let into_dir = job.dest_is_dir || tree.base.dest_is_dir;
     let created = if into_dir {
         let (uid, gid) = job.chown.unwrap_or((0, 0));
@@ -61,10 +65,7 @@ pub fn listed_copy(
         let SourceItem::Path { rel, keep: None } = item else {
             return Ok(None);
         };
-        let entries = context.walk(rel).map_err(|e| CopyError::Source {
-            path: rel.clone(),
-            message: e.to_string(),
-        })?;
+        let entries = source_entries(&job.from, rel)?;
         let Some((top, children)) = entries.split_first() else {
             return Ok(None);
         };
@@ -88,9 +89,9 @@ pub fn listed_copy(
                 }
                 let cm = SrcMeta::from(&child.meta);
                 let target = join(&dest, sub);
-                let host = context.host_path(&child.rel);
+                let host = child.host.clone();
                 if tree
-                    .add_source(&target, host, &cm, owner, job.chmod)
+                    .add_source(&target, host, &cm, owner(&cm), job.chmod)
                     .is_none()
                 {
                     return Ok(None);
@@ -106,9 +107,9 @@ pub fn listed_copy(
             } else {
                 dest.clone()
             };
-            let host = context.host_path(rel);
+            let host = top.host.clone();
             if tree
-                .add_source(&target, host, &m, owner, job.chmod)
+                .add_source(&target, host, &m, owner(&m), job.chmod)
                 .is_none()
             {
                 return Ok(None);
@@ -121,6 +122,40 @@ pub fn listed_copy(
         }
     }
     tree.finish(root)
+}
+
+/// One source entry: its path in the source, `lstat` data, and where it is read from.
+struct Found {
+    rel: String,
+    meta: Metadata,
+    host: PathBuf,
+}
+
+/// The source `rel` and, if it is a directory, everything below it, as `copy::run` sees them:
+/// a symlink named by the instruction is followed, one found inside a directory is not.
+fn source_entries(from: &SourceFs, rel: &str) -> Result<Vec<Found>, CopyError> {
+    let found = |rel: &str, host: PathBuf| -> Result<Found, CopyError> {
+        let meta = std::fs::symlink_metadata(&host).map_err(|e| CopyError::Source {
+            path: rel.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(Found {
+            rel: rel.to_string(),
+            meta,
+            host,
+        })
+    };
+    let top = found(rel, from.host_path(rel)?)?;
+    let mut out = Vec::new();
+    let is_dir = top.meta.is_dir();
+    out.push(top);
+    if is_dir {
+        for child in from.children(rel)? {
+            let host = from.entry_path(&child)?;
+            out.push(found(&child, host)?);
+        }
+    }
+    Ok(out)
 }
 
 /// What the stage has on the way to the destination.

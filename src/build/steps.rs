@@ -212,14 +212,19 @@ impl Engine<'_> {
             }
             Ok(())
         };
-        // When nothing after this step reads the stage's files, a copy from the context can be
-        // written into its layer straight from the context, without creating the files.
-        let list = |root: &RootDir, now: i64| -> Result<Option<Vec<ListedEntry>>, BuildError> {
-            let job = job_for(root)?;
+        // When nothing after this step reads the stage's files, a copy can be written into its
+        // layer straight from its sources, without creating the files.
+        let list = |root: &RootDir,
+                    src: Option<&RootDir>,
+                    now: i64|
+         -> Result<Option<Vec<ListedEntry>>, BuildError> {
+            let mut job = job_for(root)?;
+            if let Some(src) = src {
+                job.from = copy::SourceFs::Rootfs(src);
+            }
             listed::listed_copy(root, &job, now).map_err(|e| self.step_error(stage, line, e))
         };
-        let listable =
-            from_state.is_none() && linked.is_none() && self.files_unused_after(stage, n);
+        let listable = linked.is_none() && self.files_unused_after(stage, n);
         let step_ctx = StepPlace {
             stage,
             n,
@@ -411,26 +416,36 @@ impl Engine<'_> {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            let listed = self.with_stage_view(st, stage, line, |root| list(root, now));
-            let layer = match listed {
-                Ok(Some(entries)) => Some(
-                    self.commit_listed(entries, self.context.host_path("").as_path())
-                        .map_err(|e| self.step_error(stage, line, e)),
-                ),
-                Ok(None) => None,
-                Err(e) => Some(Err(e)),
+            let origin = match source {
+                None => self.context.host_path(""),
+                Some(_) => PathBuf::from("the --from source"),
             };
-            match layer {
-                Some(Ok(layer)) => {
+            // The layer is written while the stage (and the source) are still mounted: the
+            // listed files are read from there.
+            let write = |src: Option<&RootDir>| {
+                self.with_stage_view(st, stage, line, |root| match list(root, src, now)? {
+                    Some(entries) => self
+                        .commit_listed(entries, &origin)
+                        .map(Some)
+                        .map_err(|e| self.step_error(stage, line, e)),
+                    None => Ok(None),
+                })
+            };
+            let written = match source {
+                None => write(None),
+                Some(fs) => self.with_stage_view(fs, stage, line, |src| write(Some(src))),
+            };
+            match written {
+                Ok(Some(layer)) => {
                     let result = self.commit_layer(st, ctx, (parent, key), inputs, layer, step);
                     st.key = chain;
                     return result;
                 }
-                Some(Err(e)) => {
+                Ok(None) => {}
+                Err(e) => {
                     step.failed();
                     return Err(e);
                 }
-                None => {}
             }
         }
         let (scratch, upper, work) = self.scratch_upper(stage, line)?;
@@ -493,9 +508,12 @@ impl Engine<'_> {
     }
 }
 
-/// Tells a step's layer as a list of entries, given a read-only view of the stage and the
-/// time of the step; `None` when the step must be run to know.
-type Lister<'a> = dyn Fn(&RootDir, i64) -> Result<Option<Vec<ListedEntry>>, BuildError> + Sync + 'a;
+/// Tells a step's layer as a list of entries, given read-only views of the stage and of the
+/// `--from` source (if any) and the time of the step; `None` when the step must be run to
+/// know.
+type Lister<'a> = dyn Fn(&RootDir, Option<&RootDir>, i64) -> Result<Option<Vec<ListedEntry>>, BuildError>
+    + Sync
+    + 'a;
 
 /// How a rootfs step's changes become a layer.
 #[derive(Clone, Copy, Debug, PartialEq)]
