@@ -128,6 +128,109 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Chunks a [`BackgroundHashingWriter`] may have queued for its hashing thread.
+const QUEUED_CHUNKS: usize = 8;
+
+/// A writer like [`HashingWriter`] whose hashing runs on a thread of its own, so a big stream
+/// costs the writing thread a copy instead of the hash (SHA-256 is often the slowest stage of a
+/// layer's pipeline). At most [`QUEUED_CHUNKS`] written chunks wait for the hasher. If the
+/// thread cannot be started, it hashes inline.
+pub struct BackgroundHashingWriter<W> {
+    inner: W,
+    hasher: Hasher,
+    len: u64,
+}
+
+/// Where a [`BackgroundHashingWriter`] hashes.
+enum Hasher {
+    Thread {
+        chunks: std::sync::mpsc::SyncSender<Vec<u8>>,
+        /// Chunk buffers handed back for reuse.
+        spare: std::sync::mpsc::Receiver<Vec<u8>>,
+        thread: std::thread::JoinHandle<Sha256>,
+    },
+    Inline(Sha256),
+}
+
+impl<W: Write> BackgroundHashingWriter<W> {
+    /// Wraps `inner`.
+    pub fn new(inner: W) -> Self {
+        let (chunks, queue) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_CHUNKS);
+        let (give_back, spare) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("kiln-sha256".into())
+            .spawn(move || {
+                let mut h = Sha256::new();
+                for chunk in queue {
+                    h.update(&chunk);
+                    let _ = give_back.send(chunk);
+                }
+                h
+            });
+        let hasher = match spawned {
+            Ok(thread) => Hasher::Thread {
+                chunks,
+                spare,
+                thread,
+            },
+            Err(_) => Hasher::Inline(Sha256::new()),
+        };
+        BackgroundHashingWriter {
+            inner,
+            hasher,
+            len: 0,
+        }
+    }
+
+    /// Hashes and counts `data` that reaches the inner writer another way, as if it had been
+    /// written through.
+    pub fn account(&mut self, data: &[u8]) {
+        self.len += data.len() as u64;
+        match &mut self.hasher {
+            Hasher::Thread { chunks, spare, .. } => {
+                let mut chunk = spare.try_recv().unwrap_or_default();
+                chunk.clear();
+                chunk.extend_from_slice(data);
+                if let Err(back) = chunks.send(chunk) {
+                    // The hasher is gone (it panicked): `finish` reports it.
+                    drop(back);
+                }
+            }
+            Hasher::Inline(h) => h.update(data),
+        }
+    }
+
+    /// Returns the inner writer, the digest and the byte count of what passed through.
+    pub fn finish(self) -> io::Result<(W, Digest, u64)> {
+        let h = match self.hasher {
+            Hasher::Thread { chunks, thread, .. } => {
+                drop(chunks);
+                thread
+                    .join()
+                    .map_err(|_| io::Error::other("the hashing thread failed"))?
+            }
+            Hasher::Inline(h) => h,
+        };
+        Ok((self.inner, Digest(h.finalize().into()), self.len))
+    }
+
+    /// The inner writer.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+}
+
+impl<W: Write> Write for BackgroundHashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.account(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// A reader that hashes and counts everything read through it.
 pub struct HashingReader<R> {
     inner: R,

@@ -158,11 +158,11 @@ impl Engine<'_> {
         parent: Digest,
         key: Digest,
         inputs: StepInputs,
-        upper: &Path,
+        (upper, pre): (&Path, &snapshot::Precompressed),
         step: crate::progress::Step<'_>,
     ) -> Result<(), BuildError> {
         let layer = self
-            .commit_upper(upper)
+            .commit_upper(upper, pre)
             .map_err(|e| self.step_error(place.stage, place.line, e))?;
         self.commit_layer(st, place, (parent, key), inputs, layer, step)
     }
@@ -196,13 +196,19 @@ impl Engine<'_> {
         }
     }
 
-    /// Turns a step's upper dir into a stored layer and keeps the dir as that layer's
-    /// unpacked form; None when the step changed nothing.
-    fn commit_upper(&self, upper: &Path) -> Result<Option<Layer>, String> {
+    /// Turns a step's upper dir into a stored layer (with the blocks of `pre`, compressed while
+    /// the step ran) and keeps the dir as that layer's unpacked form; None when the step
+    /// changed nothing.
+    fn commit_upper(
+        &self,
+        upper: &Path,
+        pre: &snapshot::Precompressed,
+    ) -> Result<Option<Layer>, String> {
         if !snapshot::upper_has_changes(upper).map_err(|e| e.to_string())? {
             return Ok(None);
         }
-        let layer = self.store_layer(|opts, out| snapshot::write_layer(upper, opts, out))?;
+        let layer =
+            self.store_layer(|opts, out| snapshot::write_layer_with(upper, opts, out, pre))?;
         self.store
             .install_layer_dir(&layer.diff_id, upper)
             .map_err(|e| e.to_string())?;

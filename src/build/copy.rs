@@ -68,6 +68,18 @@ pub struct CopyJob<'a> {
     pub parents: bool,
 }
 
+impl CopyJob<'_> {
+    /// The owner a copied entry gets: `--chown`, else root for files from the context, else
+    /// the entry's own (files from a stage keep their owners).
+    pub(super) fn owner(&self, m: &SrcMeta) -> (u32, u32) {
+        match (self.chown, &self.from) {
+            (Some(o), _) => o,
+            (None, SourceFs::Context(_)) => (0, 0),
+            (None, SourceFs::Rootfs(_)) => (m.uid, m.gid),
+        }
+    }
+}
+
 /// An error while copying; names the path.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -206,12 +218,7 @@ impl SourceFs<'_> {
 
 /// Performs the copy into `root`.
 pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
-    let owner = |m: &SrcMeta| match (job.chown, &job.from) {
-        (Some(o), _) => o,
-        // Files from the context belong to root; files from a stage keep their owners.
-        (None, SourceFs::Context(_)) => (0, 0),
-        (None, SourceFs::Rootfs(_)) => (m.uid, m.gid),
-    };
+    let owner = |m: &SrcMeta| job.owner(m);
     let dest_exists_as_dir = root
         .metadata(&job.dest)
         .map(|m| m.is_dir())

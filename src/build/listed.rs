@@ -39,13 +39,6 @@ pub fn listed_copy(
         nodes: BTreeMap::new(),
         now,
     };
-    // Files from the context belong to root, files from a stage keep their owners, unless
-    // `--chown` says otherwise.
-    let owner = |m: &SrcMeta| match (job.chown, &job.from) {
-        (Some(o), _) => o,
-        (None, SourceFs::Context(_)) => (0, 0),
-        (None, SourceFs::Rootfs(_)) => (m.uid, m.gid),
-    };
     let into_dir = job.dest_is_dir || tree.base.dest_is_dir;
     let created = if into_dir {
         let (uid, gid) = job.chown.unwrap_or((0, 0));
@@ -91,7 +84,7 @@ pub fn listed_copy(
                 let target = join(&dest, sub);
                 let host = child.host.clone();
                 if tree
-                    .add_source(&target, host, &cm, owner(&cm), job.chmod)
+                    .add_source(&target, host, &cm, job.owner(&cm), job.chmod)
                     .is_none()
                 {
                     return Ok(None);
@@ -109,7 +102,7 @@ pub fn listed_copy(
             };
             let host = top.host.clone();
             if tree
-                .add_source(&target, host, &m, owner(&m), job.chmod)
+                .add_source(&target, host, &m, job.owner(&m), job.chmod)
                 .is_none()
             {
                 return Ok(None);

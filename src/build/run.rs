@@ -2,7 +2,7 @@
 //! `--mount`s, and running it in the sandbox.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::config::{DEFAULT_PATH, command_argv, get_env, set_env};
@@ -11,6 +11,7 @@ use crate::plan::{self, CopySource, StepInputs};
 use crate::recipe::instructions::{CommandLine, Instruction, Run};
 use crate::rootfs::RootDir;
 use crate::sandbox::{self, BindMount, NetworkMode, RunSpec};
+use crate::snapshot;
 
 /// A RUN mount, as the sandbox gets it.
 enum RunMount {
@@ -189,7 +190,8 @@ impl Engine<'_> {
         let Some(mut step) = self.reuse_cached(st, &place, (parent, key), &inputs, step)? else {
             return Ok(());
         };
-        let (_scratch, upper, work) = self.scratch_upper(stage, line)?;
+        let (scratch, upper, work) = self.scratch_upper(stage, line)?;
+        let speculation = self.speculate(&upper, scratch.path());
         let spec = RunSpec {
             lower_dirs: self.lowers(st)?,
             upper_dir: upper.clone(),
@@ -240,6 +242,7 @@ impl Engine<'_> {
                 .and_then(|r| r)
             }
         };
+        let pre = speculation.map(snapshot::Speculation::finish);
         let code = match result {
             Ok(code) => code,
             Err(sandbox::SandboxError::Cancelled) => {
@@ -261,7 +264,20 @@ impl Engine<'_> {
                 code,
             });
         }
-        self.commit_step(st, place, parent, key, inputs, &upper, step)
+        let pre = pre.unwrap_or_default();
+        self.commit_step(st, place, parent, key, inputs, (&upper, &pre), step)
+    }
+
+    /// Starts compressing the step's big output files on idle CPU while it runs (gzip layers,
+    /// several cores); `None` when that cannot help or cannot start.
+    fn speculate(&self, upper: &Path, scratch: &Path) -> Option<snapshot::Speculation> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if self.opts.compression != snapshot::Compression::Gzip || cores < 2 {
+            return None;
+        }
+        let spool = scratch.join("spool");
+        std::fs::create_dir(&spool).ok()?;
+        snapshot::Speculation::start(upper, &spool).ok()
     }
 
     /// One `RUN --mount=…` as a bind mount for the sandbox. Supported types:

@@ -12,7 +12,7 @@ use crate::plan::{self, CopySource, StepInputs};
 use crate::recipe::instructions::{Copy, Instruction};
 use crate::rootfs::RootDir;
 use crate::sandbox;
-use crate::snapshot::ListedEntry;
+use crate::snapshot::{self, ListedEntry};
 
 impl Engine<'_> {
     #[allow(clippy::too_many_arguments)]
@@ -484,7 +484,8 @@ impl Engine<'_> {
             step.failed();
             return Err(e);
         }
-        let result = self.commit_step(st, ctx, parent, key, inputs, &upper, step);
+        let none = snapshot::Precompressed::default();
+        let result = self.commit_step(st, ctx, parent, key, inputs, (&upper, &none), step);
         st.key = chain;
         drop(scratch);
         result

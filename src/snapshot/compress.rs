@@ -40,6 +40,23 @@ impl<W: Write> Encoder<W> {
         })
     }
 
+    /// Starts a new block here for a big file's data (gzip only; see `pgzip`), with no
+    /// dictionary if `fresh`.
+    pub(super) fn align(&mut self, fresh: bool) -> io::Result<()> {
+        match self {
+            Encoder::Gzip(g) => g.align(fresh),
+            Encoder::Zstd(_) | Encoder::Plain(_) => Ok(()),
+        }
+    }
+
+    /// The gzip writer, for splicing blocks compressed ahead of time; `None` for the others.
+    pub(super) fn gzip(&mut self) -> Option<&mut ParGzWriter<W>> {
+        match self {
+            Encoder::Gzip(g) => Some(g),
+            Encoder::Zstd(_) | Encoder::Plain(_) => None,
+        }
+    }
+
     /// Writes any trailer and returns the inner writer.
     pub(super) fn finish(self) -> io::Result<W> {
         match self {

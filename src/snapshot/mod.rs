@@ -8,6 +8,7 @@
 mod compress;
 mod extract;
 mod pgzip;
+mod speculate;
 mod write;
 
 use std::io;
@@ -17,8 +18,10 @@ use crate::digest::Digest;
 use crate::rootfs::RootfsError;
 
 pub use extract::{extract_archive, is_archive, unpack_layer};
+pub use speculate::{Precompressed, Speculation};
 pub use write::{
-    ListedEntry, ListedKind, layer_xattrs, upper_has_changes, write_layer, write_listed_layer,
+    ListedEntry, ListedKind, layer_xattrs, upper_has_changes, write_layer, write_layer_with,
+    write_listed_layer,
 };
 
 /// How a layer is written.

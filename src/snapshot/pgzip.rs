@@ -11,6 +11,13 @@
 //! tail, so 1 thread or 16 give identical output. The CRC-32 of each block is computed by its
 //! worker and combined in order; ISIZE is the input length mod 2^32.
 //!
+//! A regular file of at least [`ALIGN_MIN`] bytes gets blocks of its own: the block before its
+//! data ends early ([`ParGzWriter::align`]), its first block has no dictionary, and its last
+//! block ends with its data. So the compressed form of such a file's data depends only on the
+//! file, whatever precedes it in the layer, which lets a file be compressed ahead of time
+//! (`speculate.rs`) and its blocks spliced in ([`ParGzWriter::splice`]) with the very bytes the
+//! writer would have produced.
+//!
 //! Workers (one per available core) take blocks from a shared queue; the writer keeps at most
 //! `2 × threads` blocks in flight and writes the results in sequence, so memory stays at a few
 //! MiB whatever the layer size. With one thread everything runs inline on the caller's thread.
@@ -36,12 +43,14 @@ use flate2::{Compress, FlushCompress, Status};
 
 /// Input bytes per independently compressed block.
 pub(super) const BLOCK_SIZE: usize = 1 << 20;
+/// Regular files at least this big are compressed in blocks of their own (see the module doc).
+pub(super) const ALIGN_MIN: u64 = 8 << 20;
 /// The deflate level (see the module doc for why).
 pub(super) const LEVEL: u32 = 6;
 /// A block whose order-0 entropy is at least this many bits per byte is stored, not deflated.
 const STORE_ENTROPY_BITS: f64 = 7.92;
 /// Size of the deflate window, hence of the dictionary carried from one block to the next.
-const WINDOW: usize = 32 * 1024;
+pub(super) const WINDOW: usize = 32 * 1024;
 /// Largest payload of one deflate stored block.
 const STORED_MAX: usize = 65_535;
 /// gzip header: magic, CM=deflate, no flags, mtime 0, XFL 0, OS 255 (unknown: host-independent).
@@ -67,7 +76,7 @@ struct Done {
 /// Where blocks are compressed.
 enum Engine {
     /// On the caller's thread (one thread).
-    Inline(Box<Compress>),
+    Inline,
     /// On worker threads.
     Pool(Pool),
 }
@@ -112,10 +121,7 @@ impl<W: Write> ParGzWriter<W> {
     pub(super) fn with_threads(mut out: W, threads: usize) -> io::Result<Self> {
         let threads = threads.max(1);
         let engine = if threads == 1 {
-            Engine::Inline(Box::new(Compress::new(
-                flate2::Compression::new(LEVEL),
-                false,
-            )))
+            Engine::Inline
         } else {
             Engine::Pool(Pool::spawn(threads)?)
         };
@@ -133,6 +139,51 @@ impl<W: Write> ParGzWriter<W> {
             engine,
             max_in_flight: 2 * threads as u64,
         })
+    }
+
+    /// Ends the current block here, even if it is short, so that what follows starts a block;
+    /// with `fresh`, that block has no dictionary.
+    pub(super) fn align(&mut self, fresh: bool) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.dispatch(false)?;
+        }
+        if fresh {
+            self.tail.clear();
+        }
+        Ok(())
+    }
+
+    /// Appends `input`, one whole block starting at a block boundary, as `compressed`: what
+    /// [`compress_block`] made of it with the dictionary this writer would have given it.
+    pub(super) fn splice(&mut self, input: &[u8], compressed: Vec<u8>) -> io::Result<()> {
+        if !self.buf.is_empty() || input.len() > BLOCK_SIZE {
+            return Err(io::Error::other(
+                "a spliced block must start at a block boundary",
+            ));
+        }
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(input);
+        self.tail.clear();
+        self.tail
+            .extend_from_slice(&input[input.len().saturating_sub(WINDOW)..]);
+        self.total += input.len() as u64;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let done = Done {
+            seq,
+            out: Ok(compressed),
+            crc,
+            input: Vec::new(),
+        };
+        self.ready.insert(seq, done);
+        self.write_ready()?;
+        // Blocks waiting behind one still being compressed count against the same bound.
+        while matches!(self.engine, Engine::Pool(_))
+            && self.next_seq - self.next_write >= self.max_in_flight
+        {
+            self.collect_one()?;
+        }
+        Ok(())
     }
 
     /// Compresses what is buffered as the final block, writes the trailer, returns the writer.
@@ -176,8 +227,8 @@ impl<W: Write> ParGzWriter<W> {
                 }
                 Ok(())
             }
-            Engine::Inline(comp) => {
-                let done = compress_job(comp, job);
+            Engine::Inline => {
+                let done = compress_job(job);
                 self.ready.insert(done.seq, done);
                 self.write_ready()
             }
@@ -202,8 +253,10 @@ impl<W: Write> ParGzWriter<W> {
             self.out.write_all(&done.out?)?;
             self.crc.combine(&done.crc);
             let mut input = done.input;
-            input.clear();
-            self.spare.push(input);
+            if input.capacity() > 0 {
+                input.clear();
+                self.spare.push(input);
+            }
             self.next_write += 1;
         }
         Ok(())
@@ -263,28 +316,35 @@ impl Drop for Pool {
 
 /// A worker: compresses jobs until the queue closes or the writer goes away.
 fn worker(jobs: &Mutex<Receiver<Job>>, results: &Sender<Done>) {
-    let mut comp = Compress::new(flate2::Compression::new(LEVEL), false);
     loop {
         let job = match jobs.lock() {
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        if results.send(compress_job(&mut comp, job)).is_err() {
+        if results.send(compress_job(job)).is_err() {
             return;
         }
     }
 }
 
-/// Compresses one block: stored if incompressible, else deflate with the dictionary.
-fn compress_job(comp: &mut Compress, job: Job) -> Done {
+/// One block as this writer compresses it: stored if incompressible, else deflate primed with
+/// `dict`, ending byte-aligned, or with the final deflate block if `last`. A fresh compressor
+/// every time: a reset zlib-rs compressor can carry state from the block it compressed before
+/// into its output, which would make the bytes depend on which worker took which block.
+pub(super) fn compress_block(data: &[u8], dict: &[u8], last: bool) -> io::Result<Vec<u8>> {
+    if !data.is_empty() && incompressible(data) {
+        Ok(stored(data, last))
+    } else {
+        deflate(data, dict, last)
+    }
+}
+
+/// Compresses one job's block (see [`compress_block`]) and its CRC.
+fn compress_job(job: Job) -> Done {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&job.data);
-    let out = if !job.data.is_empty() && incompressible(&job.data) {
-        Ok(stored(&job.data, job.last))
-    } else {
-        deflate(comp, &job.data, &job.dict, job.last)
-    };
+    let out = compress_block(&job.data, &job.dict, job.last);
     Done {
         seq: job.seq,
         out,
@@ -334,8 +394,9 @@ fn stored(data: &[u8], last: bool) -> Vec<u8> {
 }
 
 /// Raw deflate of `data` primed with `dict`, ending byte-aligned (sync flush) or final.
-fn deflate(comp: &mut Compress, data: &[u8], dict: &[u8], last: bool) -> io::Result<Vec<u8>> {
-    comp.reset();
+fn deflate(data: &[u8], dict: &[u8], last: bool) -> io::Result<Vec<u8>> {
+    let mut comp = Compress::new(flate2::Compression::new(LEVEL), false);
+    let comp = &mut comp;
     if !dict.is_empty() {
         comp.set_dictionary(dict).map_err(io::Error::other)?;
     }
@@ -454,5 +515,58 @@ mod tests {
         let random = &data[2 * BLOCK_SIZE + 1000..3 * BLOCK_SIZE];
         assert!(incompressible(random));
         assert!(!incompressible(&data[..BLOCK_SIZE]));
+    }
+
+    /// Text on which zlib-rs compressors reused across blocks gave different bytes depending on
+    /// which worker took which block.
+    fn numbered_lines() -> Vec<u8> {
+        let mut text = Vec::new();
+        let mut i = 0u64;
+        while text.len() < 10 * BLOCK_SIZE + BLOCK_SIZE / 2 {
+            text.extend_from_slice(format!("{i} {}\n", i * i % 977).as_bytes());
+            i += 1;
+        }
+        text
+    }
+
+    #[test]
+    fn same_bytes_whatever_the_threads_on_numbered_lines() {
+        let text = numbered_lines();
+        let one = gz(&text, 1, 256 * 1024);
+        for threads in [2, 3, 4] {
+            assert_eq!(gz(&text, threads, 256 * 1024), one, "{threads} threads");
+        }
+        assert_eq!(gunzip(&one), text);
+    }
+
+    #[test]
+    fn aligned_and_spliced_blocks_give_the_same_stream() {
+        let text = numbered_lines();
+        for threads in [1, 2] {
+            let run = |splice: bool| {
+                let mut w = ParGzWriter::with_threads(Vec::new(), threads).unwrap();
+                w.write_all(&[7u8; 300]).unwrap();
+                w.align(true).unwrap();
+                let mut dict: &[u8] = &[];
+                for block in text.chunks(BLOCK_SIZE) {
+                    if splice {
+                        w.splice(block, compress_block(block, dict, false).unwrap())
+                            .unwrap();
+                    } else {
+                        w.write_all(block).unwrap();
+                    }
+                    dict = &block[block.len() - WINDOW..];
+                }
+                w.align(false).unwrap();
+                w.write_all(&[0u8; 1024]).unwrap();
+                w.finish().unwrap()
+            };
+            let written = run(false);
+            assert_eq!(run(true), written, "{threads} threads");
+            let mut expected = vec![7u8; 300];
+            expected.extend_from_slice(&text);
+            expected.extend_from_slice(&[0u8; 1024]);
+            assert_eq!(gunzip(&written), expected);
+        }
     }
 }

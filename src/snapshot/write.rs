@@ -16,8 +16,10 @@ use std::path::{Path, PathBuf};
 use tar::{EntryType, Header};
 
 use super::compress::Encoder;
+use super::pgzip::{ALIGN_MIN, BLOCK_SIZE};
+use super::speculate::{Precompressed, PrecompressedFile};
 use super::{LayerOptions, LayerSummary, SnapshotError, WH_OPAQUE, WH_PREFIX, xattr_is_private};
-use crate::digest::HashingWriter;
+use crate::digest::BackgroundHashingWriter;
 
 /// Tar block size.
 const BLOCK: u64 = 512;
@@ -40,7 +42,18 @@ pub fn write_layer<W: Write>(
     opts: &LayerOptions,
     out: W,
 ) -> Result<(W, LayerSummary), SnapshotError> {
-    with_tar_writer(upper, opts, out, |tw| tw.walk())
+    write_layer_with(upper, opts, out, &Precompressed::default())
+}
+
+/// [`write_layer`], using the blocks of `pre` (compressed while the step ran) for the files
+/// they still match; the layer's bytes are the same either way.
+pub fn write_layer_with<W: Write>(
+    upper: &Path,
+    opts: &LayerOptions,
+    out: W,
+    pre: &Precompressed,
+) -> Result<(W, LayerSummary), SnapshotError> {
+    with_tar_writer(upper, opts, out, |tw| tw.walk(pre))
 }
 
 /// One entry of a layer given as a list rather than walked from a directory (see
@@ -118,7 +131,7 @@ pub fn write_listed_layer<W: Write>(
                 }
                 ListedKind::File { source, size } => {
                     tw.entry(&e.path, &stat, EntryType::Regular, *size, None, &e.xattrs)?;
-                    tw.copy_file(source, &e.path, *size)?;
+                    tw.copy_file(source, &e.path, *size, None)?;
                 }
                 ListedKind::Symlink(target) => {
                     let stat = Stat {
@@ -150,7 +163,7 @@ fn with_tar_writer<W: Write>(
 ) -> Result<(W, LayerSummary), SnapshotError> {
     let enc = Encoder::new(out, opts.compression)
         .map_err(|e| SnapshotError::io("start compressing layer from", origin, e))?;
-    let sink = BufWriter::with_capacity(BUF_SIZE, HashingWriter::new(enc));
+    let sink = BufWriter::with_capacity(BUF_SIZE, BackgroundHashingWriter::new(enc));
     let mut tw = TarWriter {
         out: sink,
         epoch: opts.source_date_epoch,
@@ -163,7 +176,7 @@ fn with_tar_writer<W: Write>(
     tw.out.write_all(&[0u8; 2 * BLOCK as usize]).map_err(w)?;
     let entries = tw.entries;
     let hashing = tw.out.into_inner().map_err(|e| w(e.into_error()))?;
-    let (enc, diff_id, uncompressed_size) = hashing.finish();
+    let (enc, diff_id, uncompressed_size) = hashing.finish().map_err(w)?;
     let out = enc.finish().map_err(w)?;
     Ok((
         out,
@@ -207,7 +220,7 @@ enum Kind {
 }
 
 struct TarWriter<'a, W: Write> {
-    out: BufWriter<HashingWriter<Encoder<W>>>,
+    out: BufWriter<BackgroundHashingWriter<Encoder<W>>>,
     epoch: Option<i64>,
     entries: u64,
     /// (dev, ino) of multiply-linked files → the layer path first written for them.
@@ -260,7 +273,7 @@ impl<W: Write> TarWriter<'_, W> {
         })
     }
 
-    fn walk(&mut self) -> Result<(), SnapshotError> {
+    fn walk(&mut self, pre: &Precompressed) -> Result<(), SnapshotError> {
         let mut stack = vec![self.frame(self.upper.to_path_buf(), Vec::new())?];
         while let Some(top) = stack.last_mut() {
             let Some(Child { name, md, .. }) = top.children.next() else {
@@ -328,7 +341,7 @@ impl<W: Write> TarWriter<'_, W> {
                 }
                 Kind::File => {
                     self.entry(&rel, &stat, EntryType::Regular, md.len(), None, &xattrs)?;
-                    self.copy_file(&host, &rel, md.len())?;
+                    self.copy_file(&host, &rel, md.len(), pre.blocks_for(&rel, &md))?;
                 }
                 Kind::Link(first) => {
                     self.entry(&rel, &stat, EntryType::Link, 0, Some(&first), &[])?;
@@ -482,15 +495,31 @@ impl<W: Write> TarWriter<'_, W> {
             .map_err(|e| self.werr(e))
     }
 
-    /// Streams exactly `size` bytes of the file at `host` (never following a symlink).
-    fn copy_file(&mut self, host: &Path, rel: &[u8], size: u64) -> Result<(), SnapshotError> {
+    /// Streams exactly `size` bytes of the file at `host` (never following a symlink). A file
+    /// of at least `ALIGN_MIN` bytes gets compressed blocks of its own, taken from `pre` as far
+    /// as they match what is read now.
+    fn copy_file(
+        &mut self,
+        host: &Path,
+        rel: &[u8],
+        size: u64,
+        pre: Option<PrecompressedFile<'_>>,
+    ) -> Result<(), SnapshotError> {
         let f = File::options()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(host)
             .map_err(|e| SnapshotError::io("open", host, e))?;
-        let got = io::copy(&mut f.take(size), &mut self.out)
-            .map_err(|e| SnapshotError::io("read", host, e))?;
+        let mut f = f.take(size);
+        let aligned = size >= ALIGN_MIN;
+        if aligned {
+            self.align(true)?;
+        }
+        let mut got = 0;
+        if let (true, Some(pre)) = (aligned, pre) {
+            got = self.splice_file(&mut f, host, &pre)?;
+        }
+        got += io::copy(&mut f, &mut self.out).map_err(|e| SnapshotError::io("read", host, e))?;
         if got != size {
             return Err(SnapshotError::FileChanged {
                 path: rel_path(rel),
@@ -498,8 +527,66 @@ impl<W: Write> TarWriter<'_, W> {
                 got,
             });
         }
+        if aligned {
+            self.align(false)?;
+        }
         self.pad(size)
     }
+
+    /// Ends the compressor's current block here (see `pgzip`); the tar bytes so far go first.
+    fn align(&mut self, fresh: bool) -> Result<(), SnapshotError> {
+        self.out.flush().map_err(|e| self.werr(e))?;
+        let aligned = self.out.get_mut().get_mut().align(fresh);
+        aligned.map_err(|e| self.werr(e))
+    }
+
+    /// Reads `f` block by block, splicing in each precompressed block whose input matches; at
+    /// the first that does not, writes it normally and stops. Returns the bytes consumed.
+    fn splice_file(
+        &mut self,
+        f: &mut impl Read,
+        host: &Path,
+        pre: &PrecompressedFile<'_>,
+    ) -> Result<u64, SnapshotError> {
+        let rerr = |e| SnapshotError::io("read", host, e);
+        let spool = pre.open().map_err(|e| self.werr(e))?;
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        let mut consumed = 0;
+        for i in 0.. {
+            let len = read_full(f, &mut buf).map_err(rerr)?;
+            if len == 0 {
+                break;
+            }
+            consumed += len as u64;
+            let input = &buf[..len];
+            let Some(compressed) = pre.block(&spool, i, input).map_err(|e| self.werr(e))? else {
+                self.out.write_all(input).map_err(|e| self.werr(e))?;
+                break;
+            };
+            let hashing = self.out.get_mut();
+            hashing.account(input);
+            let spliced = match hashing.get_mut().gzip() {
+                Some(g) => g.splice(input, compressed),
+                None => Err(io::Error::other("precompressed blocks need gzip")),
+            };
+            spliced.map_err(|e| self.werr(e))?;
+        }
+        Ok(consumed)
+    }
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// The layer path as a `PathBuf`, for messages.

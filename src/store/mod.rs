@@ -37,7 +37,7 @@ use std::time::{Duration, SystemTime};
 
 use tempfile::NamedTempFile;
 
-use crate::digest::{Digest, HashingReader, HashingWriter};
+use crate::digest::{BackgroundHashingWriter, Digest, HashingReader};
 use crate::image::{
     ANNOTATION_REF_NAME, Descriptor, ImageConfig, ImageError, Index, MEDIA_CONFIG, MEDIA_MANIFEST,
     Manifest, canonical_json, is_index_type,
@@ -153,7 +153,7 @@ impl Drop for Session {
 pub struct BlobWriter {
     blobs_dir: PathBuf,
     written: Arc<Mutex<BTreeSet<Digest>>>,
-    inner: HashingWriter<BufWriter<WritebackFile>>,
+    inner: BackgroundHashingWriter<BufWriter<WritebackFile>>,
 }
 
 impl Write for BlobWriter {
@@ -179,7 +179,7 @@ impl BlobWriter {
     }
 
     fn finish(self, expected: Option<&Digest>) -> Result<(Digest, u64), StoreError> {
-        let (buf, digest, size) = self.inner.finish();
+        let (buf, digest, size) = self.inner.finish().at(&self.blobs_dir)?;
         let tmp = buf
             .into_inner()
             .map_err(|e| StoreError::Io {
@@ -485,7 +485,7 @@ impl Store {
         Ok(BlobWriter {
             blobs_dir: self.blobs_dir(),
             written: Arc::clone(&self.written),
-            inner: HashingWriter::new(BufWriter::with_capacity(
+            inner: BackgroundHashingWriter::new(BufWriter::with_capacity(
                 256 * 1024,
                 WritebackFile::new(tmp),
             )),
