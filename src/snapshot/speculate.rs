@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::fs::{File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +27,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use super::pgzip::{ALIGN_MIN, BLOCK_SIZE, WINDOW, compress_block};
+use crate::rootfs::RootDir;
 
 /// How long a file must have stayed unmodified before it is compressed ahead of time.
 const SETTLED: Duration = Duration::from_millis(300);
@@ -183,6 +184,9 @@ impl Drop for Speculation {
 /// The watcher: looks at `upper` every [`POLL`] until `stop`, compressing settled big files.
 fn watch(upper: &Path, spool: &Path, stop: &AtomicBool) -> Precompressed {
     let mut done = Precompressed::default();
+    let Ok(root) = RootDir::open_host(upper) else {
+        return done;
+    };
     let mut spooled = 0usize;
     while !stop.load(Ordering::SeqCst) {
         let started = std::time::Instant::now();
@@ -198,19 +202,19 @@ fn watch(upper: &Path, spool: &Path, stop: &AtomicBool) -> Precompressed {
             let Ok(rel) = entry.path().strip_prefix(upper) else {
                 continue;
             };
-            let rel = rel.as_os_str().as_bytes().to_vec();
+            let key = rel.as_os_str().as_bytes().to_vec();
             let identity = Identity::from(&md);
-            if done.files.get(&rel).is_some_and(|f| f.identity == identity) {
+            if done.files.get(&key).is_some_and(|f| f.identity == identity) {
                 continue;
             }
             spooled += 1;
             let target = spool.join(format!("{spooled}.z"));
-            match compress_file(entry.path(), identity, &target, stop) {
+            match compress_file(&root, rel, identity, &target, stop) {
                 Some(blocks) => {
-                    done.files.insert(rel, blocks);
+                    done.files.insert(key, blocks);
                 }
                 None => {
-                    done.files.remove(&rel);
+                    done.files.remove(&key);
                     let _ = std::fs::remove_file(&target);
                 }
             }
@@ -232,20 +236,19 @@ fn settled(md: &Metadata) -> bool {
         .is_some_and(|age| age >= SETTLED)
 }
 
-/// Compresses the file at `path` into `target` block by block, as the layer writer would;
+/// Compresses the file `rel` of `upper` into `target` block by block, as the layer writer would;
 /// stops early (keeping the blocks done) when `stop` is set. `None` if the file changed while
 /// it was read or could not be read.
 fn compress_file(
-    path: &Path,
+    upper: &RootDir,
+    rel: &Path,
     identity: Identity,
     target: &Path,
     stop: &AtomicBool,
 ) -> Option<FileBlocks> {
-    let mut src = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
+    // Resolved inside the upper dir and opened only if it is a regular file: the step may be
+    // swapping paths around while this runs. The identity check then pins the very file seen.
+    let mut src = upper.open_read(rel).ok()?;
     if Identity::from(&src.metadata().ok()?) != identity {
         return None;
     }
@@ -274,7 +277,7 @@ fn compress_file(
     }
     out.flush().ok()?;
     // Changed while it was read: what was compressed may be a mix of old and new bytes.
-    if Identity::from(&std::fs::symlink_metadata(path).ok()?) != identity {
+    if Identity::from(&src.metadata().ok()?) != identity {
         return None;
     }
     Some(FileBlocks {
@@ -311,9 +314,10 @@ mod tests {
     }
 
     fn compressed(upper: &Path, spool: &Path) -> Precompressed {
-        let big = upper.join("big");
-        let identity = Identity::from(&std::fs::metadata(&big).unwrap());
-        let blocks = compress_file(&big, identity, spool, &AtomicBool::new(false)).unwrap();
+        let identity = Identity::from(&std::fs::metadata(upper.join("big")).unwrap());
+        let root = RootDir::open_host(upper).unwrap();
+        let stop = AtomicBool::new(false);
+        let blocks = compress_file(&root, Path::new("big"), identity, spool, &stop).unwrap();
         assert_eq!(blocks.blocks.len(), 11);
         let mut pre = Precompressed::default();
         pre.files.insert(b"big".to_vec(), blocks);
