@@ -453,6 +453,34 @@ fn same_inputs_give_the_same_digest() {
 }
 
 #[test]
+fn a_big_file_gives_the_same_layer_whether_or_not_it_was_compressed_while_the_step_ran() {
+    // The sleep gives kiln time to compress /big while the step still runs; without it the
+    // step ends first and the snapshot compresses everything. The layer must not tell.
+    let layer_blob = |run: &str| {
+        let k = Kiln::new();
+        let dir = tempfile::tempdir().unwrap();
+        let layout = dir.path().join("oci");
+        let recipe = format!("FROM busybox\nRUN {run}\n");
+        let out = format!("type=oci,dest={}", layout.display());
+        k.build_ok(&recipe, &[], &["--source-date-epoch", "0", "-o", &out]);
+        let read = |name: &str| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(layout.join(name)).unwrap()).unwrap()
+        };
+        let index = read("index.json");
+        let manifest = index["manifests"][0]["digest"].as_str().unwrap();
+        let manifest = read(&format!("blobs/sha256/{}", &manifest[7..]));
+        let layers = manifest["layers"].as_array().unwrap();
+        layers[layers.len() - 1]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let written = "seq 1 2500000 > /big && mkdir /d && seq 1 9 > /d/small";
+    let spliced = layer_blob(&format!("{written} && sleep 2"));
+    assert_eq!(spliced, layer_blob(written));
+}
+
+#[test]
 fn bad_recipe_is_exit_2_with_location() {
     let k = Kiln::new();
     let (out, _c) = k.build("FROM busybox\nRUN echo ok\nFROBNICATE now\n", &[], &[]);
