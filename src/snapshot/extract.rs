@@ -57,15 +57,9 @@ pub fn is_archive(path: &Path) -> io::Result<bool> {
         return Ok(false);
     };
     let mut block = [0u8; 512];
-    let mut n = 0;
-    while n < block.len() {
-        match r.read(&mut block[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Ok(false),
-        }
-    }
+    let Ok(n) = super::read_full(&mut r, &mut block) else {
+        return Ok(false);
+    };
     Ok(n == block.len() && valid_header(&block))
 }
 

@@ -156,3 +156,17 @@ fn xattr_is_private(name: &[u8]) -> bool {
         || name == b"security.selinux"
         || name == b"system.nfs4_acl"
 }
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+pub(super) fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

@@ -18,7 +18,9 @@ use tar::{EntryType, Header};
 use super::compress::Encoder;
 use super::pgzip::{ALIGN_MIN, BLOCK_SIZE};
 use super::speculate::{Precompressed, PrecompressedFile};
-use super::{LayerOptions, LayerSummary, SnapshotError, WH_OPAQUE, WH_PREFIX, xattr_is_private};
+use super::{
+    LayerOptions, LayerSummary, SnapshotError, WH_OPAQUE, WH_PREFIX, read_full, xattr_is_private,
+};
 use crate::digest::BackgroundHashingWriter;
 
 /// Tar block size.
@@ -573,20 +575,6 @@ impl<W: Write> TarWriter<'_, W> {
         }
         Ok(consumed)
     }
-}
-
-/// Reads until `buf` is full or the input ends; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// The layer path as a `PathBuf`, for messages.
