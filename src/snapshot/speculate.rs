@@ -164,20 +164,21 @@ impl Speculation {
     /// Stops at the next block and returns what was compressed (the step has ended, so
     /// nothing changes any more).
     pub fn finish(mut self) -> Precompressed {
+        self.stop_thread().unwrap_or_default()
+    }
+
+    /// Tells the thread to stop, wakes it and waits for it.
+    fn stop_thread(&mut self) -> Option<Precompressed> {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
+        let t = self.thread.take()?;
+        t.thread().unpark();
+        t.join().ok()
     }
 }
 
 impl Drop for Speculation {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop_thread();
     }
 }
 
@@ -219,10 +220,13 @@ fn watch(upper: &Path, spool: &Path, stop: &AtomicBool) -> Precompressed {
                 }
             }
         }
-        let pause = POLL.max(started.elapsed() * 10);
-        let until = std::time::Instant::now() + pause;
-        while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
+        // `finish` unparks this thread, so a step that ends does not wait for the pause.
+        let until = std::time::Instant::now() + POLL.max(started.elapsed() * 10);
+        while !stop.load(Ordering::SeqCst) {
+            let Some(left) = until.checked_duration_since(std::time::Instant::now()) else {
+                break;
+            };
+            std::thread::park_timeout(left);
         }
     }
     done
