@@ -68,7 +68,15 @@ pub struct CopyJob<'a> {
     pub parents: bool,
 }
 
-impl CopyJob<'_> {
+impl<'a> CopyJob<'a> {
+    /// This job reading from the mounted rootfs `src` (another stage or image) if given.
+    pub(super) fn reading_from(mut self, src: Option<&'a RootDir>) -> Self {
+        if let Some(src) = src {
+            self.from = SourceFs::Rootfs(src);
+        }
+        self
+    }
+
     /// The owner a copied entry gets: `--chown`, else root for files from the context, else
     /// the entry's own (files from a stage keep their owners).
     pub(super) fn owner(&self, m: &SrcMeta) -> (u32, u32) {
@@ -101,14 +109,16 @@ pub enum CopyError {
     },
 }
 
-fn dest_err(path: &str, e: impl std::fmt::Display) -> CopyError {
+/// A destination error naming `path`.
+pub(super) fn dest_err(path: &str, e: impl std::fmt::Display) -> CopyError {
     CopyError::Dest {
         path: path.to_string(),
         message: e.to_string(),
     }
 }
 
-fn src_err(path: &str, e: impl std::fmt::Display) -> CopyError {
+/// A source error naming `path`.
+pub(super) fn src_err(path: &str, e: impl std::fmt::Display) -> CopyError {
     CopyError::Source {
         path: path.to_string(),
         message: e.to_string(),

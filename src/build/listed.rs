@@ -13,7 +13,7 @@ use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use super::copy::{CopyError, CopyJob, Kind, SourceFs, SourceItem, SrcMeta};
+use super::copy::{CopyError, CopyJob, Kind, SourceFs, SourceItem, SrcMeta, dest_err, src_err};
 use crate::rootfs::RootDir;
 use crate::snapshot::{ListedEntry, ListedKind, layer_xattrs};
 
@@ -58,8 +58,8 @@ pub fn listed_copy(
         let SourceItem::Path { rel, keep: None } = item else {
             return Ok(None);
         };
-        let entries = source_entries(&job.from, rel)?;
-        let Some((top, children)) = entries.split_first() else {
+        let mut entries = source_entries(&job.from, rel)?.into_iter();
+        let Some(top) = entries.next() else {
             return Ok(None);
         };
         let m = SrcMeta::from(&top.meta);
@@ -67,7 +67,7 @@ pub fn listed_copy(
             if tree.mkdir_all(&dest, 0o755, 0, 0).is_none() {
                 return Ok(None);
             }
-            for child in children {
+            for child in entries {
                 let sub = child
                     .rel
                     .strip_prefix(rel.as_str())
@@ -82,9 +82,8 @@ pub fn listed_copy(
                 }
                 let cm = SrcMeta::from(&child.meta);
                 let target = join(&dest, sub);
-                let host = child.host.clone();
                 if tree
-                    .add_source(&target, host, &cm, job.owner(&cm), job.chmod)
+                    .add_source(&target, child.host, &cm, job.owner(&cm), job.chmod)
                     .is_none()
                 {
                     return Ok(None);
@@ -100,9 +99,8 @@ pub fn listed_copy(
             } else {
                 dest.clone()
             };
-            let host = top.host.clone();
             if tree
-                .add_source(&target, host, &m, job.owner(&m), job.chmod)
+                .add_source(&target, top.host, &m, job.owner(&m), job.chmod)
                 .is_none()
             {
                 return Ok(None);
@@ -127,11 +125,20 @@ struct Found {
 /// The source `rel` and, if it is a directory, everything below it, as `copy::run` sees them:
 /// a symlink named by the instruction is followed, one found inside a directory is not.
 fn source_entries(from: &SourceFs, rel: &str) -> Result<Vec<Found>, CopyError> {
+    if let SourceFs::Context(c) = from {
+        // The context's walk has the `lstat` data already.
+        let entries = c.walk(rel).map_err(|e| src_err(rel, e))?;
+        return Ok(entries
+            .into_iter()
+            .map(|e| Found {
+                host: c.host_path(&e.rel),
+                rel: e.rel,
+                meta: e.meta,
+            })
+            .collect());
+    }
     let found = |rel: &str, host: PathBuf| -> Result<Found, CopyError> {
-        let meta = std::fs::symlink_metadata(&host).map_err(|e| CopyError::Source {
-            path: rel.to_string(),
-            message: e.to_string(),
-        })?;
+        let meta = std::fs::symlink_metadata(&host).map_err(|e| src_err(rel, e))?;
         Ok(Found {
             rel: rel.to_string(),
             meta,
@@ -177,13 +184,15 @@ fn probe(root: &RootDir, dest: &str) -> Result<Option<Base>, CopyError> {
                     dest_is_dir: false,
                 }));
             }
-            Err(e) => return Err(dest_err(&path, e)),
+            Err(e) => return Err(dest_err(&format!("/{path}"), e)),
         };
         if !md.is_dir() {
             return Ok(None);
         }
-        let host = root.resolve(&path).map_err(|e| dest_err(&path, e))?;
-        let xattrs = layer_xattrs(&host).map_err(|e| dest_err(&path, e))?;
+        let host = root
+            .resolve(&path)
+            .map_err(|e| dest_err(&format!("/{path}"), e))?;
+        let xattrs = layer_xattrs(&host).map_err(|e| dest_err(&format!("/{path}"), e))?;
         let entry = ListedEntry {
             path: path.clone().into_bytes(),
             kind: ListedKind::Dir,
@@ -324,7 +333,7 @@ impl Tree {
                 match root.symlink_metadata(path) {
                     Ok(_) => return Ok(None),
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(dest_err(path, e)),
+                    Err(e) => return Err(dest_err(&format!("/{path}"), e)),
                 }
             }
         }
@@ -357,12 +366,5 @@ fn join(dir: &str, name: &str) -> String {
         (_, true) => dir.to_string(),
         (true, false) => name.to_string(),
         (false, false) => format!("{dir}/{name}"),
-    }
-}
-
-fn dest_err(path: &str, e: impl std::fmt::Display) -> CopyError {
-    CopyError::Dest {
-        path: format!("/{path}"),
-        message: e.to_string(),
     }
 }

@@ -201,10 +201,7 @@ impl Engine<'_> {
             })
         };
         let copy_into = |root: &RootDir, src: Option<&RootDir>| -> Result<(), BuildError> {
-            let mut job = job_for(root)?;
-            if let Some(src) = src {
-                job.from = copy::SourceFs::Rootfs(src);
-            }
+            let job = job_for(root)?.reading_from(src);
             copy::run(root, &job).map_err(|e| self.step_error(stage, line, e))?;
             if let Some(l) = &linked {
                 l.restore_dirs(root)
@@ -218,10 +215,7 @@ impl Engine<'_> {
                     src: Option<&RootDir>,
                     now: i64|
          -> Result<Option<Vec<ListedEntry>>, BuildError> {
-            let mut job = job_for(root)?;
-            if let Some(src) = src {
-                job.from = copy::SourceFs::Rootfs(src);
-            }
+            let job = job_for(root)?.reading_from(src);
             listed::listed_copy(root, &job, now).map_err(|e| self.step_error(stage, line, e))
         };
         let listable = linked.is_none() && self.files_unused_after(stage, n);
@@ -469,16 +463,7 @@ impl Engine<'_> {
         };
         let result = match source {
             None => in_dest(None),
-            Some(fs) => {
-                let (_src_scratch, su, sw) = self.scratch_upper(stage, line)?;
-                let src_lowers = self.lowers(fs)?;
-                sandbox::with_rootfs(&src_lowers, &su, &sw, |src_root| {
-                    let src = RootDir::open_host(src_root)
-                        .map_err(|e| self.step_error(stage, line, e))?;
-                    in_dest(Some(&src))
-                })
-                .map_err(|e| self.step_error(stage, line, e))?
-            }
+            Some(fs) => self.with_stage_view(fs, stage, line, |src| in_dest(Some(src))),
         };
         if let Err(e) = result {
             step.failed();

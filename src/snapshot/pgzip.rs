@@ -153,16 +153,16 @@ impl<W: Write> ParGzWriter<W> {
         Ok(())
     }
 
-    /// Appends `input`, one whole block starting at a block boundary, as `compressed`: what
-    /// [`compress_block`] made of it with the dictionary this writer would have given it.
-    pub(super) fn splice(&mut self, input: &[u8], compressed: Vec<u8>) -> io::Result<()> {
+    /// Appends `input` (CRC-32 `crc`), one whole block starting at a block boundary, as
+    /// `compressed`: what [`compress_block`] made of it with the dictionary this writer would
+    /// have given it.
+    pub(super) fn splice(&mut self, input: &[u8], crc: u32, compressed: Vec<u8>) -> io::Result<()> {
         if !self.buf.is_empty() || input.len() > BLOCK_SIZE {
             return Err(io::Error::other(
                 "a spliced block must start at a block boundary",
             ));
         }
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(input);
+        let crc = crc32fast::Hasher::new_with_initial_len(crc, input.len() as u64);
         self.tail.clear();
         self.tail
             .extend_from_slice(&input[input.len().saturating_sub(WINDOW)..]);
@@ -550,8 +550,8 @@ mod tests {
                 let mut dict: &[u8] = &[];
                 for block in text.chunks(BLOCK_SIZE) {
                     if splice {
-                        w.splice(block, compress_block(block, dict, false).unwrap())
-                            .unwrap();
+                        let c = compress_block(block, dict, false).unwrap();
+                        w.splice(block, crc32fast::hash(block), c).unwrap();
                     } else {
                         w.write_all(block).unwrap();
                     }

@@ -88,16 +88,6 @@ impl Precompressed {
         let f = self.files.get(rel)?;
         (f.identity == Identity::from(md)).then_some(PrecompressedFile { file: f })
     }
-
-    /// How many files have blocks.
-    pub fn len(&self) -> usize {
-        self.files.len()
-    }
-
-    /// Whether no file has blocks.
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
 }
 
 /// An unchanged file's blocks, checked one by one against the bytes read for the layer.
@@ -111,18 +101,19 @@ impl PrecompressedFile<'_> {
         File::open(&self.file.spool)
     }
 
-    /// Block `i`'s compressed bytes if `input` (the file's bytes for that block, read now) is
-    /// what was compressed; `None` if there is no such block or the bytes differ.
+    /// Block `i`'s compressed bytes if `input` (the file's bytes for that block, read now, with
+    /// CRC-32 `crc`) is what was compressed; `None` if there is no such block or the bytes differ.
     pub(super) fn block(
         &self,
         spool: &File,
         i: usize,
         input: &[u8],
+        crc: u32,
     ) -> io::Result<Option<Vec<u8>>> {
         let Some(b) = self.file.blocks.get(i) else {
             return Ok(None);
         };
-        if b.len != input.len() || b.crc != crc32fast::hash(input) || b.hash != xxh3(input) {
+        if b.len != input.len() || b.crc != crc || b.hash != xxh3(input) {
             return Ok(None);
         }
         let mut out = vec![0; b.compressed_len];
@@ -393,7 +384,7 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(300));
         let pre = watching.finish();
-        assert_eq!(pre.len(), 1);
+        assert_eq!(pre.files.len(), 1);
         let reference = write_layer(&upper, &OPTS, Vec::new()).unwrap().0;
         assert_eq!(
             write_layer_with(&upper, &OPTS, Vec::new(), &pre).unwrap().0,

@@ -561,14 +561,16 @@ impl<W: Write> TarWriter<'_, W> {
             }
             consumed += len as u64;
             let input = &buf[..len];
-            let Some(compressed) = pre.block(&spool, i, input).map_err(|e| self.werr(e))? else {
+            let crc = crc32fast::hash(input);
+            let Some(compressed) = pre.block(&spool, i, input, crc).map_err(|e| self.werr(e))?
+            else {
                 self.out.write_all(input).map_err(|e| self.werr(e))?;
                 break;
             };
             let hashing = self.out.get_mut();
             hashing.account(input);
             let spliced = match hashing.get_mut().gzip() {
-                Some(g) => g.splice(input, compressed),
+                Some(g) => g.splice(input, crc, compressed),
                 None => Err(io::Error::other("precompressed blocks need gzip")),
             };
             spliced.map_err(|e| self.werr(e))?;
