@@ -1,7 +1,22 @@
 #!/usr/bin/env bash
 # The full test suite: formatting, lints, unit and end-to-end tests (end-to-end tests need root).
+# As root, it first installs what the tests use (Debian packages), so a fresh machine needs
+# nothing done by hand.
 set -euo pipefail
 cd "$(dirname "$0")"
+packages=(busybox-static umoci skopeo docker-registry apache2-utils openssl)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing test dependencies: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 log="$(mktemp)"

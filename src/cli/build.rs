@@ -1,0 +1,274 @@
+//! `kiln build`: its flags, and turning them into [`BuildOptions`]; the build itself and its
+//! outputs are asked of the library.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+
+use clap::ValueEnum;
+
+use kiln::build::{self, BuildError, BuildOptions};
+use kiln::distribution;
+use kiln::progress::{Mode, Progress};
+use kiln::registry::reference::Reference;
+use kiln::sandbox::NetworkMode;
+use kiln::store::{self, Store};
+
+use super::output::{Output, parse_output};
+use super::{
+    CANCEL, Failure, client, emit, key_value, normalize, read_file, secrets, transfer_failure,
+};
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum ProgressArg {
+    Auto,
+    Tty,
+    Plain,
+    Quiet,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NetworkArg {
+    Host,
+    None,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum CompressionArg {
+    Gzip,
+    Zstd,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct BuildArgs {
+    /// The build context directory.
+    #[arg(default_value = ".")]
+    context: PathBuf,
+    /// The recipe (default CONTEXT/Dockerfile, else CONTEXT/Containerfile; "-" = stdin).
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Name the result in the local store (repeatable).
+    #[arg(short = 't', long = "tag", value_name = "NAME[:TAG]")]
+    tags: Vec<String>,
+    /// A build argument, KEY=VALUE, or KEY to take the value from the environment.
+    #[arg(long = "build-arg", value_name = "KEY[=VALUE]")]
+    build_args: Vec<String>,
+    /// Build up to this stage (name or index).
+    #[arg(long)]
+    target: Option<String>,
+    /// Build every step.
+    #[arg(long)]
+    no_cache: bool,
+    /// A label for the final image, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Where to write the result: type=oci,dest=DIR | type=oci-archive,dest=FILE |
+    /// type=docker-archive,dest=FILE | type=registry.
+    #[arg(long = "output", short = 'o', value_name = "SPEC")]
+    outputs: Vec<String>,
+    /// Push every -t tag (same as --output type=registry).
+    #[arg(long)]
+    push: bool,
+    /// Progress output.
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    progress: ProgressArg,
+    /// Print only the image id on stdout.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Write the image id (sha256:<config digest>) to this file.
+    #[arg(long, value_name = "FILE")]
+    iidfile: Option<PathBuf>,
+    /// Network for RUN steps.
+    #[arg(long, value_enum, default_value_t = NetworkArg::Host)]
+    network: NetworkArg,
+    /// A secret for RUN --mount=type=secret: id=ID,src=PATH (repeatable).
+    #[arg(long = "secret", value_name = "id=ID,src=PATH")]
+    secrets: Vec<String>,
+    /// An ssh-agent socket for RUN --mount=type=ssh: ID (the socket in $SSH_AUTH_SOCK) or
+    /// ID=SOCKET (repeatable; the usual ID is `default`).
+    #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
+    ssh: Vec<String>,
+    /// Clamp timestamps to this time (also read from $SOURCE_DATE_EPOCH).
+    #[arg(long, value_name = "N")]
+    source_date_epoch: Option<i64>,
+    /// Registries: verify TLS (false also allows plain http).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    tls_verify: bool,
+    /// Stages built at once (default: the number of cores).
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Layer compression.
+    #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
+    compression: CompressionArg,
+}
+
+pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
+    let context_dir = args.context.clone();
+    if !context_dir.is_dir() {
+        return Err(Failure::usage(format!(
+            "build context {} is not a directory",
+            context_dir.display()
+        )));
+    }
+    let (recipe_path, recipe_bytes) = match &args.file {
+        Some(p) if p.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| Failure::usage(format!("reading the recipe from stdin: {e}")))?;
+            (PathBuf::from("<stdin>"), buf)
+        }
+        Some(p) => (p.clone(), read_file(p)?),
+        None => {
+            let candidates = [
+                context_dir.join("Dockerfile"),
+                context_dir.join("Containerfile"),
+            ];
+            let found = candidates.iter().find(|p| p.is_file()).ok_or_else(|| {
+                Failure::usage(format!(
+                    "no Dockerfile or Containerfile in {}",
+                    context_dir.display()
+                ))
+                .hint("name the recipe with -f PATH")
+            })?;
+            (found.clone(), read_file(found)?)
+        }
+    };
+    let mut build_args = BTreeMap::new();
+    for a in &args.build_args {
+        match a.split_once('=') {
+            Some((k, v)) => {
+                build_args.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                if let Ok(v) = std::env::var(a) {
+                    build_args.insert(a.clone(), v);
+                }
+            }
+        }
+    }
+    let labels = args
+        .labels
+        .iter()
+        .map(|l| key_value(l, "--label"))
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    let secrets = secrets::parse_secrets(&args.secrets)?;
+    let ssh = secrets::parse_ssh(&args.ssh)?;
+    let source_date_epoch = match args.source_date_epoch {
+        Some(n) => Some(n),
+        None => match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) if !v.is_empty() => Some(v.parse::<i64>().map_err(|_| {
+                Failure::usage(format!(
+                    "SOURCE_DATE_EPOCH={v:?} is not a number of seconds"
+                ))
+            })?),
+            _ => None,
+        },
+    };
+    let mut outputs = args
+        .outputs
+        .iter()
+        .map(|o| parse_output(o))
+        .collect::<Result<Vec<_>, _>>()?;
+    if args.push {
+        outputs.push(Output::Registry);
+    }
+    if outputs.iter().any(|o| matches!(o, Output::Registry)) && args.tags.is_empty() {
+        return Err(Failure::usage(
+            "pushing needs at least one -t NAME[:TAG] to push to",
+        ));
+    }
+    let tags = args
+        .tags
+        .iter()
+        .map(|t| normalize(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mode = match (args.quiet, args.progress) {
+        (true, _) | (_, ProgressArg::Quiet) => Mode::Quiet,
+        (_, ProgressArg::Plain) => Mode::Plain,
+        (_, ProgressArg::Tty) => Mode::Tty,
+        (_, ProgressArg::Auto) if std::io::stderr().is_terminal() => Mode::Tty,
+        (_, ProgressArg::Auto) => Mode::Plain,
+    };
+    let opts = BuildOptions {
+        context_dir,
+        recipe_path,
+        recipe_bytes,
+        build_args,
+        target: args.target.clone(),
+        no_cache: args.no_cache,
+        labels,
+        network: match args.network {
+            NetworkArg::Host => NetworkMode::Host,
+            NetworkArg::None => NetworkMode::None,
+        },
+        secrets,
+        ssh,
+        source_date_epoch,
+        jobs: args.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
+        tls_verify: args.tls_verify,
+        compression: match args.compression {
+            CompressionArg::Gzip => kiln::snapshot::Compression::Gzip,
+            CompressionArg::Zstd => kiln::snapshot::Compression::Zstd,
+        },
+        helper_exe: std::env::current_exe()
+            .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
+    };
+    let store = Store::open(root)?;
+    let progress = Progress::new(mode);
+    let image = build::build(&store, &opts, &progress, &CANCEL).map_err(|e| {
+        let code = if matches!(e, BuildError::Cancelled) {
+            130
+        } else if e.is_input_error() {
+            2
+        } else {
+            1
+        };
+        let hint = matches!(e, BuildError::Pull { .. }).then(|| {
+            "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline"
+                .to_string()
+        });
+        Failure {
+            error: Box::new(e),
+            code,
+            hint,
+        }
+    })?;
+    for t in &tags {
+        store.tag(t, &image.manifest)?;
+    }
+    // An OCI layout names its image by tag (`latest`), as BuildKit's exporter does.
+    let ref_name = tags
+        .first()
+        .and_then(|t| Reference::parse(t).ok())
+        .and_then(|r| r.tag)
+        .unwrap_or_else(|| "latest".to_string());
+    let first_tag = Some(ref_name.as_str());
+    for o in &outputs {
+        match o {
+            Output::OciDir(d) => store::export_oci_dir(&store, &image, d, first_tag)?,
+            Output::OciArchive(f) => store::export_oci_archive(&store, &image, f, first_tag)?,
+            Output::DockerArchive(f) => store::export_docker_archive(&store, &image, f, &tags)?,
+            Output::Registry => {
+                for t in &tags {
+                    let r = Reference::parse(t).map_err(Failure::input)?;
+                    let digest = distribution::push(&store, &client(args.tls_verify), &image, &r)
+                        .map_err(transfer_failure)?;
+                    progress.info(&format!("pushed {r}@{digest}"));
+                }
+            }
+        }
+    }
+    let id = image.config_digest.to_string();
+    if let Some(path) = &args.iidfile {
+        std::fs::write(path, &id)
+            .map_err(|e| Failure::usage(format!("writing {}: {e}", path.display())))?;
+    }
+    progress.finish(&id);
+    emit!("{id}");
+    Ok(())
+}
