@@ -200,6 +200,10 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
                     .process_word(raw, &meta)
                     .map_err(|e| invalid(instr.span, e.to_string()))?
                     .value;
+                if value.is_empty() && matches!(instr.kind, InstructionKind::Run(_)) {
+                    // `RUN --mount=type=bind,from=` names the context, as no `from` does.
+                    continue;
+                }
                 let source = match find_stage(&value, index) {
                     Some(i) => {
                         deps.insert(i);

@@ -6,7 +6,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use kiln::sandbox::{BindMount, NetworkMode, RunSpec, Sandbox, SandboxError, with_rootfs};
+use kiln::sandbox::{
+    BindMount, BindSource, NetworkMode, RunSpec, Sandbox, SandboxError, TreeSource, with_rootfs,
+};
 use tempfile::TempDir;
 
 /// A busybox rootfs with /etc/passwd and /etc/group (user `app`, group `extra`), made once in
@@ -255,7 +257,7 @@ fn run_true_leaves_upper_empty() {
     let secret = s.dir.path().join("token");
     std::fs::write(&secret, "s3cret").unwrap();
     s.spec.binds.push(BindMount {
-        source: secret,
+        source: BindSource::Host(secret),
         target: "/run/secrets/token".into(),
         readonly: true,
     });
@@ -274,7 +276,7 @@ fn existing_mount_targets_are_reused_and_copy_ups_undone() {
     let secret = s.dir.path().join("secret");
     std::fs::write(&secret, "s\n").unwrap();
     s.spec.binds.push(BindMount {
-        source: secret,
+        source: BindSource::Host(secret),
         target: "/tmp/secret".into(),
         readonly: false,
     });
@@ -293,7 +295,7 @@ fn from_scratch_keeps_only_real_changes() {
     let mut s = step("");
     s.spec.lower_dirs.clear();
     s.spec.binds.push(BindMount {
-        source: "/bin/busybox".into(),
+        source: BindSource::Host("/bin/busybox".into()),
         target: "/busybox".into(),
         readonly: true,
     });
@@ -305,6 +307,44 @@ fn from_scratch_keeps_only_real_changes() {
     ];
     run_ok(&s.spec);
     assert_eq!(upper_entries(&s.spec.upper_dir), ["etc", "etc/new", "f"]);
+}
+
+/// A tree bind resolves its path inside the tree: an absolute link in it leads to the tree's
+/// own directory, never the host's, and a writable tree bind keeps the tree unchanged.
+#[test]
+fn tree_binds_resolve_inside_the_tree_and_discard_writes() {
+    let mut s = step("cat /t/file; echo new > /t/file; echo more > /t/added; cat /t/file");
+    let host_dir = s.dir.path().join("host");
+    std::fs::create_dir(&host_dir).unwrap();
+    std::fs::write(host_dir.join("file"), "host\n").unwrap();
+    let tree = s.dir.path().join("tree");
+    // In the tree, the link's target is the tree's own copy of the host dir's path.
+    let inside = tree.join(host_dir.strip_prefix("/").unwrap());
+    std::fs::create_dir_all(&inside).unwrap();
+    std::fs::write(inside.join("file"), "tree\n").unwrap();
+    std::os::unix::fs::symlink(&host_dir, tree.join("link")).unwrap();
+    let scratch = s.dir.path().join("tree-scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    s.spec.binds.push(BindMount {
+        source: BindSource::Tree(TreeSource {
+            layers: vec![tree.clone()],
+            path: "/link".into(),
+            scratch,
+        }),
+        target: "/t".into(),
+        readonly: false,
+    });
+    assert_eq!(run_ok(&s.spec), "tree\nnew\n");
+    assert_eq!(
+        std::fs::read_to_string(host_dir.join("file")).unwrap(),
+        "host\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(inside.join("file")).unwrap(),
+        "tree\n"
+    );
+    assert!(!inside.join("added").exists() && !host_dir.join("added").exists());
+    assert_eq!(upper_entries(&s.spec.upper_dir), Vec::<String>::new());
 }
 
 #[test]

@@ -6,38 +6,38 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::config::{DEFAULT_PATH, command_argv, get_env, set_env};
-use super::{BuildError, Engine, StageState, StepPlace};
+use super::{BuildError, Engine, StageState, StepPlace, copy};
 use crate::plan::{self, CopySource, StepInputs};
 use crate::recipe::instructions::{CommandLine, Instruction, Run};
 use crate::rootfs::RootDir;
-use crate::sandbox::{self, BindMount, NetworkMode, RunSpec};
+use crate::sandbox::{self, BindMount, BindSource, NetworkMode, RunSpec, TreeSource};
 use crate::snapshot;
 
 /// A RUN mount, as the sandbox gets it.
 enum RunMount {
-    /// A host path bound as it is (secrets, cache dirs, tmpfs scratch, read-only context paths).
-    Host(BindMount),
-    /// A path of a tree mounted for the step.
-    Tree(MountedTree),
+    /// A bind mount; `identity` names the content of its tree (another stage's key, the
+    /// context files' digest) for the step's cache key.
+    Bind {
+        bind: BindMount,
+        identity: Option<String>,
+    },
     /// A forwarded ssh-agent socket; the step's `SSH_AUTH_SOCK` names the first one.
     Agent(BindMount),
     /// An optional mount whose source was not given (`type=ssh` without `--ssh`).
     Skipped,
 }
 
-/// A tree (a stage's or image's layers, or the context) mounted as an overlay over a scratch
-/// upper for one RUN step, of which `source` is bound at `target`; writes are discarded.
-struct MountedTree {
-    /// Overlay lower dirs, top first.
-    lowers: Vec<PathBuf>,
-    /// The path bound, inside the tree.
-    source: String,
-    /// Where it appears in the step.
-    target: String,
-    /// Read-only bind.
-    readonly: bool,
-    /// Identity of the tree's content, for the cache key.
-    key: String,
+impl RunMount {
+    fn host(source: PathBuf, target: String, readonly: bool) -> RunMount {
+        RunMount::Bind {
+            bind: BindMount {
+                source: BindSource::Host(source),
+                target,
+                readonly,
+            },
+            identity: None,
+        }
+    }
 }
 
 impl Engine<'_> {
@@ -132,29 +132,25 @@ impl Engine<'_> {
         }
         let vars = self.vars(st);
         let mut binds = Vec::new();
-        let mut trees: Vec<MountedTree> = Vec::new();
+        let mut identities: Vec<String> = Vec::new();
         let mut _mount_scratch = Vec::new();
         let mut agent_sockets: Vec<String> = Vec::new();
         for m in &run.mounts {
             let expanded = self.expand(m, &vars, line)?;
-            match self.run_mount(stage, m, &expanded, line, deps, agent_sockets.len())? {
-                (RunMount::Host(bind), scratch) => {
+            let (mount, scratch) =
+                self.run_mount(stage, m, &expanded, line, deps, agent_sockets.len())?;
+            _mount_scratch.extend(scratch);
+            match mount {
+                RunMount::Bind { bind, identity } => {
                     binds.push(bind);
-                    _mount_scratch.extend(scratch);
+                    identities.extend(identity);
                 }
-                (RunMount::Tree(tree), _) => trees.push(tree),
-                (RunMount::Agent(bind), _) => {
+                RunMount::Agent(bind) => {
                     agent_sockets.push(bind.target.clone());
                     binds.push(bind);
                 }
-                (RunMount::Skipped, _) => {}
+                RunMount::Skipped => {}
             }
-        }
-        if trees.len() > 1 {
-            return Err(self.invalid(
-                line,
-                "only one --mount=type=bind with from= or rw per RUN is supported",
-            ));
         }
         let mut inputs = self.run_inputs(
             st,
@@ -165,9 +161,7 @@ impl Engine<'_> {
                 .instruction
                 .push_str(&format!(" mounts={:?}", run.mounts));
         }
-        if let Some(tree) = trees.first() {
-            inputs.from = tree.key.clone();
-        }
+        inputs.from = identities.join("\n");
         let parent = st.key;
         let key = plan::cache_key(&parent, &inputs);
         let used_args: Vec<&str> = st.args.keys().map(String::as_str).collect();
@@ -217,31 +211,9 @@ impl Engine<'_> {
             stdin,
             binds,
         };
-        let result = match trees.pop() {
-            None => self
-                .sandbox
-                .run(&spec, &mut |bytes| step.output(bytes), self.cancel),
-            Some(tree) => {
-                let (_tree_scratch, tree_upper, tree_work) = self.scratch_upper(stage, line)?;
-                let step = &mut step;
-                sandbox::with_rootfs(&tree.lowers, &tree_upper, &tree_work, move |merged| {
-                    let root = RootDir::open_host(merged)
-                        .map_err(|e| sandbox::SandboxError::Setup(e.to_string()))?;
-                    let source = root
-                        .resolve(&tree.source)
-                        .map_err(|e| sandbox::SandboxError::Setup(e.to_string()))?;
-                    let mut spec = spec;
-                    spec.binds.push(BindMount {
-                        source,
-                        target: tree.target,
-                        readonly: tree.readonly,
-                    });
-                    self.sandbox
-                        .run(&spec, &mut |bytes| step.output(bytes), self.cancel)
-                })
-                .and_then(|r| r)
-            }
-        };
+        let result = self
+            .sandbox
+            .run(&spec, &mut |bytes| step.output(bytes), self.cancel);
         let pre = speculation.map(snapshot::Speculation::finish);
         let code = match result {
             Ok(code) => code,
@@ -335,14 +307,7 @@ impl Engine<'_> {
                     })?;
                 let target = target.unwrap_or_else(|| format!("/run/secrets/{id}"));
                 match self.opts.secrets.get(&id) {
-                    Some(src) => Ok((
-                        RunMount::Host(BindMount {
-                            source: src.clone(),
-                            target,
-                            readonly: true,
-                        }),
-                        None,
-                    )),
+                    Some(src) => Ok((RunMount::host(src.clone(), target, true), None)),
                     None => Err(self.invalid(
                         line,
                         format!("secret {id:?} was not given: pass --secret id={id},src=PATH"),
@@ -370,7 +335,7 @@ impl Engine<'_> {
                 match self.opts.ssh.get(id) {
                     Some(socket) => Ok((
                         RunMount::Agent(BindMount {
-                            source: socket.clone(),
+                            source: BindSource::Host(socket.clone()),
                             target,
                             readonly: false,
                         }),
@@ -389,26 +354,21 @@ impl Engine<'_> {
                     .get("id")
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| target.clone());
-                let dir = self.store.cache_mount_dir(&id)?;
                 let readonly = fields.contains_key("ro");
-                Ok((
-                    RunMount::Host(BindMount {
-                        source: dir,
-                        target,
-                        readonly,
-                    }),
-                    None,
-                ))
+                let dir = match self.mount_from_state(stage, raw, &fields, line, deps)? {
+                    None => self.store.cache_mount_dir(&id)?,
+                    Some(from) => {
+                        let source = fields.get("source").copied().unwrap_or("/");
+                        self.seeded_cache_dir(&id, &from, source, stage, line)?
+                    }
+                };
+                Ok((RunMount::host(dir, target, readonly), None))
             }
             "tmpfs" => {
                 let target = need_target()?;
                 let scratch = self.store.scratch_dir()?;
                 Ok((
-                    RunMount::Host(BindMount {
-                        source: scratch.path().to_path_buf(),
-                        target,
-                        readonly: false,
-                    }),
+                    RunMount::host(scratch.path().to_path_buf(), target, false),
                     Some(scratch),
                 ))
             }
@@ -418,48 +378,28 @@ impl Engine<'_> {
                     .get("rw")
                     .is_some_and(|v| v.is_empty() || *v == "true");
                 let source = fields.get("source").copied().unwrap_or("/");
-                let from_raw = plan::mount_from(raw);
-                if from_raw.is_none() && readonly {
-                    let rel = self
-                        .context
-                        .resolve(source)
-                        .map_err(self.context_err(line))?;
-                    let rel = rel.into_iter().next().unwrap_or_default();
-                    let bind = BindMount {
-                        source: self.context.host_path(&rel),
-                        target,
-                        readonly: true,
+                // The files of a stage, an image or the context: `source` is resolved inside
+                // them by the sandbox, and a writable bind gets a throwaway upper layer.
+                let (layers, identity) =
+                    match self.mount_from_state(stage, raw, &fields, line, deps)? {
+                        Some(state) => (self.lowers(&state)?, state.key.to_string()),
+                        None => (
+                            vec![self.context.root().to_path_buf()],
+                            self.context_identity(source, line)?,
+                        ),
                     };
-                    return Ok((RunMount::Host(bind), None));
-                }
-                // A stage's or image's files, or context files that may be written: mounted for
-                // the step over a scratch upper, so whatever the step writes there is discarded.
-                let (lowers, key) = match from_raw {
-                    None => (
-                        vec![self.context.root().to_path_buf()],
-                        "context".to_string(),
-                    ),
-                    Some(raw_from) => {
-                        let state = match self.plan.stages[stage].copy_sources.get(raw_from) {
-                            Some(CopySource::Stage(i)) => (*deps[i]).clone(),
-                            Some(CopySource::Image(r)) => self.load_image(r, line)?,
-                            None => {
-                                return Err(
-                                    self.invalid(line, format!("unresolved from={raw_from}"))
-                                );
-                            }
-                        };
-                        (self.lowers(&state)?, state.key.to_string())
-                    }
-                };
-                let tree = MountedTree {
-                    lowers,
-                    source: source.to_string(),
+                let scratch = self.store.scratch_dir()?;
+                let bind = BindMount {
+                    source: BindSource::Tree(TreeSource {
+                        layers,
+                        path: source.to_string(),
+                        scratch: scratch.path().to_path_buf(),
+                    }),
                     target,
                     readonly,
-                    key,
                 };
-                Ok((RunMount::Tree(tree), None))
+                let identity = Some(identity);
+                Ok((RunMount::Bind { bind, identity }, Some(scratch)))
             }
             other => Err(self.invalid(
                 line,
@@ -468,6 +408,115 @@ impl Engine<'_> {
                 ),
             )),
         }
+    }
+
+    /// The stage or image a mount's `from=` names, `None` without one (or with an empty one,
+    /// which names the context).
+    fn mount_from_state(
+        &self,
+        stage: usize,
+        raw: &str,
+        fields: &BTreeMap<&str, &str>,
+        line: usize,
+        deps: &BTreeMap<usize, Arc<StageState>>,
+    ) -> Result<Option<StageState>, BuildError> {
+        let (Some(raw_from), Some(from)) = (plan::mount_from(raw), fields.get("from")) else {
+            return Ok(None);
+        };
+        if from.is_empty() {
+            return Ok(None);
+        }
+        match self.plan.stages[stage].copy_sources.get(raw_from) {
+            Some(CopySource::Stage(i)) => Ok(Some((*deps[i]).clone())),
+            Some(CopySource::Image(r)) => self.load_image(r, line).map(Some),
+            None => Err(self.invalid(line, format!("unresolved from={from}"))),
+        }
+    }
+
+    /// The identity of the context files a bind mount shows (`source` resolved inside the
+    /// context, then every entry below it), so that the step re-runs when they change.
+    fn context_identity(&self, source: &str, line: usize) -> Result<String, BuildError> {
+        let not_found = |e: &dyn std::fmt::Display| {
+            self.invalid(
+                line,
+                format!("RUN --mount=type=bind,source={source}: not found in the context ({e})"),
+            )
+        };
+        let root = RootDir::open_host(self.context.root()).map_err(|e| not_found(&e))?;
+        let root_path = root.resolve(".").map_err(|e| not_found(&e))?;
+        let resolved = root.resolve(source).map_err(|e| not_found(&e))?;
+        let rel = resolved
+            .strip_prefix(&root_path)
+            .map_err(|e| not_found(&e))?
+            .to_str()
+            .ok_or_else(|| not_found(&"the path is not UTF-8"))?;
+        let entries = self.context.walk(rel).map_err(|e| not_found(&e))?;
+        let digests = self
+            .context
+            .digest_entries(&entries)
+            .map_err(self.context_err(line))?;
+        let json = serde_json::to_vec(&digests).unwrap_or_default();
+        Ok(format!("context {}", crate::digest::Digest::of(&json)))
+    }
+
+    /// The directory of a `type=cache` mount seeded `from=` a stage or image: on first use,
+    /// a copy of `source` there (owners and modes kept); kept across builds like any cache,
+    /// under an id that also names the seed.
+    fn seeded_cache_dir(
+        &self,
+        id: &str,
+        from: &StageState,
+        source: &str,
+        stage: usize,
+        line: usize,
+    ) -> Result<PathBuf, BuildError> {
+        let id = format!("{id}\nfrom={}\nsource={source}", from.key);
+        if let Some(dir) = self.store.existing_cache_mount_dir(&id) {
+            return Ok(dir);
+        }
+        let scratch = self.store.scratch_dir()?;
+        let seed = scratch.path().join("seed");
+        let failed = |e: &dyn std::fmt::Display| {
+            self.step_error(
+                stage,
+                line,
+                format!("seeding the cache mount from {source}: {e}"),
+            )
+        };
+        std::fs::create_dir(&seed).map_err(|e| failed(&e))?;
+        let (_view_scratch, upper, work) = self.scratch_upper(stage, line)?;
+        let lowers = self.lowers(from)?;
+        sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
+            let src = RootDir::open_host(merged).map_err(|e| failed(&e))?;
+            let meta = src.metadata(source).map_err(|e| failed(&e))?;
+            if !meta.is_dir() {
+                return Err(failed(&"not a directory"));
+            }
+            let dest = RootDir::open_host(&seed).map_err(|e| failed(&e))?;
+            let job = copy::CopyJob {
+                from: copy::SourceFs::Rootfs(&src),
+                items: vec![copy::SourceItem::Path {
+                    rel: source.to_string(),
+                    keep: None,
+                }],
+                dest: "/".to_string(),
+                dest_is_dir: true,
+                chown: None,
+                chmod: None,
+                extract_archives: false,
+                exclude: Vec::new(),
+                parents: false,
+            };
+            copy::run(&dest, &job).map_err(|e| failed(&e))?;
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            std::os::unix::fs::lchown(&seed, Some(meta.uid()), Some(meta.gid()))
+                .and_then(|()| {
+                    std::fs::set_permissions(&seed, std::fs::Permissions::from_mode(meta.mode()))
+                })
+                .map_err(|e| failed(&e))
+        })
+        .map_err(|e| failed(&e))??;
+        Ok(self.store.adopt_cache_mount_dir(&id, &seed)?)
     }
 }
 

@@ -25,7 +25,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 
 use super::sys::{self, Overlay};
-use super::{InitConfig, NetworkMode, Report, SandboxError, users};
+use super::{BindMount, BindSource, InitConfig, NetworkMode, Report, SandboxError, users};
 
 const CONFIG_FD: i32 = 3;
 const STATUS_FD: i32 = 4;
@@ -299,14 +299,21 @@ fn mount_at(
 }
 
 fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), SandboxError> {
-    mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| {
+    bind_mount(source, target, readonly, true)
+}
+
+/// Binds `source` at `target`, with the mounts below it when `recursive`.
+fn bind_mount(
+    source: &Path,
+    target: &Path,
+    readonly: bool,
+    recursive: bool,
+) -> Result<(), SandboxError> {
+    let mut flags = MsFlags::MS_BIND;
+    if recursive {
+        flags |= MsFlags::MS_REC;
+    }
+    mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(|e| {
         SandboxError::sys(
             &format!("bind mount {}", source.display()),
             target,
@@ -319,6 +326,86 @@ fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), SandboxError
             .map_err(|e| SandboxError::sys("remount read-only", target, e.into()))?;
     }
     Ok(())
+}
+
+/// The source of one bind mount, ready to be bound: a host path as given, or a path resolved
+/// inside its tree and held open, bound through its `/proc/self/fd` link so that no path is
+/// looked up again.
+struct BindFrom {
+    /// What to pass to mount(2) as the source.
+    path: PathBuf,
+    is_dir: bool,
+    /// Bind the mounts below it too (host sources only: a tree's mounts are its own overlay).
+    recursive: bool,
+    /// The resolved tree path, open until it is bound.
+    _fd: Option<OwnedFd>,
+}
+
+impl BindFrom {
+    /// Resolves `b`'s source; a tree that needs one gets its overlay mounted first (in this
+    /// process's private mount namespace, so it disappears with the step).
+    fn open(b: &BindMount, empty_tree: &Path) -> Result<BindFrom, SandboxError> {
+        let tree = match &b.source {
+            BindSource::Host(path) => {
+                return Ok(BindFrom {
+                    path: path.clone(),
+                    is_dir: path.is_dir(),
+                    recursive: true,
+                    _fd: None,
+                });
+            }
+            BindSource::Tree(tree) => tree,
+        };
+        let root = if tree.needs_overlay(b.readonly) {
+            let [upper, work, merged] = ["upper", "work", "merged"].map(|d| tree.scratch.join(d));
+            for d in [&upper, &work, &merged] {
+                std::fs::create_dir(d).map_err(|e| SandboxError::sys("mkdir", d, e))?;
+            }
+            let empty = [empty_tree.to_path_buf()];
+            let lowers = if tree.layers.is_empty() {
+                &empty[..]
+            } else {
+                &tree.layers[..]
+            };
+            sys::mount_overlay(
+                &Overlay {
+                    lowers,
+                    upper: &upper,
+                    work: &work,
+                },
+                &merged,
+            )?;
+            merged
+        } else {
+            tree.layers[0].clone()
+        };
+        let root_fd = nix::fcntl::open(
+            &root,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| SandboxError::sys("open", &root, e.into()))?;
+        let rel = tree.path.trim_start_matches('/');
+        let rel = if rel.is_empty() { "." } else { rel };
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let fd = openat2(root_fd.as_fd(), rel, how).map_err(|e| {
+            SandboxError::sys(
+                "bind mount source (in its stage, image or context)",
+                Path::new(&tree.path),
+                e.into(),
+            )
+        })?;
+        let st =
+            fstat(&fd).map_err(|e| SandboxError::sys("stat", Path::new(&tree.path), e.into()))?;
+        Ok(BindFrom {
+            path: PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+            is_dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+            recursive: false,
+            _fd: Some(fd),
+        })
+    }
 }
 
 /// Builds the rootfs and execs the command; returns only on failure.
@@ -394,12 +481,10 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
             bind(&cfg.scratch.join(name), &target, false)?;
         }
     }
+    let empty_tree = cfg.scratch.join("empty");
     for b in &cfg.binds {
-        let kind = if b.source.is_dir() {
-            Kind::Dir
-        } else {
-            Kind::File
-        };
+        let source = BindFrom::open(b, &empty_tree)?;
+        let kind = if source.is_dir { Kind::Dir } else { Kind::File };
         let target = rootfs.ensure(&b.target, kind)?.ok_or_else(|| {
             SandboxError::Setup(format!(
                 "bind mount target {} exists but is not a {}",
@@ -411,7 +496,8 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
                 }
             ))
         })?;
-        bind(&b.source, &target, b.readonly)?;
+        bind_mount(&source.path, &target, b.readonly, source.recursive)?;
+        drop(source);
     }
 
     let hostname = if cfg.hostname.is_empty() {

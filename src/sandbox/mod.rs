@@ -36,15 +36,49 @@ pub enum NetworkMode {
     None,
 }
 
-/// An extra bind mount into the step's rootfs (secrets and the like).
+/// An extra bind mount into the step's rootfs (secrets, caches, other stages' files, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BindMount {
-    /// The host file or directory.
-    pub source: PathBuf,
+    /// What is bound.
+    pub source: BindSource,
     /// The absolute path inside the rootfs (created if missing, removed from the upper dir after).
     pub target: String,
     /// Mount it read-only.
     pub readonly: bool,
+}
+
+/// Where a bind mount's files come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BindSource {
+    /// A host file or directory that kiln made or the user named on the command line (a
+    /// secret, a cache dir, a scratch dir, an agent socket), bound as it is.
+    Host(PathBuf),
+    /// A path inside a tree the build does not trust (another stage's or an image's layers,
+    /// the context): see [`TreeSource`].
+    Tree(TreeSource),
+}
+
+/// A path inside a tree of read-only directories. The path is resolved by the kernel inside the
+/// tree as if the tree were `/` (every component, the last one too, symlinks and `..`
+/// included), so no link in the tree can make the mount show or change a host path. A
+/// writable mount, or a tree of several layers, is an overlay over a throwaway upper dir:
+/// whatever the step writes there is discarded with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeSource {
+    /// The tree's directories, top-most first (an empty list is an empty tree).
+    pub layers: Vec<PathBuf>,
+    /// The path bound, inside the tree; it must exist there.
+    pub path: String,
+    /// A fresh empty directory on a file system fit for an overlay upper dir (not overlayfs,
+    /// not the layers' own directories), removed by the caller after the step.
+    pub scratch: PathBuf,
+}
+
+impl TreeSource {
+    /// Whether the tree must be mounted as an overlay (else its one layer is bound directly).
+    fn needs_overlay(&self, readonly: bool) -> bool {
+        !readonly || self.layers.len() != 1
+    }
 }
 
 /// Everything needed to run one step.

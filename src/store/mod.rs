@@ -635,12 +635,35 @@ impl Store {
     /// The persistent directory of a `RUN --mount=type=cache` with this id,
     /// `ROOT/mounts/<sha256 of id>`, created on first use and kept across builds.
     pub fn cache_mount_dir(&self, id: &str) -> Result<PathBuf, StoreError> {
-        let dir = self
-            .root
-            .join("mounts")
-            .join(Digest::of(id.as_bytes()).hex());
+        let dir = self.cache_mount_path(id);
         fs::create_dir_all(&dir).at(&dir)?;
         Ok(dir)
+    }
+
+    fn cache_mount_path(&self, id: &str) -> PathBuf {
+        self.root
+            .join("mounts")
+            .join(Digest::of(id.as_bytes()).hex())
+    }
+
+    /// The directory of the cache mount `id` if it exists already.
+    pub fn existing_cache_mount_dir(&self, id: &str) -> Option<PathBuf> {
+        let dir = self.cache_mount_path(id);
+        dir.is_dir().then_some(dir)
+    }
+
+    /// Makes `seeded` (a directory on the store's file system, e.g. in a
+    /// [`scratch_dir`](Self::scratch_dir)) the cache mount `id`, unless another build made that
+    /// cache first: the cache appears whole or not at all. Returns its directory.
+    pub fn adopt_cache_mount_dir(&self, id: &str, seeded: &Path) -> Result<PathBuf, StoreError> {
+        let dir = self.cache_mount_path(id);
+        let parent = self.root.join("mounts");
+        fs::create_dir_all(&parent).at(&parent)?;
+        match fs::rename(seeded, &dir) {
+            Ok(()) => Ok(dir),
+            Err(_) if dir.is_dir() => Ok(dir),
+            Err(e) => Err(e).at(&dir),
+        }
     }
 
     /// A fresh directory under `ROOT/tmp` (same filesystem as the store), removed on drop.
