@@ -171,32 +171,53 @@ impl Context {
         Ok(out)
     }
 
-    /// Follows `rel` while it is a symlink, resolving targets inside the context.
+    /// Resolves every symlink in `rel` (each component in turn, the last one too) with targets
+    /// taken inside the context. Only link-free prefixes are ever looked up on the host, so a
+    /// link further down a link's target (`l -> x/secret`, `x -> /etc`) cannot lead out.
     fn follow_symlinks(&self, rel: &str, pattern: &str) -> Result<String, ContextError> {
-        let mut rel = rel.to_string();
-        for _ in 0..40 {
-            let host = self.host_path(&rel);
+        let mut todo: Vec<String> = rel
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .rev()
+            .map(str::to_string)
+            .collect();
+        let mut done = String::new();
+        let mut links = 0;
+        while let Some(component) = todo.pop() {
+            let candidate = join(&done, &component);
+            let host = self.host_path(&candidate);
             match std::fs::symlink_metadata(&host) {
                 Ok(m) if m.file_type().is_symlink() => {
+                    links += 1;
+                    if links > 40 {
+                        return Err(ContextError::Outside(pattern.to_string()));
+                    }
                     let target =
                         std::fs::read_link(&host).map_err(|source| ContextError::Read {
-                            path: rel.clone(),
+                            path: candidate.clone(),
                             source,
                         })?;
                     let target = target.to_string_lossy();
                     let joined = if target.starts_with('/') {
                         target.to_string()
                     } else {
-                        let parent = rel.rsplit_once('/').map_or("", |(p, _)| p);
-                        join(parent, &target)
+                        join(&done, &target)
                     };
-                    rel = clean_relative(&joined)
+                    let cleaned = clean_relative(&joined)
                         .ok_or_else(|| ContextError::Outside(pattern.to_string()))?;
+                    todo.extend(
+                        cleaned
+                            .split('/')
+                            .filter(|c| !c.is_empty())
+                            .rev()
+                            .map(str::to_string),
+                    );
+                    done = String::new();
                 }
-                _ => return Ok(rel),
+                _ => done = candidate,
             }
         }
-        Err(ContextError::Outside(pattern.to_string()))
+        Ok(done)
     }
 
     /// Every entry at and under `rel` that `.dockerignore` keeps, parents before children,
@@ -406,6 +427,16 @@ mod tests {
             Err(ContextError::NotFound(_))
         ));
         assert_eq!(c.resolve("applink").unwrap(), vec!["app"]);
+        // A link whose target goes through another link: both resolve inside the context.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "host").unwrap();
+        let p = c.root().to_path_buf();
+        symlink(outside.path(), p.join("x")).unwrap();
+        symlink("x/secret", p.join("chain")).unwrap();
+        symlink("applink/sub/x.txt", p.join("inner")).unwrap();
+        assert!(matches!(c.resolve("chain"), Err(ContextError::NotFound(_))));
+        assert_eq!(c.resolve("inner").unwrap(), vec!["app/sub/x.txt"]);
+        assert_eq!(c.resolve("applink/sub").unwrap(), vec!["app/sub"]);
     }
 
     #[test]
