@@ -68,6 +68,9 @@ pub struct BuildOptions {
     pub compression: Compression,
 }
 
+/// The most a stage's image config (as JSON) and its build args in scope may hold: 16 MiB.
+pub const MAX_CONFIG_LEN: usize = 16 << 20;
+
 /// Why a build stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -401,6 +404,7 @@ impl Engine<'_> {
                 stage.span.start_line,
             ));
             self.execute(index, usize::MAX, &mut st, &instr, step, deps)?;
+            self.check_config_size(&st, &instr)?;
         }
         for (n, instr) in stage.instructions.iter().enumerate() {
             if self.cancel.load(Ordering::SeqCst) {
@@ -410,8 +414,34 @@ impl Engine<'_> {
                 .progress
                 .step(label(n + 2, &instr.text, instr.span.start_line));
             self.execute(index, n, &mut st, instr, step, deps)?;
+            self.check_config_size(&st, instr)?;
         }
         Ok(st)
+    }
+
+    /// Fails, at `instr`, once the stage's image config and the build args in scope together
+    /// grow past [`MAX_CONFIG_LEN`] (a recipe could otherwise grow them without bound, one
+    /// capped value at a time).
+    fn check_config_size(&self, st: &StageState, instr: &Instruction) -> Result<(), BuildError> {
+        let args: usize = st.args.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let config = serde_json::to_vec(&st.config).map_or(0, |j| j.len());
+        let size = config + args;
+        if size <= MAX_CONFIG_LEN {
+            return Ok(());
+        }
+        let keyword = instr.text.split_whitespace().next().unwrap_or("");
+        Err(BuildError::Recipe(RecipeError::in_word(
+            &self.file,
+            &self.opts.recipe_bytes,
+            instr.span.start_line,
+            keyword,
+            0,
+            format!(
+                "the stage's image config and build args grow to {size} bytes here, over the \
+                 limit of {} MiB",
+                MAX_CONFIG_LEN >> 20
+            ),
+        )))
     }
 
     fn parse_trigger(&self, trigger: &str, line: usize) -> Result<Instruction, BuildError> {
@@ -471,7 +501,24 @@ impl Engine<'_> {
         self.lexer
             .process_word(word, vars)
             .map(|e| e.value)
-            .map_err(|e| self.invalid(line, e.to_string()))
+            .map_err(|e| self.expansion_error(line, word, &e))
+    }
+
+    /// An expansion error, located at the construct that failed in the recipe.
+    fn expansion_error(
+        &self,
+        line: usize,
+        word: &str,
+        e: &crate::recipe::shell::ShellError,
+    ) -> BuildError {
+        BuildError::Recipe(RecipeError::in_word(
+            &self.file,
+            &self.opts.recipe_bytes,
+            line,
+            word,
+            e.offset(),
+            e.to_string(),
+        ))
     }
 
     fn expand_words(
@@ -483,7 +530,7 @@ impl Engine<'_> {
         self.lexer
             .process_words(word, vars)
             .map(|e| e.value)
-            .map_err(|e| self.invalid(line, e.to_string()))
+            .map_err(|e| self.expansion_error(line, word, &e))
     }
 
     fn history(&self, st: &mut StageState, created_by: String, empty_layer: bool) {

@@ -42,6 +42,32 @@ impl RecipeError {
         }
     }
 
+    /// An error about `word` of the instruction starting on `line` of the recipe `text`,
+    /// located at byte `offset` of the word: the word as written is looked for from that line
+    /// on (at the instruction's line, column 1, when it is not found verbatim, e.g. split by
+    /// a line continuation).
+    pub fn in_word(
+        file: &str,
+        text: &[u8],
+        line: usize,
+        word: &str,
+        offset: usize,
+        message: impl Into<String>,
+    ) -> RecipeError {
+        let text = String::from_utf8_lossy(text);
+        let index = LineIndex::new(&text);
+        let start = index.line_start(line);
+        match text.get(start..).and_then(|rest| rest.find(word)) {
+            Some(found) if !word.is_empty() => {
+                let at = start + found + offset.min(word.len());
+                let hit = index.starts.partition_point(|s| *s <= at).max(1);
+                let byte = at - index.line_start(hit);
+                RecipeError::at(file, &index, hit, byte, message)
+            }
+            _ => RecipeError::at(file, &index, line, 0, message),
+        }
+    }
+
     fn render(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
@@ -137,6 +163,17 @@ mod tests {
             e.to_string(),
             "Dockerfile:2:6: unknown flag\n   2 | COPY --bogus x y\n     |      ^"
         );
+    }
+
+    #[test]
+    fn words_are_found_from_their_line() {
+        let text = b"FROM a\nENV A=$B\nENV C=x \\\n  D=$B$E\n";
+        let e = RecipeError::in_word("f", text, 3, "$B$E", 2, "m");
+        assert_eq!((e.line, e.col), (4, 7));
+        let e = RecipeError::in_word("f", text, 2, "$B", 0, "m");
+        assert_eq!((e.line, e.col), (2, 7));
+        let e = RecipeError::in_word("f", text, 2, "nowhere", 3, "m");
+        assert_eq!((e.line, e.col), (2, 1));
     }
 
     #[test]

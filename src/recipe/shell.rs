@@ -6,14 +6,19 @@
 //! input is the word and a variable lookup.
 //!
 //! Robustness: nesting of `${…}` is capped at [`MAX_DEPTH`] levels (an error, not a crash),
-//! pattern matching is a linear-state automaton (never exponential), and every position is
-//! kept on a UTF-8 character boundary, so no input can make this module panic.
+//! a word never expands past [`MAX_EXPANDED_LEN`] bytes (checked before anything bigger is
+//! built, so `ENV A2=$A1$A1$A1$A1` chains and `${v//?/$v}` fail at once), pattern matching is
+//! a linear-state automaton (never exponential), and every position is kept on a UTF-8
+//! character boundary, so no input can make this module panic.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
 
 /// How many `${…}` substitutions may be nested inside each other before the lexer gives up.
 pub const MAX_DEPTH: usize = 128;
+
+/// The longest value one word may expand to: 1 MiB.
+pub const MAX_EXPANDED_LEN: usize = 1 << 20;
 
 /// Looks up variables during expansion.
 pub trait Vars {
@@ -104,6 +109,17 @@ pub enum ShellError {
         /// Offset of the `$`.
         at: usize,
     },
+    /// The word would expand to more than [`MAX_EXPANDED_LEN`] bytes.
+    #[error(
+        "the expansion at byte {at} makes the value longer than {} MiB (the limit of one expanded value)",
+        limit >> 20
+    )]
+    TooLong {
+        /// The limit that was exceeded, in bytes.
+        limit: usize,
+        /// Offset of the construct whose expansion went over the limit.
+        at: usize,
+    },
     /// More than [`MAX_DEPTH`] nested substitutions.
     #[error("substitutions nested more than {limit} deep (at byte {at})")]
     TooDeep {
@@ -126,6 +142,7 @@ impl ShellError {
             | ShellError::MissingSlash { at }
             | ShellError::Required { at, .. }
             | ShellError::InvalidPattern { at, .. }
+            | ShellError::TooLong { at, .. }
             | ShellError::TooDeep { at, .. } => *at,
         }
     }
@@ -306,9 +323,11 @@ impl<'a> Processor<'a> {
                 self.bump();
                 return Ok(out);
             }
+            let at = self.pos;
             match c {
                 '$' => {
                     let value = self.dollar()?;
+                    fits(out.len() + value.len(), at)?;
                     if let Some(w) = words.as_deref_mut() {
                         w.add_str(&value);
                     }
@@ -320,6 +339,7 @@ impl<'a> Processor<'a> {
                     } else {
                         self.double_quote()?
                     };
+                    fits(out.len() + value.len(), at)?;
                     if let Some(w) = words.as_deref_mut() {
                         w.add_raw(&value);
                     }
@@ -346,6 +366,7 @@ impl<'a> Processor<'a> {
                             w.add_char(c);
                         }
                     }
+                    fits(out.len(), at)?;
                 }
             }
         }
@@ -383,10 +404,13 @@ impl<'a> Processor<'a> {
                     return Ok(out);
                 }
                 Some('$') => {
+                    let dollar_at = self.pos;
                     let value = self.dollar()?;
+                    fits(out.len() + value.len(), dollar_at)?;
                     out.push_str(&value);
                 }
                 Some(c) => {
+                    fits(out.len() + c.len_utf8(), self.pos)?;
                     self.bump();
                     if c == self.escape {
                         if self.raw_escapes {
@@ -559,8 +583,22 @@ impl<'a> Processor<'a> {
             reason,
             at,
         })?;
-        Ok(replace(&tokens, value, &replacement, all))
+        replace(&tokens, value, &replacement, all).ok_or(ShellError::TooLong {
+            limit: MAX_EXPANDED_LEN,
+            at,
+        })
     }
+}
+
+/// Fails when a value of `len` bytes would be longer than [`MAX_EXPANDED_LEN`].
+fn fits(len: usize, at: usize) -> Result<(), ShellError> {
+    if len > MAX_EXPANDED_LEN {
+        return Err(ShellError::TooLong {
+            limit: MAX_EXPANDED_LEN,
+            at,
+        });
+    }
+    Ok(())
 }
 
 /// Go's `unicode.IsDigit`, approximated for non-ASCII by Rust's numeric property.
@@ -805,12 +843,19 @@ fn find(tokens: &[Tok], value: &str, from: usize) -> Option<(usize, usize)> {
 }
 
 /// `${v/p/r}` (first match) and `${v//p/r}` (all matches), with Go's rules for empty
-/// matches: an empty match right after a previous match is not replaced.
-fn replace(tokens: &[Tok], value: &str, replacement: &str, all: bool) -> String {
+/// matches: an empty match right after a previous match is not replaced. `None` when the
+/// result would be longer than [`MAX_EXPANDED_LEN`].
+fn replace(tokens: &[Tok], value: &str, replacement: &str, all: bool) -> Option<String> {
+    let too_long = |len: usize| len > MAX_EXPANDED_LEN;
     if !all {
         return match find(tokens, value, 0) {
-            Some((a, b)) => format!("{}{}{}", &value[..a], replacement, &value[b..]),
-            None => value.to_owned(),
+            Some((a, b)) => {
+                if too_long(value.len() - (b - a) + replacement.len()) {
+                    return None;
+                }
+                Some(format!("{}{}{}", &value[..a], replacement, &value[b..]))
+            }
+            None => Some(value.to_owned()),
         };
     }
     let mut out = String::new();
@@ -822,6 +867,9 @@ fn replace(tokens: &[Tok], value: &str, replacement: &str, all: bool) -> String 
         };
         out.push_str(value.get(last_end..a).unwrap_or(""));
         if b > last_end || a == 0 {
+            if too_long(out.len() + replacement.len()) {
+                return None;
+            }
             out.push_str(replacement);
         }
         last_end = b;
@@ -838,13 +886,53 @@ fn replace(tokens: &[Tok], value: &str, replacement: &str, all: bool) -> String 
         }
     }
     out.push_str(value.get(last_end..).unwrap_or(""));
-    out
+    (!too_long(out.len())).then_some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    /// Values that would grow past the limit fail at once, naming the `$` that went over,
+    /// and nothing near the limit's size squared is ever built.
+    #[test]
+    fn expansion_is_bounded() {
+        let quarter = "x".repeat(MAX_EXPANDED_LEN / 4);
+        let vars = env(&[("Q", &quarter)]);
+        let lexer = Lexer::new('\\');
+        assert_eq!(
+            lexer.process_word("$Q$Q$Q$Q", &vars).unwrap().value.len(),
+            MAX_EXPANDED_LEN
+        );
+        let start = Instant::now();
+        for (input, at) in [
+            ("$Q$Q$Q$Q.", 8),
+            ("$Q$Q$Q$Q$Q", 8),
+            ("\"$Q$Q$Q$Q$Q\"", 9),
+            ("${Q//?/$Q}", 0),
+            ("${Q/x/$Q$Q$Q$Q}", 0),
+            ("${U:-$Q$Q$Q$Q$Q}", 13),
+        ] {
+            match lexer.process_word(input, &vars) {
+                Err(ShellError::TooLong { limit, at: got }) => {
+                    assert_eq!((limit, got), (MAX_EXPANDED_LEN, at), "{input}");
+                }
+                other => panic!("{input}: {:?}", other.map(|e| e.value.len())),
+            }
+        }
+        assert!(
+            lexer.process_words("$Q $Q $Q $Q $Q", &vars).is_err(),
+            "split words count too"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        let err = lexer.process_word("$Q$Q$Q$Q$Q", &vars).unwrap_err();
+        assert!(err.to_string().contains("1 MiB"), "{err}");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
