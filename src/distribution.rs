@@ -48,10 +48,16 @@ pub fn pull(
     let (mut media_type, mut bytes, mut digest) = client.get_manifest(reference)?;
     if image::is_index_type(&media_type) {
         let (os, arch, variant) = image::host_platform();
-        let (_, chosen) = select_platform(&bytes, &os, &arch, variant.as_deref())?;
+        let (listed_type, chosen) = select_platform(&bytes, &os, &arch, variant.as_deref())?;
         let mut pinned = reference.clone();
         pinned.digest = Some(chosen);
         (media_type, bytes, digest) = client.get_manifest(&pinned)?;
+        if !listed_type.is_empty() && listed_type != media_type {
+            return Err(invalid(
+                reference,
+                format!("the index lists {chosen} as {listed_type}, but it is {media_type}"),
+            ));
+        }
     }
     if !image::is_manifest_type(&media_type) {
         return Err(invalid(
@@ -60,6 +66,16 @@ pub fn pull(
         ));
     }
     let manifest = Manifest::from_json(&bytes).map_err(|e| invalid(reference, e.to_string()))?;
+    if manifest.config.size > image::MAX_CONFIG_LEN as u64 {
+        return Err(invalid(
+            reference,
+            format!(
+                "the image config is {} bytes, over the limit of {} MiB",
+                manifest.config.size,
+                image::MAX_CONFIG_LEN >> 20
+            ),
+        ));
+    }
     let mut blobs: Vec<&Descriptor> = vec![&manifest.config];
     blobs.extend(manifest.layers.iter());
     let fetch = |d: &&Descriptor| -> Result<(), TransferError> {
@@ -67,7 +83,7 @@ pub fn pull(
             return Ok(());
         }
         let mut writer = store.blob_writer()?;
-        client.get_blob(reference, &d.digest, &mut writer)?;
+        client.get_blob_of_size(reference, &d.digest, d.size, &mut writer)?;
         writer.commit_expecting(&d.digest)?;
         Ok(())
     };

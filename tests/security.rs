@@ -70,3 +70,149 @@ fn the_config_has_a_size_limit() {
     assert!(err.contains("16 MiB"), "{err}");
     assert!(err.contains("Dockerfile:26:1:"), "{err}");
 }
+
+/// Serves `busybox` from a real registry behind a proxy that answers manifest requests as
+/// `serve` says (`None` forwards); returns a `kiln pull` of it through the proxy, and the
+/// store it ran on.
+fn pull_through(
+    serve: impl Fn(&str, &serde_json::Value) -> Option<(String, String)> + Send + Sync + 'static,
+) -> (std::process::Output, Kiln) {
+    use common::registry::{Action, Proxy, Registry};
+    let reg = Registry::start();
+    let k = Kiln::new();
+    let direct = format!("{}/kiln/base:v1", reg.host());
+    assert_success(&k.run(&["push", "busybox", &direct]));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            k.root
+                .path()
+                .join("blobs/sha256")
+                .join(inspect_manifest_digest(&k).trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let proxy = Proxy::start(
+        reg.port,
+        Box::new(move |_, seen| {
+            let path = seen.line.split(' ').nth(1).unwrap_or("");
+            match path.split_once("/manifests/") {
+                Some((_, tag)) if seen.line.starts_with("GET ") => match serve(tag, &manifest) {
+                    Some((content_type, body)) => {
+                        Action::Respond(200, format!("Content-Type: {content_type}\r\n"), body)
+                    }
+                    None => Action::Forward,
+                },
+                _ => Action::Forward,
+            }
+        }),
+    );
+    let fresh = Kiln::empty();
+    let out = fresh.run(&["pull", &format!("{}/kiln/base:v1", proxy.host())]);
+    drop(proxy);
+    (out, fresh)
+}
+
+/// The manifest digest of `busybox` in `k`'s store.
+fn inspect_manifest_digest(k: &Kiln) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(k.root.path().join("index.json")).unwrap()).unwrap();
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| {
+            m["annotations"]["org.opencontainers.image.ref.name"]
+                .as_str()
+                .is_some_and(|n| n.contains("busybox"))
+        })
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn assert_refused(out: &std::process::Output, k: &Kiln, needle: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(needle), "{err}");
+    let index = std::fs::read_to_string(k.root.path().join("index.json")).unwrap_or_default();
+    assert!(
+        !index.contains("kiln/base"),
+        "the refused image was stored: {index}"
+    );
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// CVE-2021-41190: a document that reads both as a manifest and as an index, or whose
+/// `mediaType` contradicts its Content-Type, is refused and nothing is stored.
+#[test]
+fn ambiguous_manifests_are_refused() {
+    // The untouched image pulls (the proxy itself is not what fails).
+    let (out, _k) = pull_through(|_, _| None);
+    assert_success(&out);
+    // A manifest that also lists manifests.
+    let (out, k) = pull_through(|_, m| {
+        let mut m = m.clone();
+        m["manifests"] = serde_json::json!([]);
+        Some((OCI_MANIFEST.into(), m.to_string()))
+    });
+    assert_refused(&out, &k, "CVE-2021-41190");
+    // A manifest served as an index.
+    let (out, k) = pull_through(|_, m| Some((OCI_INDEX.into(), m.to_string())));
+    assert_refused(&out, &k, "served as");
+    // An index that also carries layers.
+    let (out, k) = pull_through(|_, m| {
+        let index = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX, "layers": m["layers"].clone(),
+        });
+        Some((OCI_INDEX.into(), index.to_string()))
+    });
+    assert_refused(&out, &k, "has `layers` or `config`");
+}
+
+/// An index entry whose child turns out to be of another type than the index says, and blobs
+/// other than their descriptors say, are refused.
+#[test]
+fn index_children_and_blobs_must_match_their_descriptors() {
+    let (os, arch, _) = kiln::image::host_platform();
+    let (out, k) = pull_through(move |tag, m| {
+        if tag.starts_with("sha256:") {
+            return None;
+        }
+        let body = m.to_string();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [{
+                "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "digest": format!("sha256:{}", sha256_hex(body.as_bytes())),
+                "size": body.len(),
+                "platform": {"os": os, "architecture": arch},
+            }],
+        });
+        Some((OCI_INDEX.into(), index.to_string()))
+    });
+    assert_refused(&out, &k, "the index lists");
+    // A layer descriptor one byte short: the registry's extra byte is refused.
+    let (out, k) = pull_through(|_, m| {
+        let mut m = m.clone();
+        let size = m["layers"][0]["size"].as_u64().unwrap();
+        m["layers"][0]["size"] = serde_json::json!(size - 1);
+        Some((OCI_MANIFEST.into(), m.to_string()))
+    });
+    assert_refused(&out, &k, "larger than the");
+    // A config said to be bigger than any config kiln accepts is not even fetched.
+    let (out, k) = pull_through(|_, m| {
+        let mut m = m.clone();
+        m["config"]["size"] = serde_json::json!(1u64 << 40);
+        Some((OCI_MANIFEST.into(), m.to_string()))
+    });
+    assert_refused(&out, &k, "16 MiB");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    kiln::digest::Digest::of(bytes).hex()
+}

@@ -68,9 +68,6 @@ pub struct BuildOptions {
     pub compression: Compression,
 }
 
-/// The most a stage's image config (as JSON) and its build args in scope may hold: 16 MiB.
-pub const MAX_CONFIG_LEN: usize = 16 << 20;
-
 /// Why a build stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -420,13 +417,13 @@ impl Engine<'_> {
     }
 
     /// Fails, at `instr`, once the stage's image config and the build args in scope together
-    /// grow past [`MAX_CONFIG_LEN`] (a recipe could otherwise grow them without bound, one
+    /// grow past [`image::MAX_CONFIG_LEN`] (a recipe could otherwise grow them without bound, one
     /// capped value at a time).
     fn check_config_size(&self, st: &StageState, instr: &Instruction) -> Result<(), BuildError> {
         let args: usize = st.args.iter().map(|(k, v)| k.len() + v.len()).sum();
         let config = serde_json::to_vec(&st.config).map_or(0, |j| j.len());
         let size = config + args;
-        if size <= MAX_CONFIG_LEN {
+        if size <= image::MAX_CONFIG_LEN {
             return Ok(());
         }
         let keyword = instr.text.split_whitespace().next().unwrap_or("");
@@ -439,7 +436,7 @@ impl Engine<'_> {
             format!(
                 "the stage's image config and build args grow to {size} bytes here, over the \
                  limit of {} MiB",
-                MAX_CONFIG_LEN >> 20
+                image::MAX_CONFIG_LEN >> 20
             ),
         )))
     }

@@ -40,6 +40,9 @@ pub const DOCKER_MEDIA_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.d
 pub const DOCKER_MEDIA_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
 /// Docker layer, zstd-compressed tar.
 pub const DOCKER_MEDIA_LAYER_ZSTD: &str = "application/vnd.docker.image.rootfs.diff.tar.zstd";
+/// The most an image config may hold (as JSON): 16 MiB, for a pulled base image's config as
+/// for a built stage's (plus its build args).
+pub const MAX_CONFIG_LEN: usize = 16 << 20;
 /// The annotation naming an image inside an OCI layout's `index.json`.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 

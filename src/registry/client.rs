@@ -15,6 +15,7 @@ use ureq::{Agent, SendBody};
 
 use super::RegistryError;
 use super::auth::{self, Challenge, Credential};
+use super::document::manifest_media_type;
 use super::reference::{Reference, is_loopback_host};
 use crate::digest::{Digest, HashingWriter};
 
@@ -306,11 +307,15 @@ impl Client {
         if let Some(expected) = expected.filter(|e| *e != digest) {
             return Err(op.mismatch(expected, digest));
         }
-        Ok((
-            media_type_of(content_type.as_deref(), &bytes),
-            bytes,
-            digest,
-        ))
+        let media_type =
+            manifest_media_type(content_type.as_deref(), &bytes).map_err(|detail| {
+                RegistryError::AmbiguousManifest {
+                    host: op.host(),
+                    reference: op.reference(),
+                    detail,
+                }
+            })?;
+        Ok((media_type, bytes, digest))
     }
 
     /// GETs a blob into `out`, hashing while it streams; returns the byte count. A
@@ -321,6 +326,29 @@ impl Client {
         &self,
         r: &Reference,
         digest: &Digest,
+        out: &mut dyn Write,
+    ) -> Result<u64, RegistryError> {
+        self.fetch_blob(r, digest, None, out)
+    }
+
+    /// [`get_blob`](Self::get_blob) for a blob a descriptor says is `size` bytes: more bytes
+    /// are refused as they arrive (a registry cannot fill the disk with an endless body), and
+    /// fewer are an error too.
+    pub fn get_blob_of_size(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        size: u64,
+        out: &mut dyn Write,
+    ) -> Result<u64, RegistryError> {
+        self.fetch_blob(r, digest, Some(size), out)
+    }
+
+    fn fetch_blob(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        size: Option<u64>,
         out: &mut dyn Write,
     ) -> Result<u64, RegistryError> {
         let op = self.op(r, "pull", None);
@@ -362,12 +390,24 @@ impl Client {
                 let dropped = skip.min(n as u64) as usize;
                 skip -= dropped as u64;
                 let chunk = &buf[dropped..n];
+                if let Some(size) = size
+                    && written + chunk.len() as u64 > size
+                {
+                    return Err(Failure::fatal(op.protocol(format!(
+                        "blob {digest} is larger than the {size} bytes its descriptor says"
+                    ))));
+                }
                 sink.write_all(chunk)
                     .map_err(|e| Failure::fatal(op.io(e)))?;
                 written += chunk.len() as u64;
             }
         })?;
         let (_, actual, len) = sink.finish();
+        if let Some(size) = size.filter(|s| *s != len) {
+            return Err(op.protocol(format!(
+                "blob {digest} has {len} bytes, its descriptor says {size}"
+            )));
+        }
         if actual != *digest {
             return Err(op.mismatch(*digest, actual));
         }
@@ -907,39 +947,6 @@ fn manifest_ref(r: &Reference) -> String {
     }
 }
 
-/// The manifest's media type: the Content-Type when it is specific, else the `mediaType`
-/// field, else guessed from the shape (`manifests` → index).
-fn media_type_of(content_type: Option<&str>, bytes: &[u8]) -> String {
-    let ct = content_type
-        .map(|c| {
-            c.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .filter(|c| c.starts_with("application/vnd."));
-    if let Some(ct) = ct {
-        return ct;
-    }
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
-        manifests: Option<serde::de::IgnoredAny>,
-    }
-    match serde_json::from_slice::<Probe>(bytes) {
-        Ok(Probe {
-            media_type: Some(m),
-            ..
-        }) if !m.is_empty() => m,
-        Ok(Probe {
-            manifests: Some(_), ..
-        }) => MEDIA_OCI_INDEX.to_string(),
-        _ => MEDIA_OCI_MANIFEST.to_string(),
-    }
-}
-
 /// A response header as a string.
 fn header(resp: &Response<ureq::Body>, name: &str) -> Option<String> {
     resp.headers()
@@ -1104,22 +1111,5 @@ mod tests {
             encode_pairs(&[("scope", "repository:a/b:pull,push"), ("service", "x y")]),
             "scope=repository%3Aa%2Fb%3Apull%2Cpush&service=x%20y"
         );
-    }
-
-    #[test]
-    fn media_types() {
-        assert_eq!(
-            media_type_of(
-                Some("application/vnd.oci.image.index.v1+json; charset=utf-8"),
-                b""
-            ),
-            MEDIA_OCI_INDEX
-        );
-        assert_eq!(
-            media_type_of(Some("application/json"), br#"{"mediaType":"x/y"}"#),
-            "x/y"
-        );
-        assert_eq!(media_type_of(None, br#"{"manifests":[]}"#), MEDIA_OCI_INDEX);
-        assert_eq!(media_type_of(None, b"garbage"), MEDIA_OCI_MANIFEST);
     }
 }

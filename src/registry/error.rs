@@ -72,6 +72,16 @@ pub enum RegistryError {
         /// What was wrong.
         detail: String,
     },
+    /// A manifest document that does not say unambiguously what it is.
+    #[error("refusing the manifest of {reference} from registry {host}: {detail}")]
+    AmbiguousManifest {
+        /// Registry host.
+        host: String,
+        /// Image reference.
+        reference: String,
+        /// What disagrees.
+        detail: String,
+    },
     /// A request would have used plain http where policy forbids it.
     #[error(
         "refusing plain http to {url} for {reference} (registry {host}): only loopback registries or --tls-verify=false allow it"
