@@ -2,8 +2,15 @@
 # One command, offline: build kiln, the busybox base image and examples/hello, and show the result.
 set -euo pipefail
 cd "$(dirname "$0")"
-if ! [ -x /bin/busybox ] && [ "$(id -u)" = 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static umoci >/dev/null
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  [ -x /bin/busybox ] || missing+=(busybox-static umoci)
+  for p in libseccomp-dev pkg-config; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
 fi
 cargo build --release --quiet
 export KILN_ROOT="${KILN_ROOT:-$PWD/target/demo-store}"

@@ -7,7 +7,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln::sandbox::{
-    BindMount, BindSource, NetworkMode, RunSpec, Sandbox, SandboxError, TreeSource, with_rootfs,
+    BindMount, BindSource, NetworkMode, RunSpec, Sandbox, SandboxError, SeccompFilter, Security,
+    TreeSource, with_rootfs,
 };
 use tempfile::TempDir;
 
@@ -79,6 +80,7 @@ fn step(script: &str) -> Step {
             network: NetworkMode::Host,
             stdin: None,
             binds: vec![],
+            security: Security::Sandbox(Some(SeccompFilter::docker_default().unwrap())),
         },
         dir,
     }

@@ -216,3 +216,140 @@ fn index_children_and_blobs_must_match_their_descriptors() {
 fn sha256_hex(bytes: &[u8]) -> String {
     kiln::digest::Digest::of(bytes).hex()
 }
+
+/// The syscall probe (testdata/probes/syscalls.c), built static, in a context with `recipe`.
+fn probe_context(recipe: &str) -> tempfile::TempDir {
+    let ctx = context(recipe, &[]);
+    let out = std::process::Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(ctx.path().join("probe"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/probes/syscalls.c"
+        ))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    ctx
+}
+
+/// Builds the probe context with `args`; returns the step output (stderr) and the status.
+fn probe_build(recipe: &str, args: &[&str]) -> (std::process::Output, String) {
+    let k = Kiln::new();
+    let ctx = probe_context(recipe);
+    let mut full = vec!["build", "--progress", "plain", "--no-cache"];
+    full.extend_from_slice(args);
+    full.push(ctx.path().to_str().unwrap());
+    let out = k.run(&full);
+    let err = stderr(&out);
+    (out, err)
+}
+
+const PROBE_RECIPE: &str = "FROM busybox\nCOPY probe /probe\nRUN mkdir /mnt\n\
+    RUN grep -E '^(Seccomp|CapEff):' /proc/self/status && /probe \
+        && (unshare -U true && echo busybox-unshare=OK || echo busybox-unshare=refused) \
+        && (mount -t tmpfs none /mnt && echo busybox-mount=OK || echo busybox-mount=refused)\n";
+
+/// Every RUN runs under Docker's default seccomp profile: the calls Docker refuses fail the
+/// same way (EPERM, and ENOSYS for clone3 so that libcs fall back to clone).
+#[test]
+fn run_steps_get_dockers_seccomp_profile() {
+    let (out, err) = probe_build(PROBE_RECIPE, &[]);
+    assert_success(&out);
+    for line in [
+        "Seccomp:\t2",
+        "keyctl=EPERM",
+        "unshare-user=EPERM",
+        "mount=EPERM",
+        "clone3=ENOSYS",
+        "personality-query=OK",
+        "personality-addr-no-randomize=EPERM",
+        "busybox-unshare=refused",
+        "busybox-mount=refused",
+    ] {
+        assert!(err.contains(line), "{line} missing:\n{err}");
+    }
+    // Docker's capability set as before (no CAP_SYS_ADMIN, no CAP_MKNOD).
+    assert!(err.contains("CapEff:\t00000000a00425fb"), "{err}");
+}
+
+/// `--security-opt seccomp=unconfined` runs without a filter; `seccomp=FILE` takes a profile in
+/// Docker's format; a bad profile is a usage error naming the file.
+#[test]
+fn security_opt_chooses_the_seccomp_profile() {
+    let (out, err) = probe_build(PROBE_RECIPE, &["--security-opt", "seccomp=unconfined"]);
+    assert_success(&out);
+    for line in [
+        "Seccomp:\t0",
+        "keyctl=OK",
+        "unshare-user=OK",
+        "clone3=EINVAL",
+    ] {
+        assert!(err.contains(line), "{line} missing:\n{err}");
+    }
+    // Without CAP_SYS_ADMIN, mount still fails: the capability set does not change.
+    assert!(err.contains("mount=EPERM"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[
+            {"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":13}]}"#,
+    )
+    .unwrap();
+    let opt = format!("seccomp={}", profile.display());
+    let (out, err) = probe_build(
+        "FROM busybox\nRUN mkdir /made 2>&1; grep Seccomp: /proc/self/status\n",
+        &["--security-opt", &opt],
+    );
+    assert_success(&out);
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(err.contains("Seccomp:\t2"), "{err}");
+
+    std::fs::write(&profile, r#"{"defaultAction":"SCMP_ACT_SOMETIMES"}"#).unwrap();
+    let (out, err) = probe_build("FROM busybox\nRUN true\n", &["--security-opt", &opt]);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("profile.json") && err.contains("SCMP_ACT_SOMETIMES"),
+        "{err}"
+    );
+}
+
+/// `RUN --security=insecure` needs `--allow security.insecure`; with it, the step has every
+/// capability and no seccomp filter, as BuildKit's insecure entitlement gives.
+#[test]
+fn insecure_runs_only_when_allowed() {
+    let recipe = "FROM busybox\nCOPY probe /probe\nRUN mkdir /mnt\n\
+        RUN --security=insecure grep -E '^(Seccomp|CapEff):' /proc/self/status && /probe \
+            && touch /proc/sys/kernel/hostname && echo proc-sys=writable\n\
+        RUN grep -E '^(Seccomp|CapEff):' /proc/self/status\n";
+    let (out, err) = probe_build(recipe, &[]);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("Dockerfile:4") && err.contains("--allow security.insecure"),
+        "{err}"
+    );
+
+    let (out, err) = probe_build(recipe, &["--allow", "security.insecure"]);
+    assert_success(&out);
+    let host_caps = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("CapBnd:"))
+        .unwrap()
+        .trim_start_matches("CapBnd:")
+        .trim()
+        .to_string();
+    for line in [
+        "Seccomp:\t0".to_string(),
+        format!("CapEff:\t{host_caps}"),
+        "mount=OK".to_string(),
+        "keyctl=OK".to_string(),
+        "proc-sys=writable".to_string(),
+    ] {
+        assert!(err.contains(&line), "{line} missing:\n{err}");
+    }
+    // The next step is fenced again.
+    assert!(err.contains("Seccomp:\t2"), "{err}");
+}

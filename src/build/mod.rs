@@ -66,6 +66,10 @@ pub struct BuildOptions {
     pub tls_verify: bool,
     /// `--compression` of the layers this build writes.
     pub compression: Compression,
+    /// `--security-opt seccomp=…`: the filter RUN steps run under (`None`: unconfined).
+    pub seccomp: Option<crate::sandbox::SeccompFilter>,
+    /// `--allow security.insecure`: `RUN --security=insecure` may run with every capability.
+    pub allow_insecure: bool,
 }
 
 /// Why a build stopped.

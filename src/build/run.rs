@@ -10,7 +10,7 @@ use super::{BuildError, Engine, StageState, StepPlace, copy};
 use crate::plan::{self, CopySource, StepInputs};
 use crate::recipe::instructions::{CommandLine, Instruction, Run};
 use crate::rootfs::RootDir;
-use crate::sandbox::{self, BindMount, BindSource, NetworkMode, RunSpec, TreeSource};
+use crate::sandbox::{self, BindMount, BindSource, NetworkMode, RunSpec, Security, TreeSource};
 use crate::snapshot;
 
 /// A RUN mount, as the sandbox gets it.
@@ -119,17 +119,23 @@ impl Engine<'_> {
                 }
             };
         }
-        match run.security.as_deref() {
-            None | Some("sandbox") => {}
+        let security = match run.security.as_deref() {
+            None | Some("sandbox") => Security::Sandbox(self.opts.seccomp.clone()),
+            Some("insecure") if self.opts.allow_insecure => Security::Insecure,
+            Some("insecure") => {
+                return Err(self.invalid(
+                    line,
+                    "RUN --security=insecure is not allowed: pass --allow security.insecure to \
+                     let it run with every capability and no seccomp filter",
+                ));
+            }
             Some(other) => {
                 return Err(self.invalid(
                     line,
-                    format!(
-                        "RUN --security={other} is not supported: RUN steps always run sandboxed"
-                    ),
+                    format!("RUN --security={other}: expected sandbox or insecure"),
                 ));
             }
-        }
+        };
         let vars = self.vars(st);
         let mut binds = Vec::new();
         let mut identities: Vec<String> = Vec::new();
@@ -162,6 +168,9 @@ impl Engine<'_> {
                 .push_str(&format!(" mounts={:?}", run.mounts));
         }
         inputs.from = identities.join("\n");
+        if security == Security::Insecure {
+            inputs.instruction.push_str(" security=insecure");
+        }
         let parent = st.key;
         let key = plan::cache_key(&parent, &inputs);
         let used_args: Vec<&str> = st.args.keys().map(String::as_str).collect();
@@ -210,6 +219,7 @@ impl Engine<'_> {
             network,
             stdin,
             binds,
+            security,
         };
         let result = self
             .sandbox

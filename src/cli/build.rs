@@ -16,7 +16,8 @@ use kiln::store::{self, Store};
 
 use super::output::{Output, parse_output};
 use super::{
-    CANCEL, Failure, client, emit, key_value, normalize, read_file, secrets, transfer_failure,
+    CANCEL, Failure, client, emit, key_value, normalize, read_file, secrets, security,
+    transfer_failure,
 };
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -100,6 +101,8 @@ pub(crate) struct BuildArgs {
     /// Layer compression.
     #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
     compression: CompressionArg,
+    #[command(flatten)]
+    security: security::SecurityArgs,
 }
 
 pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
@@ -215,6 +218,8 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             CompressionArg::Gzip => kiln::snapshot::Compression::Gzip,
             CompressionArg::Zstd => kiln::snapshot::Compression::Zstd,
         },
+        seccomp: args.security.seccomp()?,
+        allow_insecure: args.security.allow_insecure()?,
         helper_exe: std::env::current_exe()
             .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
     };

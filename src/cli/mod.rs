@@ -5,6 +5,7 @@
 mod build;
 mod output;
 mod secrets;
+mod security;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -24,6 +24,7 @@ use nix::sys::stat::{Mode, fstat, mkdirat, umask};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 
+use super::seccomp::{self, SeccompFilter};
 use super::sys::{self, Overlay};
 use super::{BindMount, BindSource, InitConfig, NetworkMode, Report, SandboxError, users};
 
@@ -457,7 +458,9 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     };
     let proc_dir = required("/proc")?;
     mount_at("proc", &proc_dir, Some("proc"), nosuid_nodev_noexec, None)?;
-    protect_proc(&proc_dir)?;
+    if !cfg.insecure {
+        protect_proc(&proc_dir)?;
+    }
 
     let dev = required("/dev")?;
     mount_at(
@@ -470,11 +473,25 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     populate_dev(&dev)?;
 
     let sysfs = required("/sys")?;
-    let ro = nosuid_nodev_noexec | MsFlags::MS_RDONLY;
-    if mount(Some("sysfs"), &sysfs, Some("sysfs"), ro, None::<&str>).is_err() {
-        bind(Path::new("/sys"), &sysfs, true)?;
+    let sys_flags = if cfg.insecure {
+        nosuid_nodev_noexec
+    } else {
+        nosuid_nodev_noexec | MsFlags::MS_RDONLY
+    };
+    if mount(
+        Some("sysfs"),
+        &sysfs,
+        Some("sysfs"),
+        sys_flags,
+        None::<&str>,
+    )
+    .is_err()
+    {
+        bind(Path::new("/sys"), &sysfs, !cfg.insecure)?;
     }
-    mask(&sysfs.join("firmware"))?;
+    if !cfg.insecure {
+        mask(&sysfs.join("firmware"))?;
+    }
 
     for name in ["hosts", "resolv.conf", "hostname"] {
         if let Some(target) = rootfs.ensure(&format!("/etc/{name}"), Kind::File)? {
@@ -533,8 +550,17 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
         .iter()
         .map(|g| Gid::from_raw(*g))
         .collect();
+    // The filter goes on while the init still holds CAP_SYS_ADMIN, so it needs no
+    // no_new_privs and setuid programs keep working in the step, as under Docker; everything
+    // the init does from here on is allowed by Docker's profile.
+    if let Some(program) = &cfg.seccomp {
+        seccomp::load(&SeccompFilter::from_program(program.clone()))
+            .map_err(|e| SandboxError::sys("seccomp(SECCOMP_SET_MODE_FILTER)", Path::new(""), e))?;
+    }
     // Before the credentials change, while the init still holds CAP_SETPCAP.
-    bound_capabilities()?;
+    if !cfg.insecure {
+        bound_capabilities()?;
+    }
     nix::unistd::setgroups(&gids)
         .map_err(|e| SandboxError::sys("setgroups", Path::new(""), e.into()))?;
     nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(|e| {
@@ -543,8 +569,11 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(|e| {
         SandboxError::sys(&format!("setuid({})", user.uid), Path::new(""), e.into())
     })?;
-    // A non-root user lost every capability with setuid; root keeps the default set only.
-    limit_capabilities()?;
+    // A non-root user lost every capability with setuid; root keeps the default set only
+    // (every capability when insecure).
+    if !cfg.insecure {
+        limit_capabilities()?;
+    }
     reset_signals();
     // Changing credentials cleared the parent-death signal: set it again for the command.
     die_with_helper(&helper_alive)?;
@@ -556,7 +585,7 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
 /// device cgroup to stop a step from creating and opening the host's disks). Notably absent:
 /// `CAP_SYS_ADMIN` (no mounts, so the protections below cannot be undone), `CAP_SYS_MODULE`,
 /// `CAP_SYS_TIME`, `CAP_SYS_BOOT`, `CAP_SYS_RAWIO`, `CAP_NET_ADMIN`, `CAP_SYS_PTRACE`.
-const KEPT_CAPABILITIES: [caps::Capability; 13] = [
+pub(super) const KEPT_CAPABILITIES: [caps::Capability; 13] = [
     caps::Capability::CAP_CHOWN,
     caps::Capability::CAP_DAC_OVERRIDE,
     caps::Capability::CAP_FSETID,

@@ -12,6 +12,7 @@
 
 mod init;
 mod parent;
+mod seccomp;
 mod sys;
 pub mod users;
 
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use init::init_main;
+pub use seccomp::{SeccompError, SeccompFilter};
 
 /// The hidden first argument that makes the kiln binary act as the sandbox helper.
 pub const INIT_ARG: &str = "__kiln-sandbox-init";
@@ -81,6 +83,17 @@ impl TreeSource {
     }
 }
 
+/// How a step is fenced in beyond its namespaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    /// Docker's default capabilities without `CAP_MKNOD`, host-wide /proc knobs read-only and
+    /// host-only /proc and /sys entries masked, and this seccomp filter (`None`: unconfined).
+    Sandbox(Option<SeccompFilter>),
+    /// BuildKit's `security.insecure`: every capability, no seccomp filter, /proc and /sys
+    /// unmasked and writable (still its own namespaces and minimal /dev).
+    Insecure,
+}
+
 /// Everything needed to run one step.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
@@ -106,6 +119,8 @@ pub struct RunSpec {
     pub stdin: Option<Vec<u8>>,
     /// Extra bind mounts.
     pub binds: Vec<BindMount>,
+    /// Capabilities, seccomp, masks.
+    pub security: Security,
 }
 
 /// Runs steps by re-executing a kiln binary as the sandbox helper.
@@ -216,6 +231,10 @@ struct InitConfig {
     hostname: String,
     network: NetworkMode,
     binds: Vec<BindMount>,
+    /// The seccomp program to load, if any.
+    seccomp: Option<Vec<u8>>,
+    /// [`Security::Insecure`].
+    insecure: bool,
     /// A private scratch dir: `root/` (mount point), `empty/` (lower for FROM scratch), and the
     /// `hosts`, `hostname`, `resolv.conf` files to bind into the rootfs.
     scratch: PathBuf,

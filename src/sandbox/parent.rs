@@ -19,7 +19,7 @@ use nix::sys::stat::{Mode, fstatat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use super::sys::{self, Overlay};
-use super::{INIT_ARG, InitConfig, Report, RunSpec, SandboxError};
+use super::{INIT_ARG, InitConfig, Report, RunSpec, SandboxError, Security};
 
 fn io_err(call: &str, path: &Path) -> impl FnOnce(io::Error) -> SandboxError {
     move |e| SandboxError::sys(call, path, e)
@@ -111,6 +111,11 @@ pub(super) fn run(
         hostname: hostname.to_string(),
         network: spec.network,
         binds: spec.binds.clone(),
+        seccomp: match &spec.security {
+            Security::Sandbox(Some(filter)) => Some(filter.program().to_vec()),
+            Security::Sandbox(None) | Security::Insecure => None,
+        },
+        insecure: spec.security == Security::Insecure,
         scratch: scratch.path.clone(),
     };
     let json = serde_json::to_vec(&config)
