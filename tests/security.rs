@@ -353,3 +353,117 @@ fn insecure_runs_only_when_allowed() {
     // The next step is fenced again.
     assert!(err.contains("Seccomp:\t2"), "{err}");
 }
+
+/// The shared libraries the kiln binary under test needs, as `ldd` names them: (path in the
+/// host, same path in an image).
+fn kiln_libraries() -> Vec<std::path::PathBuf> {
+    let out = std::process::Command::new("ldd")
+        .arg(kiln_bin())
+        .output()
+        .unwrap();
+    assert_success(&out);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(std::path::PathBuf::from)
+        .collect()
+}
+
+/// A base whose first process re-executes whatever runs the sandbox (`#!/proc/self/exe`) makes
+/// kiln the step's PID 1, and kiln then runs a credential helper the image brings: that
+/// helper, code of the step, must not find the host's kiln binary behind `/proc/1/exe`, nor
+/// write to what it finds, while kiln runs or after it exits (runc CVE-2019-5736).
+#[test]
+fn the_host_kiln_binary_is_out_of_reach_of_a_step() {
+    use common::registry::{Action, Proxy};
+    use std::os::unix::fs::MetadataExt;
+    let k = Kiln::new();
+    // A request without credentials gets a basic-auth challenge, so kiln looks for some; with
+    // them, the image is not there.
+    let registry = Proxy::start(
+        1,
+        Box::new(|_, seen| match seen.authorization {
+            None => Action::Respond(
+                401,
+                "WWW-Authenticate: Basic realm=\"kiln\"\r\n".into(),
+                String::new(),
+            ),
+            Some(_) => Action::Status(404),
+        }),
+    );
+    // Its stderr is kiln's to read: it reports on the step's output through PID 1's.
+    let helper = "#!/bin/sh\n\
+        exec 2>>/proc/1/fd/2\n\
+        echo \"pid1-exe=$(stat -L -c %d:%i /proc/1/exe)\" >&2\n\
+        if (echo x >> /proc/1/exe) 2>/dev/null; then echo write-now=OK >&2; \
+        else echo write-now=refused >&2; fi\n\
+        exec 3</proc/1/exe\n\
+        ( for i in $(seq 5000); do \
+            if (echo x >> /proc/self/fd/3) 2>/dev/null; then echo write-later=OK >&2; exit; fi; \
+          done ) >/dev/null &\n\
+        echo '{\"Username\":\"u\",\"Secret\":\"p\"}'\n";
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        ("docker-credential-evil".into(), helper.as_bytes().to_vec()),
+        ("config.json".into(), br#"{"credsStore":"evil"}"#.to_vec()),
+    ];
+    let mut copies = String::new();
+    for (i, lib) in kiln_libraries().iter().enumerate() {
+        files.push((format!("lib{i}"), std::fs::read(lib).unwrap()));
+        copies.push_str(&format!("COPY --chmod=755 lib{i} {}\n", lib.display()));
+    }
+    // The script's own path is the reference to pull: the kernel runs the interpreter as
+    // `/proc/self/exe pull REF`.
+    let reference = format!("{}/x/y:1", registry.host());
+    let recipe = format!(
+        "FROM busybox\n{copies}\
+         COPY --chmod=755 docker-credential-evil /bin/\n\
+         COPY config.json /cfg/\n\
+         ENV DOCKER_CONFIG=/cfg\n\
+         RUN mkdir -p /{reference} && rmdir /{reference} \
+             && printf '#!/proc/self/exe pull\\n' > /{reference} && chmod 755 /{reference}\n\
+         RUN [\"{reference}\"]\n"
+    );
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, c)| (n.as_str(), c.as_slice()))
+        .collect();
+    let before = std::fs::read(kiln_bin()).unwrap();
+    let (out, _ctx) = k.build(&recipe, &refs, &[]);
+    let err = stderr(&out);
+    let host = std::fs::metadata(kiln_bin()).unwrap();
+    let host_id = format!("pid1-exe={}:{}", host.dev(), host.ino());
+    // The helper did run as a child of kiln (the test would show nothing otherwise).
+    assert!(err.contains("pid1-exe="), "{err}");
+    assert!(
+        !err.contains(&host_id),
+        "a step reached the host's kiln binary:\n{err}"
+    );
+    assert!(err.contains("write-now=refused"), "{err}");
+    assert!(!err.contains("write-later=OK"), "{err}");
+    assert!(
+        std::fs::read(kiln_bin()).unwrap() == before,
+        "the kiln binary changed"
+    );
+}
+
+/// A daemon a step starts (double fork, setsid, its own session) dies with the step: nothing
+/// a step starts is left running after the build.
+#[test]
+fn a_steps_daemon_dies_with_the_step() {
+    let k = Kiln::new();
+    let marker = 3_000_000 + std::process::id() % 1_000_000;
+    let recipe = format!(
+        "FROM busybox\n\
+         RUN (setsid sh -c 'sleep {marker} & sleep {marker}' &) ; sleep 0.2; \
+             ps -o pid,args | grep -c 'sleep {marker}'\n"
+    );
+    let (out, _ctx) = k.build(&recipe, &[], &[]);
+    assert_success(&out);
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&format!("sleep {marker}")))
+        .collect();
+    assert!(left.is_empty(), "left running: {left:?}");
+}

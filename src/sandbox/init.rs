@@ -24,7 +24,7 @@ use nix::sys::stat::{Mode, fstat, mkdirat, umask};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 
-use super::seccomp::{self, SeccompFilter};
+use super::seccomp;
 use super::sys::{self, Overlay};
 use super::{BindMount, BindSource, InitConfig, NetworkMode, Report, SandboxError, users};
 
@@ -554,7 +554,7 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     // no_new_privs and setuid programs keep working in the step, as under Docker; everything
     // the init does from here on is allowed by Docker's profile.
     if let Some(program) = &cfg.seccomp {
-        seccomp::load(&SeccompFilter::from_program(program.clone()))
+        seccomp::load(program)
             .map_err(|e| SandboxError::sys("seccomp(SECCOMP_SET_MODE_FILTER)", Path::new(""), e))?;
     }
     // Before the credentials change, while the init still holds CAP_SETPCAP.

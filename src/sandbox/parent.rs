@@ -71,8 +71,11 @@ impl Drop for Scratch {
     }
 }
 
+/// Runs the step with the helper executed from `exe` (`name` is the binary it is a copy of,
+/// for messages).
 pub(super) fn run(
     exe: &Path,
+    name: &Path,
     spec: &RunSpec,
     output: &mut dyn FnMut(&[u8]),
     cancel: &AtomicBool,
@@ -112,7 +115,12 @@ pub(super) fn run(
         network: spec.network,
         binds: spec.binds.clone(),
         seccomp: match &spec.security {
-            Security::Sandbox(Some(filter)) => Some(filter.program().to_vec()),
+            Security::Sandbox(Some(filter)) => Some(
+                filter
+                    .program()
+                    .map_err(|e| SandboxError::Setup(e.to_string()))?
+                    .to_vec(),
+            ),
             Security::Sandbox(None) | Security::Insecure => None,
         },
         insecure: spec.security == Security::Insecure,
@@ -161,7 +169,7 @@ pub(super) fn run(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(io_err("spawn sandbox helper", exe))?;
+    let mut child = cmd.spawn().map_err(io_err("spawn sandbox helper", name))?;
     drop(cmd);
     drop((cfg_r, st_w, ctl_r));
     // A failed write means the helper died early; its exit status tells the story below.
@@ -239,7 +247,7 @@ pub(super) fn run(
     drop(control);
     let helper_status = child
         .wait()
-        .map_err(io_err("wait for sandbox helper", exe))?;
+        .map_err(io_err("wait for sandbox helper", name))?;
 
     let reports: Vec<Report> = status
         .split(|b| *b == b'\n')
@@ -265,7 +273,7 @@ pub(super) fn run(
             _ => None,
         })
         .ok_or_else(|| SandboxError::HelperDied {
-            exe: exe.to_path_buf(),
+            exe: name.to_path_buf(),
             status: helper_status.to_string(),
         })
 }
