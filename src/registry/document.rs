@@ -36,7 +36,11 @@ fn is_manifest(media_type: &str) -> bool {
 /// fields alone decide, and a document with neither kind of field is refused. Types other
 /// than manifests and indexes are returned as they are, for the caller to refuse or handle.
 pub fn manifest_media_type(content_type: Option<&str>, bytes: &[u8]) -> Result<String, String> {
-    let shape: Shape = serde_json::from_slice(bytes)
+    // JSON is UTF-8; serde skips the fields it ignores without checking them, so check first
+    // (another reader would refuse what this one let through).
+    let text =
+        std::str::from_utf8(bytes).map_err(|e| format!("the manifest is not UTF-8 text: {e}"))?;
+    let shape: Shape = serde_json::from_str(text)
         .map_err(|e| format!("the manifest is not a valid JSON document: {e}"))?;
     let index_fields = shape.manifests.is_some();
     let manifest_fields = shape.layers.is_some() || shape.config.is_some();
@@ -147,6 +151,14 @@ mod tests {
         assert!(kind(None, &index_without_manifests).is_err());
         assert!(kind(None, r#"{"schemaVersion":2}"#).is_err());
         assert!(kind(None, "garbage").is_err());
+        // Bytes that are not UTF-8 inside a field no one reads here are refused too.
+        let mut bad = MANIFEST.as_bytes().to_vec();
+        bad.splice(1..1, b"\"x\":\"\x9e\x90\",".iter().copied());
+        assert!(
+            manifest_media_type(None, &bad)
+                .unwrap_err()
+                .contains("UTF-8")
+        );
         // Two copies of a field cannot be read differently by different readers.
         let twice = format!(
             r#"{{"mediaType":"{MEDIA_OCI_MANIFEST}","mediaType":"{MEDIA_OCI_INDEX}","manifests":[]}}"#
