@@ -435,7 +435,14 @@ impl Store {
     /// left by processes that are gone.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         let root = root.to_path_buf();
-        for sub in ["blobs/sha256", "layers", "unsynced", "cache", "remote", "tmp"] {
+        for sub in [
+            "blobs/sha256",
+            "layers",
+            "unsynced",
+            "cache",
+            "remote",
+            "tmp",
+        ] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).at(&dir)?;
         }

@@ -89,7 +89,9 @@ impl Store {
         let mut writer = self.blob_writer()?;
         source.fetch(&origin, d, &mut writer).map_err(failed)?;
         writer.flush().at(&self.root)?;
-        writer.commit_expecting(d).map_err(|e| failed(e.to_string()))?;
+        writer
+            .commit_expecting(d)
+            .map_err(|e| failed(e.to_string()))?;
         self.forget_promise(d)
     }
 
@@ -143,7 +145,8 @@ mod tests {
         let liar = Digest::of(b"what the liar claims");
         let mut mem = Memory::default();
         mem.blobs.insert(("reg/a".into(), d), good.clone());
-        mem.blobs.insert(("reg/b".into(), liar), b"other bytes".to_vec());
+        mem.blobs
+            .insert(("reg/b".into(), liar), b"other bytes".to_vec());
         let mem = Arc::new(mem);
         let store = Store::open(dir.path())
             .unwrap()
