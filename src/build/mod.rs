@@ -195,19 +195,15 @@ pub fn build(
 ) -> Result<StoredImage, BuildError> {
     let file = opts.recipe_path.display().to_string();
     let recipe = recipe::parse(&opts.recipe_bytes, &file)?;
-    let (os, arch, variant) = image::host_platform();
-    let platform = match &variant {
-        Some(v) => format!("{os}/{arch}/{v}"),
-        None => format!("{os}/{arch}"),
-    };
+    let host = image::Platform::host();
     let mut platform_args = BTreeMap::new();
     for prefix in ["TARGET", "BUILD"] {
-        platform_args.insert(format!("{prefix}PLATFORM"), platform.clone());
-        platform_args.insert(format!("{prefix}OS"), os.clone());
-        platform_args.insert(format!("{prefix}ARCH"), arch.clone());
+        platform_args.insert(format!("{prefix}PLATFORM"), host.to_string());
+        platform_args.insert(format!("{prefix}OS"), host.os.clone());
+        platform_args.insert(format!("{prefix}ARCH"), host.architecture.clone());
         platform_args.insert(
             format!("{prefix}VARIANT"),
-            variant.clone().unwrap_or_default(),
+            host.variant.clone().unwrap_or_default(),
         );
     }
     let plan_opts = PlanOptions {
@@ -616,11 +612,11 @@ impl Engine<'_> {
 }
 
 fn scratch_state() -> StageState {
-    let (os, arch, variant) = image::host_platform();
+    let host = image::Platform::host();
     let mut config = ImageConfig {
-        os,
-        architecture: arch,
-        variant,
+        os: host.os,
+        architecture: host.architecture,
+        variant: host.variant,
         ..Default::default()
     };
     config.config.env.push(format!("PATH={DEFAULT_PATH}"));
