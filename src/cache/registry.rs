@@ -69,9 +69,14 @@ impl<'a> RegistryCache<'a> {
             e => e.to_string(),
         })?;
         if image::is_index_type(&media_type) {
-            let (os, arch, variant) = image::host_platform();
-            let (_, chosen) = select_platform(&bytes, &os, &arch, variant.as_deref())
-                .map_err(|e| e.to_string())?;
+            let host = image::Platform::host();
+            let (_, chosen) = select_platform(
+                &bytes,
+                &host.os,
+                &host.architecture,
+                host.variant.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
             let mut pinned = r.clone();
             pinned.digest = Some(chosen);
             (media_type, bytes, _) = self
