@@ -125,13 +125,14 @@ import re, sys
 blobs = sys.argv[1]
 total = layers = 0
 for line in sys.stdin:
-    m = re.search(r"\"GET /v2/\S*?(/blobs/sha256:([0-9a-f]{64}))?\S* HTTP/[0-9.]+\" \d+ (\d+)", line)
+    m = re.search(r"\"GET (/v2/\S+) HTTP/[0-9.]+\" \d+ (\d+)", line)
     if not m:
         continue
-    n = int(m.group(3))
+    n = int(m.group(2))
     total += n
-    if m.group(2):
-        with open(f"{blobs}/{m.group(2)[:2]}/{m.group(2)}/data", "rb") as f:
+    blob = re.search(r"/blobs/sha256:([0-9a-f]{64})$", m.group(1))
+    if blob:
+        with open(f"{blobs}/{blob.group(1)[:2]}/{blob.group(1)}/data", "rb") as f:
             if f.read(1) != b"{":
                 layers += n
 print(total, layers)' "$work/registry/data/docker/registry/v2/blobs/sha256"
