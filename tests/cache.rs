@@ -474,127 +474,139 @@ RUN cat /app/x > /out && echo $GREETING >> /out
 RUN cat /out > /out.copy
 ";
 
-#[test]
-fn broken_and_hostile_caches_never_break_a_build() {
-    let reg = Registry::start();
-    let host = reg.host();
-    let access = Access::default();
-    let good = format!("{host}/c:good");
-    let a = Kiln::new();
-    let ctx = context(RECIPE, FILES);
-    let doc_a = build_ok(
-        &a,
-        ctx.path(),
-        &["--cache-to", &format!("type=registry,ref={good},mode=max")],
-        &access,
-    );
-    let needs = context(NEEDS_LAYERS, FILES);
-    let run_line = "RUN cat /app/x > /out && echo $GREETING >> /out";
+/// A registry holding a good cache of RECIPE (`c:good`, mode=max), and what its build did.
+struct Hostile {
+    reg: Registry,
+    good: String,
+    doc: Value,
+    needs: tempfile::TempDir,
+}
 
-    // A build from `cache` succeeds with `warning` said and `rebuilt` run again; the image
-    // is right.
-    let check = |cache: &str, warning: &str, rebuilt: &str| {
+impl Hostile {
+    fn new() -> Hostile {
+        let reg = Registry::start();
+        let good = format!("{}/c:good", reg.host());
+        let ctx = context(RECIPE, FILES);
+        let doc = build_ok(
+            &Kiln::new(),
+            ctx.path(),
+            &["--cache-to", &format!("type=registry,ref={good},mode=max")],
+            &Access::default(),
+        );
+        Hostile {
+            reg,
+            good,
+            doc,
+            needs: context(NEEDS_LAYERS, FILES),
+        }
+    }
+
+    /// A fresh store builds NEEDS_LAYERS from `cache`: it succeeds, says `warning`, runs
+    /// `rebuilt` again, and the image is right.
+    fn check(&self, cache: &str, warning: &str, rebuilt: &str) {
         let k = Kiln::new();
         let work = tempfile::tempdir().unwrap();
         let layout = work.path().join("oci");
         let (out, doc) = build(
             &k,
-            needs.path(),
+            self.needs.path(),
             &[
                 "--cache-from",
                 cache,
                 "-o",
                 &format!("type=oci,dest={}", layout.display()),
             ],
-            &access,
+            &Access::default(),
         );
         assert_success(&out);
         assert!(stderr(&out).contains(warning), "{}", stderr(&out));
         assert_eq!(step(&doc, rebuilt)["cached"], "no", "{doc:#}");
         let (_d, rootfs) = unpack(&layout);
         assert_eq!(read(&rootfs, "out.copy"), "one\nhello\n");
-    };
+    }
+}
 
+const RUN_LINE: &str = "RUN cat /app/x > /out && echo $GREETING >> /out";
+
+#[test]
+fn unreadable_caches_and_records_are_warnings() {
+    let h = Hostile::new();
+    let host = h.reg.host();
     // A ref nothing was exported to.
-    check(
+    h.check(
         &format!("{host}/c:missing"),
         "ignored: not found",
         "COPY app /app",
     );
     // Records that are not JSON; a digest that is a path.
-    let manifest_of = |r: &str| -> Value {
-        let (_, b, _) = test_client()
-            .get_manifest(&Reference::parse(r).unwrap())
-            .unwrap();
-        serde_json::from_slice(&b).unwrap()
-    };
+    let (_, bytes, _) = test_client()
+        .get_manifest(&Reference::parse(&h.good).unwrap())
+        .unwrap();
+    let mut manifest: Value = serde_json::from_slice(&bytes).unwrap();
     push_raw_cache(
         &format!("{host}/c:notjson"),
-        &mut manifest_of(&good),
+        &mut manifest,
         b"{\"records\": [",
     );
-    check(
+    h.check(
         &format!("{host}/c:notjson"),
         "ignored: invalid records",
         "COPY app /app",
     );
-    push_edited_cache(&good, &format!("{host}/c:path"), |c| {
+    push_edited_cache(&h.good, &format!("{host}/c:path"), |c| {
         c["records"][0]["key"] = "sha256:../../../etc/passwd".into();
     });
-    check(
+    h.check(
         &format!("{host}/c:path"),
         "ignored: invalid records",
         "COPY app /app",
     );
     // A record naming a layer the cache does not list.
-    push_edited_cache(&good, &format!("{host}/c:foreign"), |c| {
-        let r = record_of(c, &doc_a, "COPY app /app");
+    push_edited_cache(&h.good, &format!("{host}/c:foreign"), |c| {
+        let r = record_of(c, &h.doc, "COPY app /app");
         r["layer"]["digest"] = Digest::of(b"elsewhere").to_string().into();
     });
-    check(
+    h.check(
         &format!("{host}/c:foreign"),
         "which the cache does not list",
         "COPY app /app",
     );
+}
+
+#[test]
+fn bad_layers_are_found_out_and_their_steps_rebuilt() {
+    let h = Hostile::new();
+    let host = h.reg.host();
     // A record whose layer says it unpacks to something else: found out when a step needs
     // the files, and the build runs again without it.
-    push_edited_cache(&good, &format!("{host}/c:liar"), |c| {
-        let r = record_of(c, &doc_a, "COPY app /app");
+    push_edited_cache(&h.good, &format!("{host}/c:liar"), |c| {
+        let r = record_of(c, &h.doc, "COPY app /app");
         r["layer"]["diffID"] = Digest::of(b"a lie").to_string().into();
     });
-    check(
+    h.check(
         &format!("{host}/c:liar"),
         "building again without it",
         "COPY app /app",
     );
 
-    // A layer blob gone from the registry (a registry GC, a partial delete).
-    let gone = format!("{host}/gone/c:1");
-    let src = Kiln::new();
-    build_ok(
-        &src,
-        ctx.path(),
-        &["--cache-to", &format!("type=registry,ref={gone},mode=max")],
-        &access,
-    );
-    let doc_src = build_ok(&src, ctx.path(), &[], &access);
-    let run_layer = step(&doc_src, run_line)["layer"]
+    // A layer blob gone from the cache's repository (a registry GC, a partial delete).
+    let run_layer = step(&h.doc, RUN_LINE)["layer"]
         .as_str()
         .unwrap()
         .to_string();
-    let resp = ureq::delete(&format!("http://{host}/v2/gone/c/blobs/{run_layer}"))
+    let resp = ureq::delete(&format!("http://{host}/v2/c/blobs/{run_layer}"))
         .call()
         .unwrap();
     assert_eq!(resp.status().as_u16(), 202);
-    check(&gone, "is not in the registry", run_line);
+    h.check(&h.good, "is not in the registry", RUN_LINE);
 
     // Layer bytes that do not match their digest on the way (a broken proxy or mirror).
-    let layers: Vec<String> = layer_steps(&doc_a)
+    let layers: Vec<String> = layer_steps(&h.doc)
         .iter()
         .filter_map(|s| s["layer"].as_str().map(str::to_string))
         .collect();
     let proxy = Proxy::start(
-        reg.port,
+        h.reg.port,
         Box::new(move |_, req| {
             if req.line.starts_with("GET ") && layers.iter().any(|l| req.line.contains(l)) {
                 Action::Corrupt
@@ -603,15 +615,19 @@ fn broken_and_hostile_caches_never_break_a_build() {
             }
         }),
     );
-    check(
+    h.check(
         &format!("{}/c:good", proxy.host()),
         "building again without it",
         "COPY app /app",
     );
+}
 
-    // A failed --cache-to is a warning, unless ignore-error=false.
+#[test]
+fn a_failed_export_is_a_warning_unless_errors_are_not_ignored() {
     let nowhere = format!("127.0.0.1:{}/c:x", free_port());
+    let ctx = context(RECIPE, FILES);
     let k = Kiln::new();
+    let access = Access::default();
     let (out, _) = build(
         &k,
         ctx.path(),
