@@ -2,18 +2,104 @@
 //! first, then `--cache-from`), explaining a miss, recording a result; turning an upper dir
 //! into a stored layer; and the unpacked layer dirs of base images and cached layers.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
-use super::report::Cached;
-use super::{BuildError, Engine, StageState, StepPlace, scratch_state};
-use crate::cache::{self, Hit, Layer, Lookup, Miss, Record};
+use super::report::{Cached, Outcomes};
+use super::{BuildError, Built, Engine, StageState, StepPlace, scratch_state};
+use crate::cache::{self, BuiltRecord, Hit, Layer, Lookup, Miss, Record};
 use crate::digest::Digest;
 use crate::image::{self, Descriptor};
-use crate::plan::StepInputs;
+use crate::plan::{Base, Plan, StepInputs};
 use crate::registry::reference::Reference;
 use crate::snapshot::{self, Compression, LayerOptions};
 
+/// The stages whose steps make the final image's layers: the target and those it is built
+/// `FROM`, transitively (the steps `--cache-to mode=min` exports).
+pub(super) fn image_stages(plan: &Plan) -> BTreeSet<usize> {
+    let mut stages = BTreeSet::new();
+    let mut at = Some(plan.target);
+    while let Some(i) = at {
+        stages.insert(i);
+        at = match plan.stages[i].base {
+            Base::Stage(b) => Some(b),
+            _ => None,
+        };
+    }
+    stages
+}
+
 impl Engine<'_> {
+    /// Runs the build until it ends without a layer from a shared cache turning out unusable.
+    /// Such a layer (it cannot be had, or is not what its record says) is left out and the
+    /// build runs again: steps already done are local hits by then. Each round rejects one more
+    /// layer, so this ends.
+    pub(super) fn build_attempts(&self) -> Result<Built, BuildError> {
+        loop {
+            *self.outcomes.lock().unwrap_or_else(|e| e.into_inner()) = Outcomes::default();
+            let result = self.run_stages().and_then(|state| self.finish(state));
+            match result {
+                Err(BuildError::CacheLayer {
+                    digest,
+                    cache,
+                    reason,
+                }) if self.reject(digest) => {
+                    self.progress.warn(&format!(
+                        "cache {cache}: layer {digest} is unusable ({reason}); building again without it"
+                    ));
+                    self.store.forget_promise(&digest)?;
+                    // A failed stage raised `cancel` to stop the others; the user did not.
+                    if self.stopped_others.swap(false, Ordering::SeqCst) {
+                        self.cancel.store(false, Ordering::SeqCst);
+                    }
+                }
+                Err(e) => return Err(e),
+                Ok(image) => {
+                    let Outcomes { mut steps, records } = std::mem::take(
+                        &mut *self.outcomes.lock().unwrap_or_else(|e| e.into_inner()),
+                    );
+                    steps.sort_by_key(|(order, _)| *order);
+                    return Ok(Built {
+                        image,
+                        steps: steps.into_iter().map(|(_, s)| s).collect(),
+                        records,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Keeps a record of this build for `--cache-to`.
+    pub(super) fn keep_record(&self, stage: usize, record: Record) {
+        let in_image = self.image_stages.contains(&stage);
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .records
+            .push(BuiltRecord { record, in_image });
+    }
+
+    /// Leaves a shared cache's layer out of later attempts; false if it already was.
+    pub(super) fn reject(&self, layer: Digest) -> bool {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(layer)
+    }
+
+    /// Shows a warning, once per build.
+    fn warn_once(&self, text: String) {
+        let fresh = self
+            .warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(text.clone());
+        if fresh {
+            self.progress.warn(&text);
+        }
+    }
+
     fn identity(&self, stage: usize, n: usize) -> Digest {
         Digest::of(format!("kiln-step-identity-v2\n{}\n{stage}\n{n}", self.recipe_id).as_bytes())
     }

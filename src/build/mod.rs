@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crate::cache::{
-    BuiltRecord, CacheBackend, Import, Layer, LocalCache, Record, inline_annotation, open_imports,
+    BuiltRecord, CacheBackend, Import, Layer, LocalCache, inline_annotation, open_imports,
 };
 use crate::digest::Digest;
 use crate::image::{self, Descriptor, History, ImageConfig};
@@ -32,10 +32,11 @@ use crate::snapshot::Compression;
 use crate::sources::context::{Context, ContextError};
 use crate::store::{Store, StoreError, StoredImage};
 
+use self::cache::image_stages;
 use self::config::{
     DEFAULT_PATH, command_argv, default_shell, expose_ports, set_env, set_healthcheck,
 };
-use self::report::{Cached, StepReport};
+use self::report::{Cached, Outcomes, StepReport};
 
 /// Everything a build is asked to do, from the command line.
 #[derive(Clone, Debug)]
@@ -291,63 +292,7 @@ pub fn build(
         warned: Mutex::default(),
         stopped_others: AtomicBool::new(false),
     };
-    // A layer a shared cache pointed at that cannot be had (or is not what its record says)
-    // is left out and the build runs again: steps already done are local hits by then. Each
-    // round rejects one more layer, so this ends.
-    loop {
-        *engine.outcomes.lock().unwrap_or_else(|e| e.into_inner()) = Outcomes::default();
-        let result = engine.run_stages().and_then(|state| engine.finish(state));
-        match result {
-            Err(BuildError::CacheLayer {
-                digest,
-                cache,
-                reason,
-            }) if engine.reject(digest) => {
-                progress.warn(&format!(
-                    "cache {cache}: layer {digest} is unusable ({reason}); building again without it"
-                ));
-                store.forget_promise(&digest)?;
-                if engine.stopped_others.swap(false, Ordering::SeqCst) {
-                    cancel.store(false, Ordering::SeqCst);
-                }
-            }
-            Err(e) => return Err(e),
-            Ok(image) => {
-                let Outcomes { mut steps, records } =
-                    std::mem::take(&mut *engine.outcomes.lock().unwrap_or_else(|e| e.into_inner()));
-                steps.sort_by_key(|(order, _)| *order);
-                return Ok(Built {
-                    image,
-                    steps: steps.into_iter().map(|(_, s)| s).collect(),
-                    records,
-                });
-            }
-        }
-    }
-}
-
-/// The stages whose steps make the final image's layers: the target and those it is built
-/// `FROM`, transitively.
-fn image_stages(plan: &Plan) -> BTreeSet<usize> {
-    let mut stages = BTreeSet::new();
-    let mut at = Some(plan.target);
-    while let Some(i) = at {
-        stages.insert(i);
-        at = match plan.stages[i].base {
-            Base::Stage(b) => Some(b),
-            _ => None,
-        };
-    }
-    stages
-}
-
-/// What the steps of one attempt at the build did.
-#[derive(Default)]
-struct Outcomes {
-    /// Step reports by (stage, step number).
-    steps: Vec<((usize, usize), StepReport)>,
-    /// Cache records made or reused.
-    records: Vec<BuiltRecord>,
+    engine.build_attempts()
 }
 
 /// Where a layer step is: for messages, step identities and history.
@@ -540,69 +485,6 @@ impl Engine<'_> {
             self.report(index, order, &st, &instr.text, line, started, Some(below));
         }
         Ok(st)
-    }
-
-    /// Records what a step did for the build's report: `below` is how many layers the stage
-    /// had before it (None for FROM, which adds none of its own).
-    #[allow(clippy::too_many_arguments)]
-    fn report(
-        &self,
-        stage: usize,
-        order: usize,
-        st: &StageState,
-        instruction: &str,
-        line: usize,
-        started: Instant,
-        below: Option<usize>,
-    ) {
-        let layer = below
-            .filter(|&b| st.layers.len() > b)
-            .and_then(|_| st.layers.last())
-            .map(|l| l.desc.digest);
-        let report = StepReport {
-            stage: self.stage_name(stage),
-            line,
-            instruction: instruction.to_string(),
-            cached: st.cached.clone(),
-            reason: st.reason.clone(),
-            duration_s: started.elapsed().as_secs_f64(),
-            layer,
-        };
-        self.outcomes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .steps
-            .push(((stage, order), report));
-    }
-
-    /// Keeps a record of this build for `--cache-to`.
-    fn keep_record(&self, stage: usize, record: Record) {
-        let in_image = self.image_stages.contains(&stage);
-        self.outcomes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .records
-            .push(BuiltRecord { record, in_image });
-    }
-
-    /// Leaves a shared cache's layer out of later attempts; false if it already was.
-    fn reject(&self, layer: Digest) -> bool {
-        self.rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(layer)
-    }
-
-    /// Shows a warning, once per build.
-    fn warn_once(&self, text: String) {
-        let fresh = self
-            .warned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(text.clone());
-        if fresh {
-            self.progress.warn(&text);
-        }
     }
 
     fn parse_trigger(&self, trigger: &str, line: usize) -> Result<Instruction, BuildError> {

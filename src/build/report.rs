@@ -2,9 +2,13 @@
 //! (`containerimage.digest`, `containerimage.config.digest`, `containerimage.descriptor`,
 //! `image.name`) and kiln's `kiln.steps`.
 
+use std::time::Instant;
+
 use serde::{Serialize, Serializer};
 use serde_json::{Value, json};
 
+use super::{Engine, StageState};
+use crate::cache::BuiltRecord;
 use crate::digest::Digest;
 use crate::store::StoredImage;
 
@@ -47,6 +51,50 @@ pub struct StepReport {
     pub duration_s: f64,
     /// The layer it added, if any.
     pub layer: Option<Digest>,
+}
+
+/// What the steps of one attempt at the build did.
+#[derive(Default)]
+pub(super) struct Outcomes {
+    /// Step reports by (stage, step number).
+    pub(super) steps: Vec<((usize, usize), StepReport)>,
+    /// Cache records made or reused.
+    pub(super) records: Vec<BuiltRecord>,
+}
+
+impl Engine<'_> {
+    /// Records what a step did for the build's report: `below` is how many layers the stage
+    /// had before it (None for FROM, which adds none of its own).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn report(
+        &self,
+        stage: usize,
+        order: usize,
+        st: &StageState,
+        instruction: &str,
+        line: usize,
+        started: Instant,
+        below: Option<usize>,
+    ) {
+        let layer = below
+            .filter(|&b| st.layers.len() > b)
+            .and_then(|_| st.layers.last())
+            .map(|l| l.desc.digest);
+        let report = StepReport {
+            stage: self.stage_name(stage),
+            line,
+            instruction: instruction.to_string(),
+            cached: st.cached.clone(),
+            reason: st.reason.clone(),
+            duration_s: started.elapsed().as_secs_f64(),
+            layer,
+        };
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .steps
+            .push(((stage, order), report));
+    }
 }
 
 /// The `--metadata-file` document for `image`, named `names` (none: no `image.name`).
