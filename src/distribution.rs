@@ -1,6 +1,7 @@
 //! Moving images between the local store and registries: pull into the store (choosing the
 //! host platform from an index, verifying every blob), push from it (blobs first, in
-//! parallel, skipping what the registry has, the manifest last).
+//! parallel, skipping what the registry has, mounting what a shared cache promised, the
+//! manifest last).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -47,8 +48,13 @@ pub fn pull(
 ) -> Result<StoredImage, TransferError> {
     let (mut media_type, mut bytes, mut digest) = client.get_manifest(reference)?;
     if image::is_index_type(&media_type) {
-        let (os, arch, variant) = image::host_platform();
-        let (listed_type, chosen) = select_platform(&bytes, &os, &arch, variant.as_deref())?;
+        let host = image::Platform::host();
+        let (listed_type, chosen) = select_platform(
+            &bytes,
+            &host.os,
+            &host.architecture,
+            host.variant.as_deref(),
+        )?;
         let mut pinned = reference.clone();
         pinned.digest = Some(chosen);
         (media_type, bytes, digest) = client.get_manifest(&pinned)?;
@@ -102,7 +108,9 @@ pub fn pull(
         .ok_or_else(|| invalid(reference, "pulled image not found in the store"))
 }
 
-/// Pushes a stored image to `reference`; returns the manifest digest.
+/// Pushes a stored image to `reference`; returns the manifest digest. A layer a shared cache
+/// promised (not in the store) is mounted from the cache's repository when that is on the
+/// same registry, and fetched otherwise.
 pub fn push(
     store: &Store,
     client: &Client,
@@ -116,7 +124,10 @@ pub fn push(
             let f = store.open_blob(&d.digest).map_err(std::io::Error::other)?;
             Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, f)))
         };
-        client.push_blob(reference, &d.digest, d.size, &open, None)?;
+        let mount = store
+            .blob_origin(&d.digest)
+            .and_then(|o| crate::cache::origin::mount_source(&o, &reference.registry));
+        client.push_blob(reference, &d.digest, d.size, &open, mount.as_deref())?;
         Ok(())
     };
     for_each_parallel(&blobs, upload)?;
