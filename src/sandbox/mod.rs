@@ -20,7 +20,6 @@ pub mod users;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -126,20 +125,16 @@ pub struct RunSpec {
 }
 
 /// Runs steps by re-executing a kiln binary as the sandbox helper, from a sealed in-memory
-/// copy of it (see `sealed.rs`), made on the first step.
+/// copy of it (see `sealed.rs`), made on the first step of the process.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
     helper_exe: PathBuf,
-    sealed: Arc<OnceLock<Result<sealed::SealedExe, String>>>,
 }
 
 impl Sandbox {
     /// A sandbox whose helper is `helper_exe` (normally `std::env::current_exe()`).
     pub fn new(helper_exe: PathBuf) -> Sandbox {
-        Sandbox {
-            helper_exe,
-            sealed: Arc::new(OnceLock::new()),
-        }
+        Sandbox { helper_exe }
     }
 
     /// Runs the step; streams the process's stdout and stderr (merged, in order) to `output`.
@@ -152,18 +147,12 @@ impl Sandbox {
         output: &mut dyn FnMut(&[u8]),
         cancel: &AtomicBool,
     ) -> Result<i32, SandboxError> {
-        let sealed = self
-            .sealed
-            .get_or_init(|| {
-                sealed::SealedExe::copy_of(&self.helper_exe).map_err(|e| {
-                    format!(
-                        "making a sealed copy of {} to run the sandbox from: {e}",
-                        self.helper_exe.display()
-                    )
-                })
-            })
-            .as_ref()
-            .map_err(|e| SandboxError::Setup(e.clone()))?;
+        let sealed = sealed::SealedExe::shared(&self.helper_exe).map_err(|e| {
+            SandboxError::Setup(format!(
+                "making a sealed copy of {} to run the sandbox from: {e}",
+                self.helper_exe.display()
+            ))
+        })?;
         parent::run(&sealed.path(), &self.helper_exe, spec, output, cancel)
     }
 }

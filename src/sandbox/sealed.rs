@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// An executable copy of a binary in sealed memory, kept open for the life of the process.
 #[derive(Debug)]
@@ -23,6 +24,19 @@ pub(super) struct SealedExe {
 const HIGH_FD: RawFd = 100;
 
 impl SealedExe {
+    /// The sealed copy of `exe`, made on the first call for that path in this process and
+    /// shared after (one copy however many sandboxes and steps use it).
+    pub(super) fn shared(exe: &Path) -> io::Result<Arc<SealedExe>> {
+        static COPIES: Mutex<Vec<(PathBuf, Arc<SealedExe>)>> = Mutex::new(Vec::new());
+        let mut copies = COPIES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, copy)) = copies.iter().find(|(p, _)| p == exe) {
+            return Ok(copy.clone());
+        }
+        let copy = Arc::new(SealedExe::copy_of(exe)?);
+        copies.push((exe.to_path_buf(), copy.clone()));
+        Ok(copy)
+    }
+
     /// Copies `exe` into a sealed memfd.
     pub(super) fn copy_of(exe: &Path) -> io::Result<SealedExe> {
         // SAFETY: a NUL-terminated name and valid flags; the kernel returns a new fd we own.
