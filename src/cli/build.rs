@@ -14,6 +14,7 @@ use kiln::registry::reference::Reference;
 use kiln::sandbox::NetworkMode;
 use kiln::store::{self, Store};
 
+use super::limits::LimitArgs;
 use super::output::{Output, parse_output};
 use super::{
     CANCEL, Failure, client, emit, key_value, normalize, read_file, secrets, transfer_failure,
@@ -100,6 +101,8 @@ pub(crate) struct BuildArgs {
     /// Layer compression.
     #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
     compression: CompressionArg,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
@@ -215,6 +218,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             CompressionArg::Gzip => kiln::snapshot::Compression::Gzip,
             CompressionArg::Zstd => kiln::snapshot::Compression::Zstd,
         },
+        limits: args.limits.limits()?,
         helper_exe: std::env::current_exe()
             .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
     };
@@ -228,10 +232,16 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         } else {
             1
         };
-        let hint = matches!(e, BuildError::Pull { .. }).then(|| {
-            "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline"
-                .to_string()
-        });
+        let hint = match &e {
+            BuildError::Pull { .. } => Some(
+                "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline",
+            ),
+            BuildError::Sandbox(kiln::sandbox::SandboxError::LimitsUnavailable(_)) => {
+                Some("--limits=best-effort builds without the limits that cannot be applied")
+            }
+            _ => None,
+        }
+        .map(str::to_string);
         Failure {
             error: Box::new(e),
             code,
