@@ -6,8 +6,8 @@
 //! something — by comparing the copy with the layers.
 //!
 //! Entries are compared by type, owner, mode, size, mtime (to the nanosecond, which the copy
-//! keeps), link target and xattrs; a dir whose inode is not the one the copy made was deleted
-//! and made again. Hardlinks between lower files are not kept in the copy (as overlayfs's
+//! keeps), link target and xattrs; a dir whose inode and birth time are not those of a dir the
+//! copy made was deleted and made again. Hardlinks between lower files are not kept in the copy (as overlayfs's
 //! copy-up does not keep them either); ones the step makes are.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -192,14 +192,22 @@ fn sub_dirs(dirs: &[PathBuf], top: usize, name: &OsString) -> Result<Vec<PathBuf
     Ok(out)
 }
 
+/// A dir's identity: its inode and birth time (a deleted dir's inode number is soon given to
+/// the next new one; the birth time tells them apart where the file system records it).
+type DirId = (u64, Option<std::time::SystemTime>);
+
+fn dir_id(md: &Metadata) -> DirId {
+    (md.ino(), md.created().ok())
+}
+
 /// A copied rootfs bound at its target.
 pub(crate) struct CopyMount {
     target: PathBuf,
     merged: PathBuf,
     lowers: Vec<PathBuf>,
     upper: PathBuf,
-    /// Inodes of the dirs the copy made: a dir with another inode was made by the step.
-    dir_inodes: HashSet<u64>,
+    /// The dirs the copy made: a dir with another identity was made by the step.
+    dir_inodes: HashSet<DirId>,
     /// Paths the copy left out (see [`copy_entry`]): not deleted by the step.
     left_out: HashSet<PathBuf>,
 }
@@ -241,8 +249,9 @@ impl CopyMount {
 
     /// Fills `dest` (an existing dir) with the merged view of `dirs`.
     fn copy_dir(&mut self, dirs: &[PathBuf], dest: &Path, rel: &Path) -> Result<(), SandboxError> {
-        self.dir_inodes
-            .insert(fs::symlink_metadata(dest).map_err(err("stat", dest))?.ino());
+        self.dir_inodes.insert(dir_id(
+            &fs::symlink_metadata(dest).map_err(err("stat", dest))?,
+        ));
         for (name, (i, md)) in view(dirs)? {
             let (src, dst) = (dirs[i].join(&name), dest.join(&name));
             if md.is_dir() {
@@ -354,7 +363,9 @@ impl Diff<'_> {
             let lower = below.get(name);
             if md.is_dir() {
                 match lower {
-                    Some((i, lmd)) if lmd.is_dir() && self.mount.dir_inodes.contains(&md.ino()) => {
+                    Some((i, lmd))
+                        if lmd.is_dir() && self.mount.dir_inodes.contains(&dir_id(&md)) =>
+                    {
                         let l = lowers[*i].join(name);
                         if !same_entry(&m, &md, &l, lmd)? {
                             self.ensure(&chain, Some((&path, &md)))?;

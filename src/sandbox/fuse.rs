@@ -168,6 +168,25 @@ fn below(lowers: &[PathBuf], rel: &Path) -> bool {
     false
 }
 
+/// Removes the xattrs fuse-overlayfs keeps for itself (`user.fuseoverlayfs.origin`, ...).
+fn remove_own_xattrs(path: &Path) -> Result<(), SandboxError> {
+    let Ok(names) = xattr::list(path) else {
+        return Ok(());
+    };
+    for name in names {
+        let n = name.as_bytes();
+        let own = n
+            .splitn(2, |&b| b == b'.')
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with(b"fuseoverlayfs."));
+        if own {
+            xattr::remove(path, &name)
+                .map_err(|e| SandboxError::sys("remove fuse-overlayfs xattr", path, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Rewrites fuse-overlayfs's markers in the upper dir `dir` (at `rel` in the rootfs) as the
 /// kernel's overlayfs would have left them: opaque only where a lower layer has the path (a dir
 /// made over a whiteout), marked by one xattr, without marker files.
@@ -185,7 +204,10 @@ fn normalize_upper(upper: &Path, lowers: &[PathBuf], rel: &Path) -> Result<(), S
         if bytes == b".wh..wh..opq" || bytes == b".wh..opq" {
             marked |= bytes == b".wh..wh..opq";
             fs::remove_file(&path).map_err(|e| SandboxError::sys("remove", &path, e))?;
-        } else if md.is_dir() {
+            continue;
+        }
+        remove_own_xattrs(&path)?;
+        if md.is_dir() {
             normalize_upper(upper, lowers, &rel.join(&name))?;
         }
     }

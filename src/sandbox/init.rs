@@ -42,11 +42,19 @@ pub fn init_main() -> ! {
     let code = match helper() {
         Ok(()) => 0,
         Err(e) => {
-            send(Report::Error(e.to_string()));
+            send(error_report(e));
             1
         }
     };
     std::process::exit(code)
+}
+
+/// The report of a failed setup: the message alone (the parent says it was the setup).
+fn error_report(e: SandboxError) -> Report {
+    Report::Error(match e {
+        SandboxError::Setup(message) => message,
+        e => e.to_string(),
+    })
 }
 
 /// Writes one report line to the status pipe (best effort: the parent may be gone).
@@ -96,7 +104,7 @@ fn helper() -> Result<(), SandboxError> {
                 Ok(never) => match never {},
                 Err(e) => e,
             };
-            send(Report::Error(err.to_string()));
+            send(error_report(err));
             // SAFETY: terminating the child without running the parent's atexit handlers.
             unsafe { libc::_exit(1) }
         }
