@@ -182,6 +182,7 @@ impl BuildError {
                 | BuildError::ContextDir(_)
                 | BuildError::Invalid { .. }
                 | BuildError::Image(_)
+                | BuildError::Sandbox(SandboxError::InvalidInput(_))
         )
     }
 }

@@ -73,6 +73,19 @@ impl LimitArgs {
                     })?,
             ),
         };
+        match (memory, memory_swap) {
+            (None, Some(_)) => {
+                return Err(Failure::usage(
+                    "--memory-swap needs --memory (it is memory plus swap)",
+                ));
+            }
+            (Some(m), Some(s)) if s != -1 && (s as u64) < m => {
+                return Err(Failure::usage(format!(
+                    "--memory-swap {s} is less than --memory {m}: it is memory plus swap"
+                )));
+            }
+            _ => {}
+        }
         let millicpus = self
             .cpus
             .as_deref()
