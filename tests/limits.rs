@@ -152,9 +152,11 @@ fn a_fork_bomb_under_pids_limit_fails_fast_and_leaves_the_host_alone() {
         "tasks {tasks_before} -> {}",
         w.most_tasks
     );
+    // The 1-minute load average moves with everything else this shared machine runs: the
+    // margin allows for that, not for 64 processes spinning for 30 s.
     let (load_after, _) = loadavg();
     assert!(
-        load_after < load_before + 3.0,
+        load_after < load_before * 1.25 + 3.0,
         "load {load_before} -> {load_after}"
     );
     assert_eq!(leftover_cgroups(w.pid), Vec::<PathBuf>::new());
@@ -182,7 +184,7 @@ fn a_memory_hog_under_memory_limit_fails_fast_and_leaves_the_host_alone() {
     assert!(w.elapsed < Duration::from_secs(10), "{:?}", w.elapsed);
     // Without the limit the host would have lost 1 GiB.
     assert!(
-        w.least_available + (384 << 20) > available,
+        w.least_available + (512 << 20) > available,
         "MemAvailable {available} -> {}",
         w.least_available
     );

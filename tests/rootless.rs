@@ -7,7 +7,7 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::registry::{Registry, skopeo};
 use common::unprivileged::TestUser;
@@ -134,15 +134,43 @@ RUN id -u > /tmp/id && cp /home/app/app.txt /home/app/copy
     .unwrap();
     assert_eq!(info["Digest"], digest.as_str());
 
-    // Nothing of the user's (or its subordinate ids') stays in /tmp.
-    assert_eq!(
-        user.owned_under(Path::new("/tmp")),
-        Vec::<std::path::PathBuf>::new()
-    );
+    // Nothing of the user's (or its subordinate ids') stays in /tmp, and kiln wrote nothing
+    // in the home but its store (the rest is this test's, and useradd's skeleton).
+    assert_eq!(user.owned_under(Path::new("/tmp")), Vec::<PathBuf>::new());
     assert_eq!(
         user.owned_under(&user.store().join("tmp")),
-        Vec::<std::path::PathBuf>::new()
+        Vec::<PathBuf>::new()
     );
+    let mut home: Vec<String> = std::fs::read_dir(&user.home)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("ctx-") && !n.starts_with(".bash") && n != ".profile")
+        .collect();
+    home.sort();
+    assert_eq!(home, [".local", "busybox.tar", "kiln", "oci"]);
+    let local: Vec<PathBuf> = walkdir::WalkDir::new(user.home.join(".local"))
+        .max_depth(2)
+        .into_iter()
+        .map(|e| e.unwrap().into_path())
+        .collect();
+    assert_eq!(
+        local,
+        [".local", ".local/share", ".local/share/kiln"].map(|p| user.home.join(p))
+    );
+
+    // The store's unpacked layers hold files of subordinate ids, which only kiln's user
+    // namespace may remove: prune does.
+    let layers = user.store().join("layers");
+    let not_the_users = || {
+        walkdir::WalkDir::new(&layers)
+            .into_iter()
+            .filter(|e| e.as_ref().unwrap().metadata().unwrap().uid() != user.uid)
+            .count()
+    };
+    assert!(not_the_users() > 0);
+    assert_success(&user.kiln(&["rmi", "rootless:1", &reference]));
+    assert_success(&user.kiln(&["prune"]));
+    assert_eq!(not_the_users(), 0);
 }
 
 #[test]
@@ -249,12 +277,13 @@ fn snapshotters_write_the_same_layers() {
     let recipe = "FROM busybox
 RUN mkdir -p /d/sub /e /keep && echo 1 > /d/sub/f && echo 2 > /e/g && echo k > /keep/k \\
     && ln -s /d/sub/f /link && echo x > /x && chown 7:8 /x && chmod 4755 /x && ln /x /x2
+COPY --chown=5:6 copied /e/copied/
 RUN rm -rf /d && mkdir -p /d/new && echo 3 >> /e/g && rm /link && chmod 700 /keep \\
     && rm /etc/group && echo n > /etc/newfile && rm /x2 && mkdir /e/h && touch /usr/bin/zzz \\
     && mkfifo /fifo && chown 1000:1000 /e
 RUN rm -rf /keep && echo file > /keep && mv /e /e2 && echo again > /x2
 ";
-    let ctx = context(recipe, &[]);
+    let ctx = context(recipe, &[("copied/a", b"a\n"), ("copied/sub/b", b"b\n")]);
     let id = |snapshotter: &str| {
         let k = Kiln::new();
         let out = std::process::Command::new(common::kiln_bin())

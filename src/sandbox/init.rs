@@ -88,18 +88,10 @@ fn helper() -> Result<(), SandboxError> {
     // The init watches this pipe: end of file means the helper is gone.
     let (alive_r, alive_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
         .map_err(|e| SandboxError::sys("pipe2", Path::new(""), e.into()))?;
-    // The init waits for a byte here: by then it is in the step's cgroup.
-    let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|e| SandboxError::sys("pipe2", Path::new(""), e.into()))?;
     // SAFETY: this process is single-threaded (init_main runs first thing in main).
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", Path::new(""), e.into()))? {
         ForkResult::Child => {
-            drop((control, alive_w, go_w));
-            let mut byte = [0u8; 1];
-            if !matches!(File::from(go_r).read(&mut byte), Ok(1)) {
-                // SAFETY: the helper gave up on this step; leave without a word.
-                unsafe { libc::_exit(1) }
-            }
+            drop((control, alive_w));
             let err = match sandbox_init(&config, alive_r) {
                 Ok(never) => match never {},
                 Err(e) => e,
@@ -109,24 +101,8 @@ fn helper() -> Result<(), SandboxError> {
             unsafe { libc::_exit(1) }
         }
         ForkResult::Parent { child } => {
-            drop((alive_r, go_r));
-            let joined = match &config.cgroup {
-                Some(cg) => cg.add(child.as_raw()).map_err(|e| {
-                    SandboxError::Setup(format!("putting the step into its cgroup: {e}"))
-                }),
-                None => Ok(()),
-            };
-            let r = match joined {
-                Ok(()) => {
-                    let _ = File::from(go_w).write_all(b"1");
-                    supervise(child, control, config.cgroup.as_ref())
-                }
-                Err(e) => {
-                    drop(go_w);
-                    let _ = waitpid(child, None);
-                    Err(e)
-                }
-            };
+            drop(alive_r);
+            let r = supervise(child, control, config.cgroup.as_ref());
             drop(alive_w);
             if let Some(cg) = &config.cgroup {
                 cg.remove();
@@ -412,6 +388,11 @@ fn kept_flags(target: &Path) -> MsFlags {
 
 /// Builds the rootfs and execs the command; returns only on failure.
 fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, SandboxError> {
+    // First, while this process is alone: everything the step starts inherits the cgroup.
+    if let Some(cg) = &cfg.cgroup {
+        cg.join_self()
+            .map_err(|e| SandboxError::Setup(format!("moving the step into its cgroup: {e}")))?;
+    }
     // Everything created from here on (mount stubs, the working dir) gets predictable modes.
     umask(Mode::from_bits_truncate(0o022));
     die_with_helper(&helper_alive)?;
