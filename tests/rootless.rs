@@ -192,6 +192,23 @@ fn root_and_rootless_builds_give_the_same_digest() {
         ctx.to_str().unwrap(),
     ]);
     assert_eq!(image_id(&out), root_id, "{}", stderr(&out));
+
+    // The copying snapshotter, for where no overlay can be mounted, gives the same image.
+    let out = user
+        .command(&[
+            "build",
+            "--progress",
+            "plain",
+            "--no-cache",
+            "--source-date-epoch",
+            "0",
+            ctx.to_str().unwrap(),
+        ])
+        .env("KILN_SNAPSHOTTER", "copy")
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("snapshotter: copy ("), "{}", stderr(&out));
+    assert_eq!(image_id(&out), root_id, "{}", stderr(&out));
 }
 
 #[test]
