@@ -207,7 +207,11 @@ fn root_and_rootless_builds_give_the_same_digest() {
         .env("KILN_SNAPSHOTTER", "copy")
         .output()
         .unwrap();
-    assert!(stderr(&out).contains("snapshotter: copy ("), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("snapshotter: copy ("),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(image_id(&out), root_id, "{}", stderr(&out));
 }
 
