@@ -142,7 +142,12 @@ pub fn find(wanted: &[Controller]) -> Result<Hierarchy, String> {
             .lines()
             .find_map(|l| l.strip_prefix("0::"))
             .ok_or("cgroup v2 is mounted but /proc/self/cgroup has no v2 entry")?;
-        find_v2(Path::new("/sys/fs/cgroup"), path, wanted)
+        find_v2(
+            Path::new("/sys/fs/cgroup"),
+            path,
+            wanted,
+            super::userns::is_host_root(),
+        )
     } else {
         find_v1(&own, &mountinfo, wanted)
     }
@@ -258,9 +263,13 @@ fn find_v1(own: &str, mountinfo: &str, wanted: &[Controller]) -> Result<Hierarch
     })
 }
 
-fn find_v2(mount: &Path, own: &str, wanted: &[Controller]) -> Result<Hierarchy, String> {
+fn find_v2(
+    mount: &Path,
+    own: &str,
+    wanted: &[Controller],
+    host_root: bool,
+) -> Result<Hierarchy, String> {
     let root_controllers = fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
-    let host_root = nix::unistd::geteuid().is_root() && !super::userns::in_user_namespace();
     let (parent, moved) = if host_root {
         let parent = mount.join("kiln");
         match fs::create_dir(&parent) {
@@ -325,10 +334,8 @@ fn find_v2(mount: &Path, own: &str, wanted: &[Controller]) -> Result<Hierarchy, 
             None
         }
     };
-    let swap = enable.contains(&Controller::Memory)
-        && fs::read_to_string(parent.join("cgroup.subtree_control"))
-            .is_ok_and(|s| s.contains("memory"))
-        && swap_accounted(mount);
+    // The parent has `memory.swap.max` where the kernel accounts swap.
+    let swap = enable.contains(&Controller::Memory) && parent.join("memory.swap.max").exists();
     Ok(Hierarchy {
         kind: Kind::V2 {
             parent,
@@ -337,23 +344,6 @@ fn find_v2(mount: &Path, own: &str, wanted: &[Controller]) -> Result<Hierarchy, 
         },
         missing,
     })
-}
-
-/// Whether cgroup v2 accounts swap (the root has a child with `memory.swap.max`, or the kernel
-/// was built with it: the file exists in kiln's own cgroup).
-fn swap_accounted(mount: &Path) -> bool {
-    fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-        })
-        .is_some_and(|own| {
-            mount
-                .join(own.trim_start_matches('/'))
-                .join("memory.swap.max")
-                .exists()
-        })
 }
 
 /// Moves kiln into a leaf `kiln-PID` of its delegated cgroup `home` and enables `enable` in
@@ -639,5 +629,86 @@ mod tests {
             h.missing_reason(Controller::Pids)
                 .contains("no cgroup v1 hierarchy")
         );
+    }
+
+    /// A cgroup v2 tree made of plain files, as the kernel lays it out.
+    fn fake_v2(controllers: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        fs::write(root.path().join("cgroup.controllers"), controllers).unwrap();
+        fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
+        root
+    }
+
+    #[test]
+    fn v2_as_root_enables_controllers_down_to_kiln_and_writes_limits() {
+        use super::super::limits::{LimitPlan, MemoryLimit};
+        let root = fake_v2("cpuset cpu io memory pids");
+        let mount = root.path();
+        fs::create_dir(mount.join("kiln")).unwrap();
+        fs::write(mount.join("kiln/memory.swap.max"), "max").unwrap();
+        let wanted = [Controller::Memory, Controller::Cpu, Controller::Pids];
+        let h = find_v2(mount, "/user.slice/session-1.scope", &wanted, true).unwrap();
+        assert!(ALL.iter().all(|c| h.has(*c)));
+        assert!(h.has_swap_limit());
+        assert_eq!(
+            fs::read_to_string(mount.join("cgroup.subtree_control")).unwrap(),
+            "+memory +cpu +pids"
+        );
+        assert_eq!(
+            h.describe(),
+            format!("cgroup v2 under {}", mount.join("kiln").display())
+        );
+        let plan = LimitPlan {
+            memory: Some(MemoryLimit {
+                memory: 64 << 20,
+                memory_and_swap: Some(96 << 20),
+            }),
+            millicpus: Some(1500),
+            pids: Some(100),
+            ..LimitPlan::default()
+        };
+        let cg = StepCgroup::create(&h, &plan).unwrap();
+        let dir = &cg.dirs()[0];
+        let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("memory.max"), (64u64 << 20).to_string());
+        assert_eq!(read("memory.swap.max"), (32u64 << 20).to_string());
+        assert_eq!(read("memory.oom.group"), "1");
+        assert_eq!(read("cpu.max"), "150000 100000");
+        assert_eq!(read("pids.max"), "100");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        assert_eq!(cg.hit(), Some(LimitHit::OutOfMemory { limit: 64 << 20 }));
+    }
+
+    #[test]
+    fn v2_rootless_needs_a_delegated_cgroup_and_moves_kiln_into_a_leaf() {
+        let root = fake_v2("memory pids");
+        let mount = root.path();
+        let home = mount.join("user.slice/user@1000.service/app.slice/kiln.scope");
+        fs::create_dir_all(&home).unwrap();
+        fs::write(home.join("cgroup.controllers"), "memory pids").unwrap();
+        fs::write(home.join("cgroup.subtree_control"), "").unwrap();
+        let own = "/user.slice/user@1000.service/app.slice/kiln.scope";
+        let h = find_v2(mount, own, &[Controller::Pids, Controller::Cpu], false).unwrap();
+        assert!(h.has(Controller::Pids));
+        assert!(!h.has(Controller::Cpu));
+        assert!(h.missing_reason(Controller::Cpu).contains("not available"));
+        let leaf = home.join(format!("kiln-{}", std::process::id()));
+        assert_eq!(fs::read_to_string(leaf.join("cgroup.procs")).unwrap(), "0");
+        assert_eq!(
+            fs::read_to_string(home.join("cgroup.subtree_control")).unwrap(),
+            "+pids"
+        );
+        // Done: controllers disabled again, kiln back home, the leaf gone (a plain dir with a
+        // file in it here, so only the first two show).
+        drop(h);
+        assert_eq!(
+            fs::read_to_string(home.join("cgroup.subtree_control")).unwrap(),
+            "-pids"
+        );
+        assert_eq!(fs::read_to_string(home.join("cgroup.procs")).unwrap(), "0");
     }
 }
