@@ -23,6 +23,9 @@ pub(super) fn prepare(
     let choice = snapshotter::choose(probe_dir.path()).map_err(BuildError::Sandbox)?;
     drop(probe_dir);
     progress.info(&choice.describe());
+    if let Some(w) = &choice.warning {
+        progress.warn(w);
+    }
     if matches!(choice.snapshotter, snapshotter::Snapshotter::Copy) {
         progress.warn("no overlay filesystem can be mounted here: every step copies its rootfs");
     }

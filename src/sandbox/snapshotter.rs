@@ -1,8 +1,9 @@
-//! How a step's rootfs is made from its layers, chosen once per process: the kernel's overlayfs
-//! (as root; in a user namespace with `userxattr`, Linux 5.11+), else fuse-overlayfs when it is
-//! installed and `/dev/fuse` can be opened, else a copying snapshotter. All three leave the
-//! step's changes in the upper dir in overlayfs form, so layers are written the same way.
-//! `KILN_SNAPSHOTTER=overlay|fuse-overlayfs|copy` forces one.
+//! How a step's rootfs is made from its layers, chosen once per process by trying them on the
+//! store's file system: the kernel's overlayfs (in a user namespace with `userxattr`, Linux
+//! 5.11+), else fuse-overlayfs when it is installed and `/dev/fuse` can be opened, else a
+//! copying snapshotter. All three leave the step's changes in the upper dir in overlayfs form,
+//! so layers are written the same way. `KILN_SNAPSHOTTER=overlay|fuse-overlayfs|copy` forces
+//! one.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -53,6 +54,8 @@ pub struct Choice {
     pub snapshotter: Snapshotter,
     /// Why the kernel overlay (and fuse-overlayfs) are not used, when they are not.
     pub fallback_reason: Option<String>,
+    /// What the store's file system cannot do that some steps need.
+    pub warning: Option<String>,
 }
 
 impl Choice {
@@ -85,7 +88,8 @@ pub fn choose(scratch: &Path) -> Result<&'static Choice, SandboxError> {
     if let Some(c) = CHOICE.get() {
         return Ok(c);
     }
-    let choice = probe(scratch)?;
+    let mut choice = probe(scratch)?;
+    choice.warning = whiteouts_unsupported(scratch);
     Ok(CHOICE.get_or_init(|| choice))
 }
 
@@ -113,23 +117,24 @@ fn probe(scratch: &Path) -> Result<Choice, SandboxError> {
         return Ok(Choice {
             snapshotter,
             fallback_reason: Some(format!("chosen by {SNAPSHOTTER_ENV}")),
+            warning: None,
         });
     }
+    // Also as root: the kernel refuses an upper dir on some file systems (an overlayfs, as
+    // when the store is in a container's root file system).
     let kernel = Snapshotter::Overlay { userxattr };
-    if !userxattr {
-        return Ok(Choice {
-            snapshotter: kernel,
-            fallback_reason: None,
-        });
-    }
     let refused = match try_mount(&kernel, scratch) {
         Ok(()) => {
             return Ok(Choice {
                 snapshotter: kernel,
                 fallback_reason: None,
+                warning: None,
             });
         }
-        Err(e) => format!("the kernel refused an overlay mount in the user namespace ({e})"),
+        Err(e) if userxattr => {
+            format!("the kernel refused an overlay mount in the user namespace ({e})")
+        }
+        Err(e) => format!("the kernel refused an overlay mount ({e})"),
     };
     let fuse_refused = match fuse() {
         Ok(f) => match try_mount(&f, scratch) {
@@ -137,6 +142,7 @@ fn probe(scratch: &Path) -> Result<Choice, SandboxError> {
                 return Ok(Choice {
                     snapshotter: f,
                     fallback_reason: Some(refused),
+                    warning: None,
                 });
             }
             Err(e) => format!("fuse-overlayfs failed ({e})"),
@@ -146,6 +152,25 @@ fn probe(scratch: &Path) -> Result<Choice, SandboxError> {
     Ok(Choice {
         snapshotter: Snapshotter::Copy,
         fallback_reason: Some(format!("{refused}; {fuse_refused}")),
+        warning: None,
+    })
+}
+
+/// Says so when the store's file system cannot hold overlay whiteouts (character devices
+/// 0/0): an overlayfs, such as a container's root file system, refuses them.
+fn whiteouts_unsupported(scratch: &Path) -> Option<String> {
+    let probe = scratch.join("whiteout-probe");
+    let made = nix::sys::stat::mknod(
+        &probe,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    );
+    let _ = std::fs::remove_file(&probe);
+    made.err().map(|e| {
+        format!(
+            "the store's file system cannot hold overlay whiteouts ({e}; an overlayfs, such as a container's root file system, refuses them): steps that delete files of earlier layers will fail; put the store (--root, $KILN_ROOT) on a volume"
+        )
     })
 }
 
