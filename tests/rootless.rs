@@ -326,3 +326,45 @@ RUN rm -rf /keep && echo file > /keep && mv /e /e2 && echo again > /x2
     assert_eq!(id("copy"), overlay, "copy");
     assert_eq!(id("fuse-overlayfs"), overlay, "fuse-overlayfs");
 }
+
+/// Where the kernel refuses an overlay (here: the store on an overlayfs, as in a container's
+/// root file system), kiln falls back by itself, says why, and warns that the store cannot
+/// hold whiteouts.
+#[test]
+fn the_snapshotter_falls_back_where_the_kernel_refuses_an_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["l", "u", "w", "m"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
+    let ctx = context("FROM busybox\nRUN echo made > /made\n", &[]);
+    let p = |d: &str| dir.path().join(d).display().to_string();
+    // A private mount namespace holds the overlay the store lives on; it ends with the shell.
+    let script = format!(
+        "mount --make-rprivate / && mount -t overlay overlay -o lowerdir={},upperdir={},workdir={} {} \
+         && {kiln} --root {m}/store import {base} busybox >/dev/null \
+         && {kiln} --root {m}/store build --progress plain {ctx}",
+        p("l"),
+        p("u"),
+        p("w"),
+        p("m"),
+        kiln = common::kiln_bin(),
+        m = p("m"),
+        base = common::base_archive().display(),
+        ctx = ctx.path().display(),
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_success(&out);
+    assert!(
+        err.contains("snapshotter: fuse-overlayfs (")
+            && err.contains("the kernel refused an overlay mount"),
+        "{err}"
+    );
+    assert!(
+        err.contains("WARNING: the store's file system cannot hold overlay whiteouts"),
+        "{err}"
+    );
+}
