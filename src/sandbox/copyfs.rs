@@ -234,7 +234,9 @@ impl CopyMount {
         layers.extend_from_slice(lowers);
         let merged = m.merged.clone();
         m.copy_dir(&layers, &merged, Path::new(""))?;
+        // The root shows the upper dir's owner, mode and times, as an overlay's does.
         let top = fs::symlink_metadata(upper).map_err(err("stat", upper))?;
+        copy_metadata(upper, &top, &merged)?;
         set_times(&merged, &top)?;
         mount(
             Some(&merged),
