@@ -117,6 +117,22 @@ fn leftover_cgroups(pid: u32) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The pids of processes whose command line contains `marker`.
+fn processes_with_pid(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(marker)
+            })
+        })
+        .collect()
+}
+
 /// Processes whose command line contains `marker`.
 fn processes_with(marker: &str) -> Vec<String> {
     std::fs::read_dir("/proc")
@@ -311,15 +327,32 @@ fn a_killed_build_leaves_no_cgroup_or_process() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The step's scratch dir (in the host's temp dir) is where its /etc/hosts is bound from.
+    let scratch = processes_with_pid(marker)
+        .into_iter()
+        .find_map(|pid| {
+            let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+            mountinfo.lines().find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(4) == Some(&"/etc/hosts"))
+                    .then(|| PathBuf::from(f[3]).parent().unwrap().to_path_buf())
+            })
+        })
+        .expect("the step's /etc/hosts mount");
+    assert!(scratch.is_dir(), "{}", scratch.display());
     child.kill().unwrap();
     child.wait().unwrap();
     let start = Instant::now();
-    while !leftover_cgroups(pid).is_empty() || !processes_with(marker).is_empty() {
+    while !leftover_cgroups(pid).is_empty()
+        || !processes_with(marker).is_empty()
+        || scratch.exists()
+    {
         assert!(
             start.elapsed() < Duration::from_secs(5),
-            "left behind: {:?} {:?}",
+            "left behind: {:?} {:?} {}",
             leftover_cgroups(pid),
-            processes_with(marker)
+            processes_with(marker),
+            scratch.display()
         );
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -104,6 +104,7 @@ fn helper() -> Result<(), SandboxError> {
             drop(alive_r);
             let r = supervise(child, control, config.cgroup.as_ref());
             drop(alive_w);
+            super::remove_scratch(&config.scratch, &super::SCRATCH_FILES);
             if let Some(cg) = &config.cgroup {
                 cg.remove();
             }
@@ -477,7 +478,7 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     }
     mask(&sysfs.join("firmware"))?;
 
-    for name in ["hosts", "resolv.conf", "hostname"] {
+    for name in super::SCRATCH_FILES {
         if let Some(target) = rootfs.ensure(&format!("/etc/{name}"), Kind::File)? {
             bind(&cfg.scratch.join(name), &target, false)?;
         }

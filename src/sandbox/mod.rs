@@ -204,6 +204,21 @@ impl SandboxError {
     }
 }
 
+/// The files of a step's scratch dir, bound into the rootfs at `/etc/NAME`.
+const SCRATCH_FILES: [&str; 3] = ["hosts", "hostname", "resolv.conf"];
+
+/// Removes a sandbox scratch dir: its `files`, then `root/`, `empty/` and the dir itself, entry
+/// by entry (never recursively: nothing beyond it can go, even if a mount were visible). The
+/// helper does this too when its step ends, so a killed kiln leaves no scratch dir behind.
+fn remove_scratch(dir: &Path, files: &[&str]) {
+    for f in files {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    for d in ["root", "empty", ""] {
+        let _ = std::fs::remove_dir(dir.join(d));
+    }
+}
+
 /// Where the sandbox init gets the step's rootfs.
 #[derive(Debug, Serialize, Deserialize)]
 enum RootfsSource {

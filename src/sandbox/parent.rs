@@ -19,7 +19,7 @@ use nix::unistd::{UnlinkatFlags, unlinkat};
 use super::cgroups::StepCgroup;
 use super::limits::LimitPlan;
 use super::snapshotter::{self, Snapshotter};
-use super::{INIT_ARG, InitConfig, Report, RootfsSource, RunSpec, SandboxError};
+use super::{INIT_ARG, InitConfig, Report, RootfsSource, RunSpec, SCRATCH_FILES, SandboxError};
 
 fn io_err(call: &str, path: &Path) -> impl FnOnce(io::Error) -> SandboxError {
     move |e| SandboxError::sys(call, path, e)
@@ -62,12 +62,7 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        for f in &self.files {
-            let _ = std::fs::remove_file(self.path.join(f));
-        }
-        for d in ["root", "empty", ""] {
-            let _ = std::fs::remove_dir(self.path.join(d));
-        }
+        super::remove_scratch(&self.path, &self.files);
     }
 }
 
@@ -93,13 +88,14 @@ pub(super) fn run(
         &spec.hostname
     };
     let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let [hosts, hostname_file, resolv_conf] = SCRATCH_FILES;
     let scratch = Scratch::new(&[
         (
-            "hosts",
+            hosts,
             format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
         ),
-        ("hostname", format!("{hostname}\n")),
-        ("resolv.conf", resolv),
+        (hostname_file, format!("{hostname}\n")),
+        (resolv_conf, resolv),
     ])?;
     let snapshotter = snapshotter::current_for(&spec.upper_dir)?;
     let cgroup = match &limits.hierarchy {
