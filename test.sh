@@ -4,8 +4,8 @@
 # nothing done by hand.
 set -euo pipefail
 cd "$(dirname "$0")"
-packages=(busybox-static umoci skopeo docker-registry apache2-utils openssl python3-yaml libseccomp-dev
-  pkg-config)
+packages=(busybox-static umoci skopeo docker-registry apache2-utils openssl python3-yaml uidmap fuse-overlayfs
+  libseccomp-dev pkg-config)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do

@@ -8,6 +8,7 @@ pub mod copy;
 mod listed;
 pub mod report;
 mod run;
+mod sandboxing;
 mod steps;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,7 +28,8 @@ use crate::recipe::instructions::{Instruction, InstructionKind, Recipe};
 use crate::recipe::shell::Lexer;
 use crate::recipe::{self, RecipeError};
 use crate::registry::{Client, ClientOptions};
-use crate::sandbox::{NetworkMode, Sandbox};
+use crate::sandbox::limits::Limits;
+use crate::sandbox::{NetworkMode, SandboxError};
 use crate::snapshot::Compression;
 use crate::sources::context::{Context, ContextError};
 use crate::store::{Store, StoreError, StoredImage};
@@ -71,6 +73,8 @@ pub struct BuildOptions {
     pub tls_verify: bool,
     /// `--compression` of the layers this build writes.
     pub compression: Compression,
+    /// Resource limits of RUN steps (`--memory`, `--pids-limit`, ...).
+    pub limits: Limits,
     /// `--cache-from`: shared caches asked after the local store, in order.
     pub cache_from: Vec<Import>,
     /// `--cache-to type=inline`: the image's manifest carries its cache records.
@@ -146,6 +150,23 @@ pub enum BuildError {
         /// Its exit code.
         code: i32,
     },
+    /// A RUN step was killed for hitting a resource limit.
+    #[error("stage {stage}, {file}:{line}: `{command}` was killed: {cause}")]
+    StepKilled {
+        /// The stage's name or index.
+        stage: String,
+        /// The recipe file.
+        file: String,
+        /// The step's line.
+        line: usize,
+        /// The command.
+        command: String,
+        /// The limit, in words.
+        cause: String,
+    },
+    /// The sandbox cannot run steps as asked (limits that cannot be applied, ...).
+    #[error(transparent)]
+    Sandbox(SandboxError),
     /// A step could not be carried out.
     #[error("stage {stage}, {file}:{line}: {message}")]
     Step {
@@ -199,6 +220,7 @@ impl BuildError {
                 | BuildError::ContextDir(_)
                 | BuildError::Invalid { .. }
                 | BuildError::Image(_)
+                | BuildError::Sandbox(SandboxError::InvalidInput(_))
         )
     }
 }
@@ -260,6 +282,7 @@ pub fn build(
     let context =
         Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
     let _lease = store.build_lease()?;
+    let sandbox = sandboxing::prepare(opts, store, progress)?;
     let client = Client::new(ClientOptions {
         tls_verify: opts.tls_verify,
         ..Default::default()
@@ -279,7 +302,7 @@ pub fn build(
         plan: &plan,
         progress,
         cancel,
-        sandbox: Sandbox::new(opts.helper_exe.clone()),
+        sandbox,
         client: &client,
         pulls: Mutex::new(()),
         lexer: Lexer::new(recipe.directives.escape),
@@ -314,7 +337,7 @@ struct Engine<'a> {
     plan: &'a Plan,
     progress: &'a Progress,
     cancel: &'a AtomicBool,
-    sandbox: Sandbox,
+    sandbox: crate::sandbox::Sandbox,
     client: &'a Client,
     /// Serialises pulls so parallel stages do not fetch one image twice.
     pulls: Mutex<()>,

@@ -15,6 +15,7 @@ use kiln::sandbox::NetworkMode;
 use kiln::store;
 
 use super::cache::CacheArgs;
+use super::limits::LimitArgs;
 use super::output::{Output, parse_output};
 use super::{
     CANCEL, Failure, client, emit, key_value, normalize, open_store, read_file, secrets, security,
@@ -104,6 +105,8 @@ pub(crate) struct BuildArgs {
     compression: CompressionArg,
     #[command(flatten)]
     cache: CacheArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
     #[command(flatten)]
     security: security::SecurityArgs,
 }
@@ -222,6 +225,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             CompressionArg::Gzip => kiln::snapshot::Compression::Gzip,
             CompressionArg::Zstd => kiln::snapshot::Compression::Zstd,
         },
+        limits: args.limits.limits()?,
         seccomp: args.security.seccomp()?,
         allow_insecure: args.security.allow_insecure()?,
         helper_exe: std::env::current_exe()
@@ -244,10 +248,16 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         } else {
             1
         };
-        let hint = matches!(e, BuildError::Pull { .. }).then(|| {
-            "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline"
-                .to_string()
-        });
+        let hint = match &e {
+            BuildError::Pull { .. } => Some(
+                "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline",
+            ),
+            BuildError::Sandbox(kiln::sandbox::SandboxError::LimitsUnavailable(_)) => {
+                Some("--limits=best-effort builds without the limits that cannot be applied")
+            }
+            _ => None,
+        }
+        .map(str::to_string);
         Failure {
             error: Box::new(e),
             code,
