@@ -18,7 +18,6 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::context::{Context, ContextError};
 use crate::digest::Digest;
 use crate::image::{self, Descriptor, History, ImageConfig, Index, Platform};
 use crate::plan::{self, Base, Plan, PlanError, PlanOptions};
@@ -30,6 +29,7 @@ use crate::registry::{Client, ClientOptions};
 use crate::sandbox::binfmt::EmulationError;
 use crate::sandbox::{self, NetworkMode, Sandbox};
 use crate::snapshot::Compression;
+use crate::sources::context::{Context, ContextError};
 use crate::store::{Store, StoreError, StoredImage, StoredRef};
 
 use self::config::{
@@ -666,7 +666,7 @@ impl Engine<'_> {
                 };
                 cfg.working_dir = Some(format!(
                     "/{}",
-                    crate::context::clean_relative(&joined).unwrap_or_default()
+                    crate::sources::context::clean_relative(&joined).unwrap_or_default()
                 ));
                 return self.workdir_step(stage, n, st, instr, step);
             }
