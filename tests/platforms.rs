@@ -250,6 +250,23 @@ fn cross_compilation_pattern_sees_the_platform_args_buildkit_sets() {
 }
 
 #[test]
+fn the_images_are_for_the_platforms_asked_even_from_a_build_platform_stage() {
+    // A last stage pinned to the build platform (e.g. packaging files made elsewhere): each
+    // image still says the platform it was built for, as BuildKit writes it.
+    let k = Kiln::multiarch();
+    k.build_ok(
+        "FROM --platform=$BUILDPLATFORM busybox\nARG TARGETARCH\nRUN echo $TARGETARCH > /for\n",
+        &[],
+        &["--platform", BOTH, "-t", "pinned:1"],
+    );
+    let out = k.run(&["inspect", "pinned:1"]);
+    assert_success(&out);
+    assert_eq!(architectures(&json(&out.stdout)), ["amd64", "arm64"]);
+    let out = k.run(&["inspect", "--platform", "linux/arm64", "pinned:1"]);
+    assert_eq!(json(&out.stdout)["architecture"], "arm64");
+}
+
+#[test]
 fn cache_keys_include_the_platform() {
     let k = Kiln::multiarch();
     let ctx = context("FROM scratch\nCOPY f /f\n", &[("f", b"same bytes")]);

@@ -279,6 +279,7 @@ pub fn build(
         .map(|(target, plan)| Engine {
             shared: &shared,
             label: several.then(|| target.to_string()),
+            target,
             plan,
         })
         .collect();
@@ -334,6 +335,8 @@ struct Shared<'a> {
 /// of [`Shared`] reads as one of the engine).
 struct Engine<'a> {
     shared: &'a Shared<'a>,
+    /// The platform built for (TARGETPLATFORM).
+    target: Platform,
     plan: Plan,
     /// The platform shown before each stage's name when several are built.
     label: Option<String>,
@@ -723,6 +726,18 @@ impl Engine<'_> {
         st.config.created = Some(created);
         for (k, v) in &self.opts.labels {
             st.config.config.labels.insert(k.clone(), v.clone());
+        }
+        if !self.opts.platforms.is_empty() {
+            // Asked for by name, the platform is the image's, whatever stage it ends with
+            // (a final stage pinned to $BUILDPLATFORM), as BuildKit does.
+            let config = &mut st.config;
+            let same =
+                config.os == self.target.os && config.architecture == self.target.architecture;
+            config.os = self.target.os.clone();
+            config.architecture = self.target.architecture.clone();
+            if self.target.variant.is_some() || !same {
+                config.variant = self.target.variant.clone();
+            }
         }
         let layers: Vec<Descriptor> = st.layers.iter().map(|l| l.desc.clone()).collect();
         Ok(self.store.put_image(&st.config, &layers)?)
