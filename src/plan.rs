@@ -162,18 +162,23 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
             .process_word(&stage.base, &meta)
             .map_err(|e| invalid(stage.span, e.to_string()))?
             .value;
-        let explicit = match &stage.platform {
-            Some(raw) => {
-                let wanted = lexer
-                    .process_word(raw, &meta)
-                    .map_err(|e| invalid(stage.span, e.to_string()))?
-                    .value;
-                let platform = Platform::parse(&wanted)
-                    .map_err(|e| invalid(stage.span, format!("FROM --platform={raw}: {e}")))?;
-                Some(platform)
-            }
-            None => None,
-        };
+        // A value that expands to nothing (an unset ARG) leaves the stage's default.
+        let explicit =
+            match &stage.platform {
+                Some(raw) => {
+                    let wanted = lexer
+                        .process_word(raw, &meta)
+                        .map_err(|e| invalid(stage.span, e.to_string()))?
+                        .value;
+                    match wanted.is_empty() {
+                        true => None,
+                        false => Some(Platform::parse(&wanted).map_err(|e| {
+                            invalid(stage.span, format!("FROM --platform={raw}: {e}"))
+                        })?),
+                    }
+                }
+                None => None,
+            };
         if base_text.is_empty() {
             return Err(invalid(
                 stage.span,
@@ -513,6 +518,11 @@ mod tests {
         assert_eq!(
             names,
             ["linux/amd64", "linux/amd64", "linux/arm64", "linux/s390x"]
+        );
+        let unset = parse(b"ARG P\nFROM --platform=$P scratch\n", "Dockerfile").unwrap();
+        assert_eq!(
+            plan(&unset, &opts).unwrap().stages[0].platform.to_string(),
+            "linux/s390x"
         );
         let bad = parse(b"FROM --platform=linux/nope scratch\n", "Dockerfile").unwrap();
         let e = plan(&bad, &opts).unwrap_err().to_string();

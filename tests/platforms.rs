@@ -510,6 +510,7 @@ fn an_index_is_pushed_pulled_by_platform_and_built_from() {
     assert_eq!(json(&out.stdout)["architecture"], "arm64");
     let out = kiln_reg(&p, &["inspect", "--platform", "linux/amd64", &r]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not pulled"), "{}", stderr(&out));
     let listing = String::from_utf8_lossy(&kiln_reg(&p, &["images"]).stdout).into_owned();
     assert!(listing.contains("linux/amd64,linux/arm64"), "{listing}");
     let report = Store::open(p.root.path()).unwrap().fsck().unwrap();

@@ -433,8 +433,13 @@ fn image_for(
         StoredRef::Index(x) => (store.image_in(x, wanted)?, x.body.platforms()),
     };
     found.ok_or_else(|| {
-        Failure::input(NotFound(format!("{name} for {wanted}")))
-            .hint(format!("it has {}", platform_names(&available)))
+        let hint = match available.iter().any(|p| p.matches(wanted)) {
+            true => {
+                format!("its {wanted} image was not pulled: kiln pull --platform {wanted} {name}")
+            }
+            false => format!("it is for {}", platform_names(&available)),
+        };
+        Failure::input(NotFound(format!("{name} for {wanted}"))).hint(hint)
     })
 }
 
