@@ -364,7 +364,8 @@ struct Slots {
 }
 
 /// Builds the target stage of every engine: each stage of each platform on a thread of its
-/// own, started when the stages it needs are done and a job slot is free; the first error
+/// own, started when the stages it needs are done and a job slot is free (`--jobs` slots per
+/// platform, so a slow emulated platform never waits for the others' slots); the first error
 /// cancels the rest.
 fn run_stages(engines: &[Engine]) -> Result<Vec<StageState>, BuildError> {
     let Some(first) = engines.first() else {
@@ -375,7 +376,7 @@ fn run_stages(engines: &[Engine]) -> Result<Vec<StageState>, BuildError> {
         state: Mutex::new(Slots {
             done: vec![vec![None; n]; engines.len()],
             error: None,
-            free: first.opts.jobs.max(1),
+            free: first.opts.jobs.max(1) * engines.len(),
         }),
         changed: Condvar::new(),
     };
