@@ -2,8 +2,9 @@
 //! docker-archive (detected from the content; archives may be gzip-compressed).
 //!
 //! Every blob is verified against its digest before it is stored; imported indexes, manifests
-//! and configs are stored byte for byte, so digests survive the round trip. A docker-archive has no
-//! manifest, so kiln writes an OCI one over the archive's config and layer files as they are.
+//! and configs are stored byte for byte, so digests survive the round trip. A docker-archive
+//! has no manifest, so kiln writes an OCI one over the archive's config and layer files as
+//! they are.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
