@@ -9,13 +9,14 @@ use clap::ValueEnum;
 
 use kiln::build::{self, BuildError, BuildOptions};
 use kiln::distribution;
+use kiln::image::platform_names;
 use kiln::progress::{Mode, Progress};
 use kiln::registry::reference::Reference;
 use kiln::sandbox::NetworkMode;
 use kiln::store::{self, Store, StoredRef};
 
 use super::output::{Output, parse_output};
-use super::platform::{PlatformArgs, platform_names};
+use super::platform::PlatformArgs;
 use super::{
     CANCEL, Failure, client, emit, key_value, normalize, read_file, secrets, transfer_failure,
 };

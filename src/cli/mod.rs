@@ -14,14 +14,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kiln::distribution;
-use kiln::image::Platform;
+use kiln::image::{Platform, platform_names};
 use kiln::recipe;
 use kiln::registry::reference::Reference;
 use kiln::registry::{Client, ClientOptions};
 use kiln::store::{self, Store, StoredImage, StoredRef};
 
 use self::build::{BuildArgs, build_cmd};
-use self::platform::{parse_platform, platform_names};
+use self::platform::parse_platform;
 
 /// Writes a line of data to stdout; a closed pipe (`kiln parse F | head`) ends output quietly
 /// instead of panicking as `println!` would.

@@ -42,7 +42,7 @@ use tempfile::NamedTempFile;
 use crate::digest::{BackgroundHashingWriter, Digest, HashingReader};
 use crate::image::{
     ANNOTATION_REF_NAME, Descriptor, ImageConfig, ImageError, Index, MEDIA_CONFIG, MEDIA_MANIFEST,
-    Manifest, Platform, canonical_json, is_index_type,
+    Manifest, Platform, canonical_json, is_index_type, platform_names,
 };
 use writeback::WritebackFile;
 
@@ -806,7 +806,7 @@ impl Store {
                         path: PathBuf::from(name_or_id),
                         reason: format!(
                             "the index has no image for the host platform {host} (it has {})",
-                            platform_list(&x.body.platforms())
+                            platform_names(&x.body.platforms())
                         ),
                     })
             }
@@ -1258,15 +1258,6 @@ impl Store {
             None => Ok(()),
         }
     }
-}
-
-/// `linux/amd64, linux/arm64`, or `none`.
-fn platform_list(platforms: &[Platform]) -> String {
-    if platforms.is_empty() {
-        return "none".to_string();
-    }
-    let names: Vec<String> = platforms.iter().map(Platform::to_string).collect();
-    names.join(", ")
 }
 
 fn open_lock_file(path: &Path) -> Result<File, StoreError> {
