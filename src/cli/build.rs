@@ -13,12 +13,15 @@ use kiln::image::platform_names;
 use kiln::progress::{Mode, Progress};
 use kiln::registry::reference::Reference;
 use kiln::sandbox::NetworkMode;
-use kiln::store::{self, Store, StoredRef};
+use kiln::store::{self, StoredRef};
 
+use super::cache::CacheArgs;
+use super::limits::LimitArgs;
 use super::output::{Output, parse_output};
 use super::platform::PlatformArgs;
 use super::{
-    CANCEL, Failure, client, emit, key_value, normalize, read_file, secrets, transfer_failure,
+    CANCEL, Failure, client, emit, key_value, normalize, open_store, read_file, secrets,
+    transfer_failure,
 };
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -102,6 +105,10 @@ pub(crate) struct BuildArgs {
     /// Layer compression.
     #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
     compression: CompressionArg,
+    #[command(flatten)]
+    cache: CacheArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
     #[command(flatten)]
     platform: PlatformArgs,
 }
@@ -200,6 +207,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         .iter()
         .map(|t| normalize(t))
         .collect::<Result<Vec<_>, _>>()?;
+    let cache = args.cache.parse()?;
     let mode = match (args.quiet, args.progress) {
         (true, _) | (_, ProgressArg::Quiet) => Mode::Quiet,
         (_, ProgressArg::Plain) => Mode::Plain,
@@ -232,13 +240,21 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             CompressionArg::Gzip => kiln::snapshot::Compression::Gzip,
             CompressionArg::Zstd => kiln::snapshot::Compression::Zstd,
         },
+        limits: args.limits.limits()?,
         helper_exe: std::env::current_exe()
             .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
+        cache_from: cache.imports.clone(),
+        inline_cache: cache
+            .exports
+            .iter()
+            .any(|e| e.target == kiln::cache::ExportTarget::Inline),
+        // Registries can mount a shared cache's layers; every other output needs the bytes.
+        lazy_layers: outputs.iter().all(|o| matches!(o, Output::Registry)),
         platforms,
     };
-    let store = Store::open(root)?;
+    let store = open_store(root, args.tls_verify)?;
     let progress = Progress::new(mode);
-    let image = build::build(&store, &opts, &progress, &CANCEL).map_err(|e| {
+    let built = build::build(&store, &opts, &progress, &CANCEL).map_err(|e| {
         let code = if matches!(e, BuildError::Cancelled) {
             130
         } else if e.is_input_error() {
@@ -246,10 +262,13 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         } else {
             1
         };
-        let hint = match e {
+        let hint = match &e {
             BuildError::Pull { .. } => Some(
                 "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline",
             ),
+            BuildError::Sandbox(kiln::sandbox::SandboxError::LimitsUnavailable(_)) => {
+                Some("--limits=best-effort builds without the limits that cannot be applied")
+            }
             BuildError::Emulation { .. } => Some(
                 "install Debian's qemu-user-static (apt-get install qemu-user-static): it registers static QEMU handlers with the F flag (through systemd-binfmt or update-binfmts); see /proc/sys/fs/binfmt_misc",
             ),
@@ -262,6 +281,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             hint,
         }
     })?;
+    let image = &built.image;
     for t in &tags {
         store.tag(t, image.descriptor())?;
     }
@@ -272,11 +292,12 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         .and_then(|r| r.tag)
         .unwrap_or_else(|| "latest".to_string());
     let first_tag = Some(ref_name.as_str());
+    let registry = client(args.tls_verify);
     for o in &outputs {
         match o {
-            Output::OciDir(d) => store::export_oci_dir(&store, &image, d, first_tag)?,
-            Output::OciArchive(f) => store::export_oci_archive(&store, &image, f, first_tag)?,
-            Output::DockerArchive(f) => match &image {
+            Output::OciDir(d) => store::export_oci_dir(&store, image, d, first_tag)?,
+            Output::OciArchive(f) => store::export_oci_archive(&store, image, f, first_tag)?,
+            Output::DockerArchive(f) => match image {
                 StoredRef::Image(img) => store::export_docker_archive(&store, img, f, &tags)?,
                 StoredRef::Index(_) => {
                     return Err(Failure::usage(
@@ -287,12 +308,29 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             Output::Registry => {
                 for t in &tags {
                     let r = Reference::parse(t).map_err(Failure::input)?;
-                    let digest = distribution::push(&store, &client(args.tls_verify), &image, &r)
+                    let digest = distribution::push(&store, &registry, image, &r)
                         .map_err(transfer_failure)?;
                     progress.info(&format!("pushed {r}@{digest}"));
                 }
             }
         }
+    }
+    for export in &cache.exports {
+        match kiln::cache::export(&store, &registry, export, &built.records) {
+            Ok(n) => progress.info(&format!("exported {n} cache records to {}", export.target)),
+            Err(e) if export.ignore_error => progress.warn(&format!(
+                "exporting the build cache to {} failed: {e}",
+                export.target
+            )),
+            Err(e) => {
+                return Err(Failure::runtime(e).hint(
+                    "with ignore-error=true (the default) a failed cache export is only a warning",
+                ));
+            }
+        }
+    }
+    if let Some(path) = &cache.metadata_file {
+        super::cache::write_metadata(path, &built, &tags)?;
     }
     let id = image.id().to_string();
     if let Some(path) = &args.iidfile {

@@ -3,6 +3,8 @@
 //! build, 2 a usage or recipe error.
 
 mod build;
+mod cache;
+mod limits;
 mod output;
 mod platform;
 mod secrets;
@@ -175,7 +177,7 @@ impl From<kiln::store::StoreError> for Failure {
 
 /// Runs the CLI; returns the exit status.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -188,7 +190,17 @@ pub fn main() -> i32 {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
     }
-    match run(cli) {
+    // Before entering a user namespace, where every user is root.
+    let root = store_root(cli.root.take());
+    if needs_user_namespace(&cli.command)
+        && let Err(e) = kiln::sandbox::userns::enter()
+    {
+        print_error(&Failure::runtime(e).hint(
+            "kiln builds as a normal user in a user namespace; see README, \"Rootless kiln\"",
+        ));
+        return 1;
+    }
+    match run(cli.command, &root) {
         Ok(()) => 0,
         Err(f) => {
             print_error(&f);
@@ -234,21 +246,26 @@ fn store_root(cli_root: Option<PathBuf>) -> PathBuf {
     data.join("kiln")
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
-    let root = store_root(cli.root);
-    match cli.command {
+/// Whether `command` must run in a user namespace when kiln is not root: everything that
+/// touches the store, whose layers hold files of many owners.
+fn needs_user_namespace(command: &Command) -> bool {
+    !nix::unistd::geteuid().is_root() && !matches!(command, Command::Parse { .. })
+}
+
+fn run(command: Command, root: &Path) -> Result<(), Failure> {
+    match command {
         Command::Parse { format, file } => parse(&file, format),
-        Command::Build(args) => build_cmd(&root, *args),
+        Command::Build(args) => build_cmd(root, *args),
         Command::Import { path, name } => {
             let name = normalize(&name)?;
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let item = store::import(&store, &path).map_err(Failure::input)?;
             store.tag(&name, item.descriptor())?;
             emit!("{}", item.id());
             Ok(())
         }
         Command::Images => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let mut out = std::io::stdout().lock();
             let _ = writeln!(
                 out,
@@ -273,7 +290,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Inspect { image, platform } => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let item = find(&store, &image)?;
             let value = match (&item, platform) {
                 (StoredRef::Image(img), None) => serde_json::to_value(&img.config),
@@ -292,13 +309,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Tag { src, dst } => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let item = find(&store, &src)?;
             store.tag(&normalize(&dst)?, item.descriptor())?;
             Ok(())
         }
         Command::Rmi { images } => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             for name in images {
                 let full = normalize(&name)?;
                 if !store.untag(&full)? {
@@ -315,7 +332,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let r = Reference::parse(&reference).map_err(Failure::input)?;
             let platform = platform.as_deref().map(parse_platform).transpose()?;
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let (item, img) =
                 distribution::pull(&store, &client(tls_verify), &r, platform.as_ref())
                     .map_err(transfer_failure)?;
@@ -342,7 +359,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             reference,
             tls_verify,
         } => {
-            let store = Store::open(&root)?;
+            let store = open_store(root, tls_verify)?;
             let item = find(&store, &image)?;
             let target =
                 Reference::parse(reference.as_deref().unwrap_or(&image)).map_err(Failure::input)?;
@@ -353,7 +370,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Prune => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let report = store.prune()?;
             eprintln!(
                 "removed {} images, {} blobs ({}), {} unpacked layers, {} cache records",
@@ -366,6 +383,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Opens the store able to fetch the layers shared caches promised (with these registry
+/// settings).
+pub(crate) fn open_store(root: &Path, tls_verify: bool) -> Result<Store, Failure> {
+    let origins = kiln::cache::origin::Origins::new(client(tls_verify));
+    Ok(Store::open(root)?.with_blob_source(std::sync::Arc::new(origins)))
 }
 
 pub(crate) fn client(tls_verify: bool) -> Client {

@@ -6,7 +6,7 @@
 //! has no manifest, so kiln writes an OCI one over the archive's config and layer files as
 //! they are.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Component, Path, PathBuf};
@@ -429,7 +429,7 @@ fn import_archive(store: &Store, path: &Path) -> Result<StoredRef, StoreError> {
         layers.push(Descriptor::new(media_type, digest, size));
     }
     store
-        .put_manifest(config_digest, config_size, config, layers)
+        .put_manifest(config_digest, config_size, config, layers, BTreeMap::new())
         .map(StoredRef::Image)
 }
 
