@@ -267,6 +267,59 @@ fn the_images_are_for_the_platforms_asked_even_from_a_build_platform_stage() {
 }
 
 #[test]
+fn the_shared_cache_and_the_metadata_file_carry_every_platform() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let meta = dir.path().join("meta.json");
+    let recipe = "FROM busybox\nRUN uname -m > /arch\n";
+    let a = Kiln::multiarch();
+    let id = a.build_ok(
+        recipe,
+        &[],
+        &[
+            "--platform",
+            BOTH,
+            "--cache-to",
+            &format!("type=local,dest={}", cache.display()),
+            "--metadata-file",
+            meta.to_str().unwrap(),
+        ],
+    );
+    let doc = read_json(&meta);
+    assert_eq!(doc["containerimage.digest"], id.as_str(), "{doc}");
+    assert_eq!(
+        doc["containerimage.descriptor"]["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let stages: Vec<&str> = doc["kiln.steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert!(stages.contains(&"linux/arm64 stage-0"), "{stages:?}");
+    // Another store builds both platforms from that cache alone: no step runs.
+    let b = Kiln::multiarch();
+    let (out, _ctx) = b.build(
+        recipe,
+        &[],
+        &[
+            "--platform",
+            BOTH,
+            "--cache-from",
+            &format!("type=local,src={}", cache.display()),
+        ],
+    );
+    assert_success(&out);
+    assert_eq!(stdout_line(&out), id);
+    assert!(
+        stderr(&out).contains("0 steps run, 2 from cache"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn cache_keys_include_the_platform() {
     let k = Kiln::multiarch();
     let ctx = context("FROM scratch\nCOPY f /f\n", &[("f", b"same bytes")]);
