@@ -102,7 +102,8 @@ impl Sandbox {
 
 /// Mounts the overlay (lowers + upper/work) privately, calls `f` with the merged root path, and
 /// unmounts. `f` runs on a dedicated thread that has its own mount namespace, so no mount is
-/// ever visible to, or leaked into, the host namespace.
+/// ever visible to, or leaked into, the host namespace; a call made inside `f` mounts in that
+/// same namespace, so paths of both views stay valid together (also under a chroot).
 pub fn with_rootfs<R: Send>(
     lower_dirs: &[PathBuf],
     upper: &Path,

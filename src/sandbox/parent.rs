@@ -348,6 +348,11 @@ fn is_opaque(dir: &OwnedFd, name: &std::ffi::OsStr) -> bool {
         .any(|k| xattr::FileExt::get_xattr(&f, k).ok().flatten().is_some())
 }
 
+thread_local! {
+    /// Whether this thread runs in a private mount namespace that [`with_rootfs`] made for it.
+    static IN_PRIVATE_NAMESPACE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 pub(super) fn with_rootfs<R: Send>(
     lower_dirs: &[PathBuf],
     upper: &Path,
@@ -362,26 +367,39 @@ pub(super) fn with_rootfs<R: Send>(
     } else {
         lower_dirs
     };
+    let mount_and_call = || -> Result<R, SandboxError> {
+        sys::mount_overlay(
+            &Overlay {
+                lowers,
+                upper,
+                work,
+            },
+            &root,
+        )?;
+        let r = f(&root);
+        if umount2(&root, MntFlags::empty()).is_err() {
+            umount2(&root, MntFlags::MNT_DETACH)
+                .map_err(|e| SandboxError::sys("umount", &root, e.into()))?;
+        }
+        Ok(r)
+    };
+    // A view opened inside another (a COPY --from source and its destination) is mounted in the
+    // same namespace: paths the kernel gives for open fds (`/proc/self/fd`) are only valid in the
+    // namespace of their mount, and under a chroot an fd from another namespace reads as a host
+    // path that does not exist inside it.
+    if IN_PRIVATE_NAMESPACE.get() {
+        let r = mount_and_call();
+        drop(scratch);
+        return r;
+    }
     let joined = std::thread::scope(|s| {
         s.spawn(|| -> Result<R, SandboxError> {
             unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS).map_err(|e| {
                 SandboxError::sys("unshare(CLONE_FS|CLONE_NEWNS)", Path::new(""), e.into())
             })?;
             sys::make_mounts_private()?;
-            sys::mount_overlay(
-                &Overlay {
-                    lowers,
-                    upper,
-                    work,
-                },
-                &root,
-            )?;
-            let r = f(&root);
-            if umount2(&root, MntFlags::empty()).is_err() {
-                umount2(&root, MntFlags::MNT_DETACH)
-                    .map_err(|e| SandboxError::sys("umount", &root, e.into()))?;
-            }
-            Ok(r)
+            IN_PRIVATE_NAMESPACE.set(true);
+            mount_and_call()
         })
         .join()
     });

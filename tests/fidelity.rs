@@ -1,0 +1,75 @@
+//! End-to-end tests of fidelity to BuildKit: recipes whose image (files, modes, owners,
+//! contents, links, config) must equal what BuildKit builds from them, or whose error must be
+//! as clear; and kiln run the way some CI runners run it, under a chroot. Run as root.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+/// Runs `kiln build` on `ctx` with store `k` inside a chroot whose root is a recursive bind of
+/// the host's `/` (so every host path is there, under a root that is not the namespace's root),
+/// as in a CI runner that chroots into a prepared root with /proc, /sys and /dev bound in. The
+/// mounts live in a private mount namespace and end with it.
+fn build_in_chroot(k: &Kiln, ctx: &Path, args: &[&str]) -> Output {
+    let jail = tempfile::Builder::new()
+        .prefix("kiln-chroot-")
+        .tempdir()
+        .unwrap();
+    let script = r#"mount --rbind / "$1" && jail="$1" && shift && exec chroot "$jail" "$@""#;
+    Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(jail.path())
+        .arg(kiln_bin())
+        .arg("--root")
+        .arg(k.root.path())
+        .args(["build", "--progress", "plain"])
+        .args(args)
+        .arg(ctx)
+        .output()
+        .unwrap()
+}
+
+/// Under a chroot, `COPY --from` a stage read nothing ("reading one: No such file or
+/// directory"): the source and the destination were mounted in two mount namespaces, and the
+/// path the kernel gives for a file of one, seen from the other, is the host's path, which a
+/// chroot does not have.
+#[test]
+fn copy_from_a_stage_works_under_a_chroot() {
+    let k = Kiln::new();
+    let recipe = "FROM busybox AS first\nRUN mkdir /d && echo one > /d/one && ln -s one /d/link\n\
+                  FROM busybox\nCOPY --from=first /d/one /one\nCOPY --from=first /d /d\n\
+                  RUN cat /one /d/link > /both\n";
+    let ctx = context(recipe, &[]);
+    let layout = tempfile::tempdir().unwrap();
+    let dest = format!("type=oci,dest={}", layout.path().join("oci").display());
+    let out = build_in_chroot(&k, ctx.path(), &["-t", "t", "-o", &dest]);
+    assert_success(&out);
+    let rootfs = umoci_unpack(
+        &layout.path().join("oci"),
+        "latest",
+        &layout.path().join("b"),
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("both")).unwrap(),
+        "one\none\n"
+    );
+    assert!(
+        std::fs::symlink_metadata(rootfs.join("d/link"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::metadata(rootfs.join("d/one")).unwrap().uid(), 0);
+}
