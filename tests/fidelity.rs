@@ -73,3 +73,36 @@ fn copy_from_a_stage_works_under_a_chroot() {
     );
     assert_eq!(std::fs::metadata(rootfs.join("d/one")).unwrap().uid(), 0);
 }
+
+/// Builds `recipe` with `files` in its context, exports it and unpacks it with umoci.
+fn unpacked(k: &Kiln, recipe: &str, files: &[(&str, &[u8])], args: &[&str]) -> Unpacked {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("oci");
+    let out_arg = format!("type=oci,dest={}", layout.display());
+    let mut all = vec!["-t", "test:latest", "-o", &out_arg];
+    all.extend_from_slice(args);
+    k.build_ok(recipe, files, &all);
+    let bundle = dir.path().join("bundle");
+    umoci_unpack(&layout, "latest", &bundle);
+    Unpacked {
+        dir,
+        layout,
+        rootfs: bundle.join("rootfs"),
+    }
+}
+
+fn read(root: &Path, rel: &str) -> String {
+    std::fs::read_to_string(root.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// A stage whose layers include one twice (two steps writing the same bytes, made identical by
+/// SOURCE_DATE_EPOCH; a pulled image with repeated layers) is mounted with each lower dir once
+/// (overlayfs refused the same lower twice: "Too many levels of symbolic links").
+#[test]
+fn a_layer_repeated_in_a_stage_mounts() {
+    let k = Kiln::new();
+    let recipe = "FROM busybox AS base\nRUN echo x > /f\nFROM base AS one\nRUN echo x > /f\n\
+                  FROM base AS two\nRUN echo x > /f\nCOPY --from=one /f /g\nRUN cat /f /g > /both\n";
+    let u = unpacked(&k, recipe, &[], &["--source-date-epoch", "0"]);
+    assert_eq!(read(&u.rootfs, "both"), "x\nx\n");
+}
