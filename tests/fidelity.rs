@@ -106,3 +106,31 @@ fn a_layer_repeated_in_a_stage_mounts() {
     let u = unpacked(&k, recipe, &[], &["--source-date-epoch", "0"]);
     assert_eq!(read(&u.rootfs, "both"), "x\nx\n");
 }
+
+/// A stage name defined twice is accepted (BuildKit reports it as the DuplicateStageName build
+/// check), with a warning naming both lines; references after the second definition mean the
+/// second stage. `FROM <index>` names an earlier stage, as in buildah.
+#[test]
+fn duplicate_stage_names_warn_and_from_an_index_works() {
+    let k = Kiln::new();
+    let recipe = "FROM busybox AS x\nRUN echo first > /which\nFROM x AS early\n\
+                  FROM busybox AS x\nRUN echo second > /which\n\
+                  FROM 0 AS by_index\nRUN echo index > /i\n\
+                  FROM x\nCOPY --from=early /which /early\nCOPY --from=by_index /which /i0\n\
+                  COPY --from=by_index /i /i\n";
+    let (out, _ctx) = k.build(recipe, &[], &[]);
+    assert_success(&out);
+    let err = stderr(&out);
+    assert!(
+        err.contains("WARNING")
+            && err.contains("\"x\"")
+            && err.contains("line 1")
+            && err.contains("line 4"),
+        "{err}"
+    );
+    let u = unpacked(&k, recipe, &[], &[]);
+    assert_eq!(read(&u.rootfs, "which"), "second\n");
+    assert_eq!(read(&u.rootfs, "early"), "first\n");
+    assert_eq!(read(&u.rootfs, "i0"), "first\n");
+    assert_eq!(read(&u.rootfs, "i"), "index\n");
+}

@@ -219,6 +219,12 @@ pub fn build(
         file: file.clone(),
         source,
     })?;
+    for d in &plan.duplicate_stage_names {
+        progress.warn(&format!(
+            "{file}: stage name {:?} is defined on line {} and again on line {}; references after line {} use the later stage",
+            d.name, d.first_line, d.line, d.line
+        ));
+    }
     for unused in &plan.unused_build_args {
         progress.warn(&format!(
             "build arg {unused:?} was given but no stage declares it"
