@@ -134,3 +134,25 @@ fn duplicate_stage_names_warn_and_from_an_index_works() {
     assert_eq!(read(&u.rootfs, "i0"), "first\n");
     assert_eq!(read(&u.rootfs, "i"), "index\n");
 }
+
+fn owner(root: &Path, rel: &str) -> (u32, u32) {
+    let m = std::fs::symlink_metadata(root.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    (m.uid(), m.gid())
+}
+
+/// `--chown` whose variables are unset means no `--chown` (BuildKit: the expanded value is
+/// empty); a user with an empty group is the user alone; build args and ENV both expand
+/// (BuildKit's testAddChownExpand).
+#[test]
+fn chown_that_expands_to_nothing_means_no_chown() {
+    let k = Kiln::new();
+    let recipe = "FROM busybox\nARG UNSET\nARG group\nENV owner=1000\n\
+                  COPY --chown=${UNSET}:${UNSET} f /none\nCOPY --chown=$UNSET f /none2\n\
+                  COPY --chown=app:${UNSET} f /user_only\nADD --chown=${owner}:${group} f /expanded\n";
+    let files: &[(&str, &[u8])] = &[("f", b"f")];
+    let u = unpacked(&k, recipe, files, &["--build-arg", "group=nogroup"]);
+    assert_eq!(owner(&u.rootfs, "none"), (0, 0));
+    assert_eq!(owner(&u.rootfs, "none2"), (0, 0));
+    assert_eq!(owner(&u.rootfs, "user_only"), (1000, 1000));
+    assert_eq!(owner(&u.rootfs, "expanded"), (1000, 65534));
+}

@@ -51,8 +51,9 @@ impl Engine<'_> {
             }
             None => None,
         };
+        // `--chown=${USER}:${GROUP}` with both unset means no --chown at all.
         let chown = match &c.chown {
-            Some(o) => Some(self.expand(o, &vars, line)?),
+            Some(o) => Some(self.expand(o, &vars, line)?).filter(|o| !matches!(o.trim(), "" | ":")),
             None => None,
         };
         let exclude = c
@@ -606,7 +607,8 @@ fn resolve_owner(root: &RootDir, spec: &str) -> Result<(u32, u32), String> {
     let passwd = read("/etc/passwd");
     let group = read("/etc/group");
     let (user, grp) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
+        Some((u, g)) if !g.is_empty() => (u, Some(g)),
+        Some((u, _)) => (u, None),
         None => (spec, None),
     };
     let resolved = sandbox::users::resolve(user, passwd.as_deref(), group.as_deref())
