@@ -161,7 +161,18 @@ impl Context {
         let mut out = Vec::new();
         for rel in current {
             let rel = self.follow_symlinks(&rel, pattern)?;
-            if rel.is_empty() || std::fs::symlink_metadata(self.host_path(&rel)).is_ok() {
+            if rel.is_empty() {
+                out.push(rel);
+                continue;
+            }
+            // What .dockerignore excludes is not in the context, unless it is a directory
+            // with re-included entries below (as BuildKit sends it).
+            let Ok(meta) = std::fs::symlink_metadata(self.host_path(&rel)) else {
+                continue;
+            };
+            if !self.ignore.is_excluded(&rel)
+                || (meta.is_dir() && self.ignore.may_reinclude_under(&rel))
+            {
                 out.push(rel);
             }
         }
@@ -246,13 +257,17 @@ impl Context {
                 if excluded && !self.ignore.may_reinclude_under(&child) {
                     continue;
                 }
-                if !excluded {
-                    out.push(Entry {
-                        rel: child.clone(),
-                        meta,
-                    });
-                }
+                // An excluded directory is listed when something below it is re-included,
+                // so that its entries have their directory (with its own mode and owner).
+                let at = out.len();
+                out.push(Entry {
+                    rel: child.clone(),
+                    meta,
+                });
                 self.walk_dir(&child, out)?;
+                if excluded && out.len() == at + 1 {
+                    out.pop();
+                }
             } else if !excluded {
                 out.push(Entry { rel: child, meta });
             }
@@ -385,6 +400,10 @@ mod tests {
         let (_d, c) = ctx();
         assert_eq!(c.resolve("*.md").unwrap(), vec!["a.md", "b.md"]);
         assert!(matches!(c.resolve("*.key"), Err(ContextError::NotFound(_))));
+        assert!(matches!(
+            c.resolve("secret.key"),
+            Err(ContextError::NotFound(_))
+        ));
         assert_eq!(c.resolve("app/*.py").unwrap(), vec!["app/main.py"]);
         assert_eq!(c.resolve(".").unwrap(), vec![""]);
         let all: Vec<String> = c.walk("").unwrap().into_iter().map(|e| e.rel).collect();

@@ -156,3 +156,75 @@ fn chown_that_expands_to_nothing_means_no_chown() {
     assert_eq!(owner(&u.rootfs, "user_only"), (1000, 1000));
     assert_eq!(owner(&u.rootfs, "expanded"), (1000, 65534));
 }
+
+/// Builds `ctx` (already populated) into an OCI layout and unpacks it; asserts success.
+fn unpacked_ctx(k: &Kiln, ctx: &Path, args: &[&str]) -> Unpacked {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("oci");
+    let out_arg = format!("type=oci,dest={}", layout.display());
+    let mut all = vec![
+        "build",
+        "--progress",
+        "plain",
+        "-t",
+        "t:latest",
+        "-o",
+        &out_arg,
+    ];
+    all.extend_from_slice(args);
+    let ctx_arg = ctx.to_str().unwrap().to_string();
+    all.push(&ctx_arg);
+    assert_success(&k.run(&all));
+    let bundle = dir.path().join("bundle");
+    umoci_unpack(&layout, "latest", &bundle);
+    Unpacked {
+        dir,
+        layout,
+        rootfs: bundle.join("rootfs"),
+    }
+}
+
+/// `.dockerignore` exceptions that re-include files under an excluded directory: the
+/// directories on the way are sent too, with their own mode (BuildKit), so `COPY ./ ./`
+/// creates them; a path the ignore file excludes is not in the context, even named literally.
+#[test]
+fn ignore_exceptions_bring_their_directories() {
+    use std::os::unix::fs::PermissionsExt;
+    let k = Kiln::new();
+    let ctx = context(
+        "FROM busybox\nWORKDIR /app\nCOPY ./ ./\nCOPY sub /only-sub/\n",
+        &[
+            ("sub/keep.txt", b"k"),
+            ("sub/drop.txt", b"d"),
+            ("sub/deep/x.txt", b"x"),
+            ("sub/gone/y.txt", b"y"),
+            (".dockerignore", b"sub\n!sub/keep.txt\n!sub/deep/x.txt\n"),
+        ],
+    );
+    std::fs::set_permissions(
+        ctx.path().join("sub/deep"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    let u = unpacked_ctx(&k, ctx.path(), &[]);
+    assert_eq!(read(&u.rootfs, "app/sub/keep.txt"), "k");
+    assert_eq!(read(&u.rootfs, "app/sub/deep/x.txt"), "x");
+    assert_eq!(read(&u.rootfs, "only-sub/deep/x.txt"), "x");
+    for gone in ["app/sub/drop.txt", "app/sub/gone", "only-sub/drop.txt"] {
+        assert!(!u.rootfs.join(gone).exists(), "{gone} was copied");
+    }
+    let mode = std::fs::metadata(u.rootfs.join("app/sub/deep"))
+        .unwrap()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o750);
+
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nCOPY sub/drop.txt /drop\n",
+    )
+    .unwrap();
+    let out = k.run(&["build", ctx.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("sub/drop.txt"), "{}", stderr(&out));
+}
