@@ -228,3 +228,24 @@ fn ignore_exceptions_bring_their_directories() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("sub/drop.txt"), "{}", stderr(&out));
 }
+
+/// WORKDIR (and a COPY destination) through a symlink, also a dangling one: the link stays and
+/// its target directory is created, owned by the USER (BuildKit's mkdir follows links inside the
+/// root).
+#[test]
+fn workdir_through_a_dangling_symlink_creates_its_target() {
+    let k = Kiln::new();
+    let recipe = "FROM busybox\nRUN ln -s /var/lib/x /x && ln -s ../opt/app /app && ln -s /home/app /h\n\
+                  WORKDIR /x\nRUN pwd > here && touch made-by-run\nCOPY f /app/\n\
+                  USER app\nWORKDIR /h/sub\nRUN touch mine\n";
+    let u = unpacked(&k, recipe, &[("f", b"f")], &[]);
+    for link in ["x", "app"] {
+        let m = std::fs::symlink_metadata(u.rootfs.join(link)).unwrap();
+        assert!(m.file_type().is_symlink(), "/{link} is no longer a symlink");
+    }
+    assert_eq!(read(&u.rootfs, "var/lib/x/here"), "/var/lib/x\n");
+    assert!(u.rootfs.join("var/lib/x/made-by-run").is_file());
+    assert_eq!(read(&u.rootfs, "opt/app/f"), "f");
+    assert_eq!(owner(&u.rootfs, "home/app/sub"), (1000, 1000));
+    assert_eq!(owner(&u.rootfs, "home/app/sub/mine"), (1000, 1000));
+}
