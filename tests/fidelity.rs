@@ -249,3 +249,37 @@ fn workdir_through_a_dangling_symlink_creates_its_target() {
     assert_eq!(owner(&u.rootfs, "home/app/sub"), (1000, 1000));
     assert_eq!(owner(&u.rootfs, "home/app/sub/mine"), (1000, 1000));
 }
+
+/// Several sources, or a wildcard matching several paths, make the destination a directory even
+/// without a trailing slash; a wildcard matching one path copies it as a file (BuildKit's
+/// testCopyWildcards: `COPY f*.go foo2.go`); a wildcard matching nothing copies nothing
+/// (testEmptyWildcard). Wildcards work in `COPY --from` sources too.
+#[test]
+fn several_sources_make_a_directory_and_wildcards_may_match_nothing() {
+    let k = Kiln::new();
+    let recipe = "FROM busybox AS src\n\
+                  RUN mkdir /out && echo 1 > /out/a.txt && echo 2 > /out/b.txt && echo 3 > /out/c.md\n\
+                  FROM busybox\n\
+                  COPY a.txt b.txt /two\nCOPY *.txt /glob\nCOPY a.* /single\n\
+                  COPY a.txt nomatch* /mixed\nCOPY nomatch* /none/\nADD a.txt b.txt /addtwo\n\
+                  COPY --from=src /out/*.txt /fromglob\nCOPY --from=src /out/c.* /fromsingle\n\
+                  COPY --from=src /out/nomatch* /fromnone/\n\
+                  COPY --from=src /out/*.txt /out/c.md /last\n";
+    let files: &[(&str, &[u8])] = &[("a.txt", b"a"), ("b.txt", b"b")];
+    let u = unpacked(&k, recipe, files, &[]);
+    let r = &u.rootfs;
+    for dir in ["two", "glob", "addtwo"] {
+        assert_eq!(read(r, &format!("{dir}/a.txt")), "a", "{dir}");
+        assert_eq!(read(r, &format!("{dir}/b.txt")), "b", "{dir}");
+    }
+    assert_eq!(read(r, "single"), "a");
+    assert_eq!(read(r, "mixed/a.txt"), "a");
+    assert!(!r.join("none").exists());
+    assert!(!r.join("fromnone").exists());
+    assert_eq!(read(r, "fromglob/a.txt"), "1\n");
+    assert_eq!(read(r, "fromglob/b.txt"), "2\n");
+    assert!(!r.join("fromglob/c.md").exists());
+    assert_eq!(read(r, "fromsingle"), "3\n");
+    assert_eq!(read(r, "last/a.txt"), "1\n");
+    assert_eq!(read(r, "last/c.md"), "3\n");
+}

@@ -37,6 +37,14 @@ pub enum SourceItem {
         /// Its modification time.
         mtime: Option<i64>,
     },
+    /// A pattern with wildcards over the files of another stage or image, expanded when they
+    /// are mounted (it may match nothing, as in BuildKit).
+    Pattern {
+        /// The pattern, relative to the source's root.
+        pattern: String,
+        /// The source word as written (for `--parents`).
+        word: String,
+    },
     /// A heredoc body, written as a file named `name`.
     Inline {
         /// File name when the destination is a directory.
@@ -54,7 +62,8 @@ pub struct CopyJob<'a> {
     pub items: Vec<SourceItem>,
     /// Absolute destination inside the rootfs (already joined with WORKDIR).
     pub dest: String,
-    /// Whether the destination is a directory (trailing slash or several sources).
+    /// Whether the destination is a directory whatever the sources match (a trailing slash,
+    /// or several sources); one source matching several paths also makes it one.
     pub dest_is_dir: bool,
     /// `--chown` resolved to numbers.
     pub chown: Option<(u32, u32)>,
@@ -75,6 +84,23 @@ impl<'a> CopyJob<'a> {
             self.from = SourceFs::Rootfs(src);
         }
         self
+    }
+
+    /// The sources with their patterns expanded against the mounted source.
+    pub(super) fn expanded_items(&self) -> Result<Vec<SourceItem>, CopyError> {
+        let mut out = Vec::with_capacity(self.items.len());
+        for item in &self.items {
+            match item {
+                SourceItem::Pattern { pattern, word } => {
+                    for rel in self.from.glob(pattern)? {
+                        let keep = self.parents.then(|| kept_path(word, &rel));
+                        out.push(SourceItem::Path { rel, keep });
+                    }
+                }
+                other => out.push(other.clone()),
+            }
+        }
+        Ok(out)
     }
 
     /// The owner a copied entry gets: `--chown`, else root for files from the context, else
@@ -185,6 +211,44 @@ impl SourceFs<'_> {
         }
     }
 
+    /// The paths of a mounted source that `pattern` matches, sorted; `*`, `?` and `[…]` match
+    /// within one path component (Go's `filepath.Match`, as BuildKit).
+    pub(super) fn glob(&self, pattern: &str) -> Result<Vec<String>, CopyError> {
+        let mut current = vec![String::new()];
+        for component in pattern.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            if !has_wildcard(component) {
+                for path in &mut current {
+                    *path = join_rel(path, component);
+                }
+                continue;
+            }
+            let glob = globset::GlobBuilder::new(component)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| src_err(pattern, e))?
+                .compile_matcher();
+            let mut next = Vec::new();
+            for base in &current {
+                let Ok(read) = self
+                    .host_path(base)
+                    .and_then(|h| std::fs::read_dir(h).map_err(|e| src_err(base, e)))
+                else {
+                    continue;
+                };
+                let mut names: Vec<String> = read
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| glob.is_match(n))
+                    .collect();
+                names.sort();
+                next.extend(names.iter().map(|n| join_rel(base, n)));
+            }
+            current = next;
+        }
+        Ok(current)
+    }
+
     /// Every path below the directory `rel` (not `rel` itself), sorted.
     pub(super) fn children(&self, rel: &str) -> Result<Vec<String>, CopyError> {
         match self {
@@ -226,14 +290,33 @@ impl SourceFs<'_> {
     }
 }
 
-/// Performs the copy into `root`.
+/// Whether a source word has wildcards (an unescaped `*`, `?` or `[`).
+pub fn has_wildcard(word: &str) -> bool {
+    let mut escaped = false;
+    for c in word.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '*' | '?' | '[' => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Performs the copy into `root`. Sources that match nothing copy nothing, and then nothing
+/// is created (BuildKit).
 pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
     let owner = |m: &SrcMeta| job.owner(m);
+    let items = job.expanded_items()?;
+    if items.is_empty() {
+        return Ok(());
+    }
     let dest_exists_as_dir = root
         .metadata(&job.dest)
         .map(|m| m.is_dir())
         .unwrap_or(false);
-    let into_dir = job.dest_is_dir || dest_exists_as_dir || job.parents;
+    let into_dir = job.dest_is_dir || items.len() > 1 || dest_exists_as_dir || job.parents;
     if into_dir {
         let (uid, gid) = job.chown.unwrap_or((0, 0));
         root.mkdir_all(&job.dest, 0o755, uid, gid)
@@ -246,8 +329,9 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                 .map_err(|e| dest_err(parent, e))?;
         }
     }
-    for item in &job.items {
+    for item in &items {
         match item {
+            SourceItem::Pattern { .. } => {}
             SourceItem::Inline { name, content } => {
                 let target = if into_dir {
                     join(&job.dest, name)
@@ -298,8 +382,11 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                     && m.kind == Kind::File
                     && snapshot::is_archive(&host).map_err(|e| src_err(rel, e))?
                 {
+                    // The archive's directory gets --chown's owner when it is made, as in
+                    // BuildKit (whose unpack also gives every entry that owner).
                     let dir = &job.dest;
-                    root.mkdir_all(dir, 0o755, 0, 0)
+                    let (uid, gid) = job.chown.unwrap_or((0, 0));
+                    root.mkdir_all(dir, 0o755, uid, gid)
                         .map_err(|e| dest_err(dir, e))?;
                     snapshot::extract_archive(&host, root, dir, job.chown)
                         .map_err(|e| dest_err(dir, e))?;
@@ -486,6 +573,15 @@ fn epoch_time(secs: i64) -> std::time::SystemTime {
     }
 }
 
+/// `base/name` for source-relative paths ("" is the root).
+fn join_rel(base: &str, name: &str) -> String {
+    if base.is_empty() {
+        name.to_string()
+    } else {
+        format!("{base}/{name}")
+    }
+}
+
 fn join(dir: &str, name: &str) -> String {
     if name.is_empty() {
         dir.to_string()
@@ -533,6 +629,12 @@ mod tests {
         assert_eq!(kept_path("a/b/*.txt", "a/b/c.txt"), "a/b/c.txt");
         assert_eq!(kept_path("a/./b/*.txt", "a/b/c.txt"), "b/c.txt");
         assert_eq!(kept_path("./a/b", "a/b"), "a/b");
+    }
+
+    #[test]
+    fn wildcards_are_unescaped_metacharacters() {
+        assert!(has_wildcard("*.txt") && has_wildcard("a?b") && has_wildcard("x[0-9]"));
+        assert!(!has_wildcard("plain/path") && !has_wildcard("arr\\[0].txt"));
     }
 
     #[test]

@@ -39,7 +39,11 @@ pub fn listed_copy(
         nodes: BTreeMap::new(),
         now,
     };
-    let into_dir = job.dest_is_dir || tree.base.dest_is_dir;
+    let items = job.expanded_items()?;
+    if items.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let into_dir = job.dest_is_dir || items.len() > 1 || tree.base.dest_is_dir;
     let created = if into_dir {
         let (uid, gid) = job.chown.unwrap_or((0, 0));
         tree.mkdir_all(&dest, 0o755, uid, gid)
@@ -54,7 +58,7 @@ pub fn listed_copy(
     }
     // Directories whose mtime the copy sets back to the source's once their contents are in.
     let mut dir_times = Vec::new();
-    for item in &job.items {
+    for item in &items {
         let SourceItem::Path { rel, keep: None } = item else {
             return Ok(None);
         };

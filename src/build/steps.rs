@@ -136,10 +136,15 @@ impl Engine<'_> {
             source_words.push(word.clone());
             match &from_state {
                 None => {
-                    let rels = self
-                        .context
-                        .resolve(&word)
-                        .map_err(self.context_err(line))?;
+                    // A wildcard that matches nothing copies nothing (BuildKit).
+                    let rels = match self.context.resolve(&word) {
+                        Err(crate::context::ContextError::NotFound(_))
+                            if copy::has_wildcard(&word) =>
+                        {
+                            Vec::new()
+                        }
+                        r => r.map_err(self.context_err(line))?,
+                    };
                     for rel in rels {
                         let entries = self.context.walk(&rel).map_err(self.context_err(line))?;
                         let digests = self
@@ -155,6 +160,13 @@ impl Engine<'_> {
                     let rel = crate::context::clean_relative(&word).ok_or_else(|| {
                         self.invalid(line, format!("source {word:?} is outside the root"))
                     })?;
+                    if copy::has_wildcard(&rel) {
+                        items.push(copy::SourceItem::Pattern {
+                            pattern: rel,
+                            word: word.clone(),
+                        });
+                        continue;
+                    }
                     let keep = c.parents.then(|| copy::kept_path(&word, &rel));
                     items.push(copy::SourceItem::Path { rel, keep });
                 }
@@ -167,8 +179,12 @@ impl Engine<'_> {
             true => Some(self.probe_link_base(st, &dest, chown.as_deref(), stage, line)?),
             false => None,
         };
-        let dest_is_dir =
-            dest_slash || items.len() > 1 || linked.as_ref().is_some_and(LinkBase::dest_is_dir);
+        // Several sources make the destination a directory even without a trailing slash (as
+        // buildah; Docker's classic builder refuses, BuildKit copies each onto the same path).
+        let dest_is_dir = dest_slash
+            || c.sources.len() > 1
+            || items.len() > 1
+            || linked.as_ref().is_some_and(LinkBase::dest_is_dir);
         inputs.instruction = format!(
             "{} {:?} -> {dest} dir={dest_is_dir} chown={chown:?} chmod={chmod:?} exclude={:?} parents={} unpack={:?}",
             if is_add { "ADD" } else { "COPY" },
