@@ -283,3 +283,62 @@ fn several_sources_make_a_directory_and_wildcards_may_match_nothing() {
     assert_eq!(read(r, "last/a.txt"), "1\n");
     assert_eq!(read(r, "last/c.md"), "3\n");
 }
+
+/// Secrets as BuildKit gives them: `env=VAR` makes the secret an environment variable of that
+/// step only (and no file unless a target is given); `--secret id=X,env=HOSTVAR` takes the value
+/// from kiln's environment; a relative target is relative to the WORKDIR; the file is 0400
+/// root-owned unless mode/uid/gid say otherwise; a secret not given is skipped unless required.
+#[test]
+fn secrets_as_env_from_env_and_relative_targets() {
+    let k = Kiln::new();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "s3cr3t").unwrap();
+    let recipe = "FROM busybox\nWORKDIR /w\n\
+        RUN --mount=type=secret,id=tok,env=TOKEN echo \"[$TOKEN]\" > /env-seen && (test -e /run/secrets && echo file || echo none) > /run-ls\n\
+        RUN --mount=type=secret,id=tok,dst=rel cat /w/rel > /rel-seen\n\
+        RUN --mount=type=secret,id=tok stat -c '%a %u %g' /run/secrets/tok > /mode\n\
+        RUN --mount=type=secret,id=tok,mode=0440,uid=1000,gid=10 stat -c '%a %u %g' /run/secrets/tok > /mode2\n\
+        RUN --mount=type=secret,id=fromenv,env=E,target=/t cat /t > /fromenv-file && echo \"$E\" > /fromenv-env\n\
+        RUN --mount=type=secret,id=missing test ! -e /run/secrets/missing && echo skipped > /missing\n\
+        RUN echo \"[$TOKEN][$E]\" > /after\n";
+    let ctx = context(recipe, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("oci");
+    let out = Command::new(kiln_bin())
+        .arg("--root")
+        .arg(k.root.path())
+        .args(["build", "--progress", "plain", "-t", "s:latest", "--secret"])
+        .arg(format!("id=tok,src={}", secret.path().display()))
+        .args(["--secret", "id=fromenv,env=KILN_TEST_HOST_SECRET", "-o"])
+        .arg(format!("type=oci,dest={}", layout.display()))
+        .arg(ctx.path())
+        .env("KILN_TEST_HOST_SECRET", "from-the-host-env")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let r = umoci_unpack(&layout, "latest", &dir.path().join("b"));
+    assert_eq!(read(&r, "env-seen"), "[s3cr3t]\n");
+    assert_eq!(read(&r, "run-ls"), "none\n", "env= alone made a file");
+    assert_eq!(read(&r, "rel-seen"), "s3cr3t");
+    assert_eq!(read(&r, "mode"), "400 0 0\n");
+    assert_eq!(read(&r, "mode2"), "440 1000 10\n");
+    assert_eq!(read(&r, "fromenv-file"), "from-the-host-env");
+    assert_eq!(read(&r, "fromenv-env"), "from-the-host-env\n");
+    assert_eq!(read(&r, "missing"), "skipped\n");
+    assert_eq!(read(&r, "after"), "[][]\n");
+    for absent in ["w/rel", "run/secrets", "t"] {
+        assert!(!r.join(absent).exists(), "{absent} leaked into the image");
+    }
+    let config = inspect(&k, "s");
+    assert!(
+        !config.to_string().contains("s3cr3t") && !config.to_string().contains("from-the-host")
+    );
+    // A required secret that was not given is an input error naming it.
+    let (out, _c) = k.build(
+        "FROM busybox\nRUN --mount=type=secret,id=needed,env=X,required=true true\n",
+        &[],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("needed"), "{}", stderr(&out));
+}

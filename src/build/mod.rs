@@ -9,6 +9,8 @@ mod listed;
 mod run;
 mod steps;
 
+pub use run::{MAX_SECRET_BYTES, SecretSource};
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,8 +54,8 @@ pub struct BuildOptions {
     pub labels: BTreeMap<String, String>,
     /// `--network` for RUN steps.
     pub network: NetworkMode,
-    /// `--secret id=ID,src=PATH` values.
-    pub secrets: BTreeMap<String, PathBuf>,
+    /// `--secret` values, by id.
+    pub secrets: BTreeMap<String, SecretSource>,
     /// ssh-agent sockets for RUN --mount=type=ssh, by id (`--ssh`).
     pub ssh: BTreeMap<String, PathBuf>,
     /// SOURCE_DATE_EPOCH.

@@ -81,8 +81,9 @@ pub(crate) struct BuildArgs {
     /// Network for RUN steps.
     #[arg(long, value_enum, default_value_t = NetworkArg::Host)]
     network: NetworkArg,
-    /// A secret for RUN --mount=type=secret: id=ID,src=PATH (repeatable).
-    #[arg(long = "secret", value_name = "id=ID,src=PATH")]
+    /// A secret for RUN --mount=type=secret: id=ID,src=PATH (a file) or id=ID,env=VAR (an
+    /// environment variable of kiln's), repeatable.
+    #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
     secrets: Vec<String>,
     /// An ssh-agent socket for RUN --mount=type=ssh: ID (the socket in $SSH_AUTH_SOCK) or
     /// ID=SOCKET (repeatable; the usual ID is `default`).
