@@ -342,3 +342,74 @@ fn secrets_as_env_from_env_and_relative_targets() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("needed"), "{}", stderr(&out));
 }
+
+/// `RUN <<EOF sh` is not a lone heredoc: BuildKit passes the line and the body to the shell
+/// (`sh -c "<<EOF sh\n…\nEOF"`, dispatchRun), so the outer shell expands `$i` in an unquoted
+/// body before the inner `sh` reads it, as POSIX says; a quoted delimiter keeps the body as
+/// written; a lone `RUN <<EOF` runs the body itself.
+#[test]
+fn heredoc_before_the_interpreter_goes_through_the_shell() {
+    let k = Kiln::new();
+    let recipe = "FROM busybox\n\
+                  RUN <<EOF sh > /unquoted\nfor i in 1 2 3; do echo \"n$i\"; done\nEOF\n\
+                  RUN <<'EOF' sh > /quoted\nfor i in 1 2 3; do echo \"n$i\"; done\nEOF\n\
+                  RUN <<EOF\nfor i in 1 2 3; do echo \"n$i\"; done > /lone\nEOF\n\
+                  RUN <<-EOF sh -e > /chomped\n\techo \"$((1 + 1))\"\n\tEOF\n";
+    let u = unpacked(&k, recipe, &[], &[]);
+    assert_eq!(read(&u.rootfs, "unquoted"), "n\nn\nn\n");
+    assert_eq!(read(&u.rootfs, "quoted"), "n1\nn2\nn3\n");
+    assert_eq!(read(&u.rootfs, "lone"), "n1\nn2\nn3\n");
+    assert_eq!(read(&u.rootfs, "chomped"), "2\n");
+}
+
+/// A tar with one regular file `foo` owned by 1234:2345.
+fn owned_tar() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.set_uid(1234);
+    h.set_gid(2345);
+    h.set_cksum();
+    b.append_data(&mut h, "foo", &b"hi"[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// `ADD --chown` of a local archive gives the extracted entries and the directory it makes
+/// that owner, as BuildKit does since v0.23 (testDockerfileAddChownArchive: `out/foo` and
+/// `out/` are 100:200); without `--chown` the archive's owners stay. buildah keeps the
+/// archive's owners either way; kiln follows BuildKit.
+#[test]
+fn add_chown_of_an_archive_owns_its_entries() {
+    let k = Kiln::new();
+    let tar = owned_tar();
+    let recipe = "FROM busybox\nADD --chown=100:200 t.tar /out/\nADD --chown=100:200 t.tar /out2\n\
+                  ADD t.tar /plain/\n";
+    let u = unpacked(&k, recipe, &[("t.tar", &tar)], &[]);
+    for p in ["out", "out/foo", "out2", "out2/foo"] {
+        assert_eq!(owner(&u.rootfs, p), (100, 200), "{p}");
+    }
+    assert_eq!(owner(&u.rootfs, "plain/foo"), (1234, 2345));
+}
+
+/// The mount points a RUN needed are removed after it when they were created for it and are
+/// still empty, with the directories made on their way (BuildKit's executor removes mount
+/// stubs recursively: llb sets RemoveMountStubsRecursive on every RUN): a tmpfs target
+/// `/missing/dir` leaves nothing, a rootfs without /etc gets no /etc from the hosts and
+/// resolv.conf mounts; what the step wrote stays.
+#[test]
+fn mount_points_created_for_a_run_are_removed() {
+    let k = Kiln::new();
+    let recipe = "FROM scratch\nCOPY --from=busybox /bin/busybox /bin/busybox\n\
+                  RUN [\"/bin/busybox\", \"true\"]\n\
+                  RUN --mount=type=tmpfs,target=/missing/dir [\"/bin/busybox\", \"true\"]\n\
+                  RUN --mount=type=tmpfs,target=/kept/dir [\"/bin/busybox\", \"touch\", \"/kept/mine\"]\n";
+    let u = unpacked(&k, recipe, &[], &[]);
+    assert!(!u.rootfs.join("etc").exists(), "/etc was left behind");
+    assert!(
+        !u.rootfs.join("missing").exists(),
+        "/missing was left behind"
+    );
+    assert!(u.rootfs.join("kept/mine").is_file());
+    assert!(!u.rootfs.join("kept/dir").exists());
+}
