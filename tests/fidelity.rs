@@ -413,3 +413,37 @@ fn mount_points_created_for_a_run_are_removed() {
     assert!(u.rootfs.join("kept/mine").is_file());
     assert!(!u.rootfs.join("kept/dir").exists());
 }
+
+/// BuildKit's testCopyChownExistingDir and testCopyChownCreateDest: a directory source copied
+/// to a new path makes that directory root-owned, or owned per `--chown`; an existing
+/// destination directory keeps its owner; entries keep theirs or get `--chown`'s. Checked on a
+/// copy performed (a RUN follows) and on one written straight into the layer (the last step).
+#[test]
+fn copy_chown_owns_the_directory_it_makes() {
+    let k = Kiln::new();
+    let base = "FROM busybox AS source\n\
+        RUN touch /file && chown 100:200 /file && mkdir -p /dir/subdir && touch /dir/subdir/f \
+            && chown 100:200 /dir && chown 101:201 /dir/subdir && chown 102:202 /dir/subdir/f\n\
+        FROM busybox AS test_base\n\
+        RUN mkdir -p /existingdir/existingsubdir && chown 500:600 /existingdir \
+            && chown 501:601 /existingdir/existingsubdir\n\
+        FROM test_base\n\
+        COPY --from=source /dir /plain\n\
+        COPY --from=source --chown=300:400 /dir/. /existingdir\n\
+        COPY --chown=app:app . /fromctx\n\
+        COPY --from=source --chown=300:400 /dir /dir\n";
+    for recipe in [base.to_string(), format!("{base}RUN true\n")] {
+        let u = unpacked(&k, &recipe, &[("c", b"c")], &[]);
+        let r = &u.rootfs;
+        assert_eq!(owner(r, "plain"), (0, 0));
+        assert_eq!(owner(r, "plain/subdir"), (101, 201));
+        assert_eq!(owner(r, "plain/subdir/f"), (102, 202));
+        assert_eq!(owner(r, "existingdir"), (500, 600));
+        assert_eq!(owner(r, "existingdir/existingsubdir"), (501, 601));
+        assert_eq!(owner(r, "existingdir/subdir"), (300, 400));
+        assert_eq!(owner(r, "fromctx"), (1000, 1000));
+        assert_eq!(owner(r, "fromctx/c"), (1000, 1000));
+        assert_eq!(owner(r, "dir"), (300, 400), "{recipe}");
+        assert_eq!(owner(r, "dir/subdir/f"), (300, 400));
+    }
+}

@@ -399,7 +399,9 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                         Some(k) => join(&job.dest, k),
                         None => job.dest.clone(),
                     };
-                    root.mkdir_all(&base, 0o755, 0, 0)
+                    // A directory made for the contents gets --chown's owner (BuildKit).
+                    let (uid, gid) = job.chown.unwrap_or((0, 0));
+                    root.mkdir_all(&base, 0o755, uid, gid)
                         .map_err(|e| dest_err(&base, e))?;
                     let mut dirs = Vec::new();
                     let mut files = Vec::new();

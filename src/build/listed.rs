@@ -68,7 +68,8 @@ pub fn listed_copy(
         };
         let m = SrcMeta::from(&top.meta);
         if m.kind == Kind::Dir {
-            if tree.mkdir_all(&dest, 0o755, 0, 0).is_none() {
+            let (uid, gid) = job.chown.unwrap_or((0, 0));
+            if tree.mkdir_all(&dest, 0o755, uid, gid).is_none() {
                 return Ok(None);
             }
             for child in entries {
