@@ -62,6 +62,15 @@ pub struct Context {
     ignore: IgnoreRules,
 }
 
+/// A COPY source found in the context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    /// The path as the pattern matched it (a symlink's own path).
+    pub matched: String,
+    /// The path copied: `matched` with symlinks followed (inside the context).
+    pub rel: String,
+}
+
 /// One file, directory or symlink of the context, by its context-relative path.
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -118,6 +127,16 @@ impl Context {
     /// matching context-relative paths, sorted. A top-level symlink is followed, but only inside
     /// the context.
     pub fn resolve(&self, pattern: &str) -> Result<Vec<String>, ContextError> {
+        Ok(self
+            .resolve_sources(pattern)?
+            .into_iter()
+            .map(|s| s.rel)
+            .collect())
+    }
+
+    /// [`Context::resolve`], keeping for each match the path it was matched as: a symlink
+    /// named by the instruction is copied under its own name with its target's content.
+    pub fn resolve_sources(&self, pattern: &str) -> Result<Vec<Source>, ContextError> {
         let cleaned =
             clean_relative(pattern).ok_or_else(|| ContextError::Outside(pattern.to_string()))?;
         let mut current = vec![String::new()];
@@ -159,10 +178,14 @@ impl Context {
             current = next;
         }
         let mut out = Vec::new();
-        for rel in current {
-            let rel = self.follow_symlinks(&rel, pattern)?;
+        for matched in current {
+            let rel = self.follow_symlinks(&matched, pattern)?;
+            let source = Source {
+                matched,
+                rel: rel.clone(),
+            };
             if rel.is_empty() {
-                out.push(rel);
+                out.push(source);
                 continue;
             }
             // What .dockerignore excludes is not in the context, unless it is a directory
@@ -173,7 +196,7 @@ impl Context {
             if !self.ignore.is_excluded(&rel)
                 || (meta.is_dir() && self.ignore.may_reinclude_under(&rel))
             {
-                out.push(rel);
+                out.push(source);
             }
         }
         if out.is_empty() {

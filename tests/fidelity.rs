@@ -447,3 +447,44 @@ fn copy_chown_owns_the_directory_it_makes() {
         assert_eq!(owner(r, "dir/subdir/f"), (300, 400));
     }
 }
+
+/// BuildKit's testCopySymlinks, testCopyFollowAllSymlinks, testCopyThroughSymlinkContext and
+/// testCopyThroughSymlinkMultiStage: a symlink named by the instruction, or matched by a
+/// wildcard, is followed and copied under its own name (it was copied under its target's
+/// name); links on the way to a source are followed, inside the context or the stage.
+#[test]
+fn copied_symlinks_keep_their_names() {
+    use std::os::unix::fs::symlink;
+    let k = Kiln::new();
+    let ctx = context(
+        "FROM busybox AS build\n\
+         RUN mkdir -p /out/sub && ln -s /out/sub /sub && ln -s out/sub /sub2 && echo -n data > /sub/foo\n\
+         FROM busybox\nCOPY foo /\nCOPY sub/l* /alllinks/\nCOPY dir/sub /followed\nCOPY link/lfile /through\n\
+         COPY --from=build /sub/foo /fromstage/\nCOPY --from=build /sub2/foo /fromstage/bar\n",
+        &[
+            ("bar", b"bar-contents"),
+            ("sub/lfile", b"lfile-contents"),
+            ("sub/subfile", b"subfile-contents"),
+            ("sub/baz", b"baz-contents"),
+            ("dir/.keep", b""),
+        ],
+    );
+    let p = ctx.path();
+    symlink("bar", p.join("foo")).unwrap();
+    symlink("subfile", p.join("sub/l0")).unwrap();
+    symlink("second", p.join("sub/l1")).unwrap();
+    symlink("baz", p.join("sub/second")).unwrap();
+    symlink("../bar", p.join("dir/sub")).unwrap();
+    symlink("sub", p.join("link")).unwrap();
+    let u = unpacked_ctx(&k, p, &[]);
+    let r = &u.rootfs;
+    assert_eq!(read(r, "foo"), "bar-contents");
+    assert!(!r.join("bar").exists());
+    assert_eq!(read(r, "alllinks/l0"), "subfile-contents");
+    assert_eq!(read(r, "alllinks/l1"), "baz-contents");
+    assert_eq!(read(r, "alllinks/lfile"), "lfile-contents");
+    assert_eq!(read(r, "followed"), "bar-contents");
+    assert_eq!(read(r, "through"), "lfile-contents");
+    assert_eq!(read(r, "fromstage/foo"), "data");
+    assert_eq!(read(r, "fromstage/bar"), "data");
+}

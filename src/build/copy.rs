@@ -25,6 +25,9 @@ pub enum SourceItem {
     Path {
         /// The path.
         rel: String,
+        /// The name it is copied as into a directory, when not `rel`'s own (a symlink named
+        /// by the instruction: its target's content under the link's name).
+        name: Option<String>,
         /// With `--parents`: the part of `rel` recreated under the destination.
         keep: Option<String>,
     },
@@ -94,7 +97,11 @@ impl<'a> CopyJob<'a> {
                 SourceItem::Pattern { pattern, word } => {
                     for rel in self.from.glob(pattern)? {
                         let keep = self.parents.then(|| kept_path(word, &rel));
-                        out.push(SourceItem::Path { rel, keep });
+                        out.push(SourceItem::Path {
+                            rel,
+                            name: None,
+                            keep,
+                        });
                     }
                 }
                 other => out.push(other.clone()),
@@ -374,7 +381,7 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                     job.chmod,
                 )?;
             }
-            SourceItem::Path { rel, keep } => {
+            SourceItem::Path { rel, name, keep } => {
                 let host = job.from.host_path(rel)?;
                 let meta = std::fs::symlink_metadata(&host).map_err(|e| src_err(rel, e))?;
                 let m = SrcMeta::from(&meta);
@@ -444,7 +451,9 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                         root.set_mtime(d, *mtime).map_err(|e| dest_err(d, e))?;
                     }
                 } else {
-                    let name = rel.rsplit('/').next().unwrap_or(rel);
+                    let name = name
+                        .as_deref()
+                        .unwrap_or_else(|| rel.rsplit('/').next().unwrap_or(rel));
                     let target = match keep {
                         Some(k) => join(&job.dest, k),
                         None if into_dir => join(&job.dest, name),

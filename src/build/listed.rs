@@ -59,7 +59,12 @@ pub fn listed_copy(
     // Directories whose mtime the copy sets back to the source's once their contents are in.
     let mut dir_times = Vec::new();
     for item in &items {
-        let SourceItem::Path { rel, keep: None } = item else {
+        let SourceItem::Path {
+            rel,
+            name,
+            keep: None,
+        } = item
+        else {
             return Ok(None);
         };
         let mut entries = source_entries(&job.from, rel)?.into_iter();
@@ -98,7 +103,9 @@ pub fn listed_copy(
                 }
             }
         } else {
-            let name = rel.rsplit('/').next().unwrap_or(rel);
+            let name = name
+                .as_deref()
+                .unwrap_or_else(|| rel.rsplit('/').next().unwrap_or(rel));
             let target = if into_dir {
                 join(&dest, name)
             } else {

@@ -137,7 +137,7 @@ impl Engine<'_> {
             match &from_state {
                 None => {
                     // A wildcard that matches nothing copies nothing (BuildKit).
-                    let rels = match self.context.resolve(&word) {
+                    let found = match self.context.resolve_sources(&word) {
                         Err(crate::context::ContextError::NotFound(_))
                             if copy::has_wildcard(&word) =>
                         {
@@ -145,7 +145,17 @@ impl Engine<'_> {
                         }
                         r => r.map_err(self.context_err(line))?,
                     };
-                    for rel in rels {
+                    for crate::context::Source { matched, rel } in found {
+                        // A symlink is copied under its own name (BuildKit follows it and
+                        // keeps the name), which is then part of the result.
+                        let own_name = matched.rsplit('/').next().unwrap_or(&matched);
+                        let name = (rel.rsplit('/').next() != Some(own_name))
+                            .then(|| own_name.to_string());
+                        if let Some(n) = &name {
+                            inputs
+                                .files
+                                .insert(format!("{matched} -> {rel}"), n.clone());
+                        }
                         let entries = self.context.walk(&rel).map_err(self.context_err(line))?;
                         let digests = self
                             .context
@@ -153,7 +163,7 @@ impl Engine<'_> {
                             .map_err(self.context_err(line))?;
                         inputs.files.extend(digests);
                         let keep = c.parents.then(|| copy::kept_path(&word, &rel));
-                        items.push(copy::SourceItem::Path { rel, keep });
+                        items.push(copy::SourceItem::Path { rel, name, keep });
                     }
                 }
                 Some(_) => {
@@ -168,7 +178,11 @@ impl Engine<'_> {
                         continue;
                     }
                     let keep = c.parents.then(|| copy::kept_path(&word, &rel));
-                    items.push(copy::SourceItem::Path { rel, keep });
+                    items.push(copy::SourceItem::Path {
+                        rel,
+                        name: None,
+                        keep,
+                    });
                 }
             }
         }
