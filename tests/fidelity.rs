@@ -488,3 +488,59 @@ fn copied_symlinks_keep_their_names() {
     assert_eq!(read(r, "fromstage/foo"), "data");
     assert_eq!(read(r, "fromstage/bar"), "data");
 }
+
+/// `--chmod` in symbolic notation (Dockerfile 1.14), checked as BuildKit's testChmodNonOctal
+/// does: against what `chmod` makes of the same entry; octal values and `${VAR}` as in
+/// testCopyChmod; a bad value is an error naming it.
+#[test]
+fn chmod_takes_symbolic_modes() {
+    let k = Kiln::new();
+    let cases = [
+        ("file", "f1", "go-w"),
+        ("file", "f2", "u=rw,g=r,o=r"),
+        ("file", "f3", "a+X"),
+        ("dir", "d1", "go-w"),
+        ("dir", "d2", "u+rw,g+r,o-x,o+w"),
+        ("dir", "d3", "a+X"),
+    ];
+    let mut expected = String::new();
+    let mut copies = String::new();
+    let mut verify = String::new();
+    for (src, dst, mode) in cases {
+        if src == "dir" {
+            expected += &format!(
+                "RUN mkdir -p /input/dirs/{dst} && cp -a /input/dir /input/dirs/{dst}/{dst}\n\
+                 RUN cp -a /input/dirs/{dst}/. /expected/ && chmod {mode} /expected/{dst}\n"
+            );
+            copies += &format!("COPY --from=base --chmod={mode} /input/dirs/{dst} /\n");
+        } else {
+            expected += &format!(
+                "RUN cp -a /input/{src} /expected/{dst} && chmod {mode} /expected/{dst}\n"
+            );
+            copies += &format!("COPY --from=base --chmod={mode} /input/{src} /{dst}\n");
+        }
+        verify += &format!(
+            "RUN [ \"$(stat -c %A /actual/{dst})\" = \"$(stat -c %A /expected/{dst})\" ]\n"
+        );
+    }
+    let recipe = format!(
+        "FROM busybox AS base\n\
+         RUN mkdir /input && touch /input/file && chmod 666 /input/file && mkdir /input/dir \
+             && chmod 124 /input/dir && mkdir /expected\n{expected}\n\
+         FROM scratch AS result\n{copies}\n\
+         FROM base\nCOPY --from=result / /actual/\n{verify}\
+         ARG mode=755\nCOPY --chmod=0644 f /o/a\nCOPY --chmod=0 f /o/b\nCOPY --chmod=${{mode}} f /o/c\n"
+    );
+    let u = unpacked(&k, &recipe, &[("f", b"f")], &[]);
+    let mode = |p: &str| std::fs::metadata(u.rootfs.join(p)).unwrap().mode() & 0o7777;
+    assert_eq!((mode("o/a"), mode("o/b"), mode("o/c")), (0o644, 0, 0o755));
+    for bad in ["64a", "10000", "u*x"] {
+        let (out, _c) = k.build(
+            &format!("FROM busybox\nCOPY --chmod={bad} f /f\n"),
+            &[("f", b"f")],
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains(bad), "{}", stderr(&out));
+    }
+}

@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::chmod::Chmod;
 use crate::context::Context;
 use crate::rootfs::RootDir;
 use crate::snapshot;
@@ -70,8 +71,8 @@ pub struct CopyJob<'a> {
     pub dest_is_dir: bool,
     /// `--chown` resolved to numbers.
     pub chown: Option<(u32, u32)>,
-    /// `--chmod` as an octal mode.
-    pub chmod: Option<u32>,
+    /// `--chmod`.
+    pub chmod: Option<Chmod>,
     /// ADD: extract local archives.
     pub extract_archives: bool,
     /// `--exclude` patterns (context-relative globs).
@@ -345,7 +346,7 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                 } else {
                     job.dest.clone()
                 };
-                let mode = job.chmod.unwrap_or(0o644);
+                let mode = job.chmod.as_ref().map_or(0o644, |c| c.apply(0o644, false));
                 let mut f = root
                     .create_file(&target, mode)
                     .map_err(|e| dest_err(&target, e))?;
@@ -378,7 +379,7 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                     &target,
                     &meta,
                     job.chown.unwrap_or((0, 0)),
-                    job.chmod,
+                    job.chmod.as_ref(),
                 )?;
             }
             SourceItem::Path { rel, name, keep } => {
@@ -441,12 +442,20 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                             });
                             continue;
                         }
-                        copy_entry(root, &chost, &child, &target, &cm, owner(&cm), job.chmod)?;
+                        copy_entry(
+                            root,
+                            &chost,
+                            &child,
+                            &target,
+                            &cm,
+                            owner(&cm),
+                            job.chmod.as_ref(),
+                        )?;
                         if cm.kind == Kind::Dir {
                             dirs.push((target, cm.mtime));
                         }
                     }
-                    copy_files(root, &files, job.chmod)?;
+                    copy_files(root, &files, job.chmod.as_ref())?;
                     for (d, mtime) in dirs.iter().rev() {
                         root.set_mtime(d, *mtime).map_err(|e| dest_err(d, e))?;
                     }
@@ -466,7 +475,7 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                         root.mkdir_all(parent, 0o755, 0, 0)
                             .map_err(|e| dest_err(parent, e))?;
                     }
-                    copy_entry(root, &host, rel, &target, &m, owner(&m), job.chmod)?;
+                    copy_entry(root, &host, rel, &target, &m, owner(&m), job.chmod.as_ref())?;
                 }
             }
         }
@@ -488,7 +497,7 @@ const PARALLEL_COPY_MIN_BYTES: u64 = 8 << 20;
 
 /// Copies `files` (their directories already exist) on up to one thread per core. Targets are
 /// distinct paths, so the order does not change the result; the first error wins.
-fn copy_files(root: &RootDir, files: &[FileCopy], chmod: Option<u32>) -> Result<(), CopyError> {
+fn copy_files(root: &RootDir, files: &[FileCopy], chmod: Option<&Chmod>) -> Result<(), CopyError> {
     let one = |f: &FileCopy| copy_entry(root, &f.host, &f.rel, &f.target, &f.meta, f.owner, chmod);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -530,9 +539,9 @@ fn copy_entry(
     target: &str,
     m: &SrcMeta,
     (uid, gid): (u32, u32),
-    chmod: Option<u32>,
+    chmod: Option<&Chmod>,
 ) -> Result<(), CopyError> {
-    let mode = chmod.unwrap_or(m.mode);
+    let mode = chmod.map_or(m.mode, |c| c.apply(m.mode, m.kind == Kind::Dir));
     match m.kind {
         Kind::Dir => {
             root.mkdir_all(target, mode, uid, gid)
@@ -618,22 +627,9 @@ pub fn kept_path(pattern: &str, rel: &str) -> String {
     }
 }
 
-/// Parses `--chmod` (octal, e.g. `755` or `0644`).
-pub fn parse_chmod(s: &str) -> Option<u32> {
-    u32::from_str_radix(s, 8).ok().filter(|m| *m <= 0o7777)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chmod_is_octal() {
-        assert_eq!(parse_chmod("755"), Some(0o755));
-        assert_eq!(parse_chmod("04755"), Some(0o4755));
-        assert_eq!(parse_chmod("999"), None);
-        assert_eq!(parse_chmod("u+x"), None);
-    }
 
     #[test]
     fn parents_keep_the_path_after_the_pivot() {

@@ -93,7 +93,7 @@ pub fn listed_copy(
                 let cm = SrcMeta::from(&child.meta);
                 let target = join(&dest, sub);
                 if tree
-                    .add_source(&target, child.host, &cm, job.owner(&cm), job.chmod)
+                    .add_source(&target, child.host, &cm, job.owner(&cm), job.chmod.as_ref())
                     .is_none()
                 {
                     return Ok(None);
@@ -112,7 +112,7 @@ pub fn listed_copy(
                 dest.clone()
             };
             if tree
-                .add_source(&target, top.host, &m, job.owner(&m), job.chmod)
+                .add_source(&target, top.host, &m, job.owner(&m), job.chmod.as_ref())
                 .is_none()
             {
                 return Ok(None);
@@ -271,12 +271,12 @@ impl Tree {
         host: std::path::PathBuf,
         m: &SrcMeta,
         (uid, gid): (u32, u32),
-        chmod: Option<u32>,
+        chmod: Option<&super::chmod::Chmod>,
     ) -> Option<()> {
         if self.nodes.contains_key(target) || self.base.dirs.iter().any(|(p, _)| p == target) {
             return None;
         }
-        let mode = chmod.unwrap_or(m.mode);
+        let mode = chmod.map_or(m.mode, |c| c.apply(m.mode, m.kind == Kind::Dir));
         match m.kind {
             Kind::Dir => {
                 self.mkdir_all(target, mode, uid, gid)?;

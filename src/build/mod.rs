@@ -3,6 +3,7 @@
 //! emitting progress events. Knows nothing of parsing or of the terminal.
 
 mod cache;
+pub mod chmod;
 pub mod config;
 pub mod copy;
 mod listed;

@@ -45,9 +45,10 @@ impl Engine<'_> {
         let chmod = match &c.chmod {
             Some(m) => {
                 let m = self.expand(m, &vars, line)?;
-                Some(copy::parse_chmod(&m).ok_or_else(|| {
-                    self.invalid(line, format!("invalid --chmod={m}: expected an octal mode"))
-                })?)
+                Some(
+                    super::chmod::Chmod::parse(&m)
+                        .map_err(|e| self.invalid(line, format!("--chmod={m}: {e}")))?,
+                )
             }
             None => None,
         };
@@ -225,7 +226,7 @@ impl Engine<'_> {
                 dest: dest.clone(),
                 dest_is_dir,
                 chown: owner,
-                chmod,
+                chmod: chmod.clone(),
                 extract_archives: is_add && c.unpack != Some(false),
                 exclude: exclude.clone(),
                 parents: c.parents,
