@@ -3,10 +3,8 @@
 //! Modules, from the top of the pipeline down (DESIGN.md §3); a module only uses those below it.
 
 pub mod build;
-pub mod context;
 pub mod digest;
 pub mod distribution;
-pub mod fetch;
 pub mod image;
 pub mod plan;
 pub mod progress;
@@ -15,4 +13,5 @@ pub mod registry;
 pub mod rootfs;
 pub mod sandbox;
 pub mod snapshot;
+pub mod sources;
 pub mod store;

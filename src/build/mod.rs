@@ -19,7 +19,6 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::context::{Context, ContextError};
 use crate::digest::Digest;
 use crate::image::{self, Descriptor, History, ImageConfig};
 use crate::plan::{self, Base, Plan, PlanError, PlanOptions};
@@ -30,6 +29,7 @@ use crate::recipe::{self, RecipeError};
 use crate::registry::{Client, ClientOptions};
 use crate::sandbox::{NetworkMode, Sandbox};
 use crate::snapshot::Compression;
+use crate::sources::context::{Context, ContextError};
 use crate::store::{Store, StoreError, StoredImage};
 
 use self::config::{
@@ -198,19 +198,15 @@ pub fn build(
 ) -> Result<StoredImage, BuildError> {
     let file = opts.recipe_path.display().to_string();
     let recipe = recipe::parse(&opts.recipe_bytes, &file)?;
-    let (os, arch, variant) = image::host_platform();
-    let platform = match &variant {
-        Some(v) => format!("{os}/{arch}/{v}"),
-        None => format!("{os}/{arch}"),
-    };
+    let host = image::Platform::host();
     let mut platform_args = BTreeMap::new();
     for prefix in ["TARGET", "BUILD"] {
-        platform_args.insert(format!("{prefix}PLATFORM"), platform.clone());
-        platform_args.insert(format!("{prefix}OS"), os.clone());
-        platform_args.insert(format!("{prefix}ARCH"), arch.clone());
+        platform_args.insert(format!("{prefix}PLATFORM"), host.to_string());
+        platform_args.insert(format!("{prefix}OS"), host.os.clone());
+        platform_args.insert(format!("{prefix}ARCH"), host.architecture.clone());
         platform_args.insert(
             format!("{prefix}VARIANT"),
-            variant.clone().unwrap_or_default(),
+            host.variant.clone().unwrap_or_default(),
         );
     }
     let plan_opts = PlanOptions {
@@ -561,7 +557,7 @@ impl Engine<'_> {
                 };
                 cfg.working_dir = Some(format!(
                     "/{}",
-                    crate::context::clean_relative(&joined).unwrap_or_default()
+                    crate::sources::context::clean_relative(&joined).unwrap_or_default()
                 ));
                 return self.workdir_step(stage, n, st, instr, step);
             }
@@ -625,11 +621,11 @@ impl Engine<'_> {
 }
 
 fn scratch_state() -> StageState {
-    let (os, arch, variant) = image::host_platform();
+    let host = image::Platform::host();
     let mut config = ImageConfig {
-        os,
-        architecture: arch,
-        variant,
+        os: host.os,
+        architecture: host.architecture,
+        variant: host.variant,
         ..Default::default()
     };
     config.config.env.push(format!("PATH={DEFAULT_PATH}"));

@@ -122,7 +122,7 @@ impl Engine<'_> {
                     None => None,
                 };
                 let dir = self.store.scratch_dir()?;
-                let fetched = crate::fetch::fetch(&word, dir.path(), checksum.as_deref())
+                let fetched = crate::sources::fetch::fetch(&word, dir.path(), checksum.as_deref())
                     .map_err(|e| self.step_error(stage, line, e))?;
                 inputs.files.insert(word.clone(), fetched.digest.hex());
                 items.push(copy::SourceItem::Download {
@@ -139,14 +139,14 @@ impl Engine<'_> {
                 None => {
                     // A wildcard that matches nothing copies nothing (BuildKit).
                     let found = match self.context.resolve_sources(&word) {
-                        Err(crate::context::ContextError::NotFound(_))
+                        Err(crate::sources::context::ContextError::NotFound(_))
                             if copy::has_wildcard(&word) =>
                         {
                             Vec::new()
                         }
                         r => r.map_err(self.context_err(line))?,
                     };
-                    for crate::context::Source { matched, rel } in found {
+                    for crate::sources::context::Source { matched, rel } in found {
                         // A symlink is copied under its own name (BuildKit follows it and
                         // keeps the name), which is then part of the result.
                         let own_name = matched.rsplit('/').next().unwrap_or(&matched);
@@ -168,7 +168,7 @@ impl Engine<'_> {
                     }
                 }
                 Some(_) => {
-                    let rel = crate::context::clean_relative(&word).ok_or_else(|| {
+                    let rel = crate::sources::context::clean_relative(&word).ok_or_else(|| {
                         self.invalid(line, format!("source {word:?} is outside the root"))
                     })?;
                     if copy::has_wildcard(&rel) {
