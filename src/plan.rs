@@ -282,7 +282,11 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let unused_build_args = opts
         .build_args
         .keys()
-        .filter(|k| !declared.contains(*k) && !PROXY_ARGS.contains(&k.as_str()))
+        .filter(|k| {
+            !declared.contains(*k)
+                && !PROXY_ARGS.contains(&k.as_str())
+                && k.as_str() != "SOURCE_DATE_EPOCH"
+        })
         .cloned()
         .collect();
 

@@ -544,3 +544,26 @@ fn chmod_takes_symbolic_modes() {
         assert!(stderr(&out).contains(bad), "{}", stderr(&out));
     }
 }
+
+/// The build arg SOURCE_DATE_EPOCH sets the epoch, as in BuildKit
+/// (testWorkdirSourceDateEpochReproducible): two builds a second apart in fresh stores give the
+/// same image; an `ARG SOURCE_DATE_EPOCH` sees the value however it was given.
+#[test]
+fn source_date_epoch_as_a_build_arg() {
+    let recipe = "FROM busybox\nWORKDIR /mydir\nARG SOURCE_DATE_EPOCH\nRUN echo \"$SOURCE_DATE_EPOCH\" > /epoch\n";
+    let arg = ["--build-arg", "SOURCE_DATE_EPOCH=1673364896"];
+    let first = Kiln::new().build_ok(recipe, &[], &arg);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let k = Kiln::new();
+    let second = k.build_ok(recipe, &[], &[&arg[..], &["-t", "e"]].concat());
+    assert_eq!(first, second);
+    assert_eq!(inspect(&k, "e")["created"], "2023-01-10T15:34:56Z");
+    let u = unpacked(&k, recipe, &[], &["--source-date-epoch", "7"]);
+    assert_eq!(read(&u.rootfs, "epoch"), "7\n");
+    let (out, _c) = k.build("FROM busybox\n", &[], &arg);
+    assert!(
+        !stderr(&out).contains("no stage declares"),
+        "{}",
+        stderr(&out)
+    );
+}
