@@ -567,3 +567,30 @@ fn source_date_epoch_as_a_build_arg() {
         stderr(&out)
     );
 }
+
+/// COPY heredocs as BuildKit expands them (testCopyHeredocSpecialSymbols,
+/// testHeredocVarSubstitution): quotes are content, the escape character escapes, `${…}`
+/// modifiers work; a quoted delimiter keeps the body as written.
+#[test]
+fn copy_heredocs_expand_as_buildkit() {
+    let k = Kiln::new();
+    let recipe = "FROM scratch\nARG name=world\n\
+        COPY <<EOF quotefile\n\"quotes in file\"\nEOF\n\
+        COPY <<EOF slashfile1\n\\\nEOF\nCOPY <<EOF slashfile2\n\\\\\nEOF\nCOPY <<EOF slashfile3\n\\$\nEOF\n\
+        COPY <<\"EOF\" rawslashfile1\n\\\nEOF\nCOPY <<\"EOF\" rawslashfile2\n\\\\\nEOF\n\
+        COPY <<\"EOF\" rawslashfile3\n\\$\nEOF\n\
+        COPY <<EOF q1\nHello '${name}'!\nEOF\nCOPY <<'EOF' c2\nHello ${name}!\nEOF\n\
+        COPY <<EOF mods\n${name:-x} ${nope:-def} ${name/o/0}\nEOF\n";
+    let u = unpacked(&k, recipe, &[], &[]);
+    let r = &u.rootfs;
+    assert_eq!(read(r, "quotefile"), "\"quotes in file\"\n");
+    assert_eq!(read(r, "slashfile1"), "\n");
+    assert_eq!(read(r, "slashfile2"), "\\\n");
+    assert_eq!(read(r, "slashfile3"), "$\n");
+    assert_eq!(read(r, "rawslashfile1"), "\\\n");
+    assert_eq!(read(r, "rawslashfile2"), "\\\\\n");
+    assert_eq!(read(r, "rawslashfile3"), "\\$\n");
+    assert_eq!(read(r, "q1"), "Hello 'world'!\n");
+    assert_eq!(read(r, "c2"), "Hello ${name}!\n");
+    assert_eq!(read(r, "mods"), "world def w0rld\n");
+}

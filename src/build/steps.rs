@@ -98,7 +98,9 @@ impl Engine<'_> {
                     .find(|h| h.name == name)
                     .ok_or_else(|| self.invalid(line, format!("heredoc {name} has no body")))?;
                 let content = if h.expand {
-                    expand_heredoc(&h.content, &vars)
+                    crate::recipe::shell::Lexer::process_heredoc(&h.content, &vars)
+                        .map_err(|e| self.invalid(line, e.to_string()))?
+                        .value
                 } else {
                     h.content.clone()
                 };
@@ -583,48 +585,6 @@ impl LinkBase {
     }
 }
 
-/// `$NAME` and `${NAME}` substitution for heredoc bodies (quotes are content, not syntax).
-fn expand_heredoc(body: &str, vars: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(body.len());
-    let mut chars = body.char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
-        if c == '\\' {
-            if let Some(&(_, '$')) = chars.peek() {
-                out.push('$');
-                chars.next();
-                continue;
-            }
-            out.push(c);
-            continue;
-        }
-        if c != '$' {
-            out.push(c);
-            continue;
-        }
-        let rest = &body[i + 1..];
-        let (name, consumed) = if let Some(inner) = rest.strip_prefix('{') {
-            match inner.find('}') {
-                Some(end) => (&inner[..end], end + 2),
-                None => ("", 0),
-            }
-        } else {
-            let end = rest
-                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
-                .unwrap_or(rest.len());
-            (&rest[..end], end)
-        };
-        if name.is_empty() || consumed == 0 {
-            out.push('$');
-            continue;
-        }
-        out.push_str(vars.get(name).map(String::as_str).unwrap_or(""));
-        for _ in 0..consumed {
-            chars.next();
-        }
-    }
-    out
-}
-
 /// Resolves `--chown=user[:group]` against the rootfs's own /etc/passwd and /etc/group.
 fn resolve_owner(root: &RootDir, spec: &str) -> Result<(u32, u32), String> {
     let read = |p: &str| {
@@ -651,18 +611,4 @@ fn resolve_owner(root: &RootDir, spec: &str) -> Result<(u32, u32), String> {
         None => resolved.gid,
     };
     Ok((resolved.uid, gid))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heredoc_expansion() {
-        let vars: BTreeMap<String, String> = [("A".to_string(), "x".to_string())].into();
-        assert_eq!(
-            expand_heredoc("$A ${A} \\$A $B '$A' $", &vars),
-            "x x $A  'x' $"
-        );
-    }
 }
