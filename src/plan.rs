@@ -78,6 +78,19 @@ pub struct Plan {
     pub meta_args: BTreeMap<String, String>,
     /// Build args given that no stage declares (for a warning).
     pub unused_build_args: Vec<String>,
+    /// Stage names defined more than once (for a warning).
+    pub duplicate_stage_names: Vec<DuplicateStageName>,
+}
+
+/// A stage name given to two stages: references after the second definition mean the second.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DuplicateStageName {
+    /// The name.
+    pub name: String,
+    /// The line of the earlier `FROM … AS name`.
+    pub first_line: usize,
+    /// The line of the later one.
+    pub line: usize,
 }
 
 /// A planning error, located in the recipe where it has a location.
@@ -142,18 +155,35 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         }
     }
 
-    let name_to_index: BTreeMap<&str, usize> = recipe
-        .stages
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| s.name.as_deref().map(|n| (n, i)))
-        .collect();
+    // A name refers to its latest definition before the referring stage (so a name defined
+    // twice means the second one from there on, as in BuildKit); a number is a stage index.
     let find_stage = |value: &str, before: usize| -> Option<usize> {
         let lower = value.to_ascii_lowercase();
-        if let Some(&i) = name_to_index.get(lower.as_str()) {
-            return (i < before).then_some(i);
+        let named = recipe.stages[..before]
+            .iter()
+            .rposition(|s| s.name.as_deref() == Some(lower.as_str()));
+        named.or_else(|| value.parse::<usize>().ok().filter(|&i| i < before))
+    };
+    let mut duplicate_stage_names = Vec::new();
+    for (i, stage) in recipe.stages.iter().enumerate() {
+        let Some(name) = &stage.name else { continue };
+        if let Some(earlier) = recipe.stages[..i]
+            .iter()
+            .rev()
+            .find(|s| s.name.as_ref() == Some(name))
+        {
+            duplicate_stage_names.push(DuplicateStageName {
+                name: name.clone(),
+                first_line: earlier.span.start_line,
+                line: stage.span.start_line,
+            });
         }
-        value.parse::<usize>().ok().filter(|&i| i < before)
+    }
+    let defined_later = |value: &str, index: usize| {
+        let lower = value.to_ascii_lowercase();
+        recipe.stages[index..]
+            .iter()
+            .any(|s| s.name.as_deref() == Some(lower.as_str()))
     };
 
     let mut stages: Vec<StagePlan> = Vec::with_capacity(recipe.stages.len());
@@ -187,14 +217,14 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         }
         let base = if base_text.eq_ignore_ascii_case("scratch") {
             Base::Scratch
-        } else if let Some(&i) = name_to_index.get(base_text.to_ascii_lowercase().as_str()) {
-            if i >= index {
-                return Err(invalid(
-                    stage.span,
-                    format!("stage {base_text:?} is used before it is defined"),
-                ));
-            }
+        } else if let Some(i) = find_stage(&base_text, index) {
+            // `FROM 0` names stage 0, as in buildah.
             Base::Stage(i)
+        } else if defined_later(&base_text, index) {
+            return Err(invalid(
+                stage.span,
+                format!("stage {base_text:?} is used before it is defined"),
+            ));
         } else {
             Base::Image(base_text)
         };
@@ -274,7 +304,11 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let unused_build_args = opts
         .build_args
         .keys()
-        .filter(|k| !declared.contains(*k) && !PROXY_ARGS.contains(&k.as_str()))
+        .filter(|k| {
+            !declared.contains(*k)
+                && !PROXY_ARGS.contains(&k.as_str())
+                && k.as_str() != "SOURCE_DATE_EPOCH"
+        })
         .cloned()
         .collect();
 
@@ -284,6 +318,7 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         needed: needed.into_iter().collect(),
         meta_args: meta,
         unused_build_args,
+        duplicate_stage_names,
     })
 }
 
@@ -545,6 +580,31 @@ mod tests {
         let arm64 = platform_args(&Platform::parse("linux/arm64/v8").unwrap(), &amd);
         assert_eq!(arm64["TARGETPLATFORM"], "linux/arm64");
         assert_eq!(arm64["TARGETVARIANT"], "");
+    }
+
+    #[test]
+    fn duplicate_stage_names_resolve_to_the_latest_definition() {
+        let src = "FROM scratch AS x\nFROM x AS a\nFROM scratch AS x\nFROM x\nCOPY --from=x / /\n";
+        let p = plan_of(src, None, &[]);
+        assert_eq!(p.stages[1].base, Base::Stage(0));
+        assert_eq!(p.stages[3].base, Base::Stage(2));
+        assert_eq!(p.stages[3].copy_sources["x"], CopySource::Stage(2));
+        assert_eq!(
+            p.duplicate_stage_names,
+            vec![DuplicateStageName {
+                name: "x".into(),
+                first_line: 1,
+                line: 3
+            }]
+        );
+        assert_eq!(plan_of(src, Some("x"), &[]).target, 2);
+    }
+
+    #[test]
+    fn from_an_index_names_an_earlier_stage() {
+        let p = plan_of("FROM scratch\nFROM 0\nFROM 7\n", None, &[]);
+        assert_eq!(p.stages[1].base, Base::Stage(0));
+        assert_eq!(p.stages[2].base, Base::Image("7".into()));
     }
 
     #[test]

@@ -451,9 +451,15 @@ impl Engine<'_> {
     /// The overlay lower dirs of `st`'s rootfs, top first, unpacking any layer not unpacked yet
     /// (a layer written straight from its sources, or a base image's layer never needed before).
     pub(super) fn lowers(&self, st: &StageState) -> Result<Vec<PathBuf>, BuildError> {
+        // A layer can occur twice in one image (two steps that wrote the same bytes, with
+        // SOURCE_DATE_EPOCH; a pulled image with repeated layers), and overlayfs refuses a
+        // lower dir given twice (ELOOP). The upper occurrence alone gives the same view: all
+        // it holds already lies above the lower one.
+        let mut seen = std::collections::BTreeSet::new();
         st.layers
             .iter()
             .rev()
+            .filter(|l| seen.insert(l.diff_id))
             .map(|l| self.ensure_layer_dir(l))
             .collect()
     }

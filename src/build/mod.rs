@@ -4,6 +4,7 @@
 //! platforms end in an image index. Knows nothing of parsing or of the terminal.
 
 mod cache;
+pub mod chmod;
 pub mod config;
 pub mod copy;
 mod listed;
@@ -12,6 +13,8 @@ pub mod report;
 mod run;
 mod sandboxing;
 mod steps;
+
+pub use run::{MAX_SECRET_BYTES, SecretSource};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -62,8 +65,8 @@ pub struct BuildOptions {
     pub labels: BTreeMap<String, String>,
     /// `--network` for RUN steps.
     pub network: NetworkMode,
-    /// `--secret id=ID,src=PATH` values.
-    pub secrets: BTreeMap<String, PathBuf>,
+    /// `--secret` values, by id.
+    pub secrets: BTreeMap<String, SecretSource>,
     /// ssh-agent sockets for RUN --mount=type=ssh, by id (`--ssh`).
     pub ssh: BTreeMap<String, PathBuf>,
     /// SOURCE_DATE_EPOCH.
@@ -293,6 +296,12 @@ pub fn build(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    for d in &plans[0].duplicate_stage_names {
+        progress.warn(&format!(
+            "{file}: stage name {:?} is defined on line {} and again on line {}; references after line {} use the later stage",
+            d.name, d.first_line, d.line, d.line
+        ));
+    }
     for unused in &plans[0].unused_build_args {
         progress.warn(&format!(
             "build arg {unused:?} was given but no stage declares it"

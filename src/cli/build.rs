@@ -86,8 +86,9 @@ pub(crate) struct BuildArgs {
     /// Network for RUN steps.
     #[arg(long, value_enum, default_value_t = NetworkArg::Host)]
     network: NetworkArg,
-    /// A secret for RUN --mount=type=secret: id=ID,src=PATH (repeatable).
-    #[arg(long = "secret", value_name = "id=ID,src=PATH")]
+    /// A secret for RUN --mount=type=secret: id=ID,src=PATH (a file) or id=ID,env=VAR (an
+    /// environment variable of kiln's), repeatable.
+    #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
     secrets: Vec<String>,
     /// An ssh-agent socket for RUN --mount=type=ssh: ID (the socket in $SSH_AUTH_SOCK) or
     /// ID=SOCKET (repeatable; the usual ID is `default`).
@@ -165,17 +166,24 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         .collect::<Result<BTreeMap<_, _>, _>>()?;
     let secrets = secrets::parse_secrets(&args.secrets)?;
     let ssh = secrets::parse_ssh(&args.ssh)?;
-    let source_date_epoch = match args.source_date_epoch {
-        Some(n) => Some(n),
-        None => match std::env::var("SOURCE_DATE_EPOCH") {
-            Ok(v) if !v.is_empty() => Some(v.parse::<i64>().map_err(|_| {
-                Failure::usage(format!(
-                    "SOURCE_DATE_EPOCH={v:?} is not a number of seconds"
-                ))
-            })?),
-            _ => None,
-        },
+    // As in BuildKit, the build arg SOURCE_DATE_EPOCH sets the epoch too, and an `ARG
+    // SOURCE_DATE_EPOCH` sees the epoch however it was given.
+    let from_arg_or_env = build_args
+        .get("SOURCE_DATE_EPOCH")
+        .cloned()
+        .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok());
+    let source_date_epoch = match (args.source_date_epoch, from_arg_or_env) {
+        (Some(n), _) => Some(n),
+        (None, Some(v)) if !v.is_empty() => Some(v.parse::<i64>().map_err(|_| {
+            Failure::usage(format!(
+                "SOURCE_DATE_EPOCH={v:?} is not a number of seconds"
+            ))
+        })?),
+        _ => None,
     };
+    if let Some(epoch) = source_date_epoch {
+        build_args.insert("SOURCE_DATE_EPOCH".to_string(), epoch.to_string());
+    }
     let mut outputs = args
         .outputs
         .iter()
