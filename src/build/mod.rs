@@ -5,6 +5,7 @@
 mod cache;
 pub mod config;
 pub mod copy;
+pub mod lint;
 mod listed;
 mod run;
 mod steps;
@@ -145,6 +146,16 @@ pub enum BuildError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Build checks found problems and the recipe's `# check=error=true` makes them errors.
+    #[error("{file}: {count} build check finding(s) with error=true: {rules}")]
+    Checks {
+        /// The recipe file.
+        file: String,
+        /// How many findings.
+        count: usize,
+        /// The rules that found something.
+        rules: String,
+    },
     /// The build was interrupted.
     #[error("build interrupted")]
     Cancelled,
@@ -161,6 +172,7 @@ impl BuildError {
                 | BuildError::ContextDir(_)
                 | BuildError::Invalid { .. }
                 | BuildError::Image(_)
+                | BuildError::Checks { .. }
         )
     }
 }
@@ -195,25 +207,26 @@ pub fn build(
 ) -> Result<StoredImage, BuildError> {
     let file = opts.recipe_path.display().to_string();
     let recipe = recipe::parse(&opts.recipe_bytes, &file)?;
-    let (os, arch, variant) = image::host_platform();
-    let platform = match &variant {
-        Some(v) => format!("{os}/{arch}/{v}"),
-        None => format!("{os}/{arch}"),
-    };
-    let mut platform_args = BTreeMap::new();
-    for prefix in ["TARGET", "BUILD"] {
-        platform_args.insert(format!("{prefix}PLATFORM"), platform.clone());
-        platform_args.insert(format!("{prefix}OS"), os.clone());
-        platform_args.insert(format!("{prefix}ARCH"), arch.clone());
-        platform_args.insert(
-            format!("{prefix}VARIANT"),
-            variant.clone().unwrap_or_default(),
-        );
+    let checked = lint::lint(
+        Some(store),
+        &lint::LintInput {
+            recipe_path: &opts.recipe_path,
+            recipe_bytes: &opts.recipe_bytes,
+            context_dir: Some(&opts.context_dir),
+            build_args: &opts.build_args,
+            named_contexts: Default::default(),
+        },
+    )?;
+    for finding in &checked.findings {
+        progress.warn(&finding.to_string());
+    }
+    if let Some(e) = checked.as_error(&file) {
+        return Err(e);
     }
     let plan_opts = PlanOptions {
         build_args: opts.build_args.clone(),
         target: opts.target.clone(),
-        platform_args,
+        platform_args: lint::host_platform_args(),
     };
     let plan = plan::plan(&recipe, &plan_opts).map_err(|source| BuildError::Plan {
         file: file.clone(),

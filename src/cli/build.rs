@@ -16,7 +16,7 @@ use kiln::store::{self, Store};
 
 use super::output::{Output, parse_output};
 use super::{
-    CANCEL, Failure, client, emit, key_value, normalize, read_file, secrets, transfer_failure,
+    CANCEL, Failure, call, client, emit, key_value, normalize, read_file, secrets, transfer_failure,
 };
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -100,25 +100,31 @@ pub(crate) struct BuildArgs {
     /// Layer compression.
     #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
     compression: CompressionArg,
+    #[command(flatten)]
+    call: call::CallArgs,
 }
 
-pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
-    let context_dir = args.context.clone();
+/// Reads the recipe: `file` ("-" = stdin), else CONTEXT/Dockerfile, else
+/// CONTEXT/Containerfile. Returns its path (for messages) and bytes.
+pub(crate) fn read_recipe(
+    context_dir: &Path,
+    file: Option<&Path>,
+) -> Result<(PathBuf, Vec<u8>), Failure> {
     if !context_dir.is_dir() {
         return Err(Failure::usage(format!(
             "build context {} is not a directory",
             context_dir.display()
         )));
     }
-    let (recipe_path, recipe_bytes) = match &args.file {
+    match file {
         Some(p) if p.as_os_str() == "-" => {
             let mut buf = Vec::new();
             std::io::stdin()
                 .read_to_end(&mut buf)
                 .map_err(|e| Failure::usage(format!("reading the recipe from stdin: {e}")))?;
-            (PathBuf::from("<stdin>"), buf)
+            Ok((PathBuf::from("<stdin>"), buf))
         }
-        Some(p) => (p.clone(), read_file(p)?),
+        Some(p) => Ok((p.to_path_buf(), read_file(p)?)),
         None => {
             let candidates = [
                 context_dir.join("Dockerfile"),
@@ -131,11 +137,16 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
                 ))
                 .hint("name the recipe with -f PATH")
             })?;
-            (found.clone(), read_file(found)?)
+            Ok((found.clone(), read_file(found)?))
         }
-    };
+    }
+}
+
+/// `--build-arg` values: KEY=VALUE, or KEY alone for the value in the environment (skipped
+/// when unset there).
+pub(crate) fn parse_build_args(given: &[String]) -> BTreeMap<String, String> {
     let mut build_args = BTreeMap::new();
-    for a in &args.build_args {
+    for a in given {
         match a.split_once('=') {
             Some((k, v)) => {
                 build_args.insert(k.to_string(), v.to_string());
@@ -146,6 +157,24 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
                 }
             }
         }
+    }
+    build_args
+}
+
+pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
+    let context_dir = args.context.clone();
+    let (recipe_path, recipe_bytes) = read_recipe(&context_dir, args.file.as_deref())?;
+    let build_args = parse_build_args(&args.build_args);
+    if let Some((method, format)) = args.call.method()? {
+        let input = call::CallInput {
+            recipe_path: &recipe_path,
+            recipe_bytes: &recipe_bytes,
+            context_dir: Some(&context_dir),
+            build_args: &build_args,
+            target: args.target.as_deref(),
+            named_contexts: Default::default(),
+        };
+        return call::run(root, &input, method, format);
     }
     let labels = args
         .labels

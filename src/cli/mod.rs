@@ -3,6 +3,7 @@
 //! build, 2 a usage or recipe error.
 
 mod build;
+mod call;
 mod output;
 mod secrets;
 
@@ -60,6 +61,8 @@ struct Cli {
 enum Command {
     /// Build an image from a Dockerfile.
     Build(Box<BuildArgs>),
+    /// Run the build checks on a recipe without building it.
+    Check(call::CheckArgs),
     /// Print the parsed recipe.
     Parse {
         /// Output format: `json` (typed instructions) or `dump` (BuildKit parser-test format).
@@ -230,6 +233,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Parse { format, file } => parse(&file, format),
         Command::Build(args) => build_cmd(&root, *args),
+        Command::Check(args) => call::check_cmd(&root, args),
         Command::Import { path, name } => {
             let name = normalize(&name)?;
             let store = Store::open(&root)?;

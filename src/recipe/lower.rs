@@ -129,10 +129,7 @@ impl Lowerer<'_> {
                     );
                     return Err(self.err(node, *at, msg));
                 }
-                if lower == "scratch" || lower == "context" {
-                    let msg = format!("'{lower}' is a reserved name and cannot be a stage name");
-                    return Err(self.err(node, *at, msg));
-                }
+                // Reserved names (`scratch`, `context`) are the ReservedStageName check's.
                 if earlier
                     .iter()
                     .any(|s| s.name.as_deref() == Some(lower.as_str()))
