@@ -266,25 +266,7 @@ impl Engine<'_> {
 
     /// The unpacked dir of a layer, unpacking its blob once if needed.
     fn ensure_layer_dir(&self, layer: &Layer) -> Result<PathBuf, BuildError> {
-        if let Some(dir) = self.store.layer_dir(&layer.diff_id) {
-            return Ok(dir);
-        }
-        let scratch = self.store.scratch_dir()?;
-        let dir = scratch.path().join("layer");
-        std::fs::create_dir(&dir).map_err(|e| {
-            BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest))
-        })?;
-        let blob = self.store.open_blob(&layer.desc.digest)?;
-        let diff_id = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir).map_err(|e| {
-            BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest))
-        })?;
-        if diff_id != layer.diff_id {
-            return Err(BuildError::Image(format!(
-                "layer {} has diff_id {diff_id}, but the image config says {}",
-                layer.desc.digest, layer.diff_id
-            )));
-        }
-        Ok(self.store.install_layer_dir(&layer.diff_id, &dir)?)
+        unpacked_layer(self.store, layer)
     }
 
     pub(super) fn load_image(
@@ -331,4 +313,28 @@ impl Engine<'_> {
         }
         Ok(st)
     }
+}
+
+/// The unpacked dir of a layer in the store, unpacking its blob once if needed.
+pub(super) fn unpacked_layer(
+    store: &crate::store::Store,
+    layer: &Layer,
+) -> Result<PathBuf, BuildError> {
+    if let Some(dir) = store.layer_dir(&layer.diff_id) {
+        return Ok(dir);
+    }
+    let scratch = store.scratch_dir()?;
+    let dir = scratch.path().join("layer");
+    std::fs::create_dir(&dir)
+        .map_err(|e| BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest)))?;
+    let blob = store.open_blob(&layer.desc.digest)?;
+    let diff_id = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir)
+        .map_err(|e| BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest)))?;
+    if diff_id != layer.diff_id {
+        return Err(BuildError::Image(format!(
+            "layer {} has diff_id {diff_id}, but the image config says {}",
+            layer.desc.digest, layer.diff_id
+        )));
+    }
+    Ok(store.install_layer_dir(&layer.diff_id, &dir)?)
 }

@@ -5,6 +5,7 @@
 mod cache;
 pub mod config;
 pub mod copy;
+pub mod export;
 pub mod lint;
 mod listed;
 mod run;

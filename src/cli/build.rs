@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
 
-use kiln::build::{self, BuildError, BuildOptions};
+use kiln::build::{self, BuildError, BuildOptions, export};
 use kiln::distribution;
 use kiln::progress::{Mode, Progress};
 use kiln::registry::reference::Reference;
@@ -63,7 +63,8 @@ pub(crate) struct BuildArgs {
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
     /// Where to write the result: type=oci,dest=DIR | type=oci-archive,dest=FILE |
-    /// type=docker-archive,dest=FILE | type=registry.
+    /// type=docker-archive,dest=FILE | type=registry | type=local,dest=DIR (the final stage's
+    /// files) | type=tar,dest=FILE|- ; a plain DIR is type=local, `-` a tar on stdout.
     #[arg(long = "output", short = 'o', value_name = "SPEC")]
     outputs: Vec<String>,
     /// Push every -t tag (same as --output type=registry).
@@ -202,6 +203,15 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     if args.push {
         outputs.push(Output::Registry);
     }
+    let to_stdout = outputs
+        .iter()
+        .filter(|o| **o == Output::Files(export::FilesDest::TarStdout))
+        .count();
+    if to_stdout > 1 {
+        return Err(Failure::usage(
+            "only one --output can write to stdout (`-`)",
+        ));
+    }
     if outputs.iter().any(|o| matches!(o, Output::Registry)) && args.tags.is_empty() {
         return Err(Failure::usage(
             "pushing needs at least one -t NAME[:TAG] to push to",
@@ -290,14 +300,22 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
                     progress.info(&format!("pushed {r}@{digest}"));
                 }
             }
+            Output::Files(dest) => {
+                export::export_files(&store, &image, dest, source_date_epoch)
+                    .map_err(Failure::runtime)?;
+            }
         }
     }
+    // A tar on stdout is all that stdout carries.
+    let stdout_taken = to_stdout > 0;
     let id = image.config_digest.to_string();
     if let Some(path) = &args.iidfile {
         std::fs::write(path, &id)
             .map_err(|e| Failure::usage(format!("writing {}: {e}", path.display())))?;
     }
     progress.finish(&id);
-    emit!("{id}");
+    if !stdout_taken {
+        emit!("{id}");
+    }
     Ok(())
 }
