@@ -35,6 +35,8 @@ pub enum Base {
     Stage(usize),
     /// An image reference (looked up in the store, else pulled).
     Image(String),
+    /// A `--build-context` of this name (a directory, an image or an OCI layout).
+    Context(String),
 }
 
 /// Where a `COPY --from` reads.
@@ -44,6 +46,17 @@ pub enum CopySource {
     Stage(usize),
     /// An image's filesystem.
     Image(String),
+    /// A `--build-context` of this name.
+    Context(String),
+}
+
+/// What the plan needs to know of a `--build-context`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamedContext {
+    /// `target:STAGE`: another name for a stage of the recipe.
+    Stage(String),
+    /// Anything else (a directory, an image, an OCI layout): resolved by the builder.
+    External,
 }
 
 /// One stage of the plan.
@@ -59,6 +72,8 @@ pub struct StagePlan {
     pub deps: Vec<usize>,
     /// `COPY --from` and `RUN --mount=…,from=` values resolved, keyed by the raw value.
     pub copy_sources: BTreeMap<String, CopySource>,
+    /// A `--build-context` of the stage's name replaces it: its instructions are not run.
+    pub replaced: bool,
 }
 
 /// The whole plan for one build.
@@ -82,6 +97,14 @@ pub enum PlanError {
     /// `--target` names no stage.
     #[error("target stage {0:?} not found in the recipe")]
     UnknownTarget(String),
+    /// A `--build-context NAME=target:STAGE` names no stage defined before its use.
+    #[error("line {line}: --build-context target:{name} names no stage defined before this one")]
+    NamedStage {
+        /// The stage asked for.
+        name: String,
+        /// The line of the stage that uses it.
+        line: usize,
+    },
     /// A FROM line expanded to nothing usable.
     #[error("line {line}: {message}")]
     Invalid {
@@ -101,6 +124,8 @@ pub struct PlanOptions {
     pub target: Option<String>,
     /// Values of the predefined platform ARGs.
     pub platform_args: BTreeMap<String, String>,
+    /// `--build-context` names.
+    pub named_contexts: BTreeMap<String, NamedContext>,
 }
 
 fn invalid(span: Span, message: impl Into<String>) -> PlanError {
@@ -150,6 +175,13 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         value.parse::<usize>().ok().filter(|&i| i < before)
     };
 
+    // `target:STAGE`: the stage must come before the one that uses it, as for any reference.
+    let named_stage = |wanted: &str, before: usize| -> Result<usize, PlanError> {
+        find_stage(wanted, before).ok_or_else(|| PlanError::NamedStage {
+            name: wanted.to_string(),
+            line: recipe.stages[before].span.start_line,
+        })
+    };
     let mut stages = Vec::with_capacity(recipe.stages.len());
     for (index, stage) in recipe.stages.iter().enumerate() {
         let base_text = lexer
@@ -169,7 +201,22 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
                 format!("FROM {:?} expands to an empty name", stage.base),
             ));
         }
-        let base = if base_text.eq_ignore_ascii_case("scratch") {
+        let own_context = stage
+            .name
+            .as_deref()
+            .and_then(|n| opts.named_contexts.get_key_value(n));
+        let base = if let Some((name, named)) = own_context {
+            // The stage is replaced by the context of its name.
+            match named {
+                NamedContext::External => Base::Context(name.clone()),
+                NamedContext::Stage(s) => Base::Stage(named_stage(s, index)?),
+            }
+        } else if let Some(named) = opts.named_contexts.get(&base_text) {
+            match named {
+                NamedContext::External => Base::Context(base_text.clone()),
+                NamedContext::Stage(s) => Base::Stage(named_stage(s, index)?),
+            }
+        } else if base_text.eq_ignore_ascii_case("scratch") {
             Base::Scratch
         } else if let Some(&i) = name_to_index.get(base_text.to_ascii_lowercase().as_str()) {
             if i >= index {
@@ -187,7 +234,13 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
             deps.insert(i);
         }
         let mut copy_sources = BTreeMap::new();
-        for instr in &stage.instructions {
+        let replaced = own_context.is_some();
+        let instructions = if replaced {
+            &[][..]
+        } else {
+            &stage.instructions[..]
+        };
+        for instr in instructions {
             let froms: Vec<&str> = match &instr.kind {
                 InstructionKind::Copy(c) | InstructionKind::Add(c) => {
                     c.from.iter().map(String::as_str).collect()
@@ -200,18 +253,26 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
                     .process_word(raw, &meta)
                     .map_err(|e| invalid(instr.span, e.to_string()))?
                     .value;
-                let source = match find_stage(&value, index) {
-                    Some(i) => {
+                let source = match opts.named_contexts.get(&value) {
+                    Some(NamedContext::External) => CopySource::Context(value),
+                    Some(NamedContext::Stage(s)) => {
+                        let i = named_stage(s, index)?;
                         deps.insert(i);
                         CopySource::Stage(i)
                     }
-                    None if value.parse::<usize>().is_ok() => {
-                        return Err(invalid(
-                            instr.span,
-                            format!("--from={value}: no earlier stage has that index"),
-                        ));
-                    }
-                    None => CopySource::Image(value),
+                    None => match find_stage(&value, index) {
+                        Some(i) => {
+                            deps.insert(i);
+                            CopySource::Stage(i)
+                        }
+                        None if value.parse::<usize>().is_ok() => {
+                            return Err(invalid(
+                                instr.span,
+                                format!("--from={value}: no earlier stage has that index"),
+                            ));
+                        }
+                        None => CopySource::Image(value),
+                    },
                 };
                 copy_sources.insert(raw.to_string(), source);
             }
@@ -222,6 +283,7 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
             base,
             deps: deps.into_iter().collect(),
             copy_sources,
+            replaced,
         });
     }
 
@@ -423,6 +485,7 @@ mod tests {
                 .collect(),
             target: target.map(str::to_string),
             platform_args: BTreeMap::new(),
+            named_contexts: BTreeMap::new(),
         };
         plan(&recipe, &opts).unwrap()
     }

@@ -291,10 +291,19 @@ impl Engine<'_> {
                 }
             }
         };
+        self.image_state(&image, &normalized.to_string())
+    }
+
+    /// The state of a stage starting from a stored image (`name` for messages).
+    pub(super) fn image_state(
+        &self,
+        image: &crate::store::StoredImage,
+        name: &str,
+    ) -> Result<StageState, BuildError> {
         let diff_ids = &image.config.rootfs.diff_ids;
         if diff_ids.len() != image.manifest_body.layers.len() {
             return Err(BuildError::Image(format!(
-                "{normalized}: manifest and config disagree on the number of layers"
+                "{name}: manifest and config disagree on the number of layers"
             )));
         }
         let mut st = scratch_state();

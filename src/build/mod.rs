@@ -8,6 +8,7 @@ pub mod copy;
 pub mod export;
 pub mod lint;
 mod listed;
+mod named;
 mod run;
 mod steps;
 
@@ -29,6 +30,7 @@ use crate::registry::{Client, ClientOptions};
 use crate::sandbox::{NetworkMode, Sandbox};
 use crate::snapshot::Compression;
 use crate::sources::context::{Context, ContextError};
+use crate::sources::named::NamedSource;
 use crate::store::{Store, StoreError, StoredImage};
 
 use self::config::{
@@ -68,6 +70,8 @@ pub struct BuildOptions {
     pub tls_verify: bool,
     /// `--compression` of the layers this build writes.
     pub compression: Compression,
+    /// `--build-context` values, by name.
+    pub named_contexts: BTreeMap<String, NamedSource>,
 }
 
 /// Why a build stopped.
@@ -215,7 +219,7 @@ pub fn build(
             recipe_bytes: &opts.recipe_bytes,
             context_dir: Some(&opts.context_dir),
             build_args: &opts.build_args,
-            named_contexts: Default::default(),
+            named_contexts: opts.named_contexts.keys().cloned().collect(),
         },
     )?;
     for finding in &checked.findings {
@@ -228,6 +232,7 @@ pub fn build(
         build_args: opts.build_args.clone(),
         target: opts.target.clone(),
         platform_args: lint::host_platform_args(),
+        named_contexts: crate::sources::named::plan_contexts(&opts.named_contexts),
     };
     let plan = plan::plan(&recipe, &plan_opts).map_err(|source| BuildError::Plan {
         file: file.clone(),
@@ -242,6 +247,7 @@ pub fn build(
     let context =
         Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
     let _lease = store.build_lease()?;
+    let named = named::open_named(store, &opts.named_contexts)?;
     let engine = Engine {
         store,
         opts,
@@ -257,6 +263,7 @@ pub fn build(
         pulls: Mutex::new(()),
         lexer: Lexer::new(recipe.directives.escape),
         context,
+        named,
         file,
         recipe_id: std::fs::canonicalize(&opts.recipe_path)
             .unwrap_or_else(|_| opts.recipe_path.clone())
@@ -288,6 +295,8 @@ struct Engine<'a> {
     pulls: Mutex<()>,
     lexer: Lexer,
     context: Context,
+    /// The `--build-context`s (but `target:` ones, which the plan resolved).
+    named: BTreeMap<String, named::Named>,
     file: String,
     recipe_id: String,
 }
@@ -401,8 +410,18 @@ impl Engine<'_> {
             Base::Scratch => scratch_state(),
             Base::Stage(i) => (*deps[i]).clone(),
             Base::Image(r) => self.load_image(r, stage.span.start_line)?,
+            Base::Context(name) => self.named_base(
+                name,
+                index,
+                stage.span.start_line,
+                label(1, &format!("build context {name}"), stage.span.start_line),
+            )?,
         };
         step.ready();
+        if self.plan.stages[index].replaced {
+            // A build context of the stage's name stands for the whole stage.
+            return Ok(st);
+        }
         st.args = BTreeMap::new();
         st.shell = st.config.config.shell.clone().unwrap_or_else(default_shell);
         st.cmd_set = false;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::config::{DEFAULT_PATH, command_argv, get_env, set_env};
+use super::named::{self, NamedFiles};
 use super::{BuildError, Engine, StageState, StepPlace};
 use crate::plan::{self, CopySource, StepInputs};
 use crate::recipe::instructions::{CommandLine, Instruction, Run};
@@ -142,7 +143,10 @@ impl Engine<'_> {
                     binds.push(bind);
                     _mount_scratch.extend(scratch);
                 }
-                (RunMount::Tree(tree), _) => trees.push(tree),
+                (RunMount::Tree(tree), scratch) => {
+                    trees.push(tree);
+                    _mount_scratch.extend(scratch);
+                }
                 (RunMount::Agent(bind), _) => {
                     agent_sockets.push(bind.target.clone());
                     binds.push(bind);
@@ -443,6 +447,33 @@ impl Engine<'_> {
                         let state = match self.plan.stages[stage].copy_sources.get(raw_from) {
                             Some(CopySource::Stage(i)) => (*deps[i]).clone(),
                             Some(CopySource::Image(r)) => self.load_image(r, line)?,
+                            Some(CopySource::Context(name)) => {
+                                match self.named_files(name, line)? {
+                                    NamedFiles::Image(st) => *st,
+                                    NamedFiles::Dir(ctx) => {
+                                        // Mounted over a scratch upper like a stage, keyed
+                                        // by the content of what is mounted.
+                                        let rel = ctx
+                                            .resolve(source)
+                                            .map_err(self.context_err(line))?
+                                            .into_iter()
+                                            .next()
+                                            .unwrap_or_default();
+                                        let key = named::dir_key(ctx, &rel)
+                                            .map_err(self.context_err(line))?;
+                                        let (view, scratch) =
+                                            self.dir_mount_view(ctx, stage, line)?;
+                                        let tree = MountedTree {
+                                            lowers: vec![view],
+                                            source: source.to_string(),
+                                            target,
+                                            readonly,
+                                            key,
+                                        };
+                                        return Ok((RunMount::Tree(tree), scratch));
+                                    }
+                                }
+                            }
                             None => {
                                 return Err(
                                     self.invalid(line, format!("unresolved from={raw_from}"))

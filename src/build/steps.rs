@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::named::NamedFiles;
 use super::{BuildError, Engine, StageState, StepPlace};
 use super::{copy, listed};
 use crate::digest::Digest;
@@ -79,12 +80,22 @@ impl Engine<'_> {
             .from
             .as_ref()
             .map(|raw| self.plan.stages[stage].copy_sources.get(raw).cloned());
+        // A named directory context is read like the main context.
+        let mut named_dir = None;
         let from_state: Option<StageState> = match from {
             Some(Some(CopySource::Stage(i))) => Some((*deps[&i]).clone()),
             Some(Some(CopySource::Image(r))) => Some(self.load_image(&r, line)?),
+            Some(Some(CopySource::Context(name))) => match self.named_files(&name, line)? {
+                NamedFiles::Dir(ctx) => {
+                    named_dir = Some(ctx);
+                    None
+                }
+                NamedFiles::Image(st) => Some(*st),
+            },
             Some(None) => return Err(self.invalid(line, "unresolved --from")),
             None => None,
         };
+        let source_ctx = named_dir.unwrap_or(&self.context);
         for raw in &c.sources {
             if let Some(name) = raw.strip_prefix("<<") {
                 let name = name
@@ -135,14 +146,10 @@ impl Engine<'_> {
             source_words.push(word.clone());
             match &from_state {
                 None => {
-                    let rels = self
-                        .context
-                        .resolve(&word)
-                        .map_err(self.context_err(line))?;
+                    let rels = source_ctx.resolve(&word).map_err(self.context_err(line))?;
                     for rel in rels {
-                        let entries = self.context.walk(&rel).map_err(self.context_err(line))?;
-                        let digests = self
-                            .context
+                        let entries = source_ctx.walk(&rel).map_err(self.context_err(line))?;
+                        let digests = source_ctx
                             .digest_entries(&entries)
                             .map_err(self.context_err(line))?;
                         inputs.files.extend(digests);
@@ -189,7 +196,7 @@ impl Engine<'_> {
                 (None, None) => None,
             };
             Ok(copy::CopyJob {
-                from: copy::SourceFs::Context(&self.context),
+                from: copy::SourceFs::Context(source_ctx),
                 items: items.clone(),
                 dest: dest.clone(),
                 dest_is_dir,
@@ -218,7 +225,8 @@ impl Engine<'_> {
             let job = job_for(root)?.reading_from(src);
             listed::listed_copy(root, &job, now).map_err(|e| self.step_error(stage, line, e))
         };
-        let listable = linked.is_none() && self.files_unused_after(stage, n);
+        // (A listed layer reads its files from the main context or the --from source.)
+        let listable = linked.is_none() && named_dir.is_none() && self.files_unused_after(stage, n);
         let step_ctx = StepPlace {
             stage,
             n,
@@ -378,7 +386,7 @@ impl Engine<'_> {
     /// then `f` on the mounted rootfs (and on the mounted `--from` source), then the snapshot.
     /// A [`Layering::Linked`] step has `f` write into an empty directory instead, which becomes
     /// the layer as it is.
-    fn rootfs_step(
+    pub(super) fn rootfs_step(
         &self,
         st: &mut StageState,
         ctx: StepPlace,
@@ -503,7 +511,7 @@ type Lister<'a> = dyn Fn(&RootDir, Option<&RootDir>, i64) -> Result<Option<Vec<L
 
 /// How a rootfs step's changes become a layer.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Layering {
+pub(super) enum Layering {
     /// Written over the stage's rootfs (overlayfs); the layer is the overlay's upper dir.
     Stacked,
     /// `COPY --link`: written into an empty directory, which is the layer, cached by the step's

@@ -16,7 +16,8 @@ use kiln::store::{self, Store};
 
 use super::output::{Output, parse_output};
 use super::{
-    CANCEL, Failure, call, client, emit, key_value, normalize, read_file, secrets, transfer_failure,
+    CANCEL, Failure, call, client, devloop, emit, key_value, normalize, read_file, secrets,
+    transfer_failure,
 };
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -103,6 +104,8 @@ pub(crate) struct BuildArgs {
     compression: CompressionArg,
     #[command(flatten)]
     call: call::CallArgs,
+    #[command(flatten)]
+    devloop: devloop::DevLoopArgs,
 }
 
 /// Reads the recipe: `file` ("-" = stdin), else CONTEXT/Dockerfile, else
@@ -166,6 +169,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     let context_dir = args.context.clone();
     let (recipe_path, recipe_bytes) = read_recipe(&context_dir, args.file.as_deref())?;
     let build_args = parse_build_args(&args.build_args);
+    let named_contexts = args.devloop.named_contexts()?;
     if let Some((method, format)) = args.call.method()? {
         let input = call::CallInput {
             recipe_path: &recipe_path,
@@ -173,7 +177,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             context_dir: Some(&context_dir),
             build_args: &build_args,
             target: args.target.as_deref(),
-            named_contexts: Default::default(),
+            named_contexts: &named_contexts,
         };
         return call::run(root, &input, method, format);
     }
@@ -254,6 +258,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             CompressionArg::Gzip => kiln::snapshot::Compression::Gzip,
             CompressionArg::Zstd => kiln::snapshot::Compression::Zstd,
         },
+        named_contexts,
         helper_exe: std::env::current_exe()
             .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
     };

@@ -2,7 +2,7 @@
 //! `kiln build --check` and `kiln check`. Results go to stdout (text, or JSON with
 //! `--call METHOD,format=json` / `kiln check --format json`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -10,6 +10,7 @@ use serde::Serialize;
 use kiln::build::lint::{self, LintInput};
 use kiln::plan::{self, PlanOptions};
 use kiln::recipe::{self, outline};
+use kiln::sources::named::NamedSource;
 use kiln::store::Store;
 
 use super::{Failure, emit};
@@ -85,7 +86,7 @@ pub(crate) struct CallInput<'a> {
     pub(crate) context_dir: Option<&'a Path>,
     pub(crate) build_args: &'a BTreeMap<String, String>,
     pub(crate) target: Option<&'a str>,
-    pub(crate) named_contexts: BTreeSet<String>,
+    pub(crate) named_contexts: &'a BTreeMap<String, NamedSource>,
 }
 
 /// Runs `method` and prints its result. A check with findings fails (exit status 1).
@@ -111,6 +112,7 @@ pub(crate) fn run(
                     build_args: input.build_args.clone(),
                     target: input.target.map(str::to_string),
                     platform_args: lint::host_platform_args(),
+                    named_contexts: kiln::sources::named::plan_contexts(input.named_contexts),
                 },
             )
             .map_err(|e| Failure::usage(format!("{file}: {e}")))?;
@@ -151,7 +153,7 @@ pub(crate) fn check(root: &Path, input: &CallInput<'_>, format: Format) -> Resul
             recipe_bytes: input.recipe_bytes,
             context_dir: input.context_dir,
             build_args: input.build_args,
-            named_contexts: input.named_contexts.clone(),
+            named_contexts: input.named_contexts.keys().cloned().collect(),
         },
     )
     .map_err(|e| {
@@ -306,7 +308,7 @@ pub(crate) fn check_cmd(root: &Path, args: CheckArgs) -> Result<(), Failure> {
         context_dir: Some(&args.context),
         build_args: &build_args,
         target: None,
-        named_contexts: BTreeSet::new(),
+        named_contexts: &BTreeMap::new(),
     };
     check(root, &input, args.format)
 }

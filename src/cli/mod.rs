@@ -4,6 +4,7 @@
 
 mod build;
 mod call;
+mod devloop;
 mod output;
 mod secrets;
 

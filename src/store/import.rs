@@ -30,10 +30,21 @@ pub fn import(store: &Store, path: &Path) -> Result<StoredImage, StoreError> {
     let _lease = store.build_lease()?;
     let meta = fs::metadata(path).at(path)?;
     if meta.is_dir() {
-        import_oci_dir(store, path)
+        import_oci_dir(store, path, None)
     } else {
         import_archive(store, path)
     }
+}
+
+/// Imports the image of the OCI layout directory `dir` named `tag` (its
+/// `org.opencontainers.image.ref.name`), or with no tag the one image for the host platform.
+pub fn import_layout(
+    store: &Store,
+    dir: &Path,
+    tag: Option<&str>,
+) -> Result<StoredImage, StoreError> {
+    let _lease = store.build_lease()?;
+    import_oci_dir(store, dir, tag)
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> StoreError {
@@ -111,7 +122,7 @@ fn parse_config(bytes: &[u8], d: &Digest, path: &Path) -> Result<ImageConfig, St
     })
 }
 
-fn import_oci_dir(store: &Store, dir: &Path) -> Result<StoredImage, StoreError> {
+fn import_oci_dir(store: &Store, dir: &Path, tag: Option<&str>) -> Result<StoredImage, StoreError> {
     let index_path = dir.join("index.json");
     if !index_path.is_file() || !dir.join("oci-layout").is_file() {
         return Err(invalid(
@@ -142,7 +153,21 @@ fn import_oci_dir(store: &Store, dir: &Path) -> Result<StoredImage, StoreError> 
         what: index_path.display().to_string(),
         source,
     })?;
-    let top = choose(&idx.manifests, dir)?;
+    let top = match tag {
+        None => choose(&idx.manifests, dir)?,
+        Some(tag) => {
+            let tagged: Vec<Descriptor> = idx
+                .manifests
+                .iter()
+                .filter(|d| d.ref_name() == Some(tag))
+                .cloned()
+                .collect();
+            if tagged.is_empty() {
+                return Err(invalid(dir, format!("has no image tagged {tag:?}")));
+            }
+            choose(&tagged, dir)?
+        }
+    };
     let (manifest, manifest_bytes, body) = resolve_manifest(top, dir, read_verified)?;
     let config_bytes = read_verified(&body.config.digest)?;
     let config = parse_config(&config_bytes, &body.config.digest, dir)?;

@@ -24,7 +24,7 @@ mod import;
 mod writeback;
 
 pub use export::{export_docker_archive, export_oci_archive, export_oci_dir};
-pub use import::import;
+pub use import::{import, import_layout};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
