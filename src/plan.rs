@@ -167,13 +167,7 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         .enumerate()
         .filter_map(|(i, s)| s.name.as_deref().map(|n| (n, i)))
         .collect();
-    let find_stage = |value: &str, before: usize| -> Option<usize> {
-        let lower = value.to_ascii_lowercase();
-        if let Some(&i) = name_to_index.get(lower.as_str()) {
-            return (i < before).then_some(i);
-        }
-        value.parse::<usize>().ok().filter(|&i| i < before)
-    };
+    let find_stage = |value: &str, before: usize| find_stage(recipe, value, before);
 
     // `target:STAGE`: the stage must come before the one that uses it, as for any reference.
     let named_stage = |wanted: &str, before: usize| -> Result<usize, PlanError> {
@@ -325,6 +319,20 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         meta_args: meta,
         unused_build_args,
     })
+}
+
+/// The stage a `--from`, `--target` or `target:` value names (its name, any case, or its
+/// index), if it comes before stage `before`.
+pub fn find_stage(recipe: &Recipe, value: &str, before: usize) -> Option<usize> {
+    let lower = value.to_ascii_lowercase();
+    if let Some(i) = recipe
+        .stages
+        .iter()
+        .rposition(|s| s.name.as_deref() == Some(lower.as_str()))
+    {
+        return (i < before).then_some(i);
+    }
+    value.parse::<usize>().ok().filter(|&i| i < before)
 }
 
 /// Checks a `FROM --platform=` value against the platform kiln builds for (TARGETPLATFORM):

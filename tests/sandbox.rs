@@ -77,6 +77,7 @@ fn step(script: &str) -> Step {
             network: NetworkMode::Host,
             stdin: None,
             binds: vec![],
+            extra_hosts: vec![],
         },
         dir,
     }

@@ -43,7 +43,8 @@ impl Engine<'_> {
         inputs: &StepInputs,
         step: &crate::progress::Step<'_>,
     ) -> Result<Option<CacheRecord>, BuildError> {
-        let cached = match self.opts.no_cache {
+        let filtered = self.no_cache_stage(stage);
+        let cached = match self.opts.no_cache || filtered {
             true => None,
             false => self.store.cache_get(key)?,
         };
@@ -64,6 +65,8 @@ impl Engine<'_> {
         }
         let reason = if self.opts.no_cache {
             Some("--no-cache".to_string())
+        } else if filtered {
+            Some("--no-cache-filter".to_string())
         } else if other_encoding {
             Some("the cached layer has another compression".to_string())
         } else {
@@ -277,10 +280,14 @@ impl Engine<'_> {
         let normalized =
             Reference::parse(reference).map_err(|e| self.invalid(line, e.to_string()))?;
         let image = {
-            let _one_pull_at_a_time = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
-            match self.store.resolve(&normalized.to_string())? {
-                Some(image) => image,
-                None => {
+            let mut pulled = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
+            let name = normalized.to_string();
+            // --pull asks the registry once per build, even when the store has the image.
+            let refresh = self.opts.pull && !pulled.contains(&name);
+            match self.store.resolve(&name)? {
+                Some(image) if !refresh => image,
+                _ => {
+                    pulled.insert(name);
                     self.progress.info(&format!("pulling {normalized}"));
                     crate::distribution::pull(self.store, &self.client, &normalized).map_err(
                         |source| BuildError::Pull {

@@ -12,7 +12,7 @@ mod named;
 mod run;
 mod steps;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -72,6 +72,12 @@ pub struct BuildOptions {
     pub compression: Compression,
     /// `--build-context` values, by name.
     pub named_contexts: BTreeMap<String, NamedSource>,
+    /// `--no-cache-filter`: stages (names or indices) built without the cache.
+    pub no_cache_filter: Vec<String>,
+    /// `--pull`: ask the registry for every base image, even those in the store.
+    pub pull: bool,
+    /// `--add-host`: extra `/etc/hosts` entries for RUN steps, (host, ip).
+    pub add_hosts: Vec<(String, String)>,
 }
 
 /// Why a build stopped.
@@ -238,6 +244,14 @@ pub fn build(
         file: file.clone(),
         source,
     })?;
+    for wanted in &opts.no_cache_filter {
+        if plan::find_stage(&recipe, wanted, recipe.stages.len()).is_none() {
+            return Err(BuildError::Plan {
+                file: file.clone(),
+                source: PlanError::UnknownTarget(format!("{wanted} (--no-cache-filter)")),
+            });
+        }
+    }
     for unused in &plan.unused_build_args {
         progress.warn(&format!(
             "build arg {unused:?} was given but no stage declares it"
@@ -260,7 +274,7 @@ pub fn build(
             tls_verify: opts.tls_verify,
             ..Default::default()
         }),
-        pulls: Mutex::new(()),
+        pulls: Mutex::new(BTreeSet::new()),
         lexer: Lexer::new(recipe.directives.escape),
         context,
         named,
@@ -291,8 +305,9 @@ struct Engine<'a> {
     cancel: &'a AtomicBool,
     sandbox: Sandbox,
     client: Client,
-    /// Serialises pulls so parallel stages do not fetch one image twice.
-    pulls: Mutex<()>,
+    /// Serialises pulls so parallel stages do not fetch one image twice; holds the names pulled
+    /// by this build.
+    pulls: Mutex<BTreeSet<String>>,
     lexer: Lexer,
     context: Context,
     /// The `--build-context`s (but `target:` ones, which the plan resolved).
@@ -379,6 +394,14 @@ impl Engine<'_> {
             .take()
             .map(|s| Arc::try_unwrap(s).unwrap_or_else(|a| (*a).clone()))
             .ok_or(BuildError::Cancelled)
+    }
+
+    /// Whether `--no-cache-filter` names the stage.
+    fn no_cache_stage(&self, index: usize) -> bool {
+        self.opts
+            .no_cache_filter
+            .iter()
+            .any(|f| plan::find_stage(self.recipe, f, self.recipe.stages.len()) == Some(index))
     }
 
     fn stage_name(&self, index: usize) -> String {

@@ -220,6 +220,7 @@ impl Engine<'_> {
             network,
             stdin,
             binds,
+            extra_hosts: self.opts.add_hosts.clone(),
         };
         let result = match trees.pop() {
             None => self

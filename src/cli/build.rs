@@ -26,6 +26,8 @@ enum ProgressArg {
     Tty,
     Plain,
     Quiet,
+    /// One JSON event a line on stderr.
+    Rawjson,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -229,6 +231,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     let mode = match (args.quiet, args.progress) {
         (true, _) | (_, ProgressArg::Quiet) => Mode::Quiet,
         (_, ProgressArg::Plain) => Mode::Plain,
+        (_, ProgressArg::Rawjson) => Mode::RawJson,
         (_, ProgressArg::Tty) => Mode::Tty,
         (_, ProgressArg::Auto) if std::io::stderr().is_terminal() => Mode::Tty,
         (_, ProgressArg::Auto) => Mode::Plain,
@@ -259,6 +262,9 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             CompressionArg::Zstd => kiln::snapshot::Compression::Zstd,
         },
         named_contexts,
+        no_cache_filter: args.devloop.no_cache_filter.clone(),
+        pull: args.devloop.pull,
+        add_hosts: args.devloop.extra_hosts()?,
         helper_exe: std::env::current_exe()
             .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
     };
@@ -310,6 +316,9 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
                     .map_err(Failure::runtime)?;
             }
         }
+    }
+    if args.devloop.load {
+        devloop::load(&store, &image, &tags, &progress)?;
     }
     // A tar on stdout is all that stdout carries.
     let stdout_taken = to_stdout > 0;

@@ -72,6 +72,8 @@ pub struct RunSpec {
     pub stdin: Option<Vec<u8>>,
     /// Extra bind mounts.
     pub binds: Vec<BindMount>,
+    /// Extra `/etc/hosts` entries: (host name, address).
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 /// Runs steps by re-executing a kiln binary as the sandbox helper.

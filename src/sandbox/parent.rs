@@ -92,11 +92,13 @@ pub(super) fn run(
         &spec.hostname
     };
     let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut hosts =
+        format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for (host, ip) in &spec.extra_hosts {
+        hosts.push_str(&format!("{ip}\t{host}\n"));
+    }
     let scratch = Scratch::new(&[
-        (
-            "hosts",
-            format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
-        ),
+        ("hosts", hosts),
         ("hostname", format!("{hostname}\n")),
         ("resolv.conf", resolv),
     ])?;
