@@ -238,7 +238,7 @@ impl Step<'_> {
                 name: "rebuilding",
                 timestamp: rawjson::now(),
             };
-            rawjson::emit(&rawjson::Status::status(status));
+            rawjson::emit(&rawjson::Status::note(status));
         } else if self.progress.mode == Mode::Plain {
             self.progress.line(&format!(
                 "{} (line {}): rebuilding: {reason}",
@@ -341,7 +341,7 @@ mod rawjson {
                 ..Default::default()
             }
         }
-        pub(super) fn status(s: StatusLine<'a>) -> Self {
+        pub(super) fn note(s: StatusLine<'a>) -> Self {
             Status {
                 statuses: vec![s],
                 ..Default::default()
