@@ -47,8 +47,13 @@ pub fn pull(
 ) -> Result<StoredImage, TransferError> {
     let (mut media_type, mut bytes, mut digest) = client.get_manifest(reference)?;
     if image::is_index_type(&media_type) {
-        let (os, arch, variant) = image::host_platform();
-        let (_, chosen) = select_platform(&bytes, &os, &arch, variant.as_deref())?;
+        let host = image::Platform::host();
+        let (_, chosen) = select_platform(
+            &bytes,
+            &host.os,
+            &host.architecture,
+            host.variant.as_deref(),
+        )?;
         let mut pinned = reference.clone();
         pinned.digest = Some(chosen);
         (media_type, bytes, digest) = client.get_manifest(&pinned)?;

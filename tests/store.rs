@@ -14,8 +14,8 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use kiln::digest::Digest;
 use kiln::image::{
-    Descriptor, History, ImageConfig, MEDIA_LAYER_GZIP, RootFs, RuntimeConfig, canonical_json,
-    host_platform, rfc3339,
+    Descriptor, History, ImageConfig, MEDIA_LAYER_GZIP, Platform, RootFs, RuntimeConfig,
+    canonical_json, rfc3339,
 };
 use kiln::store::{
     FsckProblem, Store, StoreError, StoredImage, export_docker_archive, export_oci_archive,
@@ -41,7 +41,12 @@ fn layer(files: &[(&str, &[u8])]) -> (Vec<u8>, Digest) {
 }
 
 fn config(diff_ids: Vec<Digest>, labels: &[(&str, &str)]) -> ImageConfig {
-    let (os, architecture, variant) = host_platform();
+    let Platform {
+        os,
+        architecture,
+        variant,
+        ..
+    } = Platform::host();
     ImageConfig {
         created: Some(rfc3339(0)),
         author: None,

@@ -53,19 +53,15 @@ impl Lint {
 
 /// The values of the platform ARGs predefined for the host.
 pub fn host_platform_args() -> BTreeMap<String, String> {
-    let (os, arch, variant) = image::host_platform();
-    let platform = match &variant {
-        Some(v) => format!("{os}/{arch}/{v}"),
-        None => format!("{os}/{arch}"),
-    };
+    let host = image::Platform::host();
     let mut args = BTreeMap::new();
     for prefix in ["TARGET", "BUILD"] {
-        args.insert(format!("{prefix}PLATFORM"), platform.clone());
-        args.insert(format!("{prefix}OS"), os.clone());
-        args.insert(format!("{prefix}ARCH"), arch.clone());
+        args.insert(format!("{prefix}PLATFORM"), host.to_string());
+        args.insert(format!("{prefix}OS"), host.os.clone());
+        args.insert(format!("{prefix}ARCH"), host.architecture.clone());
         args.insert(
             format!("{prefix}VARIANT"),
-            variant.clone().unwrap_or_default(),
+            host.variant.clone().unwrap_or_default(),
         );
     }
     args

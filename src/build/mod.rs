@@ -672,11 +672,11 @@ impl Engine<'_> {
 }
 
 fn scratch_state() -> StageState {
-    let (os, arch, variant) = image::host_platform();
+    let host = image::Platform::host();
     let mut config = ImageConfig {
-        os,
-        architecture: arch,
-        variant,
+        os: host.os,
+        architecture: host.architecture,
+        variant: host.variant,
         ..Default::default()
     };
     config.config.env.push(format!("PATH={DEFAULT_PATH}"));
