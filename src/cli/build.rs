@@ -209,6 +209,9 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     if args.push {
         outputs.push(Output::Registry);
     }
+    if args.devloop.load {
+        outputs.push(Output::Load);
+    }
     let to_stdout = outputs
         .iter()
         .filter(|o| **o == Output::Files(export::FilesDest::TarStdout))
@@ -311,14 +314,12 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
                     progress.info(&format!("pushed {r}@{digest}"));
                 }
             }
+            Output::Load => devloop::load(&store, &image, &tags, &progress)?,
             Output::Files(dest) => {
                 export::export_files(&store, &image, dest, source_date_epoch)
                     .map_err(Failure::runtime)?;
             }
         }
-    }
-    if args.devloop.load {
-        devloop::load(&store, &image, &tags, &progress)?;
     }
     // A tar on stdout is all that stdout carries.
     let stdout_taken = to_stdout > 0;

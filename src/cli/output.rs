@@ -17,6 +17,8 @@ pub(crate) enum Output {
     Registry,
     /// The final stage's files (`type=local`, `type=tar`, `-o DIR`, `-o -`).
     Files(FilesDest),
+    /// Handed to `docker load` / `podman load` (`--load`, `type=docker` without dest).
+    Load,
 }
 
 /// Parses one `--output` / `-o` value: `type=TYPE,KEY=VALUE,…`, or, when the value is not a
@@ -46,6 +48,7 @@ pub(crate) fn parse_output(spec: &str) -> Result<Output, Failure> {
     match fields.get("type").copied() {
         Some("oci") => Ok(Output::OciDir(dest()?)),
         Some("oci-archive") => Ok(Output::OciArchive(dest()?)),
+        Some("docker") if !fields.contains_key("dest") => Ok(Output::Load),
         Some("docker-archive") | Some("docker") => Ok(Output::DockerArchive(dest()?)),
         Some("registry") | Some("image") => Ok(Output::Registry),
         Some("local") => Ok(Output::Files(FilesDest::Dir(dest()?))),
@@ -89,6 +92,11 @@ mod tests {
         assert_eq!(
             parsed("type=oci,dest=d"),
             Output::OciDir(PathBuf::from("d"))
+        );
+        assert_eq!(parsed("type=docker"), Output::Load);
+        assert_eq!(
+            parsed("type=docker,dest=i.tar"),
+            Output::DockerArchive(PathBuf::from("i.tar"))
         );
         assert!(parse_output("type=local").is_err());
         assert!(parse_output("type=nope,dest=x").is_err());
