@@ -583,6 +583,67 @@ mod tests {
     }
 
     #[test]
+    fn named_contexts_resolve_bases_and_sources() {
+        let recipe = parse(
+            b"FROM base AS a\nCOPY --from=lib / /\nRUN --mount=from=lib,target=/l true\nFROM deps\nFROM alias\nCOPY --from=alias / /\n",
+            "Dockerfile",
+        )
+        .unwrap();
+        let named: BTreeMap<String, NamedContext> = [
+            ("base", NamedContext::External),
+            ("lib", NamedContext::External),
+            ("alias", NamedContext::Stage("a".into())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let opts = PlanOptions {
+            named_contexts: named.clone(),
+            ..Default::default()
+        };
+        let p = plan(&recipe, &opts).unwrap();
+        assert_eq!(p.stages[0].base, Base::Context("base".into()));
+        assert_eq!(
+            p.stages[0].copy_sources.get("lib"),
+            Some(&CopySource::Context("lib".into()))
+        );
+        assert_eq!(p.stages[1].base, Base::Image("deps".into()));
+        assert_eq!(p.stages[2].base, Base::Stage(0));
+        assert_eq!(
+            p.stages[2].copy_sources.get("alias"),
+            Some(&CopySource::Stage(0))
+        );
+        assert_eq!(p.stages[2].deps, vec![0]);
+        assert!(!p.stages[0].replaced);
+
+        // A context named like a stage replaces it: no dependencies, nothing of its own.
+        let recipe = parse(
+            b"FROM busybox AS deps\nCOPY --from=0 / /\nFROM deps\n",
+            "Dockerfile",
+        )
+        .unwrap();
+        let opts = PlanOptions {
+            named_contexts: [("deps".to_string(), NamedContext::External)].into(),
+            ..Default::default()
+        };
+        let p = plan(&recipe, &opts).unwrap();
+        assert!(p.stages[0].replaced);
+        assert_eq!(p.stages[0].base, Base::Context("deps".into()));
+        assert!(p.stages[0].copy_sources.is_empty());
+
+        // target: must name an earlier stage.
+        let recipe = parse(b"FROM alias\nFROM busybox AS a\n", "Dockerfile").unwrap();
+        let opts = PlanOptions {
+            named_contexts: named,
+            ..Default::default()
+        };
+        assert!(matches!(
+            plan(&recipe, &opts),
+            Err(PlanError::NamedStage { .. })
+        ));
+    }
+
+    #[test]
     fn unknown_target_is_an_error() {
         let recipe = parse(b"FROM scratch AS a\n", "Dockerfile").unwrap();
         let opts = PlanOptions {

@@ -158,10 +158,12 @@ fn a_context_named_like_a_stage_replaces_it_and_bad_values_are_usage_errors() {
         tree(out.path()),
         set(&[".dockerignore", "lib.txt", "sub", "sub/x"])
     );
+    let no_layout = format!("deps=oci-layout://{}:v1", lib.path().display());
     for (bad, says) in [
         ("nope", "NAME=VALUE"),
         ("x=/no/such/dir", "/no/such/dir"),
         ("x=git://example/repo", "git://"),
+        (no_layout.as_str(), "not an OCI image layout"),
     ] {
         let (o, _ctx) = k.build(recipe, &[], &["--build-context", bad]);
         assert_eq!(o.status.code(), Some(2), "{bad}");

@@ -26,13 +26,25 @@ pub enum FilesDest {
     TarStdout,
 }
 
-/// Why an export failed; names the destination.
-fn export_error(dest: &FilesDest, e: impl std::fmt::Display) -> BuildError {
+/// Why writing an image's files failed; names the destination.
+#[derive(Debug, thiserror::Error)]
+#[error("writing the image's files to {place}: {message}")]
+pub struct ExportError {
+    /// The directory, the tar file, or `stdout`.
+    pub place: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+fn export_error(dest: &FilesDest, e: impl std::fmt::Display) -> ExportError {
     let place = match dest {
         FilesDest::Dir(d) | FilesDest::TarFile(d) => d.display().to_string(),
         FilesDest::TarStdout => "stdout".to_string(),
     };
-    BuildError::Image(format!("exporting the files to {place}: {e}"))
+    ExportError {
+        place,
+        message: e.to_string(),
+    }
 }
 
 /// Writes the files of `image` to `dest`. `source_date_epoch` clamps the tar's mtimes.
@@ -41,7 +53,7 @@ pub fn export_files(
     image: &StoredImage,
     dest: &FilesDest,
     source_date_epoch: Option<i64>,
-) -> Result<(), BuildError> {
+) -> Result<(), ExportError> {
     let lowers = image
         .manifest_body
         .layers
@@ -59,8 +71,9 @@ pub fn export_files(
                 },
             )
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    let scratch = store.scratch_dir()?;
+        .collect::<Result<Vec<_>, BuildError>>()
+        .map_err(|e| export_error(dest, e))?;
+    let scratch = store.scratch_dir().map_err(|e| export_error(dest, e))?;
     let (upper, work) = (scratch.path().join("upper"), scratch.path().join("work"));
     for d in [&upper, &work] {
         std::fs::create_dir(d).map_err(|e| export_error(dest, e))?;
@@ -76,7 +89,7 @@ fn write_tree(
     merged: &Path,
     dest: &FilesDest,
     source_date_epoch: Option<i64>,
-) -> Result<(), BuildError> {
+) -> Result<(), ExportError> {
     let opts = LayerOptions {
         source_date_epoch,
         compression: Compression::None,

@@ -157,6 +157,14 @@ pub enum BuildError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A `--build-context` cannot be used.
+    #[error("--build-context {name}: {message}")]
+    NamedContext {
+        /// The context's name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
     /// Build checks found problems and the recipe's `# check=error=true` makes them errors.
     #[error("{file}: {count} build check finding(s) with error=true: {rules}")]
     Checks {
@@ -184,6 +192,7 @@ impl BuildError {
                 | BuildError::Invalid { .. }
                 | BuildError::Image(_)
                 | BuildError::Checks { .. }
+                | BuildError::NamedContext { .. }
         )
     }
 }

@@ -49,7 +49,10 @@ pub(super) fn open_named(
             NamedSource::Image(reference) => Named::Image(reference.clone()),
             NamedSource::OciLayout { dir, tag } => Named::Layout(Box::new(
                 store::import_layout(store, dir, tag.as_deref()).map_err(|e| {
-                    BuildError::Image(format!("--build-context {name}=oci-layout://: {e}"))
+                    BuildError::NamedContext {
+                        name: name.clone(),
+                        message: e.to_string(),
+                    }
                 })?,
             )),
         };
