@@ -17,9 +17,10 @@ use super::parser::{Ast, Node};
 use super::shell::{Lexer, Vars};
 
 /// Every rule kiln checks, by BuildKit's names.
-pub const RULES: [&str; 15] = [
+pub const RULES: [&str; 19] = [
     "StageNameCasing",
     "FromAsCasing",
+    "ConsistentInstructionCasing",
     "DuplicateStageName",
     "ReservedStageName",
     "JSONArgsRecommended",
@@ -33,6 +34,9 @@ pub const RULES: [&str; 15] = [
     "InvalidDefaultArgInFrom",
     "CopyIgnoredFile",
     "FromPlatformFlagConstDisallowed",
+    "RedundantTargetPlatform",
+    "ExposeProtoCasing",
+    "ExposeInvalidFormat",
 ];
 
 /// The build arg that overrides the recipe's `# check=` directive, as in BuildKit.
@@ -264,7 +268,39 @@ struct Walker<'a> {
 const SINGLE_INSTRUCTIONS: [&str; 3] = ["CMD", "ENTRYPOINT", "HEALTHCHECK"];
 
 impl Walker<'_> {
+    /// Keywords in the minority casing (or in mixed case) of the recipe.
+    fn instruction_casing(&mut self) {
+        let nodes = &self.input.ast.nodes;
+        let upper = |k: &str| k == k.to_ascii_uppercase();
+        let lower = |k: &str| k == k.to_ascii_lowercase();
+        let uppers = nodes.iter().filter(|n| upper(&n.keyword)).count();
+        let lowers = nodes.iter().filter(|n| lower(&n.keyword)).count();
+        let want_upper = uppers >= lowers;
+        let majority = if want_upper { "upper" } else { "lower" };
+        for node in nodes {
+            let k = &node.keyword;
+            let fine = if want_upper { upper(k) } else { lower(k) };
+            if !fine {
+                let wanted = if want_upper {
+                    k.to_ascii_uppercase()
+                } else {
+                    k.to_ascii_lowercase()
+                };
+                self.add(
+                    node,
+                    node.offset,
+                    "ConsistentInstructionCasing",
+                    format!(
+                        "'{k}' is not in the {majority} case most instructions of the recipe use"
+                    ),
+                    format!("write `{wanted}`"),
+                );
+            }
+        }
+    }
+
     fn run(&mut self) {
+        self.instruction_casing();
         let input = self.input;
         let recipe = input.recipe;
         let mut meta_names: BTreeSet<String> = BTreeSet::new();
@@ -435,6 +471,15 @@ impl Walker<'_> {
             .find(|f| f.text.to_ascii_lowercase().starts_with("--platform="));
         if let Some(flag) = platform_flag {
             let value = &flag.text["--platform=".len()..];
+            if matches!(value, "$TARGETPLATFORM" | "${TARGETPLATFORM}") {
+                self.add(
+                    node,
+                    flag.offset,
+                    "RedundantTargetPlatform",
+                    format!("--platform={value} is what FROM uses anyway"),
+                    "drop the --platform flag".to_string(),
+                );
+            }
             if !value.contains('$') {
                 let plain = stage.name.as_deref().unwrap_or("");
                 let parts: Vec<&str> = value.split('/').filter(|p| !p.is_empty()).collect();
@@ -625,6 +670,35 @@ impl Walker<'_> {
         }
     }
 
+    /// EXPOSE takes `PORT[/PROTO]` with a lower-case protocol, never an address or a mapping.
+    fn expose_format(&mut self, node: &Node, at: usize, word: &str) {
+        if word.contains('$') {
+            return;
+        }
+        let (port, proto) = word.split_once('/').unwrap_or((word, ""));
+        if let Some((_, container)) = port.rsplit_once(':') {
+            self.add(
+                node,
+                at,
+                "ExposeInvalidFormat",
+                format!("EXPOSE {word} holds an address or a host port, which EXPOSE does not publish"),
+                format!(
+                    "expose the container port only: `EXPOSE {container}{}` (publish with `run -p`)",
+                    if proto.is_empty() { String::new() } else { format!("/{}", proto.to_ascii_lowercase()) }
+                ),
+            );
+        }
+        if proto != proto.to_ascii_lowercase() {
+            self.add(
+                node,
+                at,
+                "ExposeProtoCasing",
+                format!("protocol '{proto}' of EXPOSE {word} should be lower case"),
+                format!("write `{port}/{}`", proto.to_ascii_lowercase()),
+            );
+        }
+    }
+
     fn secret_name(&mut self, node: &Node, kw: &str, name: &str) {
         let parts: Vec<String> = name.split('_').map(str::to_ascii_lowercase).collect();
         let secret = parts.iter().any(|p| SECRET_WORDS.contains(&p.as_str()));
@@ -799,6 +873,9 @@ impl Walker<'_> {
                 for (i, w) in list.iter().enumerate() {
                     let at = words.get(i).map_or(first_at, |w| w.1);
                     self.undefined_vars(node, at, w, state);
+                    if matches!(instr.kind, InstructionKind::Expose(_)) {
+                        self.expose_format(node, at, w);
+                    }
                 }
             }
             InstructionKind::Run(_) | InstructionKind::Onbuild { .. } => {}
@@ -974,7 +1051,11 @@ mod tests {
         assert_eq!(rules("FROM busybox AS Build\n"), ["StageNameCasing"]);
         assert_eq!(rules("FROM busybox as build\n"), ["FromAsCasing"]);
         assert_eq!(rules("from busybox AS build\n"), ["FromAsCasing"]);
-        assert!(rules("From busybox as build\n").is_empty());
+        // A mixed-case FROM has no case for AS to match (but is itself inconsistent).
+        assert_eq!(
+            rules("From busybox as build\n"),
+            ["ConsistentInstructionCasing"]
+        );
     }
 
     #[test]
