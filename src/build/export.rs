@@ -54,6 +54,8 @@ pub fn export_files(
     dest: &FilesDest,
     source_date_epoch: Option<i64>,
 ) -> Result<(), ExportError> {
+    // Prune waits until the layers are read.
+    let _lease = store.build_lease().map_err(|e| export_error(dest, e))?;
     let lowers = image
         .manifest_body
         .layers
