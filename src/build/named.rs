@@ -103,7 +103,8 @@ impl Engine<'_> {
             stage,
             n: usize::MAX,
             line,
-            created_by: format!("FROM {name} (build context {})", ctx.root().display()),
+            // No host path: the image must not depend on where the directory is.
+            created_by: format!("FROM {name} (a build context directory)"),
         };
         let copy_all = |root: &RootDir, _: Option<&RootDir>| -> Result<(), BuildError> {
             let job = CopyJob {
