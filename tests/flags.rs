@@ -179,6 +179,25 @@ fn a_context_named_like_a_stage_replaces_it_and_bad_values_are_usage_errors() {
     assert!(stderr(&o).contains("target:late"), "{}", stderr(&o));
 }
 
+#[test]
+fn a_directory_context_gives_the_same_image_wherever_it_lies() {
+    let k = Kiln::new();
+    let (a, b) = (named_dir(), named_dir());
+    let id = |dir: &Path| {
+        k.build_ok(
+            "FROM lib\n",
+            &[],
+            &[
+                "--source-date-epoch",
+                "0",
+                "--build-context",
+                &format!("lib={}", dir.display()),
+            ],
+        )
+    };
+    assert_eq!(id(a.path()), id(b.path()));
+}
+
 const ARTIFACT: &str = "\
 FROM busybox AS build
 RUN mkdir -p /out/bin && echo app > /out/bin/app && chown 1000:1000 /out/bin/app \
