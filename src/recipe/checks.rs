@@ -234,20 +234,6 @@ struct StageEnd {
     absolute_workdir: bool,
 }
 
-/// The names in scope at a point of a stage: `None` when unknown.
-struct Scope {
-    defined: Option<BTreeSet<String>>,
-}
-
-impl Vars for Scope {
-    fn get(&self, name: &str) -> Option<&str> {
-        match &self.defined {
-            Some(d) if d.contains(name) => Some(""),
-            _ => None,
-        }
-    }
-}
-
 /// Looks up names in a set (all values empty).
 struct NameSet<'a>(&'a BTreeSet<String>);
 
@@ -642,10 +628,7 @@ impl Walker<'_> {
         };
         let mut defined = env.clone();
         defined.extend(state.args.iter().cloned());
-        let scope = Scope {
-            defined: Some(defined.clone()),
-        };
-        let Ok(e) = self.lexer.process_word(word, &scope) else {
+        let Ok(e) = self.lexer.process_word(word, &NameSet(&defined)) else {
             return;
         };
         for name in e.used {
@@ -810,7 +793,7 @@ impl Walker<'_> {
                 self.undefined_vars(node, first_at, w, state);
                 let expanded = self
                     .lexer
-                    .process_word(w, &Scope { defined: None })
+                    .process_word(w, &NameSet(&BTreeSet::new()))
                     .map(|e| e.value)
                     .unwrap_or_else(|_| w.clone());
                 if expanded.starts_with('/') || w.starts_with('$') {
