@@ -321,18 +321,14 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
     })
 }
 
-/// The stage a `--from`, `--target` or `target:` value names (its name, any case, or its
-/// index), if it comes before stage `before`.
+/// The stage a `--from`, `--target` or `target:` value names before stage `before`: the
+/// latest stage of that name (any case) defined before it, or the stage of that index.
 pub fn find_stage(recipe: &Recipe, value: &str, before: usize) -> Option<usize> {
     let lower = value.to_ascii_lowercase();
-    if let Some(i) = recipe
-        .stages
+    let named = recipe.stages[..before.min(recipe.stages.len())]
         .iter()
-        .rposition(|s| s.name.as_deref() == Some(lower.as_str()))
-    {
-        return (i < before).then_some(i);
-    }
-    value.parse::<usize>().ok().filter(|&i| i < before)
+        .rposition(|s| s.name.as_deref() == Some(lower.as_str()));
+    named.or_else(|| value.parse::<usize>().ok().filter(|&i| i < before))
 }
 
 /// Checks a `FROM --platform=` value against the platform kiln builds for (TARGETPLATFORM):
