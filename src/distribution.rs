@@ -1,6 +1,7 @@
 //! Moving images between the local store and registries: pull into the store (choosing the
 //! host platform from an index, verifying every blob), push from it (blobs first, in
-//! parallel, skipping what the registry has, the manifest last).
+//! parallel, skipping what the registry has, mounting what a shared cache promised, the
+//! manifest last).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -91,7 +92,9 @@ pub fn pull(
         .ok_or_else(|| invalid(reference, "pulled image not found in the store"))
 }
 
-/// Pushes a stored image to `reference`; returns the manifest digest.
+/// Pushes a stored image to `reference`; returns the manifest digest. A layer a shared cache
+/// promised (not in the store) is mounted from the cache's repository when that is on the
+/// same registry, and fetched otherwise.
 pub fn push(
     store: &Store,
     client: &Client,
@@ -105,7 +108,10 @@ pub fn push(
             let f = store.open_blob(&d.digest).map_err(std::io::Error::other)?;
             Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, f)))
         };
-        client.push_blob(reference, &d.digest, d.size, &open, None)?;
+        let mount = store
+            .blob_origin(&d.digest)
+            .and_then(|o| crate::cache::origin::mount_source(&o, &reference.registry));
+        client.push_blob(reference, &d.digest, d.size, &open, mount.as_deref())?;
         Ok(())
     };
     for_each_parallel(&blobs, upload)?;

@@ -10,7 +10,7 @@ use crate::recipe::instructions::{InstructionKind, Recipe, Span};
 use crate::recipe::shell::Lexer;
 
 /// Bumped whenever the cache-key encoding changes, so old records can never match.
-pub const CACHE_KEY_VERSION: u32 = 1;
+pub const CACHE_KEY_VERSION: u32 = 2;
 
 /// Build args usable without an ARG declaration, kept out of history and cache keys.
 pub const PROXY_ARGS: [&str; 10] = [
@@ -374,7 +374,7 @@ pub struct StepInputs {
     pub workdir: String,
     /// SHELL in effect.
     pub shell: Vec<String>,
-    /// Content of COPY/ADD sources: path → digest of (mode, owner, size, content, link target).
+    /// Content of COPY/ADD sources: path → digest of (mode, size, content, link target).
     pub files: BTreeMap<String, String>,
     /// Identity of a `--from` source (the source stage's key or the image's manifest digest).
     pub from: String,

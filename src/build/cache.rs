@@ -1,123 +1,212 @@
-//! The build cache and layer commits: looking a step up, explaining a miss, recording a
-//! result, turning an upper dir into a stored layer, and the unpacked layer dirs of base images.
+//! The executor's side of the build cache: looking a step up in the caches (local store
+//! first, then `--cache-from`), explaining a miss, recording a result; turning an upper dir
+//! into a stored layer; and the unpacked layer dirs of base images and cached layers.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
-use serde::{Deserialize, Serialize};
-
-use super::{BuildError, Engine, Layer, StageState, StepPlace, scratch_state};
+use super::report::{Cached, Outcomes};
+use super::{BuildError, Built, Engine, StageState, StepPlace, scratch_state};
+use crate::cache::{self, BuiltRecord, Hit, Layer, Lookup, Miss, Record};
 use crate::digest::Digest;
 use crate::image::{self, Descriptor};
-use crate::plan::{self, StepInputs};
+use crate::plan::{Base, Plan, StepInputs};
 use crate::registry::reference::Reference;
 use crate::snapshot::{self, Compression, LayerOptions};
 
-/// What a cache record holds.
-#[derive(Serialize, Deserialize)]
-struct CacheRecord {
-    layer: Option<Layer>,
-    created: Option<String>,
-}
-
-/// What the last build of a step saw (for miss explanations).
-#[derive(Serialize, Deserialize)]
-struct StepRecord {
-    parent: Digest,
-    inputs: StepInputs,
+/// The stages whose steps make the final image's layers: the target and those it is built
+/// `FROM`, transitively (the steps `--cache-to mode=min` exports).
+pub(super) fn image_stages(plan: &Plan) -> BTreeSet<usize> {
+    let mut stages = BTreeSet::new();
+    let mut at = Some(plan.target);
+    while let Some(i) = at {
+        stages.insert(i);
+        at = match plan.stages[i].base {
+            Base::Stage(b) => Some(b),
+            _ => None,
+        };
+    }
+    stages
 }
 
 impl Engine<'_> {
-    fn identity(&self, stage: usize, n: usize) -> Digest {
-        Digest::of(format!("kiln-step-identity\n{}\n{stage}\n{n}", self.recipe_id).as_bytes())
+    /// Runs the build until it ends without a layer from a shared cache turning out unusable.
+    /// Such a layer (it cannot be had, or is not what its record says) is left out and the
+    /// build runs again: steps already done are local hits by then. Each round rejects one more
+    /// layer, so this ends.
+    pub(super) fn build_attempts(&self) -> Result<Built, BuildError> {
+        loop {
+            *self.outcomes.lock().unwrap_or_else(|e| e.into_inner()) = Outcomes::default();
+            let result = self.run_stages().and_then(|state| self.finish(state));
+            match result {
+                Err(BuildError::CacheLayer {
+                    digest,
+                    cache,
+                    reason,
+                }) if self.reject(digest) => {
+                    self.progress.warn(&format!(
+                        "cache {cache}: layer {digest} is unusable ({reason}); building again without it"
+                    ));
+                    self.store.forget_promise(&digest)?;
+                    // A failed stage raised `cancel` to stop the others; the user did not.
+                    if self.stopped_others.swap(false, Ordering::SeqCst) {
+                        self.cancel.store(false, Ordering::SeqCst);
+                    }
+                }
+                Err(e) => return Err(e),
+                Ok(image) => {
+                    let Outcomes { mut steps, records } = std::mem::take(
+                        &mut *self.outcomes.lock().unwrap_or_else(|e| e.into_inner()),
+                    );
+                    steps.sort_by_key(|(order, _)| *order);
+                    return Ok(Built {
+                        image,
+                        steps: steps.into_iter().map(|(_, s)| s).collect(),
+                        records,
+                    });
+                }
+            }
+        }
     }
 
-    /// Looks the step up in the cache and returns the record of a hit. On a miss, tells the
-    /// progress view why, comparing with the step's last build (whose `parent` is the key the
-    /// step was built on).
+    /// Keeps a record of this build for `--cache-to`.
+    pub(super) fn keep_record(&self, stage: usize, record: Record) {
+        let in_image = self.image_stages.contains(&stage);
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .records
+            .push(BuiltRecord { record, in_image });
+    }
+
+    /// Leaves a shared cache's layer out of later attempts; false if it already was.
+    pub(super) fn reject(&self, layer: Digest) -> bool {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(layer)
+    }
+
+    /// Shows a warning, once per build.
+    fn warn_once(&self, text: String) {
+        let fresh = self
+            .warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(text.clone());
+        if fresh {
+            self.progress.warn(&text);
+        }
+    }
+
+    fn identity(&self, stage: usize, n: usize) -> Digest {
+        Digest::of(format!("kiln-step-identity-v2\n{}\n{stage}\n{n}", self.recipe_id).as_bytes())
+    }
+
+    /// Looks the step up in the caches in order and returns a hit and the cache's index. A
+    /// shared cache's layer that the store does not hold is promised, not fetched. On a miss,
+    /// returns why the step is rebuilt (when that can be told).
     fn try_cache(
         &self,
-        stage: usize,
-        n: usize,
-        parent: &Digest,
-        key: &Digest,
+        place: &StepPlace,
+        (parent, key): (&Digest, &Digest),
         inputs: &StepInputs,
-        step: &crate::progress::Step<'_>,
-    ) -> Result<Option<CacheRecord>, BuildError> {
-        let filtered = self.no_cache_stage(stage);
-        let cached = match self.opts.no_cache || filtered {
-            true => None,
-            false => self.store.cache_get(key)?,
-        };
+    ) -> Result<Result<(Hit, usize), Option<String>>, BuildError> {
+        if self.opts.no_cache {
+            return Ok(Err(Some("--no-cache".to_string())));
+        }
+        if self.no_cache_stage(place.stage) {
+            return Ok(Err(Some("--no-cache-filter".to_string())));
+        }
         let mut other_encoding = false;
-        if let Some(record) = cached.and_then(|v| serde_json::from_value::<CacheRecord>(v).ok()) {
-            // A record whose layer blob was pruned, or that is encoded differently from what
-            // this build asks for (`--compression`), is a miss.
-            let usable = match &record.layer {
-                Some(l) => {
-                    other_encoding = l.desc.media_type != self.layer_media_type();
-                    self.store.has_blob(&l.desc.digest) && !other_encoding
+        for (i, cache) in self.caches.iter().enumerate() {
+            let hit = match cache.lookup(key) {
+                Lookup::Miss => continue,
+                Lookup::Unusable(warning) => {
+                    self.warn_once(warning);
+                    continue;
                 }
-                None => true,
+                Lookup::Hit(hit) => *hit,
             };
-            if usable {
-                return Ok(Some(record));
+            if let Some(l) = &hit.layer {
+                // A layer encoded otherwise than this build asks for (`--compression`) is a
+                // miss, as is one found unusable in an earlier attempt.
+                if l.desc.media_type != self.layer_media_type() {
+                    other_encoding = true;
+                    continue;
+                }
+                if self
+                    .rejected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&l.desc.digest)
+                {
+                    continue;
+                }
+                if let Some(origin) = &hit.origin {
+                    self.store.promise_blob(&l.desc.digest, origin)?;
+                }
             }
+            return Ok(Ok((hit, i)));
         }
-        let reason = if self.opts.no_cache {
-            Some("--no-cache".to_string())
-        } else if filtered {
-            Some("--no-cache-filter".to_string())
-        } else if other_encoding {
-            Some("the cached layer has another compression".to_string())
-        } else {
-            // A step never built before needs no explanation.
-            self.store
-                .cache_get(&self.identity(stage, n))?
-                .and_then(|v| serde_json::from_value::<StepRecord>(v).ok())
-                .map(|old| plan::explain_difference(&old.inputs, inputs, old.parent != *parent))
+        if other_encoding {
+            return Ok(Err(Some(
+                "the cached layer has another compression".to_string(),
+            )));
+        }
+        let shared = cache::shareable(inputs);
+        let miss = Miss {
+            step_id: self.identity(place.stage, place.n),
+            parent: *parent,
+            inputs: &shared,
         };
-        if let Some(reason) = reason {
-            step.rebuild_reason(&reason);
+        let (local, remote) = self.caches.split_at(1);
+        if remote.is_empty() {
+            // A step never built before needs no explanation.
+            return Ok(Err(local[0].explain(&miss)));
         }
-        Ok(None)
+        let names: Vec<&str> = remote.iter().map(|c| c.name()).collect();
+        let mut reason = format!("not in cache {}", names.join(", "));
+        if let Some(why) = remote.iter().find_map(|c| c.explain(&miss)) {
+            reason += &format!("; nearest record differs: {why}");
+        } else if let Some(why) = local[0].explain(&miss) {
+            reason += &format!("; last local build differs: {why}");
+        }
+        Ok(Err(Some(reason)))
     }
 
-    fn apply_record(
-        &self,
-        st: &mut StageState,
-        key: Digest,
-        record: CacheRecord,
-        created_by: String,
-    ) -> Result<(), BuildError> {
+    /// Applies a cached result to the stage, and keeps its record for exports.
+    fn apply_record(&self, st: &mut StageState, place: &StepPlace, record: Record) {
         st.created = record.created.clone();
-        match record.layer {
+        match &record.layer {
             Some(layer) => {
                 st.config.rootfs.diff_ids.push(layer.diff_id);
-                st.layers.push(layer);
-                self.history(st, created_by, false);
+                st.layers.push(layer.clone());
+                self.history(st, place.created_by.clone(), false);
             }
-            None => self.history(st, created_by, true),
+            None => self.history(st, place.created_by.clone(), true),
         }
-        st.key = key;
-        Ok(())
+        st.key = record.key;
+        self.keep_record(place.stage, record);
     }
 
-    fn remember(
+    /// The record of a step: `key` derived from `parent`, its inputs, layer and time.
+    fn record(
         &self,
-        stage: usize,
-        n: usize,
-        parent: Digest,
-        key: &Digest,
-        inputs: StepInputs,
-        record: &CacheRecord,
-    ) -> Result<(), BuildError> {
-        let value = serde_json::to_value(record).unwrap_or_default();
-        self.store.cache_put(key, &value)?;
-        if n != usize::MAX {
-            let id = serde_json::to_value(StepRecord { parent, inputs }).unwrap_or_default();
-            self.store.cache_put(&self.identity(stage, n), &id)?;
+        place: &StepPlace,
+        (parent, key): (Digest, Digest),
+        inputs: &StepInputs,
+        (layer, created): (Option<Layer>, Option<String>),
+    ) -> Record {
+        Record {
+            key,
+            parent,
+            inputs: Some(cache::shareable(inputs)),
+            layer,
+            created,
+            step_id: (place.n != usize::MAX).then(|| self.identity(place.stage, place.n)),
         }
-        Ok(())
     }
 
     pub(super) fn now_created(&self) -> String {
@@ -141,13 +230,25 @@ impl Engine<'_> {
         inputs: &StepInputs,
         step: crate::progress::Step<'p>,
     ) -> Result<Option<crate::progress::Step<'p>>, BuildError> {
-        match self.try_cache(place.stage, place.n, &parent, &key, inputs, &step)? {
-            Some(record) => {
-                self.apply_record(st, key, record, place.created_by.clone())?;
+        match self.try_cache(place, (&parent, &key), inputs)? {
+            Ok((hit, i)) => {
+                st.cached = match i {
+                    0 => Cached::Local,
+                    _ => Cached::Shared(self.caches[i].name().to_string()),
+                };
+                let record = self.record(place, (parent, key), inputs, (hit.layer, hit.created));
+                self.apply_record(st, place, record);
                 step.cached();
                 Ok(None)
             }
-            None => Ok(Some(step)),
+            Err(reason) => {
+                if let Some(reason) = &reason {
+                    step.rebuild_reason(reason);
+                }
+                st.cached = Cached::No;
+                st.reason = reason;
+                Ok(Some(step))
+            }
         }
     }
 
@@ -170,7 +271,7 @@ impl Engine<'_> {
         self.commit_layer(st, place, (parent, key), inputs, layer, step)
     }
 
-    /// Records a step's result (its layer, if it made one) in the cache and applies it.
+    /// Records a step's result (its layer, if it made one) in the local cache and applies it.
     pub(super) fn commit_layer(
         &self,
         st: &mut StageState,
@@ -180,12 +281,12 @@ impl Engine<'_> {
         layer: Option<Layer>,
         step: crate::progress::Step<'_>,
     ) -> Result<(), BuildError> {
-        let record = CacheRecord {
-            layer,
-            created: Some(self.now_created()),
-        };
-        self.remember(place.stage, place.n, parent, &key, inputs, &record)?;
-        self.apply_record(st, key, record, place.created_by)?;
+        let created = Some(self.now_created());
+        let record = self.record(&place, (parent, key), &inputs, (layer, created));
+        self.caches[0]
+            .store(std::slice::from_ref(&record))
+            .map_err(|e| self.step_error(place.stage, place.line, e))?;
+        self.apply_record(st, &place, record);
         step.done();
         Ok(())
     }
@@ -267,9 +368,58 @@ impl Engine<'_> {
             .collect()
     }
 
-    /// The unpacked dir of a layer, unpacking its blob once if needed.
+    /// The unpacked dir of a layer, unpacking its blob once if needed (fetching it first when
+    /// a shared cache promised it).
     fn ensure_layer_dir(&self, layer: &Layer) -> Result<PathBuf, BuildError> {
-        unpacked_layer(self.store, layer)
+        if let Some(dir) = self.store.layer_dir(&layer.diff_id) {
+            return Ok(dir);
+        }
+        let shared = self.fetch_layer(layer)?;
+        let scratch = self.store.scratch_dir()?;
+        let dir = scratch.path().join("layer");
+        let failed = |reason: String| match &shared {
+            Some(cache) => BuildError::CacheLayer {
+                digest: layer.desc.digest,
+                cache: cache.clone(),
+                reason,
+            },
+            None => BuildError::Image(format!("unpacking layer {}: {reason}", layer.desc.digest)),
+        };
+        std::fs::create_dir(&dir).map_err(|e| failed(e.to_string()))?;
+        let blob = self.store.open_blob(&layer.desc.digest)?;
+        let diff_id = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir)
+            .map_err(|e| failed(e.to_string()))?;
+        if diff_id != layer.diff_id {
+            return Err(failed(format!(
+                "its diff_id is {diff_id}, but the record says {}",
+                layer.diff_id
+            )));
+        }
+        Ok(self.store.install_layer_dir(&layer.diff_id, &dir)?)
+    }
+
+    /// Makes a layer's blob present, fetching it when a shared cache promised it; returns the
+    /// origin it came from in that case. A fetch that fails is [`BuildError::CacheLayer`].
+    pub(super) fn fetch_layer(&self, layer: &Layer) -> Result<Option<String>, BuildError> {
+        let d = &layer.desc.digest;
+        if self.store.has_blob(d) {
+            return Ok(None);
+        }
+        let Some(origin) = self.store.blob_origin(d) else {
+            return Err(crate::store::StoreError::BlobNotFound {
+                digest: *d,
+                root: self.store.root().to_path_buf(),
+            }
+            .into());
+        };
+        self.store
+            .fetch_promised(d)
+            .map_err(|e| BuildError::CacheLayer {
+                digest: *d,
+                cache: origin.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Some(origin))
     }
 
     pub(super) fn load_image(
@@ -279,26 +429,30 @@ impl Engine<'_> {
     ) -> Result<StageState, BuildError> {
         let normalized =
             Reference::parse(reference).map_err(|e| self.invalid(line, e.to_string()))?;
-        let image = {
+        let (image, pulled) = {
             let mut pulled = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
             let name = normalized.to_string();
             // --pull asks the registry once per build, even when the store has the image.
             let refresh = self.opts.pull && !pulled.contains(&name);
             match self.store.resolve(&name)? {
-                Some(image) if !refresh => image,
+                Some(image) if !refresh => (image, false),
                 _ => {
                     pulled.insert(name);
                     self.progress.info(&format!("pulling {normalized}"));
-                    crate::distribution::pull(self.store, &self.client, &normalized).map_err(
-                        |source| BuildError::Pull {
+                    let image = crate::distribution::pull(self.store, self.client, &normalized)
+                        .map_err(|source| BuildError::Pull {
                             reference: normalized.to_string(),
                             source: Box::new(source),
-                        },
-                    )?
+                        })?;
+                    (image, true)
                 }
             }
         };
-        self.image_state(&image, &normalized.to_string())
+        let cached = match pulled {
+            true => Cached::No,
+            false => Cached::Local,
+        };
+        self.image_state(&image, &normalized.to_string(), cached)
     }
 
     /// The state of a stage starting from a stored image (`name` for messages).
@@ -306,6 +460,7 @@ impl Engine<'_> {
         &self,
         image: &crate::store::StoredImage,
         name: &str,
+        cached: Cached,
     ) -> Result<StageState, BuildError> {
         let diff_ids = &image.config.rootfs.diff_ids;
         if diff_ids.len() != image.manifest_body.layers.len() {
@@ -314,6 +469,7 @@ impl Engine<'_> {
             )));
         }
         let mut st = scratch_state();
+        st.cached = cached;
         st.config = image.config.clone();
         st.created = image.config.created.clone();
         st.key = Digest::of(format!("image\n{}", image.manifest.digest).as_bytes());
@@ -329,28 +485,4 @@ impl Engine<'_> {
         }
         Ok(st)
     }
-}
-
-/// The unpacked dir of a layer in the store, unpacking its blob once if needed.
-pub(super) fn unpacked_layer(
-    store: &crate::store::Store,
-    layer: &Layer,
-) -> Result<PathBuf, BuildError> {
-    if let Some(dir) = store.layer_dir(&layer.diff_id) {
-        return Ok(dir);
-    }
-    let scratch = store.scratch_dir()?;
-    let dir = scratch.path().join("layer");
-    std::fs::create_dir(&dir)
-        .map_err(|e| BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest)))?;
-    let blob = store.open_blob(&layer.desc.digest)?;
-    let diff_id = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir)
-        .map_err(|e| BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest)))?;
-    if diff_id != layer.diff_id {
-        return Err(BuildError::Image(format!(
-            "layer {} has diff_id {diff_id}, but the image config says {}",
-            layer.desc.digest, layer.diff_id
-        )));
-    }
-    Ok(store.install_layer_dir(&layer.diff_id, &dir)?)
 }

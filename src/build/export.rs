@@ -6,7 +6,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::cache::unpacked_layer;
 use super::copy::{self, CopyJob, SourceFs, SourceItem};
 use super::{BuildError, Layer};
 use crate::image;
@@ -134,4 +133,27 @@ fn write_tree(
             out.flush().map_err(|e| export_error(dest, e))
         }
     }
+}
+
+/// The unpacked dir of a layer of a stored image, unpacking its blob once if needed.
+fn unpacked_layer(store: &Store, layer: &Layer) -> Result<PathBuf, BuildError> {
+    if let Some(dir) = store.layer_dir(&layer.diff_id) {
+        return Ok(dir);
+    }
+    let failed = |e: &dyn std::fmt::Display| {
+        BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest))
+    };
+    let scratch = store.scratch_dir()?;
+    let dir = scratch.path().join("layer");
+    std::fs::create_dir(&dir).map_err(|e| failed(&e))?;
+    let blob = store.open_blob(&layer.desc.digest)?;
+    let diff_id =
+        snapshot::unpack_layer(std::io::BufReader::new(blob), &dir).map_err(|e| failed(&e))?;
+    if diff_id != layer.diff_id {
+        return Err(failed(&format!(
+            "its diff_id is {diff_id}, but the image config says {}",
+            layer.diff_id
+        )));
+    }
+    Ok(store.install_layer_dir(&layer.diff_id, &dir)?)
 }

@@ -9,6 +9,7 @@ pub mod export;
 pub mod lint;
 mod listed;
 mod named;
+pub mod report;
 mod run;
 mod steps;
 
@@ -16,9 +17,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
+use crate::cache::{
+    BuiltRecord, CacheBackend, Import, Layer, LocalCache, inline_annotation, open_imports,
+};
 use crate::digest::Digest;
 use crate::image::{self, Descriptor, History, ImageConfig};
 use crate::plan::{self, Base, Plan, PlanError, PlanOptions};
@@ -33,9 +36,11 @@ use crate::sources::context::{Context, ContextError};
 use crate::sources::named::NamedSource;
 use crate::store::{Store, StoreError, StoredImage};
 
+use self::cache::image_stages;
 use self::config::{
     DEFAULT_PATH, command_argv, default_shell, expose_ports, set_env, set_healthcheck,
 };
+use self::report::{Cached, Outcomes, StepReport};
 
 /// Everything a build is asked to do, from the command line.
 #[derive(Clone, Debug)]
@@ -78,6 +83,24 @@ pub struct BuildOptions {
     pub pull: bool,
     /// `--add-host`: extra `/etc/hosts` entries for RUN steps, (host, ip).
     pub add_hosts: Vec<(String, String)>,
+    /// `--cache-from`: shared caches asked after the local store, in order.
+    pub cache_from: Vec<Import>,
+    /// `--cache-to type=inline`: the image's manifest carries its cache records.
+    pub inline_cache: bool,
+    /// Leave layers taken from a shared cache where they are unless a step needs their files
+    /// (true when the image only goes to registries, which can mount them); else the final
+    /// image's layers are all fetched before the build ends.
+    pub lazy_layers: bool,
+}
+
+/// A finished build.
+pub struct Built {
+    /// The image, stored (not yet tagged).
+    pub image: StoredImage,
+    /// What each step of the stages built did, by stage and step.
+    pub steps: Vec<StepReport>,
+    /// The cache records of the build, for `--cache-to`.
+    pub records: Vec<BuiltRecord>,
 }
 
 /// Why a build stopped.
@@ -175,6 +198,17 @@ pub enum BuildError {
         /// The rules that found something.
         rules: String,
     },
+    /// A layer a shared cache pointed at cannot be had or is not what the record said; the
+    /// build is run again without it.
+    #[error("layer {digest} from cache {cache}: {reason}")]
+    CacheLayer {
+        /// The layer blob.
+        digest: Digest,
+        /// The cache it came from.
+        cache: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The build was interrupted.
     #[error("build interrupted")]
     Cancelled,
@@ -197,13 +231,6 @@ impl BuildError {
     }
 }
 
-/// A layer of an image being built.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Layer {
-    desc: Descriptor,
-    diff_id: Digest,
-}
-
 /// A stage's state as its steps run, and its result.
 #[derive(Clone)]
 struct StageState {
@@ -216,15 +243,20 @@ struct StageState {
     args: BTreeMap<String, String>,
     shell: Vec<String>,
     cmd_set: bool,
+    /// Where the last step's result came from, and why it was rebuilt (for reports;
+    /// metadata-only steps keep the state of the step before them).
+    cached: Cached,
+    /// Why the current step was rebuilt.
+    reason: Option<String>,
 }
 
-/// Builds the recipe; returns the final image, stored (not yet tagged).
+/// Builds the recipe; returns the final image, stored (not yet tagged), and what each step did.
 pub fn build(
     store: &Store,
     opts: &BuildOptions,
     progress: &Progress,
     cancel: &AtomicBool,
-) -> Result<StoredImage, BuildError> {
+) -> Result<Built, BuildError> {
     let file = opts.recipe_path.display().to_string();
     let recipe = recipe::parse(&opts.recipe_bytes, &file)?;
     let checked = lint::lint(
@@ -270,6 +302,18 @@ pub fn build(
     let context =
         Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
     let _lease = store.build_lease()?;
+    let client = Client::new(ClientOptions {
+        tls_verify: opts.tls_verify,
+        ..Default::default()
+    });
+    let mut caches: Vec<Box<dyn CacheBackend + '_>> = vec![Box::new(LocalCache::new(store))];
+    if !opts.cache_from.is_empty() && !opts.no_cache {
+        let (shared, warnings) = open_imports(store, &client, &opts.cache_from);
+        for w in warnings {
+            progress.warn(&w);
+        }
+        caches.extend(shared);
+    }
     let named = named::open_named(store, &opts.named_contexts)?;
     let engine = Engine {
         store,
@@ -279,10 +323,7 @@ pub fn build(
         progress,
         cancel,
         sandbox: Sandbox::new(opts.helper_exe.clone()),
-        client: Client::new(ClientOptions {
-            tls_verify: opts.tls_verify,
-            ..Default::default()
-        }),
+        client: &client,
         pulls: Mutex::new(BTreeSet::new()),
         lexer: Lexer::new(recipe.directives.escape),
         context,
@@ -292,9 +333,14 @@ pub fn build(
             .unwrap_or_else(|_| opts.recipe_path.clone())
             .display()
             .to_string(),
+        caches,
+        image_stages: image_stages(&plan),
+        outcomes: Mutex::default(),
+        rejected: Mutex::default(),
+        warned: Mutex::default(),
+        stopped_others: AtomicBool::new(false),
     };
-    let state = engine.run_stages()?;
-    engine.finish(state)
+    engine.build_attempts()
 }
 
 /// Where a layer step is: for messages, step identities and history.
@@ -313,7 +359,7 @@ struct Engine<'a> {
     progress: &'a Progress,
     cancel: &'a AtomicBool,
     sandbox: Sandbox,
-    client: Client,
+    client: &'a Client,
     /// Serialises pulls so parallel stages do not fetch one image twice; holds the names pulled
     /// by this build.
     pulls: Mutex<BTreeSet<String>>,
@@ -323,6 +369,18 @@ struct Engine<'a> {
     named: BTreeMap<String, named::Named>,
     file: String,
     recipe_id: String,
+    /// The local store's cache first, then the `--cache-from` caches in order.
+    caches: Vec<Box<dyn CacheBackend + 'a>>,
+    /// The stages whose steps make the image's layers (`--cache-to mode=min`).
+    image_stages: BTreeSet<usize>,
+    /// What the steps did (reset for each attempt).
+    outcomes: Mutex<Outcomes>,
+    /// Layers of shared caches found unusable in an earlier attempt.
+    rejected: Mutex<BTreeSet<Digest>>,
+    /// Warnings given once.
+    warned: Mutex<BTreeSet<String>>,
+    /// Set when a failed stage (not the user) raised `cancel` to stop the others.
+    stopped_others: AtomicBool,
 }
 
 /// Shared scheduler state for parallel stages.
@@ -383,7 +441,10 @@ impl Engine<'_> {
                             if guard.error.is_none() {
                                 guard.error = Some(e);
                             }
-                            self.cancel.store(true, Ordering::SeqCst);
+                            // Stop the other stages; remember whether it was us.
+                            if !self.cancel.swap(true, Ordering::SeqCst) {
+                                self.stopped_others.store(true, Ordering::SeqCst);
+                            }
                         }
                     }
                     schedule.changed.notify_all();
@@ -438,6 +499,7 @@ impl Engine<'_> {
         let step = self
             .progress
             .step(label(1, &stage.text, stage.span.start_line));
+        let started = Instant::now();
         let mut st = match &self.plan.stages[index].base {
             Base::Scratch => scratch_state(),
             Base::Stage(i) => (*deps[i]).clone(),
@@ -450,6 +512,16 @@ impl Engine<'_> {
             )?,
         };
         step.ready();
+        st.reason = None;
+        self.report(
+            index,
+            0,
+            &st,
+            &stage.text,
+            stage.span.start_line,
+            started,
+            None,
+        );
         if self.plan.stages[index].replaced {
             // A build context of the stage's name stands for the whole stage.
             return Ok(st);
@@ -458,14 +530,15 @@ impl Engine<'_> {
         st.shell = st.config.config.shell.clone().unwrap_or_else(default_shell);
         st.cmd_set = false;
         let triggers = st.config.config.on_build.take().unwrap_or_default();
-        for trigger in triggers {
-            let instr = self.parse_trigger(&trigger, stage.span.start_line)?;
-            let step = self.progress.step(label(
-                1,
-                &format!("ONBUILD {trigger}"),
-                stage.span.start_line,
-            ));
+        for (t, trigger) in triggers.iter().enumerate() {
+            let instr = self.parse_trigger(trigger, stage.span.start_line)?;
+            let text = format!("ONBUILD {trigger}");
+            let step = self.progress.step(label(1, &text, stage.span.start_line));
+            let (started, below) = (Instant::now(), st.layers.len());
+            st.reason = None;
             self.execute(index, usize::MAX, &mut st, &instr, step, deps)?;
+            let line = stage.span.start_line;
+            self.report(index, 1 + t, &st, &text, line, started, Some(below));
         }
         for (n, instr) in stage.instructions.iter().enumerate() {
             if self.cancel.load(Ordering::SeqCst) {
@@ -474,7 +547,11 @@ impl Engine<'_> {
             let step = self
                 .progress
                 .step(label(n + 2, &instr.text, instr.span.start_line));
+            let (started, below) = (Instant::now(), st.layers.len());
+            st.reason = None;
             self.execute(index, n, &mut st, instr, step, deps)?;
+            let (order, line) = (1 + triggers.len() + n, instr.span.start_line);
+            self.report(index, order, &st, &instr.text, line, started, Some(below));
         }
         Ok(st)
     }
@@ -675,8 +752,21 @@ impl Engine<'_> {
         for (k, v) in &self.opts.labels {
             st.config.config.labels.insert(k.clone(), v.clone());
         }
+        if !self.opts.lazy_layers {
+            for l in &st.layers {
+                self.fetch_layer(l)?;
+            }
+        }
         let layers: Vec<Descriptor> = st.layers.iter().map(|l| l.desc.clone()).collect();
-        Ok(self.store.put_image(&st.config, &layers)?)
+        let mut annotations = BTreeMap::new();
+        if self.opts.inline_cache {
+            let outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+            let (k, v) = inline_annotation(&outcomes.records, &layers);
+            annotations.insert(k, v);
+        }
+        Ok(self
+            .store
+            .put_image_annotated(&st.config, &layers, annotations)?)
     }
 }
 
@@ -697,5 +787,7 @@ fn scratch_state() -> StageState {
         args: BTreeMap::new(),
         shell: default_shell(),
         cmd_set: false,
+        cached: Cached::Local,
+        reason: None,
     }
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::copy::{self, CopyJob, SourceFs, SourceItem};
+use super::report::Cached;
 use super::{BuildError, Engine, StageState, StepPlace, scratch_state};
 use crate::digest::Digest;
 use crate::plan::StepInputs;
@@ -73,9 +74,11 @@ impl Engine<'_> {
             Some(Named::Image(reference)) => Ok(NamedFiles::Image(Box::new(
                 self.load_image(reference, line)?,
             ))),
-            Some(Named::Layout(image)) => {
-                Ok(NamedFiles::Image(Box::new(self.image_state(image, name)?)))
-            }
+            Some(Named::Layout(image)) => Ok(NamedFiles::Image(Box::new(self.image_state(
+                image,
+                name,
+                Cached::Local,
+            )?))),
             None => Err(self.invalid(line, format!("unknown build context {name:?}"))),
         }
     }

@@ -12,12 +12,13 @@ use kiln::distribution;
 use kiln::progress::{Mode, Progress};
 use kiln::registry::reference::Reference;
 use kiln::sandbox::NetworkMode;
-use kiln::store::{self, Store};
+use kiln::store;
 
+use super::cache::CacheArgs;
 use super::output::{Output, parse_output};
 use super::{
-    CANCEL, Failure, call, client, devloop, emit, key_value, normalize, read_file, secrets,
-    transfer_failure,
+    CANCEL, Failure, call, client, devloop, emit, key_value, normalize, open_store, read_file,
+    secrets, transfer_failure,
 };
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -108,6 +109,8 @@ pub(crate) struct BuildArgs {
     call: call::CallArgs,
     #[command(flatten)]
     devloop: devloop::DevLoopArgs,
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 /// Reads the recipe: `file` ("-" = stdin), else CONTEXT/Dockerfile, else
@@ -231,6 +234,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         .iter()
         .map(|t| normalize(t))
         .collect::<Result<Vec<_>, _>>()?;
+    let cache = args.cache.parse()?;
     let mode = match (args.quiet, args.progress) {
         (true, _) | (_, ProgressArg::Quiet) => Mode::Quiet,
         (_, ProgressArg::Plain) => Mode::Plain,
@@ -270,10 +274,17 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         add_hosts: args.devloop.extra_hosts()?,
         helper_exe: std::env::current_exe()
             .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
+        cache_from: cache.imports.clone(),
+        inline_cache: cache
+            .exports
+            .iter()
+            .any(|e| e.target == kiln::cache::ExportTarget::Inline),
+        // Registries can mount a shared cache's layers; every other output needs the bytes.
+        lazy_layers: outputs.iter().all(|o| matches!(o, Output::Registry)),
     };
-    let store = Store::open(root)?;
+    let store = open_store(root, args.tls_verify)?;
     let progress = Progress::new(mode);
-    let image = build::build(&store, &opts, &progress, &CANCEL).map_err(|e| {
+    let built = build::build(&store, &opts, &progress, &CANCEL).map_err(|e| {
         let code = if matches!(e, BuildError::Cancelled) {
             130
         } else if e.is_input_error() {
@@ -291,6 +302,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             hint,
         }
     })?;
+    let image = &built.image;
     for t in &tags {
         store.tag(t, &image.manifest)?;
     }
@@ -301,25 +313,43 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         .and_then(|r| r.tag)
         .unwrap_or_else(|| "latest".to_string());
     let first_tag = Some(ref_name.as_str());
+    let registry = client(args.tls_verify);
     for o in &outputs {
         match o {
-            Output::OciDir(d) => store::export_oci_dir(&store, &image, d, first_tag)?,
-            Output::OciArchive(f) => store::export_oci_archive(&store, &image, f, first_tag)?,
-            Output::DockerArchive(f) => store::export_docker_archive(&store, &image, f, &tags)?,
+            Output::OciDir(d) => store::export_oci_dir(&store, image, d, first_tag)?,
+            Output::OciArchive(f) => store::export_oci_archive(&store, image, f, first_tag)?,
+            Output::DockerArchive(f) => store::export_docker_archive(&store, image, f, &tags)?,
             Output::Registry => {
                 for t in &tags {
                     let r = Reference::parse(t).map_err(Failure::input)?;
-                    let digest = distribution::push(&store, &client(args.tls_verify), &image, &r)
+                    let digest = distribution::push(&store, &registry, image, &r)
                         .map_err(transfer_failure)?;
                     progress.info(&format!("pushed {r}@{digest}"));
                 }
             }
-            Output::Load => devloop::load(&store, &image, &tags, &progress)?,
+            Output::Load => devloop::load(&store, image, &tags, &progress)?,
             Output::Files(dest) => {
-                export::export_files(&store, &image, dest, source_date_epoch)
+                export::export_files(&store, image, dest, source_date_epoch)
                     .map_err(Failure::runtime)?;
             }
         }
+    }
+    for export in &cache.exports {
+        match kiln::cache::export(&store, &registry, export, &built.records) {
+            Ok(n) => progress.info(&format!("exported {n} cache records to {}", export.target)),
+            Err(e) if export.ignore_error => progress.warn(&format!(
+                "exporting the build cache to {} failed: {e}",
+                export.target
+            )),
+            Err(e) => {
+                return Err(Failure::runtime(e).hint(
+                    "with ignore-error=true (the default) a failed cache export is only a warning",
+                ));
+            }
+        }
+    }
+    if let Some(path) = &cache.metadata_file {
+        super::cache::write_metadata(path, &built, &tags)?;
     }
     // A tar on stdout is all that stdout carries.
     let stdout_taken = to_stdout > 0;

@@ -3,6 +3,7 @@
 //! build, 2 a usage or recipe error.
 
 mod build;
+mod cache;
 mod call;
 mod devloop;
 mod output;
@@ -308,7 +309,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             reference,
             tls_verify,
         } => {
-            let store = Store::open(&root)?;
+            let store = open_store(&root, tls_verify)?;
             let img = find_image(&store, &image)?;
             let target =
                 Reference::parse(reference.as_deref().unwrap_or(&image)).map_err(Failure::input)?;
@@ -332,6 +333,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Opens the store able to fetch the layers shared caches promised (with these registry
+/// settings).
+pub(crate) fn open_store(root: &Path, tls_verify: bool) -> Result<Store, Failure> {
+    let origins = kiln::cache::origin::Origins::new(client(tls_verify));
+    Ok(Store::open(root)?.with_blob_source(std::sync::Arc::new(origins)))
 }
 
 pub(crate) fn client(tls_verify: bool) -> Client {

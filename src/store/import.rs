@@ -5,7 +5,7 @@
 //! configs are stored byte for byte, so digests survive the round trip. A docker-archive has no
 //! manifest, so kiln writes an OCI one over the archive's config and layer files as they are.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Component, Path, PathBuf};
@@ -389,7 +389,7 @@ fn import_archive(store: &Store, path: &Path) -> Result<StoredImage, StoreError>
         let media_type = layer_media_type(store, &digest, diff_id, &path.join(layer_path))?;
         layers.push(Descriptor::new(media_type, digest, size));
     }
-    store.put_manifest(config_digest, config_size, config, layers)
+    store.put_manifest(config_digest, config_size, config, layers, BTreeMap::new())
 }
 
 /// Checks a docker-archive layer against its diff_id and returns its media type: uncompressed

@@ -1,0 +1,145 @@
+//! What a build did, step by step, and the `--metadata-file` document: BuildKit's keys
+//! (`containerimage.digest`, `containerimage.config.digest`, `containerimage.descriptor`,
+//! `image.name`) and kiln's `kiln.steps`.
+
+use std::time::Instant;
+
+use serde::{Serialize, Serializer};
+use serde_json::{Value, json};
+
+use super::{Engine, StageState};
+use crate::cache::BuiltRecord;
+use crate::digest::Digest;
+use crate::store::StoredImage;
+
+/// Where a step's result came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cached {
+    /// The local store's cache (or, for FROM, an image or stage at hand).
+    Local,
+    /// A shared cache, by its name (the reference or directory given to `--cache-from`).
+    Shared(String),
+    /// The step was run (or, for FROM, the image pulled).
+    No,
+}
+
+impl Serialize for Cached {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            Cached::Local => "local",
+            Cached::Shared(name) => name,
+            Cached::No => "no",
+        })
+    }
+}
+
+/// One step of a build, as `kiln.steps` lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    /// The stage's name (or `stage-N`).
+    pub stage: String,
+    /// The instruction's line in the recipe.
+    pub line: usize,
+    /// The instruction as written.
+    pub instruction: String,
+    /// Where its result came from; a metadata-only step (ENV, LABEL, …) takes the state of
+    /// the step before it.
+    pub cached: Cached,
+    /// Why it was rebuilt, when it was and a reason is known.
+    pub reason: Option<String>,
+    /// How long it took.
+    pub duration_s: f64,
+    /// The layer it added, if any.
+    pub layer: Option<Digest>,
+}
+
+/// What the steps of one attempt at the build did.
+#[derive(Default)]
+pub(super) struct Outcomes {
+    /// Step reports by (stage, step number).
+    pub(super) steps: Vec<((usize, usize), StepReport)>,
+    /// Cache records made or reused.
+    pub(super) records: Vec<BuiltRecord>,
+}
+
+impl Engine<'_> {
+    /// Records what a step did for the build's report: `below` is how many layers the stage
+    /// had before it (None for FROM, which adds none of its own).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn report(
+        &self,
+        stage: usize,
+        order: usize,
+        st: &StageState,
+        instruction: &str,
+        line: usize,
+        started: Instant,
+        below: Option<usize>,
+    ) {
+        let layer = below
+            .filter(|&b| st.layers.len() > b)
+            .and_then(|_| st.layers.last())
+            .map(|l| l.desc.digest);
+        let report = StepReport {
+            stage: self.stage_name(stage),
+            line,
+            instruction: instruction.to_string(),
+            cached: st.cached.clone(),
+            reason: st.reason.clone(),
+            duration_s: started.elapsed().as_secs_f64(),
+            layer,
+        };
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .steps
+            .push(((stage, order), report));
+    }
+}
+
+/// The `--metadata-file` document for `image`, named `names` (none: no `image.name`).
+pub fn metadata(image: &StoredImage, names: &[String], steps: &[StepReport]) -> Value {
+    let mut doc = json!({
+        "containerimage.digest": image.manifest.digest,
+        "containerimage.config.digest": image.config_digest,
+        "containerimage.descriptor": {
+            "mediaType": image.manifest.media_type,
+            "digest": image.manifest.digest,
+            "size": image.manifest.size,
+        },
+        "kiln.steps": steps,
+    });
+    if !names.is_empty() {
+        doc["image.name"] = names.join(",").into();
+    }
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_states_serialise_as_strings() {
+        let step = |cached| StepReport {
+            stage: "build".into(),
+            line: 2,
+            instruction: "RUN x".into(),
+            cached,
+            reason: None,
+            duration_s: 0.5,
+            layer: None,
+        };
+        let v = serde_json::to_value([
+            step(Cached::Local),
+            step(Cached::Shared("r/c:1".into())),
+            step(Cached::No),
+        ])
+        .unwrap();
+        assert_eq!(v[0]["cached"], "local");
+        assert_eq!(v[1]["cached"], "r/c:1");
+        assert_eq!(v[2]["cached"], "no");
+        assert_eq!(v[0]["reason"], Value::Null);
+        assert_eq!(v[0]["layer"], Value::Null);
+    }
+}
