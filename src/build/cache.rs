@@ -387,8 +387,13 @@ impl Engine<'_> {
         };
         std::fs::create_dir(&dir).map_err(|e| failed(e.to_string()))?;
         let blob = self.store.open_blob(&layer.desc.digest)?;
-        let diff_id = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir)
+        let unpacked = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir)
             .map_err(|e| failed(e.to_string()))?;
+        let diff_id = unpacked.diff_id;
+        if !unpacked.notes.is_empty() {
+            self.progress
+                .warn(&unpack_notes_warning(&layer.desc.digest, &unpacked.notes));
+        }
         if diff_id != layer.diff_id {
             return Err(failed(format!(
                 "its diff_id is {diff_id}, but the record says {}",
@@ -485,4 +490,30 @@ impl Engine<'_> {
         }
         Ok(st)
     }
+}
+
+/// Says how an unpacked layer differs from its blob (a normal user's kiln cannot make some
+/// entries); the layer blob and the digests built on it are unchanged.
+fn unpack_notes_warning(layer: &Digest, notes: &snapshot::UnpackNotes) -> String {
+    let mut parts = Vec::new();
+    if notes.unmapped_owners > 0 {
+        parts.push(format!(
+            "{} entries are owned by ids the user namespace does not map and appear as root's",
+            notes.unmapped_owners
+        ));
+    }
+    if let Some(first) = notes.device_placeholders.first() {
+        parts.push(format!(
+            "{} device nodes (first: /{}) cannot be made without root and are empty files",
+            notes.device_placeholders.len(),
+            first.display()
+        ));
+    }
+    if notes.skipped_xattrs > 0 {
+        parts.push(format!(
+            "{} trusted.* xattrs need root and were left out",
+            notes.skipped_xattrs
+        ));
+    }
+    format!("layer {layer}: {}", parts.join("; "))
 }

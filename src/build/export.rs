@@ -147,8 +147,10 @@ fn unpacked_layer(store: &Store, layer: &Layer) -> Result<PathBuf, BuildError> {
     let dir = scratch.path().join("layer");
     std::fs::create_dir(&dir).map_err(|e| failed(&e))?;
     let blob = store.open_blob(&layer.desc.digest)?;
-    let diff_id =
-        snapshot::unpack_layer(std::io::BufReader::new(blob), &dir).map_err(|e| failed(&e))?;
+    // (Ownership notes of a user namespace matter to RUN steps, not to the exported files.)
+    let diff_id = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir)
+        .map_err(|e| failed(&e))?
+        .diff_id;
     if diff_id != layer.diff_id {
         return Err(failed(&format!(
             "its diff_id is {diff_id}, but the image config says {}",

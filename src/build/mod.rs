@@ -11,6 +11,7 @@ mod listed;
 mod named;
 pub mod report;
 mod run;
+mod sandboxing;
 mod steps;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,7 +31,8 @@ use crate::recipe::instructions::{Instruction, InstructionKind, Recipe};
 use crate::recipe::shell::Lexer;
 use crate::recipe::{self, RecipeError};
 use crate::registry::{Client, ClientOptions};
-use crate::sandbox::{NetworkMode, Sandbox};
+use crate::sandbox::limits::Limits;
+use crate::sandbox::{NetworkMode, SandboxError};
 use crate::snapshot::Compression;
 use crate::sources::context::{Context, ContextError};
 use crate::sources::named::NamedSource;
@@ -83,6 +85,8 @@ pub struct BuildOptions {
     pub pull: bool,
     /// `--add-host`: extra `/etc/hosts` entries for RUN steps, (host, ip).
     pub add_hosts: Vec<(String, String)>,
+    /// Resource limits of RUN steps (`--memory`, `--pids-limit`, ...).
+    pub limits: Limits,
     /// `--cache-from`: shared caches asked after the local store, in order.
     pub cache_from: Vec<Import>,
     /// `--cache-to type=inline`: the image's manifest carries its cache records.
@@ -154,6 +158,23 @@ pub enum BuildError {
         /// Its exit code.
         code: i32,
     },
+    /// A RUN step was killed for hitting a resource limit.
+    #[error("stage {stage}, {file}:{line}: `{command}` was killed: {cause}")]
+    StepKilled {
+        /// The stage's name or index.
+        stage: String,
+        /// The recipe file.
+        file: String,
+        /// The step's line.
+        line: usize,
+        /// The command.
+        command: String,
+        /// The limit, in words.
+        cause: String,
+    },
+    /// The sandbox cannot run steps as asked (limits that cannot be applied, ...).
+    #[error(transparent)]
+    Sandbox(SandboxError),
     /// A step could not be carried out.
     #[error("stage {stage}, {file}:{line}: {message}")]
     Step {
@@ -227,6 +248,7 @@ impl BuildError {
                 | BuildError::Image(_)
                 | BuildError::Checks { .. }
                 | BuildError::NamedContext { .. }
+                | BuildError::Sandbox(SandboxError::InvalidInput(_))
         )
     }
 }
@@ -302,6 +324,7 @@ pub fn build(
     let context =
         Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
     let _lease = store.build_lease()?;
+    let sandbox = sandboxing::prepare(opts, store, progress)?;
     let client = Client::new(ClientOptions {
         tls_verify: opts.tls_verify,
         ..Default::default()
@@ -322,7 +345,7 @@ pub fn build(
         plan: &plan,
         progress,
         cancel,
-        sandbox: Sandbox::new(opts.helper_exe.clone()),
+        sandbox,
         client: &client,
         pulls: Mutex::new(BTreeSet::new()),
         lexer: Lexer::new(recipe.directives.escape),
@@ -358,7 +381,7 @@ struct Engine<'a> {
     plan: &'a Plan,
     progress: &'a Progress,
     cancel: &'a AtomicBool,
-    sandbox: Sandbox,
+    sandbox: crate::sandbox::Sandbox,
     client: &'a Client,
     /// Serialises pulls so parallel stages do not fetch one image twice; holds the names pulled
     /// by this build.

@@ -15,6 +15,7 @@ use kiln::sandbox::NetworkMode;
 use kiln::store;
 
 use super::cache::CacheArgs;
+use super::limits::LimitArgs;
 use super::output::{Output, parse_output};
 use super::{
     CANCEL, Failure, call, client, devloop, emit, key_value, normalize, open_store, read_file,
@@ -111,6 +112,8 @@ pub(crate) struct BuildArgs {
     devloop: devloop::DevLoopArgs,
     #[command(flatten)]
     cache: CacheArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 /// Reads the recipe: `file` ("-" = stdin), else CONTEXT/Dockerfile, else
@@ -272,6 +275,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         no_cache_filter: args.devloop.no_cache_filter.clone(),
         pull: args.devloop.pull,
         add_hosts: args.devloop.extra_hosts()?,
+        limits: args.limits.limits()?,
         helper_exe: std::env::current_exe()
             .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
         cache_from: cache.imports.clone(),
@@ -292,10 +296,16 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         } else {
             1
         };
-        let hint = matches!(e, BuildError::Pull { .. }).then(|| {
-            "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline"
-                .to_string()
-        });
+        let hint = match &e {
+            BuildError::Pull { .. } => Some(
+                "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline",
+            ),
+            BuildError::Sandbox(kiln::sandbox::SandboxError::LimitsUnavailable(_)) => {
+                Some("--limits=best-effort builds without the limits that cannot be applied")
+            }
+            _ => None,
+        }
+        .map(str::to_string);
         Failure {
             error: Box::new(e),
             code,

@@ -6,6 +6,7 @@ mod build;
 mod cache;
 mod call;
 mod devloop;
+mod limits;
 mod output;
 mod secrets;
 
@@ -171,7 +172,7 @@ impl From<kiln::store::StoreError> for Failure {
 
 /// Runs the CLI; returns the exit status.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -184,7 +185,17 @@ pub fn main() -> i32 {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
     }
-    match run(cli) {
+    // Before entering a user namespace, where every user is root.
+    let root = store_root(cli.root.take());
+    if needs_user_namespace(&cli.command)
+        && let Err(e) = kiln::sandbox::userns::enter()
+    {
+        print_error(&Failure::runtime(e).hint(
+            "kiln builds as a normal user in a user namespace; see README, \"Rootless kiln\"",
+        ));
+        return 1;
+    }
+    match run(cli.command, &root) {
         Ok(()) => 0,
         Err(f) => {
             print_error(&f);
@@ -230,22 +241,27 @@ fn store_root(cli_root: Option<PathBuf>) -> PathBuf {
     data.join("kiln")
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
-    let root = store_root(cli.root);
-    match cli.command {
+/// Whether `command` must run in a user namespace when kiln is not root: everything that
+/// touches the store, whose layers hold files of many owners.
+fn needs_user_namespace(command: &Command) -> bool {
+    !nix::unistd::geteuid().is_root() && !matches!(command, Command::Parse { .. })
+}
+
+fn run(command: Command, root: &Path) -> Result<(), Failure> {
+    match command {
         Command::Parse { format, file } => parse(&file, format),
-        Command::Build(args) => build_cmd(&root, *args),
-        Command::Check(args) => call::check_cmd(&root, args),
+        Command::Build(args) => build_cmd(root, *args),
+        Command::Check(args) => call::check_cmd(root, args),
         Command::Import { path, name } => {
             let name = normalize(&name)?;
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let image = store::import(&store, &path).map_err(Failure::input)?;
             store.tag(&name, &image.manifest)?;
             emit!("{}", image.config_digest);
             Ok(())
         }
         Command::Images => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let mut out = std::io::stdout().lock();
             let _ = writeln!(
                 out,
@@ -266,7 +282,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Inspect { image } => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let img = find_image(&store, &image)?;
             let value = serde_json::to_value(&img.config).map_err(Failure::runtime)?;
             emit!(
@@ -276,13 +292,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Tag { src, dst } => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let img = find_image(&store, &src)?;
             store.tag(&normalize(&dst)?, &img.manifest)?;
             Ok(())
         }
         Command::Rmi { images } => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             for name in images {
                 let full = normalize(&name)?;
                 if !store.untag(&full)? {
@@ -297,7 +313,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             tls_verify,
         } => {
             let r = Reference::parse(&reference).map_err(Failure::input)?;
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let img =
                 distribution::pull(&store, &client(tls_verify), &r).map_err(transfer_failure)?;
             eprintln!("pulled {r}");
@@ -309,7 +325,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             reference,
             tls_verify,
         } => {
-            let store = open_store(&root, tls_verify)?;
+            let store = open_store(root, tls_verify)?;
             let img = find_image(&store, &image)?;
             let target =
                 Reference::parse(reference.as_deref().unwrap_or(&image)).map_err(Failure::input)?;
@@ -320,7 +336,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Prune => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let report = store.prune()?;
             eprintln!(
                 "removed {} images, {} blobs ({}), {} unpacked layers, {} cache records",

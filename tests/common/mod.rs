@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod registry;
+pub mod unprivileged;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -16,7 +17,7 @@ pub fn kiln_bin() -> &'static str {
 
 /// A store holding the busybox base, shared read-only by the tests of one binary: each test
 /// gets its own store seeded from it by `kiln import`, so tests stay independent.
-fn base_archive() -> &'static Path {
+pub fn base_archive() -> &'static Path {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
