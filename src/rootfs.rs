@@ -221,9 +221,22 @@ impl RootDir {
     }
 
     /// Creates `rel` and any missing parents as directories with `mode`, owned by `uid:gid`.
-    /// Existing components are kept as they are; symlinks among them are followed within the root.
+    /// Existing components are kept as they are; symlinks among them are followed within the
+    /// root, and a dangling one gets its target created (as BuildKit's `MkdirAll` through
+    /// `RootPath` does: `WORKDIR /x` with `/x -> /var/lib/x` creates `/var/lib/x`).
     pub fn mkdir_all(&self, rel: impl AsRef<Path>, mode: u32, uid: u32, gid: u32) -> Result<()> {
-        let rel = rel.as_ref();
+        self.mkdir_all_following(rel.as_ref(), mode, uid, gid, 0)
+    }
+
+    /// [`RootDir::mkdir_all`], `links` dangling symlinks deep.
+    fn mkdir_all_following(
+        &self,
+        rel: &Path,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        links: usize,
+    ) -> Result<()> {
         let parts = clean(rel)?;
         let dirflags = libc::O_PATH | libc::O_DIRECTORY;
         // Fast path: it already exists.
@@ -252,24 +265,41 @@ impl RootDir {
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
                 Err(e) => return Err(Self::io("mkdir", rel, e)),
             };
-            let fd = openat2_in_root(self.fd.as_raw_fd(), &prefix, dirflags, 0).map_err(|e| {
-                if e.raw_os_error() == Some(libc::ENOENT) {
-                    // It exists (EEXIST) but cannot be opened: a dangling symlink.
-                    RootfsError::Io {
-                        op: "mkdir",
-                        path: rel.to_path_buf(),
-                        err: io::Error::new(
-                            io::ErrorKind::NotFound,
-                            format!(
-                                "{} is a dangling symlink",
-                                Path::new(&join(&parts[..=i])).display()
-                            ),
-                        ),
+            let fd = match openat2_in_root(self.fd.as_raw_fd(), &prefix, dirflags, 0) {
+                Ok(fd) => fd,
+                // It exists (EEXIST) but cannot be opened: a dangling symlink. Its target is
+                // made (inside the root), then the path resolves through the link.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !created => {
+                    let link = Path::new(&join(&parts[..=i])).to_path_buf();
+                    if links >= 40 {
+                        return Err(Self::io(
+                            "mkdir",
+                            rel,
+                            io::Error::from_raw_os_error(libc::ELOOP),
+                        ));
                     }
-                } else {
-                    Self::io("mkdir", rel, e)
+                    let target = self.read_link(&link)?;
+                    // As the kernel resolves it in the root: `..` at the root stays there.
+                    let mut resolved: Vec<&OsStr> = parts[..i].to_vec();
+                    if target.is_absolute() {
+                        resolved.clear();
+                    }
+                    for c in target.components() {
+                        match c {
+                            Component::Normal(n) => resolved.push(n),
+                            Component::ParentDir => {
+                                resolved.pop();
+                            }
+                            _ => {}
+                        }
+                    }
+                    let resolved = PathBuf::from(join(&resolved));
+                    self.mkdir_all_following(&resolved, mode, uid, gid, links + 1)?;
+                    openat2_in_root(self.fd.as_raw_fd(), &prefix, dirflags, 0)
+                        .map_err(|e| Self::io("mkdir", rel, e))?
                 }
-            })?;
+                Err(e) => return Err(Self::io("mkdir", rel, e)),
+            };
             if created {
                 // SAFETY: valid fd; AT_EMPTY_PATH acts on the fd itself.
                 check(unsafe {
@@ -734,6 +764,23 @@ mod tests {
         r.mkdir_all("d/a/y/z", 0o755, 0, 0).unwrap();
         assert!(root.join("y/z").is_dir());
         assert!(r.metadata("d/a").unwrap().is_dir());
+    }
+
+    #[test]
+    fn mkdir_through_a_dangling_symlink_makes_its_target() {
+        use std::os::unix::fs::MetadataExt;
+        let (_t, root, r) = setup();
+        symlink("/var/lib/x", root.join("x")).unwrap();
+        symlink("../made/here", root.join("var_rel")).unwrap();
+        r.mkdir_all("x/sub", 0o750, 7, 8).unwrap();
+        r.mkdir_all("var_rel", 0o755, 0, 0).unwrap();
+        assert!(r.symlink_metadata("x").unwrap().file_type().is_symlink());
+        let made = r.symlink_metadata("var/lib/x/sub").unwrap();
+        assert!(made.is_dir());
+        assert_eq!((made.uid(), made.gid(), made.mode() & 0o777), (7, 8, 0o750));
+        assert!(r.metadata("made/here").unwrap().is_dir());
+        symlink("loop", root.join("loop")).unwrap();
+        assert!(r.mkdir_all("loop/x", 0o755, 0, 0).is_err());
     }
 
     #[test]

@@ -564,9 +564,10 @@ RUN --mount=type=bind,source=data,target=/mnt/data cat /mnt/data/file > /seen-bi
     ] {
         assert!(!r.join(absent).exists(), "{absent} leaked into the image");
     }
-    // A secret that was not given is a clear input error.
+    // A required secret that was not given is a clear input error (one not required is
+    // skipped, as in BuildKit: see tests/fidelity.rs).
     let (out, _c) = k.build(
-        "FROM busybox\nRUN --mount=type=secret,id=nope true\n",
+        "FROM busybox\nRUN --mount=type=secret,id=nope,required=true true\n",
         &[],
         &[],
     );

@@ -5,15 +5,17 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::{Condvar, Mutex};
 
 use super::report::{Cached, Outcomes};
-use super::{BuildError, Built, Engine, StageState, StepPlace, scratch_state};
+use super::{BuildError, Built, Engine, Shared, StageState, StepPlace, run_stages, scratch_state};
 use crate::cache::{self, BuiltRecord, Hit, Layer, Lookup, Miss, Record};
 use crate::digest::Digest;
-use crate::image::{self, Descriptor};
+use crate::image::{self, Descriptor, Index, Platform};
 use crate::plan::{Base, Plan, StepInputs};
 use crate::registry::reference::Reference;
 use crate::snapshot::{self, Compression, LayerOptions};
+use crate::store::{StoredImage, StoredRef};
 
 /// The stages whose steps make the final image's layers: the target and those it is built
 /// `FROM`, transitively (the steps `--cache-to mode=min` exports).
@@ -30,46 +32,133 @@ pub(super) fn image_stages(plan: &Plan) -> BTreeSet<usize> {
     stages
 }
 
-impl Engine<'_> {
-    /// Runs the build until it ends without a layer from a shared cache turning out unusable.
-    /// Such a layer (it cannot be had, or is not what its record says) is left out and the
-    /// build runs again: steps already done are local hits by then. Each round rejects one more
-    /// layer, so this ends.
-    pub(super) fn build_attempts(&self) -> Result<Built, BuildError> {
-        loop {
-            *self.outcomes.lock().unwrap_or_else(|e| e.into_inner()) = Outcomes::default();
-            let result = self.run_stages().and_then(|state| self.finish(state));
-            match result {
-                Err(BuildError::CacheLayer {
-                    digest,
-                    cache,
-                    reason,
-                }) if self.reject(digest) => {
-                    self.progress.warn(&format!(
-                        "cache {cache}: layer {digest} is unusable ({reason}); building again without it"
-                    ));
-                    self.store.forget_promise(&digest)?;
-                    // A failed stage raised `cancel` to stop the others; the user did not.
-                    if self.stopped_others.swap(false, Ordering::SeqCst) {
-                        self.cancel.store(false, Ordering::SeqCst);
-                    }
+/// The cache keys of the steps being built now, by the builds of all platforms, and those
+/// built so far: a step whose key another thread is building waits for it and then finds it
+/// in the cache, so the same work (a stage pinned to `$BUILDPLATFORM`) is done once.
+#[derive(Default)]
+pub(super) struct StepClaims {
+    state: Mutex<Claims>,
+    released: Condvar,
+}
+
+#[derive(Default)]
+struct Claims {
+    running: BTreeSet<Digest>,
+    built: BTreeSet<Digest>,
+}
+
+/// A step being built under a cache key; the key is released when this is dropped, once the
+/// step is committed or has failed.
+pub(super) struct StepClaim<'a> {
+    claims: &'a StepClaims,
+    key: Digest,
+}
+
+impl StepClaims {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims `key`, first waiting while another thread builds a step under it.
+    fn claim(&self, key: Digest) -> StepClaim<'_> {
+        let mut state = self.lock();
+        while state.running.contains(&key) {
+            state = self.released.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.running.insert(key);
+        StepClaim { claims: self, key }
+    }
+
+    /// Whether this build made the step of `key` (so `--no-cache` may use it).
+    fn built_here(&self, key: &Digest) -> bool {
+        self.lock().built.contains(key)
+    }
+
+    fn record_built(&self, key: Digest) {
+        self.lock().built.insert(key);
+    }
+}
+
+impl Drop for StepClaim<'_> {
+    fn drop(&mut self) {
+        self.claims.lock().running.remove(&self.key);
+        self.claims.released.notify_all();
+    }
+}
+
+/// Runs the build of every platform until it ends without a layer from a shared cache turning
+/// out unusable. Such a layer (it cannot be had, or is not what its record says) is left out
+/// and the build runs again: steps already done are local hits by then. Each round rejects one
+/// more layer, so this ends. Several platforms' images end in an index.
+pub(super) fn build_attempts(shared: &Shared, engines: &[Engine]) -> Result<Built, BuildError> {
+    loop {
+        for engine in engines {
+            *engine.outcomes.lock().unwrap_or_else(|e| e.into_inner()) = Outcomes::default();
+        }
+        let result = run_stages(shared, engines).and_then(|states| {
+            engines
+                .iter()
+                .zip(states)
+                .map(|(engine, state)| engine.finish(state))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        match result {
+            Err(BuildError::CacheLayer {
+                digest,
+                cache,
+                reason,
+            }) if shared.reject(digest) => {
+                shared.progress.warn(&format!(
+                    "cache {cache}: layer {digest} is unusable ({reason}); building again without it"
+                ));
+                shared.store.forget_promise(&digest)?;
+                // A failed stage raised `cancel` to stop the others; the user did not.
+                if shared.stopped_others.swap(false, Ordering::SeqCst) {
+                    shared.cancel.store(false, Ordering::SeqCst);
                 }
-                Err(e) => return Err(e),
-                Ok(image) => {
-                    let Outcomes { mut steps, records } = std::mem::take(
-                        &mut *self.outcomes.lock().unwrap_or_else(|e| e.into_inner()),
+            }
+            Err(e) => return Err(e),
+            Ok(mut images) => {
+                let (mut steps, mut records) = (Vec::new(), Vec::new());
+                for engine in engines {
+                    let Outcomes {
+                        steps: mut done,
+                        records: kept,
+                    } = std::mem::take(
+                        &mut *engine.outcomes.lock().unwrap_or_else(|e| e.into_inner()),
                     );
-                    steps.sort_by_key(|(order, _)| *order);
-                    return Ok(Built {
-                        image,
-                        steps: steps.into_iter().map(|(_, s)| s).collect(),
-                        records,
-                    });
+                    done.sort_by_key(|(order, _)| *order);
+                    steps.extend(done.into_iter().map(|(_, s)| s));
+                    records.extend(kept);
                 }
+                let image = match images.len() {
+                    1 => StoredRef::Image(images.remove(0)),
+                    _ => {
+                        let entries = images.iter().map(StoredImage::index_entry).collect();
+                        StoredRef::Index(shared.store.put_index(&Index::of(entries))?)
+                    }
+                };
+                return Ok(Built {
+                    image,
+                    steps,
+                    records,
+                });
             }
         }
     }
+}
 
+impl Shared<'_> {
+    /// Leaves a shared cache's layer out of later attempts; false if it already was.
+    pub(super) fn reject(&self, layer: Digest) -> bool {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(layer)
+    }
+}
+
+impl Engine<'_> {
     /// Keeps a record of this build for `--cache-to`.
     pub(super) fn keep_record(&self, stage: usize, record: Record) {
         let in_image = self.image_stages.contains(&stage);
@@ -78,14 +167,6 @@ impl Engine<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .records
             .push(BuiltRecord { record, in_image });
-    }
-
-    /// Leaves a shared cache's layer out of later attempts; false if it already was.
-    pub(super) fn reject(&self, layer: Digest) -> bool {
-        self.rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(layer)
     }
 
     /// Shows a warning, once per build.
@@ -100,8 +181,14 @@ impl Engine<'_> {
         }
     }
 
+    /// The identity of a step across builds (its recipe, stage, position and the platform
+    /// built for), under which its latest inputs are kept to explain the next miss.
     fn identity(&self, stage: usize, n: usize) -> Digest {
-        Digest::of(format!("kiln-step-identity-v2\n{}\n{stage}\n{n}", self.recipe_id).as_bytes())
+        let id = format!(
+            "kiln-step-identity-v2\n{}\n{stage}\n{n}\n{}",
+            self.recipe_id, self.target
+        );
+        Digest::of(id.as_bytes())
     }
 
     /// Looks the step up in the caches in order and returns a hit and the cache's index. A
@@ -113,10 +200,11 @@ impl Engine<'_> {
         (parent, key): (&Digest, &Digest),
         inputs: &StepInputs,
     ) -> Result<Result<(Hit, usize), Option<String>>, BuildError> {
-        if self.opts.no_cache {
+        // Under --no-cache only what this build made counts (another platform's result).
+        if self.opts.no_cache && !self.steps.built_here(key) {
             return Ok(Err(Some("--no-cache".to_string())));
         }
-        if self.no_cache_stage(place.stage) {
+        if self.no_cache_stage(place.stage) && !self.steps.built_here(key) {
             return Ok(Err(Some("--no-cache-filter".to_string())));
         }
         let mut other_encoding = false;
@@ -220,8 +308,10 @@ impl Engine<'_> {
     }
 
     /// On a cache hit applies the cached result and closes the step (None); on a miss returns
-    /// the step to run, having said why it is rebuilt. `parent` is what the key was derived
-    /// from (the stage's key, or a constant for a linked layer).
+    /// the step to run, having said why it is rebuilt, with the claim on its key to hold until
+    /// it is committed. While another platform's build runs a step of the same key, this one
+    /// waits for it and takes its result. `parent` is what the key was derived from (the
+    /// stage's key, or a constant for a linked layer).
     pub(super) fn reuse_cached<'p>(
         &self,
         st: &mut StageState,
@@ -229,9 +319,11 @@ impl Engine<'_> {
         (parent, key): (Digest, Digest),
         inputs: &StepInputs,
         step: crate::progress::Step<'p>,
-    ) -> Result<Option<crate::progress::Step<'p>>, BuildError> {
+    ) -> Result<Option<(crate::progress::Step<'p>, StepClaim<'_>)>, BuildError> {
+        let claim = self.steps.claim(key);
         match self.try_cache(place, (&parent, &key), inputs)? {
             Ok((hit, i)) => {
+                drop(claim);
                 st.cached = match i {
                     0 => Cached::Local,
                     _ => Cached::Shared(self.caches[i].name().to_string()),
@@ -247,7 +339,7 @@ impl Engine<'_> {
                 }
                 st.cached = Cached::No;
                 st.reason = reason;
-                Ok(Some(step))
+                Ok(Some((step, claim)))
             }
         }
     }
@@ -286,6 +378,7 @@ impl Engine<'_> {
         self.caches[0]
             .store(std::slice::from_ref(&record))
             .map_err(|e| self.step_error(place.stage, place.line, e))?;
+        self.steps.record_built(key);
         self.apply_record(st, &place, record);
         step.done();
         Ok(())
@@ -361,9 +454,15 @@ impl Engine<'_> {
     /// The overlay lower dirs of `st`'s rootfs, top first, unpacking any layer not unpacked yet
     /// (a layer written straight from its sources, or a base image's layer never needed before).
     pub(super) fn lowers(&self, st: &StageState) -> Result<Vec<PathBuf>, BuildError> {
+        // A layer can occur twice in one image (two steps that wrote the same bytes, with
+        // SOURCE_DATE_EPOCH; a pulled image with repeated layers), and overlayfs refuses a
+        // lower dir given twice (ELOOP). The upper occurrence alone gives the same view: all
+        // it holds already lies above the lower one.
+        let mut seen = std::collections::BTreeSet::new();
         st.layers
             .iter()
             .rev()
+            .filter(|l| seen.insert(l.diff_id))
             .map(|l| self.ensure_layer_dir(l))
             .collect()
     }
@@ -427,29 +526,64 @@ impl Engine<'_> {
         Ok(Some(origin))
     }
 
+    /// The state of a stage starting from image `reference` for `platform`: from the store
+    /// (an index there gives the image for the platform), else pulled.
     pub(super) fn load_image(
         &self,
         reference: &str,
         line: usize,
+        platform: &Platform,
     ) -> Result<StageState, BuildError> {
         let normalized =
             Reference::parse(reference).map_err(|e| self.invalid(line, e.to_string()))?;
+        let name = normalized.to_string();
         let (image, pulled) = {
             let mut pulled = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
-            let name = normalized.to_string();
-            // --pull asks the registry once per build, even when the store has the image.
-            let refresh = self.opts.pull && !pulled.contains(&name);
-            match self.store.resolve(&name)? {
-                Some(image) if !refresh => (image, false),
-                _ => {
-                    pulled.insert(name);
-                    self.progress.info(&format!("pulling {normalized}"));
-                    let image = crate::distribution::pull(self.store, self.client, &normalized)
-                        .map_err(|source| BuildError::Pull {
-                            reference: normalized.to_string(),
-                            source: Box::new(source),
-                        })?;
-                    (image, true)
+            // --pull asks the registry once per build and platform, even when the store has
+            // the image.
+            let asked = format!("{name} {platform}");
+            let refresh = self.opts.pull && !pulled.contains(&asked);
+            let (found, available) = match self.store.lookup(&name)? {
+                _ if refresh => (None, Vec::new()),
+                None => (None, Vec::new()),
+                Some(StoredRef::Image(img)) => {
+                    let own = img.config.platform();
+                    match own.is_unknown() || own.matches(platform) {
+                        true => (Some(img), Vec::new()),
+                        false => (None, vec![own.normalized()]),
+                    }
+                }
+                Some(StoredRef::Index(x)) => {
+                    (self.store.image_in(&x, platform)?, x.body.platforms())
+                }
+            };
+            match found {
+                Some(image) => (image, false),
+                None => {
+                    pulled.insert(asked);
+                    self.progress
+                        .info(&format!("pulling {normalized} for {platform}"));
+                    let pulled = crate::distribution::pull(
+                        self.store,
+                        self.client,
+                        &normalized,
+                        Some(platform),
+                    );
+                    match pulled {
+                        Ok((_, image)) => (image, true),
+                        Err(source) if !available.is_empty() => {
+                            return Err(BuildError::Image(format!(
+                                "{normalized} has no {platform} image in the store (it has {}), and pulling one failed: {source}",
+                                image::platform_names(&available)
+                            )));
+                        }
+                        Err(source) => {
+                            return Err(BuildError::Pull {
+                                reference: normalized.to_string(),
+                                source: Box::new(source),
+                            });
+                        }
+                    }
                 }
             }
         };
@@ -457,27 +591,36 @@ impl Engine<'_> {
             true => Cached::No,
             false => Cached::Local,
         };
-        self.image_state(&image, &normalized.to_string(), cached)
+        self.image_state(&image, &normalized.to_string(), platform, cached)
     }
 
-    /// The state of a stage starting from a stored image (`name` for messages).
+    /// The state of a stage starting from a stored image for `platform` (`name` for
+    /// messages).
     pub(super) fn image_state(
         &self,
         image: &crate::store::StoredImage,
         name: &str,
+        platform: &Platform,
         cached: Cached,
     ) -> Result<StageState, BuildError> {
+        let own = image.config.platform();
+        if !own.is_unknown() && !own.matches(platform) {
+            return Err(BuildError::Image(format!(
+                "{name} is an image for {}, not {platform}",
+                own.normalized()
+            )));
+        }
         let diff_ids = &image.config.rootfs.diff_ids;
         if diff_ids.len() != image.manifest_body.layers.len() {
             return Err(BuildError::Image(format!(
                 "{name}: manifest and config disagree on the number of layers"
             )));
         }
-        let mut st = scratch_state();
+        let mut st = scratch_state(platform);
         st.cached = cached;
         st.config = image.config.clone();
         st.created = image.config.created.clone();
-        st.key = Digest::of(format!("image\n{}", image.manifest.digest).as_bytes());
+        st.key = Digest::of(format!("image\n{}\n{platform}", image.manifest.digest).as_bytes());
         for (desc, diff_id) in image.manifest_body.layers.iter().zip(diff_ids) {
             // The result is an OCI manifest: a Docker base's layers get OCI media types.
             let mut desc = desc.clone();

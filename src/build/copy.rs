@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::chmod::Chmod;
 use crate::rootfs::RootDir;
 use crate::snapshot;
 use crate::sources::context::Context;
@@ -25,6 +26,9 @@ pub enum SourceItem {
     Path {
         /// The path.
         rel: String,
+        /// The name it is copied as into a directory, when not `rel`'s own (a symlink named
+        /// by the instruction: its target's content under the link's name).
+        name: Option<String>,
         /// With `--parents`: the part of `rel` recreated under the destination.
         keep: Option<String>,
     },
@@ -36,6 +40,14 @@ pub enum SourceItem {
         path: PathBuf,
         /// Its modification time.
         mtime: Option<i64>,
+    },
+    /// A pattern with wildcards over the files of another stage or image, expanded when they
+    /// are mounted (it may match nothing, as in BuildKit).
+    Pattern {
+        /// The pattern, relative to the source's root.
+        pattern: String,
+        /// The source word as written (for `--parents`).
+        word: String,
     },
     /// A heredoc body, written as a file named `name`.
     Inline {
@@ -54,12 +66,13 @@ pub struct CopyJob<'a> {
     pub items: Vec<SourceItem>,
     /// Absolute destination inside the rootfs (already joined with WORKDIR).
     pub dest: String,
-    /// Whether the destination is a directory (trailing slash or several sources).
+    /// Whether the destination is a directory whatever the sources match (a trailing slash,
+    /// or several sources); one source matching several paths also makes it one.
     pub dest_is_dir: bool,
     /// `--chown` resolved to numbers.
     pub chown: Option<(u32, u32)>,
-    /// `--chmod` as an octal mode.
-    pub chmod: Option<u32>,
+    /// `--chmod`.
+    pub chmod: Option<Chmod>,
     /// ADD: extract local archives.
     pub extract_archives: bool,
     /// `--exclude` patterns (context-relative globs).
@@ -75,6 +88,27 @@ impl<'a> CopyJob<'a> {
             self.from = SourceFs::Rootfs(src);
         }
         self
+    }
+
+    /// The sources with their patterns expanded against the mounted source.
+    pub(super) fn expanded_items(&self) -> Result<Vec<SourceItem>, CopyError> {
+        let mut out = Vec::with_capacity(self.items.len());
+        for item in &self.items {
+            match item {
+                SourceItem::Pattern { pattern, word } => {
+                    for rel in self.from.glob(pattern)? {
+                        let keep = self.parents.then(|| kept_path(word, &rel));
+                        out.push(SourceItem::Path {
+                            rel,
+                            name: None,
+                            keep,
+                        });
+                    }
+                }
+                other => out.push(other.clone()),
+            }
+        }
+        Ok(out)
     }
 
     /// The owner a copied entry gets: `--chown`, else root for files from the context, else
@@ -185,6 +219,44 @@ impl SourceFs<'_> {
         }
     }
 
+    /// The paths of a mounted source that `pattern` matches, sorted; `*`, `?` and `[…]` match
+    /// within one path component (Go's `filepath.Match`, as BuildKit).
+    pub(super) fn glob(&self, pattern: &str) -> Result<Vec<String>, CopyError> {
+        let mut current = vec![String::new()];
+        for component in pattern.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            if !has_wildcard(component) {
+                for path in &mut current {
+                    *path = join_rel(path, component);
+                }
+                continue;
+            }
+            let glob = globset::GlobBuilder::new(component)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| src_err(pattern, e))?
+                .compile_matcher();
+            let mut next = Vec::new();
+            for base in &current {
+                let Ok(read) = self
+                    .host_path(base)
+                    .and_then(|h| std::fs::read_dir(h).map_err(|e| src_err(base, e)))
+                else {
+                    continue;
+                };
+                let mut names: Vec<String> = read
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| glob.is_match(n))
+                    .collect();
+                names.sort();
+                next.extend(names.iter().map(|n| join_rel(base, n)));
+            }
+            current = next;
+        }
+        Ok(current)
+    }
+
     /// Every path below the directory `rel` (not `rel` itself), sorted.
     pub(super) fn children(&self, rel: &str) -> Result<Vec<String>, CopyError> {
         match self {
@@ -226,14 +298,33 @@ impl SourceFs<'_> {
     }
 }
 
-/// Performs the copy into `root`.
+/// Whether a source word has wildcards (an unescaped `*`, `?` or `[`).
+pub fn has_wildcard(word: &str) -> bool {
+    let mut escaped = false;
+    for c in word.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '*' | '?' | '[' => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Performs the copy into `root`. Sources that match nothing copy nothing, and then nothing
+/// is created (BuildKit).
 pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
     let owner = |m: &SrcMeta| job.owner(m);
+    let items = job.expanded_items()?;
+    if items.is_empty() {
+        return Ok(());
+    }
     let dest_exists_as_dir = root
         .metadata(&job.dest)
         .map(|m| m.is_dir())
         .unwrap_or(false);
-    let into_dir = job.dest_is_dir || dest_exists_as_dir || job.parents;
+    let into_dir = job.dest_is_dir || items.len() > 1 || dest_exists_as_dir || job.parents;
     if into_dir {
         let (uid, gid) = job.chown.unwrap_or((0, 0));
         root.mkdir_all(&job.dest, 0o755, uid, gid)
@@ -246,15 +337,16 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                 .map_err(|e| dest_err(parent, e))?;
         }
     }
-    for item in &job.items {
+    for item in &items {
         match item {
+            SourceItem::Pattern { .. } => {}
             SourceItem::Inline { name, content } => {
                 let target = if into_dir {
                     join(&job.dest, name)
                 } else {
                     job.dest.clone()
                 };
-                let mode = job.chmod.unwrap_or(0o644);
+                let mode = job.chmod.as_ref().map_or(0o644, |c| c.apply(0o644, false));
                 let mut f = root
                     .create_file(&target, mode)
                     .map_err(|e| dest_err(&target, e))?;
@@ -287,10 +379,10 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                     &target,
                     &meta,
                     job.chown.unwrap_or((0, 0)),
-                    job.chmod,
+                    job.chmod.as_ref(),
                 )?;
             }
-            SourceItem::Path { rel, keep } => {
+            SourceItem::Path { rel, name, keep } => {
                 let host = job.from.host_path(rel)?;
                 let meta = std::fs::symlink_metadata(&host).map_err(|e| src_err(rel, e))?;
                 let m = SrcMeta::from(&meta);
@@ -298,8 +390,11 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                     && m.kind == Kind::File
                     && snapshot::is_archive(&host).map_err(|e| src_err(rel, e))?
                 {
+                    // The archive's directory gets --chown's owner when it is made, as in
+                    // BuildKit (whose unpack also gives every entry that owner).
                     let dir = &job.dest;
-                    root.mkdir_all(dir, 0o755, 0, 0)
+                    let (uid, gid) = job.chown.unwrap_or((0, 0));
+                    root.mkdir_all(dir, 0o755, uid, gid)
                         .map_err(|e| dest_err(dir, e))?;
                     snapshot::extract_archive(&host, root, dir, job.chown)
                         .map_err(|e| dest_err(dir, e))?;
@@ -312,7 +407,9 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                         Some(k) => join(&job.dest, k),
                         None => job.dest.clone(),
                     };
-                    root.mkdir_all(&base, 0o755, 0, 0)
+                    // A directory made for the contents gets --chown's owner (BuildKit).
+                    let (uid, gid) = job.chown.unwrap_or((0, 0));
+                    root.mkdir_all(&base, 0o755, uid, gid)
                         .map_err(|e| dest_err(&base, e))?;
                     let mut dirs = Vec::new();
                     let mut files = Vec::new();
@@ -345,17 +442,27 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                             });
                             continue;
                         }
-                        copy_entry(root, &chost, &child, &target, &cm, owner(&cm), job.chmod)?;
+                        copy_entry(
+                            root,
+                            &chost,
+                            &child,
+                            &target,
+                            &cm,
+                            owner(&cm),
+                            job.chmod.as_ref(),
+                        )?;
                         if cm.kind == Kind::Dir {
                             dirs.push((target, cm.mtime));
                         }
                     }
-                    copy_files(root, &files, job.chmod)?;
+                    copy_files(root, &files, job.chmod.as_ref())?;
                     for (d, mtime) in dirs.iter().rev() {
                         root.set_mtime(d, *mtime).map_err(|e| dest_err(d, e))?;
                     }
                 } else {
-                    let name = rel.rsplit('/').next().unwrap_or(rel);
+                    let name = name
+                        .as_deref()
+                        .unwrap_or_else(|| rel.rsplit('/').next().unwrap_or(rel));
                     let target = match keep {
                         Some(k) => join(&job.dest, k),
                         None if into_dir => join(&job.dest, name),
@@ -368,7 +475,7 @@ pub fn run(root: &RootDir, job: &CopyJob) -> Result<(), CopyError> {
                         root.mkdir_all(parent, 0o755, 0, 0)
                             .map_err(|e| dest_err(parent, e))?;
                     }
-                    copy_entry(root, &host, rel, &target, &m, owner(&m), job.chmod)?;
+                    copy_entry(root, &host, rel, &target, &m, owner(&m), job.chmod.as_ref())?;
                 }
             }
         }
@@ -390,7 +497,7 @@ const PARALLEL_COPY_MIN_BYTES: u64 = 8 << 20;
 
 /// Copies `files` (their directories already exist) on up to one thread per core. Targets are
 /// distinct paths, so the order does not change the result; the first error wins.
-fn copy_files(root: &RootDir, files: &[FileCopy], chmod: Option<u32>) -> Result<(), CopyError> {
+fn copy_files(root: &RootDir, files: &[FileCopy], chmod: Option<&Chmod>) -> Result<(), CopyError> {
     let one = |f: &FileCopy| copy_entry(root, &f.host, &f.rel, &f.target, &f.meta, f.owner, chmod);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -432,9 +539,9 @@ fn copy_entry(
     target: &str,
     m: &SrcMeta,
     (uid, gid): (u32, u32),
-    chmod: Option<u32>,
+    chmod: Option<&Chmod>,
 ) -> Result<(), CopyError> {
-    let mode = chmod.unwrap_or(m.mode);
+    let mode = chmod.map_or(m.mode, |c| c.apply(m.mode, m.kind == Kind::Dir));
     match m.kind {
         Kind::Dir => {
             root.mkdir_all(target, mode, uid, gid)
@@ -486,6 +593,15 @@ fn epoch_time(secs: i64) -> std::time::SystemTime {
     }
 }
 
+/// `base/name` for source-relative paths ("" is the root).
+fn join_rel(base: &str, name: &str) -> String {
+    if base.is_empty() {
+        name.to_string()
+    } else {
+        format!("{base}/{name}")
+    }
+}
+
 fn join(dir: &str, name: &str) -> String {
     if name.is_empty() {
         dir.to_string()
@@ -511,28 +627,21 @@ pub fn kept_path(pattern: &str, rel: &str) -> String {
     }
 }
 
-/// Parses `--chmod` (octal, e.g. `755` or `0644`).
-pub fn parse_chmod(s: &str) -> Option<u32> {
-    u32::from_str_radix(s, 8).ok().filter(|m| *m <= 0o7777)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chmod_is_octal() {
-        assert_eq!(parse_chmod("755"), Some(0o755));
-        assert_eq!(parse_chmod("04755"), Some(0o4755));
-        assert_eq!(parse_chmod("999"), None);
-        assert_eq!(parse_chmod("u+x"), None);
-    }
 
     #[test]
     fn parents_keep_the_path_after_the_pivot() {
         assert_eq!(kept_path("a/b/*.txt", "a/b/c.txt"), "a/b/c.txt");
         assert_eq!(kept_path("a/./b/*.txt", "a/b/c.txt"), "b/c.txt");
         assert_eq!(kept_path("./a/b", "a/b"), "a/b");
+    }
+
+    #[test]
+    fn wildcards_are_unescaped_metacharacters() {
+        assert!(has_wildcard("*.txt") && has_wildcard("a?b") && has_wildcard("x[0-9]"));
+        assert!(!has_wildcard("plain/path") && !has_wildcard("arr\\[0].txt"));
     }
 
     #[test]

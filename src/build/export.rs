@@ -104,6 +104,7 @@ fn write_tree(
                 from: SourceFs::Rootfs(&source),
                 items: vec![SourceItem::Path {
                     rel: String::new(),
+                    name: None,
                     keep: None,
                 }],
                 dest: "/".to_string(),

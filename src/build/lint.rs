@@ -51,22 +51,6 @@ impl Lint {
     }
 }
 
-/// The values of the platform ARGs predefined for the host.
-pub fn host_platform_args() -> BTreeMap<String, String> {
-    let host = image::Platform::host();
-    let mut args = BTreeMap::new();
-    for prefix in ["TARGET", "BUILD"] {
-        args.insert(format!("{prefix}PLATFORM"), host.to_string());
-        args.insert(format!("{prefix}OS"), host.os.clone());
-        args.insert(format!("{prefix}ARCH"), host.architecture.clone());
-        args.insert(
-            format!("{prefix}VARIANT"),
-            host.variant.clone().unwrap_or_default(),
-        );
-    }
-    args
-}
-
 /// Runs the build checks. `store` gives the env of base images it holds (UndefinedVar skips
 /// stages whose base is not there); nothing is pulled.
 pub fn lint(store: Option<&Store>, input: &LintInput<'_>) -> Result<Lint, BuildError> {
@@ -113,7 +97,8 @@ pub fn lint(store: Option<&Store>, input: &LintInput<'_>) -> Result<Lint, BuildE
         )
     };
     let valid_image = |reference: &str| Reference::parse(reference).is_ok();
-    let platform_args = host_platform_args();
+    let host = image::Platform::host();
+    let platform_args = crate::plan::platform_args(&host, &host);
     let check_input = CheckInput {
         file: &file,
         text: &text,

@@ -39,7 +39,11 @@ pub fn listed_copy(
         nodes: BTreeMap::new(),
         now,
     };
-    let into_dir = job.dest_is_dir || tree.base.dest_is_dir;
+    let items = job.expanded_items()?;
+    if items.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let into_dir = job.dest_is_dir || items.len() > 1 || tree.base.dest_is_dir;
     let created = if into_dir {
         let (uid, gid) = job.chown.unwrap_or((0, 0));
         tree.mkdir_all(&dest, 0o755, uid, gid)
@@ -54,8 +58,13 @@ pub fn listed_copy(
     }
     // Directories whose mtime the copy sets back to the source's once their contents are in.
     let mut dir_times = Vec::new();
-    for item in &job.items {
-        let SourceItem::Path { rel, keep: None } = item else {
+    for item in &items {
+        let SourceItem::Path {
+            rel,
+            name,
+            keep: None,
+        } = item
+        else {
             return Ok(None);
         };
         let mut entries = source_entries(&job.from, rel)?.into_iter();
@@ -64,7 +73,8 @@ pub fn listed_copy(
         };
         let m = SrcMeta::from(&top.meta);
         if m.kind == Kind::Dir {
-            if tree.mkdir_all(&dest, 0o755, 0, 0).is_none() {
+            let (uid, gid) = job.chown.unwrap_or((0, 0));
+            if tree.mkdir_all(&dest, 0o755, uid, gid).is_none() {
                 return Ok(None);
             }
             for child in entries {
@@ -83,7 +93,7 @@ pub fn listed_copy(
                 let cm = SrcMeta::from(&child.meta);
                 let target = join(&dest, sub);
                 if tree
-                    .add_source(&target, child.host, &cm, job.owner(&cm), job.chmod)
+                    .add_source(&target, child.host, &cm, job.owner(&cm), job.chmod.as_ref())
                     .is_none()
                 {
                     return Ok(None);
@@ -93,14 +103,16 @@ pub fn listed_copy(
                 }
             }
         } else {
-            let name = rel.rsplit('/').next().unwrap_or(rel);
+            let name = name
+                .as_deref()
+                .unwrap_or_else(|| rel.rsplit('/').next().unwrap_or(rel));
             let target = if into_dir {
                 join(&dest, name)
             } else {
                 dest.clone()
             };
             if tree
-                .add_source(&target, top.host, &m, job.owner(&m), job.chmod)
+                .add_source(&target, top.host, &m, job.owner(&m), job.chmod.as_ref())
                 .is_none()
             {
                 return Ok(None);
@@ -259,12 +271,12 @@ impl Tree {
         host: std::path::PathBuf,
         m: &SrcMeta,
         (uid, gid): (u32, u32),
-        chmod: Option<u32>,
+        chmod: Option<&super::chmod::Chmod>,
     ) -> Option<()> {
         if self.nodes.contains_key(target) || self.base.dirs.iter().any(|(p, _)| p == target) {
             return None;
         }
-        let mode = chmod.unwrap_or(m.mode);
+        let mode = chmod.map_or(m.mode, |c| c.apply(m.mode, m.kind == Kind::Dir));
         match m.kind {
             Kind::Dir => {
                 self.mkdir_all(target, mode, uid, gid)?;

@@ -1,18 +1,23 @@
-//! The executor: walks the plan, runs independent stages in parallel, and for each step asks
-//! the cache, the sandbox (RUN), the copier (COPY/ADD), the snapshotter and the store, while
-//! emitting progress events. Knows nothing of parsing or of the terminal.
+//! The executor: walks the plan of each target platform, runs independent stages (of every
+//! platform) in parallel, and for each step asks the cache, the sandbox (RUN), the copier
+//! (COPY/ADD), the snapshotter and the store, while emitting progress events; several
+//! platforms end in an image index. Knows nothing of parsing or of the terminal.
 
 mod cache;
+pub mod chmod;
 pub mod config;
 pub mod copy;
 pub mod export;
 pub mod lint;
 mod listed;
 mod named;
+mod once;
 pub mod report;
 mod run;
 mod sandboxing;
 mod steps;
+
+pub use run::{MAX_SECRET_BYTES, SecretSource};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -24,19 +29,20 @@ use crate::cache::{
     BuiltRecord, CacheBackend, Import, Layer, LocalCache, inline_annotation, open_imports,
 };
 use crate::digest::Digest;
-use crate::image::{self, Descriptor, History, ImageConfig};
+use crate::image::{self, Descriptor, History, ImageConfig, Platform};
 use crate::plan::{self, Base, Plan, PlanError, PlanOptions};
 use crate::progress::{Progress, StepLabel};
 use crate::recipe::instructions::{Instruction, InstructionKind, Recipe};
 use crate::recipe::shell::Lexer;
 use crate::recipe::{self, RecipeError};
 use crate::registry::{Client, ClientOptions};
+use crate::sandbox::binfmt::{self, EmulationError};
 use crate::sandbox::limits::Limits;
 use crate::sandbox::{NetworkMode, SandboxError};
 use crate::snapshot::Compression;
 use crate::sources::context::{Context, ContextError};
-use crate::sources::named::NamedSource;
-use crate::store::{Store, StoreError, StoredImage};
+use crate::sources::named::{self as named_sources, NamedSource};
+use crate::store::{Store, StoreError, StoredImage, StoredRef};
 
 use self::cache::image_stages;
 use self::config::{
@@ -63,8 +69,8 @@ pub struct BuildOptions {
     pub labels: BTreeMap<String, String>,
     /// `--network` for RUN steps.
     pub network: NetworkMode,
-    /// `--secret id=ID,src=PATH` values.
-    pub secrets: BTreeMap<String, PathBuf>,
+    /// `--secret` values, by id.
+    pub secrets: BTreeMap<String, SecretSource>,
     /// ssh-agent sockets for RUN --mount=type=ssh, by id (`--ssh`).
     pub ssh: BTreeMap<String, PathBuf>,
     /// SOURCE_DATE_EPOCH.
@@ -77,14 +83,6 @@ pub struct BuildOptions {
     pub tls_verify: bool,
     /// `--compression` of the layers this build writes.
     pub compression: Compression,
-    /// `--build-context` values, by name.
-    pub named_contexts: BTreeMap<String, NamedSource>,
-    /// `--no-cache-filter`: stages (names or indices) built without the cache.
-    pub no_cache_filter: Vec<String>,
-    /// `--pull`: ask the registry for every base image, even those in the store.
-    pub pull: bool,
-    /// `--add-host`: extra `/etc/hosts` entries for RUN steps, (host, ip).
-    pub add_hosts: Vec<(String, String)>,
     /// Resource limits of RUN steps (`--memory`, `--pids-limit`, ...).
     pub limits: Limits,
     /// `--cache-from`: shared caches asked after the local store, in order.
@@ -95,13 +93,23 @@ pub struct BuildOptions {
     /// (true when the image only goes to registries, which can mount them); else the final
     /// image's layers are all fetched before the build ends.
     pub lazy_layers: bool,
+    /// `--platform`: the platforms to build for (none: the host's). Several give an index.
+    pub platforms: Vec<Platform>,
+    /// `--build-context` values, by name.
+    pub named_contexts: BTreeMap<String, NamedSource>,
+    /// `--no-cache-filter`: stages (names or indices) built without the cache.
+    pub no_cache_filter: Vec<String>,
+    /// `--pull`: ask the registry for every base image, even those in the store.
+    pub pull: bool,
+    /// `--add-host`: extra `/etc/hosts` entries for RUN steps, (host, ip).
+    pub add_hosts: Vec<(String, String)>,
 }
 
 /// A finished build.
 pub struct Built {
-    /// The image, stored (not yet tagged).
-    pub image: StoredImage,
-    /// What each step of the stages built did, by stage and step.
+    /// The image, stored (not yet tagged); for several platforms, an index of one image each.
+    pub image: StoredRef,
+    /// What each step of the stages built did, by stage and step (platform after platform).
     pub steps: Vec<StepReport>,
     /// The cache records of the build, for `--cache-to`.
     pub records: Vec<BuiltRecord>,
@@ -201,6 +209,31 @@ pub enum BuildError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A layer a shared cache pointed at cannot be had or is not what the record said; the
+    /// build is run again without it.
+    #[error("layer {digest} from cache {cache}: {reason}")]
+    CacheLayer {
+        /// The layer blob.
+        digest: Digest,
+        /// The cache it came from.
+        cache: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A stage runs binaries of a platform the host can neither run nor emulate.
+    #[error("{file}:{line}: stage {stage} is for {platform}: {source}")]
+    Emulation {
+        /// The recipe file.
+        file: String,
+        /// The stage's FROM line.
+        line: usize,
+        /// The stage's name or index.
+        stage: String,
+        /// The stage's platform.
+        platform: String,
+        /// What is missing.
+        source: Box<EmulationError>,
+    },
     /// A `--build-context` cannot be used.
     #[error("--build-context {name}: {message}")]
     NamedContext {
@@ -219,17 +252,6 @@ pub enum BuildError {
         /// The rules that found something.
         rules: String,
     },
-    /// A layer a shared cache pointed at cannot be had or is not what the record said; the
-    /// build is run again without it.
-    #[error("layer {digest} from cache {cache}: {reason}")]
-    CacheLayer {
-        /// The layer blob.
-        digest: Digest,
-        /// The cache it came from.
-        cache: String,
-        /// What is wrong.
-        reason: String,
-    },
     /// The build was interrupted.
     #[error("build interrupted")]
     Cancelled,
@@ -246,9 +268,9 @@ impl BuildError {
                 | BuildError::ContextDir(_)
                 | BuildError::Invalid { .. }
                 | BuildError::Image(_)
+                | BuildError::Sandbox(SandboxError::InvalidInput(_))
                 | BuildError::Checks { .. }
                 | BuildError::NamedContext { .. }
-                | BuildError::Sandbox(SandboxError::InvalidInput(_))
         )
     }
 }
@@ -272,7 +294,12 @@ struct StageState {
     reason: Option<String>,
 }
 
-/// Builds the recipe; returns the final image, stored (not yet tagged), and what each step did.
+/// Builds the recipe; returns the final image, stored (not yet tagged), and what each step did:
+/// one image, or for several platforms an index of one image per platform, in the order given.
+///
+/// The platforms are built at once, their stages on threads of their own; a step whose cache
+/// key another platform's build is computing (the same work: a stage pinned to
+/// `$BUILDPLATFORM`) waits for that result instead of running again.
 pub fn build(
     store: &Store,
     opts: &BuildOptions,
@@ -281,6 +308,7 @@ pub fn build(
 ) -> Result<Built, BuildError> {
     let file = opts.recipe_path.display().to_string();
     let recipe = recipe::parse(&opts.recipe_bytes, &file)?;
+    // The build checks; their DuplicateStageName is the warning for repeated stage names.
     let checked = lint::lint(
         Some(store),
         &lint::LintInput {
@@ -297,16 +325,27 @@ pub fn build(
     if let Some(e) = checked.as_error(&file) {
         return Err(e);
     }
-    let plan_opts = PlanOptions {
-        build_args: opts.build_args.clone(),
-        target: opts.target.clone(),
-        platform_args: lint::host_platform_args(),
-        named_contexts: crate::sources::named::plan_contexts(&opts.named_contexts),
+    let build_platform = Platform::host();
+    let targets = match opts.platforms.is_empty() {
+        true => vec![build_platform.clone()],
+        false => opts.platforms.clone(),
     };
-    let plan = plan::plan(&recipe, &plan_opts).map_err(|source| BuildError::Plan {
-        file: file.clone(),
-        source,
-    })?;
+    let plans = targets
+        .iter()
+        .map(|target| {
+            let plan_opts = PlanOptions {
+                build_args: opts.build_args.clone(),
+                target: opts.target.clone(),
+                target_platform: target.clone(),
+                platform_args: plan::platform_args(target, &build_platform),
+                named_contexts: named_sources::plan_contexts(&opts.named_contexts),
+            };
+            plan::plan(&recipe, &plan_opts).map_err(|source| BuildError::Plan {
+                file: file.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     for wanted in &opts.no_cache_filter {
         if plan::find_stage(&recipe, wanted, recipe.stages.len()).is_none() {
             return Err(BuildError::Plan {
@@ -315,7 +354,7 @@ pub fn build(
             });
         }
     }
-    for unused in &plan.unused_build_args {
+    for unused in &plans[0].unused_build_args {
         progress.warn(&format!(
             "build arg {unused:?} was given but no stage declares it"
         ));
@@ -324,6 +363,7 @@ pub fn build(
     let context =
         Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
     let _lease = store.build_lease()?;
+    let named = named::open_named(store, &opts.named_contexts)?;
     let sandbox = sandboxing::prepare(opts, store, progress)?;
     let client = Client::new(ClientOptions {
         tls_verify: opts.tls_verify,
@@ -337,12 +377,10 @@ pub fn build(
         }
         caches.extend(shared);
     }
-    let named = named::open_named(store, &opts.named_contexts)?;
-    let engine = Engine {
+    let shared = Shared {
         store,
         opts,
         recipe: &recipe,
-        plan: &plan,
         progress,
         cancel,
         sandbox,
@@ -357,13 +395,29 @@ pub fn build(
             .display()
             .to_string(),
         caches,
-        image_stages: image_stages(&plan),
-        outcomes: Mutex::default(),
         rejected: Mutex::default(),
         warned: Mutex::default(),
         stopped_others: AtomicBool::new(false),
+        steps: cache::StepClaims::default(),
+        context_digests: once::OnceMap::default(),
     };
-    engine.build_attempts()
+    let several = targets.len() > 1;
+    let engines: Vec<Engine> = targets
+        .into_iter()
+        .zip(plans)
+        .map(|(target, plan)| Engine {
+            shared: &shared,
+            label: several.then(|| target.to_string()),
+            target,
+            image_stages: image_stages(&plan),
+            plan,
+            outcomes: Mutex::default(),
+        })
+        .collect();
+    for engine in &engines {
+        engine.check_emulation()?;
+    }
+    cache::build_attempts(&shared, &engines)
 }
 
 /// Where a layer step is: for messages, step identities and history.
@@ -374,17 +428,18 @@ struct StepPlace {
     created_by: String,
 }
 
-struct Engine<'a> {
+/// What the builds of all platforms share: the store, the options, the context, the sandbox,
+/// the caches, and what keeps them from doing one piece of work twice.
+struct Shared<'a> {
     store: &'a Store,
     opts: &'a BuildOptions,
     recipe: &'a Recipe,
-    plan: &'a Plan,
     progress: &'a Progress,
     cancel: &'a AtomicBool,
     sandbox: crate::sandbox::Sandbox,
     client: &'a Client,
-    /// Serialises pulls so parallel stages do not fetch one image twice; holds the names pulled
-    /// by this build.
+    /// Serialises pulls so parallel stages do not fetch one image twice; holds what `--pull`
+    /// asked the registry for in this build.
     pulls: Mutex<BTreeSet<String>>,
     lexer: Lexer,
     context: Context,
@@ -394,16 +449,40 @@ struct Engine<'a> {
     recipe_id: String,
     /// The local store's cache first, then the `--cache-from` caches in order.
     caches: Vec<Box<dyn CacheBackend + 'a>>,
-    /// The stages whose steps make the image's layers (`--cache-to mode=min`).
-    image_stages: BTreeSet<usize>,
-    /// What the steps did (reset for each attempt).
-    outcomes: Mutex<Outcomes>,
     /// Layers of shared caches found unusable in an earlier attempt.
     rejected: Mutex<BTreeSet<Digest>>,
     /// Warnings given once.
     warned: Mutex<BTreeSet<String>>,
     /// Set when a failed stage (not the user) raised `cancel` to stop the others.
     stopped_others: AtomicBool,
+    /// The cache keys of the steps running now, so a step another platform's build is running
+    /// is waited for, not run twice.
+    steps: cache::StepClaims,
+    /// COPY sources' content digests by context path, computed once for all platforms.
+    context_digests: once::OnceMap<String, BTreeMap<String, String>>,
+}
+
+/// The build for one target platform: its plan (the platform ARGs differ, and so may FROM
+/// lines that use them) and what its steps did, over what all platforms share (reached
+/// through `Deref`, so a field of [`Shared`] reads as one of the engine).
+struct Engine<'a> {
+    shared: &'a Shared<'a>,
+    /// The platform built for (TARGETPLATFORM).
+    target: Platform,
+    plan: Plan,
+    /// The platform shown before each stage's name when several are built.
+    label: Option<String>,
+    /// The stages whose steps make the image's layers (`--cache-to mode=min`).
+    image_stages: BTreeSet<usize>,
+    /// What the steps did (reset for each attempt).
+    outcomes: Mutex<Outcomes>,
+}
+
+impl<'a> std::ops::Deref for Engine<'a> {
+    type Target = Shared<'a>;
+    fn deref(&self) -> &Shared<'a> {
+        self.shared
+    }
 }
 
 /// Shared scheduler state for parallel stages.
@@ -412,26 +491,31 @@ struct Schedule {
     changed: Condvar,
 }
 
-/// What the stage threads share: finished stages, the first error, free job slots.
+/// What the stage threads share: finished stages (by engine, then stage), the first error,
+/// free job slots.
 struct Slots {
-    done: Vec<Option<Arc<StageState>>>,
+    done: Vec<Vec<Option<Arc<StageState>>>>,
     error: Option<BuildError>,
     free: usize,
 }
 
-impl Engine<'_> {
-    fn run_stages(&self) -> Result<StageState, BuildError> {
-        let n = self.recipe.stages.len();
-        let schedule = Schedule {
-            state: Mutex::new(Slots {
-                done: vec![None; n],
-                error: None,
-                free: self.opts.jobs.max(1),
-            }),
-            changed: Condvar::new(),
-        };
-        std::thread::scope(|scope| {
-            for &index in &self.plan.needed {
+/// Builds the target stage of every engine: each stage of each platform on a thread of its
+/// own, started when the stages it needs are done and a job slot is free (`--jobs` slots per
+/// platform, so a slow emulated platform never waits for the others' slots); the first error
+/// cancels the rest.
+fn run_stages(shared: &Shared, engines: &[Engine]) -> Result<Vec<StageState>, BuildError> {
+    let n = shared.recipe.stages.len();
+    let schedule = Schedule {
+        state: Mutex::new(Slots {
+            done: vec![vec![None; n]; engines.len()],
+            error: None,
+            free: shared.opts.jobs.max(1) * engines.len(),
+        }),
+        changed: Condvar::new(),
+    };
+    std::thread::scope(|scope| {
+        for (e, engine) in engines.iter().enumerate() {
+            for &index in &engine.plan.needed {
                 let schedule = &schedule;
                 scope.spawn(move || {
                     let deps = {
@@ -440,10 +524,10 @@ impl Engine<'_> {
                             if guard.error.is_some() {
                                 return;
                             }
-                            let deps = &self.plan.stages[index].deps;
+                            let deps = &engine.plan.stages[index].deps;
                             let ready: Option<BTreeMap<usize, Arc<StageState>>> = deps
                                 .iter()
-                                .map(|d| guard.done[*d].clone().map(|s| (*d, s)))
+                                .map(|d| guard.done[e][*d].clone().map(|s| (*d, s)))
                                 .collect();
                             if let (Some(ready), true) = (ready, guard.free > 0) {
                                 guard.free -= 1;
@@ -455,38 +539,70 @@ impl Engine<'_> {
                                 .unwrap_or_else(|e| e.into_inner());
                         }
                     };
-                    let result = self.build_stage(index, &deps);
+                    let result = engine.build_stage(index, &deps);
                     let mut guard = schedule.state.lock().unwrap_or_else(|e| e.into_inner());
                     guard.free += 1;
                     match result {
-                        Ok(state) => guard.done[index] = Some(Arc::new(state)),
-                        Err(e) => {
+                        Ok(state) => guard.done[e][index] = Some(Arc::new(state)),
+                        Err(err) => {
                             if guard.error.is_none() {
-                                guard.error = Some(e);
+                                guard.error = Some(err);
                             }
                             // Stop the other stages; remember whether it was us.
-                            if !self.cancel.swap(true, Ordering::SeqCst) {
-                                self.stopped_others.store(true, Ordering::SeqCst);
+                            if !engine.cancel.swap(true, Ordering::SeqCst) {
+                                engine.stopped_others.store(true, Ordering::SeqCst);
                             }
                         }
                     }
                     schedule.changed.notify_all();
                 });
             }
-        });
-        let Slots {
-            mut done, error, ..
-        } = schedule
-            .state
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = error {
-            return Err(e);
         }
-        done[self.plan.target]
-            .take()
-            .map(|s| Arc::try_unwrap(s).unwrap_or_else(|a| (*a).clone()))
-            .ok_or(BuildError::Cancelled)
+    });
+    let Slots { done, error, .. } = schedule
+        .state
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = error {
+        return Err(e);
+    }
+    engines
+        .iter()
+        .zip(done)
+        .map(|(engine, mut done)| {
+            done[engine.plan.target]
+                .take()
+                .map(|s| Arc::try_unwrap(s).unwrap_or_else(|a| (*a).clone()))
+                .ok_or(BuildError::Cancelled)
+        })
+        .collect()
+}
+
+impl Engine<'_> {
+    /// Fails unless every needed stage with RUN steps is for a platform the host runs, natively
+    /// or through a registered emulator; checked before anything is built.
+    fn check_emulation(&self) -> Result<(), BuildError> {
+        for &index in &self.plan.needed {
+            let stage = &self.recipe.stages[index];
+            let platform = &self.plan.stages[index].platform;
+            let runs = stage
+                .instructions
+                .iter()
+                .any(|i| matches!(i.kind, InstructionKind::Run(_)));
+            if !runs {
+                continue;
+            }
+            binfmt::emulator_for(&platform.architecture).map_err(|source| {
+                BuildError::Emulation {
+                    file: self.file.clone(),
+                    line: stage.span.start_line,
+                    stage: self.stage_name(index),
+                    platform: platform.to_string(),
+                    source: Box::new(source),
+                }
+            })?;
+        }
+        Ok(())
     }
 
     /// Whether `--no-cache-filter` names the stage.
@@ -497,11 +613,17 @@ impl Engine<'_> {
             .any(|f| plan::find_stage(self.recipe, f, self.recipe.stages.len()) == Some(index))
     }
 
+    /// The stage's name (or `stage-N`), after its platform when several are built
+    /// (`linux/arm64 build`, as BuildKit shows it).
     fn stage_name(&self, index: usize) -> String {
-        self.recipe.stages[index]
+        let name = self.recipe.stages[index]
             .name
             .clone()
-            .unwrap_or_else(|| format!("stage-{index}"))
+            .unwrap_or_else(|| format!("stage-{index}"));
+        match &self.label {
+            Some(platform) => format!("{platform} {name}"),
+            None => name,
+        }
     }
 
     fn build_stage(
@@ -523,10 +645,11 @@ impl Engine<'_> {
             .progress
             .step(label(1, &stage.text, stage.span.start_line));
         let started = Instant::now();
+        let platform = &self.plan.stages[index].platform;
         let mut st = match &self.plan.stages[index].base {
-            Base::Scratch => scratch_state(),
+            Base::Scratch => scratch_state(platform),
             Base::Stage(i) => (*deps[i]).clone(),
-            Base::Image(r) => self.load_image(r, stage.span.start_line)?,
+            Base::Image(r) => self.load_image(r, stage.span.start_line, platform)?,
             Base::Context(name) => self.named_base(
                 name,
                 index,
@@ -775,6 +898,18 @@ impl Engine<'_> {
         for (k, v) in &self.opts.labels {
             st.config.config.labels.insert(k.clone(), v.clone());
         }
+        if !self.opts.platforms.is_empty() {
+            // Asked for by name, the platform is the image's, whatever stage it ends with
+            // (a final stage pinned to $BUILDPLATFORM), as BuildKit does.
+            let config = &mut st.config;
+            let same =
+                config.os == self.target.os && config.architecture == self.target.architecture;
+            config.os = self.target.os.clone();
+            config.architecture = self.target.architecture.clone();
+            if self.target.variant.is_some() || !same {
+                config.variant = self.target.variant.clone();
+            }
+        }
         if !self.opts.lazy_layers {
             for l in &st.layers {
                 self.fetch_layer(l)?;
@@ -793,19 +928,20 @@ impl Engine<'_> {
     }
 }
 
-fn scratch_state() -> StageState {
-    let host = image::Platform::host();
+/// The state of a stage `FROM scratch` for `platform`; its cache key names the platform, as
+/// every key derived from it then does.
+fn scratch_state(platform: &Platform) -> StageState {
     let mut config = ImageConfig {
-        os: host.os,
-        architecture: host.architecture,
-        variant: host.variant,
+        os: platform.os.clone(),
+        architecture: platform.architecture.clone(),
+        variant: platform.variant.clone(),
         ..Default::default()
     };
     config.config.env.push(format!("PATH={DEFAULT_PATH}"));
     StageState {
         config,
         layers: Vec::new(),
-        key: Digest::of(b"scratch"),
+        key: Digest::of(format!("scratch\n{platform}").as_bytes()),
         created: None,
         args: BTreeMap::new(),
         shell: default_shell(),

@@ -10,12 +10,13 @@ use super::copy::{self, CopyJob, SourceFs, SourceItem};
 use super::report::Cached;
 use super::{BuildError, Engine, StageState, StepPlace, scratch_state};
 use crate::digest::Digest;
+use crate::image::Platform;
 use crate::plan::StepInputs;
 use crate::progress::StepLabel;
 use crate::rootfs::RootDir;
 use crate::sources::context::Context;
 use crate::sources::named::NamedSource;
-use crate::store::{self, Store, StoredImage};
+use crate::store::{self, Store, StoredRef};
 
 /// A named context, ready to use.
 pub(super) enum Named {
@@ -24,7 +25,7 @@ pub(super) enum Named {
     /// An image reference, loaded (or pulled) when first used.
     Image(String),
     /// An OCI layout's image, imported into the store.
-    Layout(Box<StoredImage>),
+    Layout(Box<StoredRef>),
 }
 
 /// What a `--from` or mount source naming a context reads.
@@ -64,21 +65,34 @@ pub(super) fn open_named(
 
 impl Engine<'_> {
     /// The named context `name`, for `COPY --from` and `RUN --mount from=`.
+    /// `platform` is the one of the stage that uses it.
     pub(super) fn named_files(
         &self,
         name: &str,
         line: usize,
+        platform: &Platform,
     ) -> Result<NamedFiles<'_>, BuildError> {
         match self.named.get(name) {
             Some(Named::Dir(ctx)) => Ok(NamedFiles::Dir(ctx)),
             Some(Named::Image(reference)) => Ok(NamedFiles::Image(Box::new(
-                self.load_image(reference, line)?,
+                self.load_image(reference, line, platform)?,
             ))),
-            Some(Named::Layout(image)) => Ok(NamedFiles::Image(Box::new(self.image_state(
-                image,
-                name,
-                Cached::Local,
-            )?))),
+            Some(Named::Layout(item)) => {
+                let image = match &**item {
+                    StoredRef::Image(image) => Some(image.clone()),
+                    StoredRef::Index(index) => self.store.image_in(index, platform)?,
+                }
+                .ok_or_else(|| BuildError::NamedContext {
+                    name: name.to_string(),
+                    message: format!("the OCI layout has no image for {platform}"),
+                })?;
+                Ok(NamedFiles::Image(Box::new(self.image_state(
+                    &image,
+                    name,
+                    platform,
+                    Cached::Local,
+                )?)))
+            }
             None => Err(self.invalid(line, format!("unknown build context {name:?}"))),
         }
     }
@@ -92,11 +106,12 @@ impl Engine<'_> {
         line: usize,
         label: StepLabel,
     ) -> Result<StageState, BuildError> {
-        let ctx = match self.named_files(name, line)? {
+        let platform = &self.plan.stages[stage].platform;
+        let ctx = match self.named_files(name, line, platform)? {
             NamedFiles::Image(st) => return Ok(*st),
             NamedFiles::Dir(ctx) => ctx,
         };
-        let mut st = scratch_state();
+        let mut st = scratch_state(platform);
         let inputs = StepInputs {
             instruction: format!("FROM context {name}"),
             files: dir_digests(ctx, "").map_err(self.context_err(line))?,
@@ -114,6 +129,7 @@ impl Engine<'_> {
                 from: SourceFs::Context(ctx),
                 items: vec![SourceItem::Path {
                     rel: String::new(),
+                    name: None,
                     keep: None,
                 }],
                 dest: "/".to_string(),
@@ -178,6 +194,7 @@ impl Engine<'_> {
             from: SourceFs::Context(ctx),
             items: vec![SourceItem::Path {
                 rel: String::new(),
+                name: None,
                 keep: None,
             }],
             dest: "/".to_string(),

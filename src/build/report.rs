@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::{Engine, StageState};
 use crate::cache::BuiltRecord;
 use crate::digest::Digest;
-use crate::store::StoredImage;
+use crate::store::StoredRef;
 
 /// Where a step's result came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,18 +97,23 @@ impl Engine<'_> {
     }
 }
 
-/// The `--metadata-file` document for `image`, named `names` (none: no `image.name`).
-pub fn metadata(image: &StoredImage, names: &[String], steps: &[StepReport]) -> Value {
+/// The `--metadata-file` document for `image`, named `names` (none: no `image.name`). For an
+/// index (several platforms) the digest and descriptor are the index's and, as BuildKit
+/// writes it, there is no single config digest.
+pub fn metadata(image: &StoredRef, names: &[String], steps: &[StepReport]) -> Value {
+    let desc = image.descriptor();
     let mut doc = json!({
-        "containerimage.digest": image.manifest.digest,
-        "containerimage.config.digest": image.config_digest,
+        "containerimage.digest": desc.digest,
         "containerimage.descriptor": {
-            "mediaType": image.manifest.media_type,
-            "digest": image.manifest.digest,
-            "size": image.manifest.size,
+            "mediaType": desc.media_type,
+            "digest": desc.digest,
+            "size": desc.size,
         },
         "kiln.steps": steps,
     });
+    if let StoredRef::Image(img) = image {
+        doc["containerimage.config.digest"] = json!(img.config_digest);
+    }
     if !names.is_empty() {
         doc["image.name"] = names.join(",").into();
     }

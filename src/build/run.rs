@@ -14,6 +14,27 @@ use crate::rootfs::RootDir;
 use crate::sandbox::{self, BindMount, NetworkMode, RunSpec};
 use crate::snapshot;
 
+/// Where a `--secret` comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A file on the host (`src=PATH`), read when a step uses it.
+    File(PathBuf),
+    /// A value taken from the environment (`env=VAR`) when the build started.
+    Value(Vec<u8>),
+}
+
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::File(p) => f.debug_tuple("File").field(p).finish(),
+            SecretSource::Value(_) => f.write_str("Value(<redacted>)"),
+        }
+    }
+}
+
+/// Largest secret a step may get (BuildKit's limit).
+pub const MAX_SECRET_BYTES: u64 = 500 * 1024;
+
 /// A RUN mount, as the sandbox gets it.
 enum RunMount {
     /// A host path bound as it is (secrets, cache dirs, tmpfs scratch, read-only context paths).
@@ -22,6 +43,12 @@ enum RunMount {
     Tree(MountedTree),
     /// A forwarded ssh-agent socket; the step's `SSH_AUTH_SOCK` names the first one.
     Agent(BindMount),
+    /// A secret: a private copy of it bound as a file, and/or an environment variable of the
+    /// step.
+    Secret {
+        bind: Option<BindMount>,
+        env: Option<(String, String)>,
+    },
     /// An optional mount whose source was not given (`type=ssh` without `--ssh`).
     Skipped,
 }
@@ -136,11 +163,19 @@ impl Engine<'_> {
         let mut trees: Vec<MountedTree> = Vec::new();
         let mut _mount_scratch = Vec::new();
         let mut agent_sockets: Vec<String> = Vec::new();
+        let mut secret_env = Vec::new();
+        let workdir = st.config.config.working_dir.clone().unwrap_or_default();
         for m in &run.mounts {
             let expanded = self.expand(m, &vars, line)?;
-            match self.run_mount(stage, m, &expanded, line, deps, agent_sockets.len())? {
+            let at = (agent_sockets.len(), workdir.as_str());
+            match self.run_mount(stage, m, &expanded, line, deps, at)? {
                 (RunMount::Host(bind), scratch) => {
                     binds.push(bind);
+                    _mount_scratch.extend(scratch);
+                }
+                (RunMount::Secret { bind, env }, scratch) => {
+                    binds.extend(bind);
+                    secret_env.extend(env);
                     _mount_scratch.extend(scratch);
                 }
                 (RunMount::Tree(tree), scratch) => {
@@ -191,7 +226,9 @@ impl Engine<'_> {
             line,
             created_by,
         };
-        let Some(mut step) = self.reuse_cached(st, &place, (parent, key), &inputs, step)? else {
+        let Some((mut step, _claim)) =
+            self.reuse_cached(st, &place, (parent, key), &inputs, step)?
+        else {
             return Ok(());
         };
         let (scratch, upper, work) = self.scratch_upper(stage, line)?;
@@ -205,6 +242,10 @@ impl Engine<'_> {
                 let mut env = self.run_env(st);
                 if let Some(sock) = agent_sockets.first() {
                     env.push(("SSH_AUTH_SOCK".to_string(), sock.clone()));
+                }
+                for (name, value) in secret_env {
+                    env.retain(|(k, _)| *k != name);
+                    env.push((name, value));
                 }
                 env
             },
@@ -301,7 +342,8 @@ impl Engine<'_> {
     /// empty directory discarded after the step), `bind` (a context path, read-only, or a
     /// stage's or image's files) and `ssh` (an `--ssh` agent socket, default target
     /// `/run/buildkit/ssh_agent.N` with N = `index`, skipped when not given unless `required`).
-    /// The returned scratch dir, if any, must live until the step ends.
+    /// A relative target is relative to `workdir`. The returned scratch dir, if any, must live
+    /// until the step ends.
     fn run_mount(
         &self,
         stage: usize,
@@ -309,7 +351,7 @@ impl Engine<'_> {
         spec: &str,
         line: usize,
         deps: &BTreeMap<usize, Arc<StageState>>,
-        index: usize,
+        (index, workdir): (usize, &str),
     ) -> Result<(RunMount, Option<tempfile::TempDir>), BuildError> {
         let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
         for field in spec.split(',').filter(|f| !f.is_empty()) {
@@ -323,7 +365,10 @@ impl Engine<'_> {
             fields.insert(k, v);
         }
         let kind = fields.get("type").copied().unwrap_or("bind");
-        let target = fields.get("target").map(|t| t.to_string());
+        let target = fields.get("target").map(|t| match t.starts_with('/') {
+            true => t.to_string(),
+            false => format!("{}/{t}", workdir.trim_end_matches('/')),
+        });
         let need_target = || {
             target
                 .clone()
@@ -336,34 +381,7 @@ impl Engine<'_> {
                 })
         };
         match kind {
-            "secret" => {
-                let id = fields
-                    .get("id")
-                    .map(|s| s.to_string())
-                    .or_else(|| {
-                        target
-                            .as_ref()
-                            .and_then(|t| t.rsplit('/').next().map(str::to_string))
-                    })
-                    .ok_or_else(|| {
-                        self.invalid(line, "RUN --mount=type=secret needs id= or target=")
-                    })?;
-                let target = target.unwrap_or_else(|| format!("/run/secrets/{id}"));
-                match self.opts.secrets.get(&id) {
-                    Some(src) => Ok((
-                        RunMount::Host(BindMount {
-                            source: src.clone(),
-                            target,
-                            readonly: true,
-                        }),
-                        None,
-                    )),
-                    None => Err(self.invalid(
-                        line,
-                        format!("secret {id:?} was not given: pass --secret id={id},src=PATH"),
-                    )),
-                }
-            }
+            "secret" => self.secret_mount(&fields, target, line),
             "ssh" => {
                 if let Some(opt) = ["uid", "gid", "mode"]
                     .iter()
@@ -457,9 +475,15 @@ impl Engine<'_> {
                     Some(raw_from) => {
                         let state = match self.plan.stages[stage].copy_sources.get(raw_from) {
                             Some(CopySource::Stage(i)) => (*deps[i]).clone(),
-                            Some(CopySource::Image(r)) => self.load_image(r, line)?,
+                            Some(CopySource::Image(r)) => {
+                                self.load_image(r, line, &self.plan.stages[stage].platform)?
+                            }
                             Some(CopySource::Context(name)) => {
-                                match self.named_files(name, line)? {
+                                match self.named_files(
+                                    name,
+                                    line,
+                                    &self.plan.stages[stage].platform,
+                                )? {
                                     NamedFiles::Image(st) => *st,
                                     NamedFiles::Dir(ctx) => {
                                         // Mounted over a scratch upper like a stage, keyed
@@ -510,6 +534,124 @@ impl Engine<'_> {
                 ),
             )),
         }
+    }
+}
+
+impl Engine<'_> {
+    /// `RUN --mount=type=secret`: the `--secret` named by `id=` (else `source=`, else the
+    /// target's file name) as a private read-only copy at `target` (default
+    /// `/run/secrets/ID`, none when only `env=` is given; mode `0400` and owner `0:0` unless
+    /// `mode=`/`uid=`/`gid=`), and/or as the environment variable `env=` of this step only.
+    /// A secret that was not given is skipped unless `required=true` (as in BuildKit).
+    fn secret_mount(
+        &self,
+        fields: &BTreeMap<&str, &str>,
+        target: Option<String>,
+        line: usize,
+    ) -> Result<(RunMount, Option<tempfile::TempDir>), BuildError> {
+        let id = fields
+            .get("id")
+            .or_else(|| fields.get("source"))
+            .map(|s| s.to_string())
+            .or_else(|| {
+                target
+                    .as_ref()
+                    .and_then(|t| t.rsplit('/').next().map(str::to_string))
+            })
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| self.invalid(line, "RUN --mount=type=secret needs id= or target="))?;
+        let env = fields
+            .get("env")
+            .filter(|e| !e.is_empty())
+            .map(|e| e.to_string());
+        let target = match (target, &env) {
+            (Some(t), _) => Some(t),
+            (None, Some(_)) => None,
+            (None, None) => Some(format!(
+                "/run/secrets/{}",
+                id.rsplit('/').next().unwrap_or(&id)
+            )),
+        };
+        let required = fields
+            .get("required")
+            .is_some_and(|v| v.is_empty() || *v == "true");
+        let number = |key: &str, default: u32, radix: u32| match fields.get(key) {
+            None => Ok(default),
+            Some(v) => u32::from_str_radix(v, radix).map_err(|_| {
+                self.invalid(line, format!("RUN --mount=type=secret: invalid {key}={v}"))
+            }),
+        };
+        let (mode, uid, gid) = (
+            number("mode", 0o400, 8)?,
+            number("uid", 0, 10)?,
+            number("gid", 0, 10)?,
+        );
+        let Some(source) = self.opts.secrets.get(&id) else {
+            if required {
+                return Err(self.invalid(
+                    line,
+                    format!(
+                        "secret {id:?} is required but was not given: pass --secret id={id},src=PATH (or env=VAR)"
+                    ),
+                ));
+            }
+            self.progress.warn(&format!(
+                "{}:{line}: secret {id:?} was not given; the step runs without it",
+                self.file
+            ));
+            return Ok((RunMount::Skipped, None));
+        };
+        let value = match source {
+            SecretSource::Value(v) => v.clone(),
+            SecretSource::File(path) => {
+                let too_big = std::fs::metadata(path).is_ok_and(|m| m.len() > MAX_SECRET_BYTES);
+                if too_big {
+                    return Err(self.invalid(
+                        line,
+                        format!("secret {id:?} is bigger than {MAX_SECRET_BYTES} bytes"),
+                    ));
+                }
+                std::fs::read(path).map_err(|e| {
+                    self.invalid(
+                        line,
+                        format!("reading secret {id:?} from {}: {e}", path.display()),
+                    )
+                })?
+            }
+        };
+        let env = env.map(|name| (name, String::from_utf8_lossy(&value).into_owned()));
+        let Some(target) = target else {
+            return Ok((RunMount::Secret { bind: None, env }, None));
+        };
+        // A copy only root can reach (the scratch dir is private), with the owner and mode the
+        // step is to see, whatever the host file's.
+        let scratch = self.store.scratch_dir()?;
+        let file = scratch.path().join("secret");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)?;
+            f.write_all(&value)?;
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777))
+        };
+        write().map_err(|e| self.invalid(line, format!("preparing secret {id:?}: {e}")))?;
+        let bind = BindMount {
+            source: file,
+            target,
+            readonly: true,
+        };
+        Ok((
+            RunMount::Secret {
+                bind: Some(bind),
+                env,
+            },
+            Some(scratch),
+        ))
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::named::NamedFiles;
+use super::named::{self, NamedFiles};
 use super::{BuildError, Engine, StageState, StepPlace};
 use super::{copy, listed};
 use crate::digest::Digest;
@@ -46,14 +46,16 @@ impl Engine<'_> {
         let chmod = match &c.chmod {
             Some(m) => {
                 let m = self.expand(m, &vars, line)?;
-                Some(copy::parse_chmod(&m).ok_or_else(|| {
-                    self.invalid(line, format!("invalid --chmod={m}: expected an octal mode"))
-                })?)
+                Some(
+                    super::chmod::Chmod::parse(&m)
+                        .map_err(|e| self.invalid(line, format!("--chmod={m}: {e}")))?,
+                )
             }
             None => None,
         };
+        // `--chown=${USER}:${GROUP}` with both unset means no --chown at all.
         let chown = match &c.chown {
-            Some(o) => Some(self.expand(o, &vars, line)?),
+            Some(o) => Some(self.expand(o, &vars, line)?).filter(|o| !matches!(o.trim(), "" | ":")),
             None => None,
         };
         let exclude = c
@@ -84,14 +86,18 @@ impl Engine<'_> {
         let mut named_dir = None;
         let from_state: Option<StageState> = match from {
             Some(Some(CopySource::Stage(i))) => Some((*deps[&i]).clone()),
-            Some(Some(CopySource::Image(r))) => Some(self.load_image(&r, line)?),
-            Some(Some(CopySource::Context(name))) => match self.named_files(&name, line)? {
-                NamedFiles::Dir(ctx) => {
-                    named_dir = Some(ctx);
-                    None
+            Some(Some(CopySource::Image(r))) => {
+                Some(self.load_image(&r, line, &self.plan.stages[stage].platform)?)
+            }
+            Some(Some(CopySource::Context(name))) => {
+                match self.named_files(&name, line, &self.plan.stages[stage].platform)? {
+                    NamedFiles::Dir(ctx) => {
+                        named_dir = Some(ctx);
+                        None
+                    }
+                    NamedFiles::Image(st) => Some(*st),
                 }
-                NamedFiles::Image(st) => Some(*st),
-            },
+            }
             Some(None) => return Err(self.invalid(line, "unresolved --from")),
             None => None,
         };
@@ -107,7 +113,9 @@ impl Engine<'_> {
                     .find(|h| h.name == name)
                     .ok_or_else(|| self.invalid(line, format!("heredoc {name} has no body")))?;
                 let content = if h.expand {
-                    expand_heredoc(&h.content, &vars)
+                    crate::recipe::shell::Lexer::process_heredoc(&h.content, &vars)
+                        .map_err(|e| self.invalid(line, e.to_string()))?
+                        .value
                 } else {
                     h.content.clone()
                 };
@@ -146,23 +154,57 @@ impl Engine<'_> {
             source_words.push(word.clone());
             match &from_state {
                 None => {
-                    let rels = source_ctx.resolve(&word).map_err(self.context_err(line))?;
-                    for rel in rels {
-                        let entries = source_ctx.walk(&rel).map_err(self.context_err(line))?;
-                        let digests = source_ctx
-                            .digest_entries(&entries)
-                            .map_err(self.context_err(line))?;
+                    // A wildcard that matches nothing copies nothing (BuildKit).
+                    let found = match source_ctx.resolve_sources(&word) {
+                        Err(crate::sources::context::ContextError::NotFound(_))
+                            if copy::has_wildcard(&word) =>
+                        {
+                            Vec::new()
+                        }
+                        r => r.map_err(self.context_err(line))?,
+                    };
+                    for crate::sources::context::Source { matched, rel } in found {
+                        // A symlink is copied under its own name (BuildKit follows it and
+                        // keeps the name), which is then part of the result.
+                        let own_name = matched.rsplit('/').next().unwrap_or(&matched);
+                        let name = (rel.rsplit('/').next() != Some(own_name))
+                            .then(|| own_name.to_string());
+                        if let Some(n) = &name {
+                            inputs
+                                .files
+                                .insert(format!("{matched} -> {rel}"), n.clone());
+                        }
+                        let digests = match named_dir {
+                            Some(ctx) => named::dir_digests(ctx, &rel),
+                            // Hashed once for all the platforms built (and all the steps).
+                            None => self.context_digests.get_or_try(&rel, || {
+                                let entries = self.context.walk(&rel)?;
+                                self.context.digest_entries(&entries)
+                            }),
+                        }
+                        .map_err(self.context_err(line))?;
                         inputs.files.extend(digests);
                         let keep = c.parents.then(|| copy::kept_path(&word, &rel));
-                        items.push(copy::SourceItem::Path { rel, keep });
+                        items.push(copy::SourceItem::Path { rel, name, keep });
                     }
                 }
                 Some(_) => {
                     let rel = crate::sources::context::clean_relative(&word).ok_or_else(|| {
                         self.invalid(line, format!("source {word:?} is outside the root"))
                     })?;
+                    if copy::has_wildcard(&rel) {
+                        items.push(copy::SourceItem::Pattern {
+                            pattern: rel,
+                            word: word.clone(),
+                        });
+                        continue;
+                    }
                     let keep = c.parents.then(|| copy::kept_path(&word, &rel));
-                    items.push(copy::SourceItem::Path { rel, keep });
+                    items.push(copy::SourceItem::Path {
+                        rel,
+                        name: None,
+                        keep,
+                    });
                 }
             }
         }
@@ -173,8 +215,12 @@ impl Engine<'_> {
             true => Some(self.probe_link_base(st, &dest, chown.as_deref(), stage, line)?),
             false => None,
         };
-        let dest_is_dir =
-            dest_slash || items.len() > 1 || linked.as_ref().is_some_and(LinkBase::dest_is_dir);
+        // Several sources make the destination a directory even without a trailing slash (as
+        // buildah; Docker's classic builder refuses, BuildKit copies each onto the same path).
+        let dest_is_dir = dest_slash
+            || c.sources.len() > 1
+            || items.len() > 1
+            || linked.as_ref().is_some_and(LinkBase::dest_is_dir);
         inputs.instruction = format!(
             "{} {:?} -> {dest} dir={dest_is_dir} chown={chown:?} chmod={chmod:?} exclude={:?} parents={} unpack={:?}",
             if is_add { "ADD" } else { "COPY" },
@@ -201,7 +247,7 @@ impl Engine<'_> {
                 dest: dest.clone(),
                 dest_is_dir,
                 chown: owner,
-                chmod,
+                chmod: chmod.clone(),
                 extract_archives: is_add && c.unpack != Some(false),
                 exclude: exclude.clone(),
                 parents: c.parents,
@@ -410,7 +456,8 @@ impl Engine<'_> {
                 (none, own, chain)
             }
         };
-        let Some(step) = self.reuse_cached(st, &ctx, (parent, key), &inputs, step)? else {
+        let Some((step, _claim)) = self.reuse_cached(st, &ctx, (parent, key), &inputs, step)?
+        else {
             st.key = chain;
             return Ok(());
         };
@@ -559,48 +606,6 @@ impl LinkBase {
     }
 }
 
-/// `$NAME` and `${NAME}` substitution for heredoc bodies (quotes are content, not syntax).
-fn expand_heredoc(body: &str, vars: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(body.len());
-    let mut chars = body.char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
-        if c == '\\' {
-            if let Some(&(_, '$')) = chars.peek() {
-                out.push('$');
-                chars.next();
-                continue;
-            }
-            out.push(c);
-            continue;
-        }
-        if c != '$' {
-            out.push(c);
-            continue;
-        }
-        let rest = &body[i + 1..];
-        let (name, consumed) = if let Some(inner) = rest.strip_prefix('{') {
-            match inner.find('}') {
-                Some(end) => (&inner[..end], end + 2),
-                None => ("", 0),
-            }
-        } else {
-            let end = rest
-                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
-                .unwrap_or(rest.len());
-            (&rest[..end], end)
-        };
-        if name.is_empty() || consumed == 0 {
-            out.push('$');
-            continue;
-        }
-        out.push_str(vars.get(name).map(String::as_str).unwrap_or(""));
-        for _ in 0..consumed {
-            chars.next();
-        }
-    }
-    out
-}
-
 /// Resolves `--chown=user[:group]` against the rootfs's own /etc/passwd and /etc/group.
 fn resolve_owner(root: &RootDir, spec: &str) -> Result<(u32, u32), String> {
     let read = |p: &str| {
@@ -614,7 +619,8 @@ fn resolve_owner(root: &RootDir, spec: &str) -> Result<(u32, u32), String> {
     let passwd = read("/etc/passwd");
     let group = read("/etc/group");
     let (user, grp) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
+        Some((u, g)) if !g.is_empty() => (u, Some(g)),
+        Some((u, _)) => (u, None),
         None => (spec, None),
     };
     let resolved = sandbox::users::resolve(user, passwd.as_deref(), group.as_deref())
@@ -626,18 +632,4 @@ fn resolve_owner(root: &RootDir, spec: &str) -> Result<(u32, u32), String> {
         None => resolved.gid,
     };
     Ok((resolved.uid, gid))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heredoc_expansion() {
-        let vars: BTreeMap<String, String> = [("A".to_string(), "x".to_string())].into();
-        assert_eq!(
-            expand_heredoc("$A ${A} \\$A $B '$A' $", &vars),
-            "x x $A  'x' $"
-        );
-    }
 }

@@ -9,14 +9,16 @@ use clap::ValueEnum;
 
 use kiln::build::{self, BuildError, BuildOptions, export};
 use kiln::distribution;
+use kiln::image::platform_names;
 use kiln::progress::{Mode, Progress};
 use kiln::registry::reference::Reference;
 use kiln::sandbox::NetworkMode;
-use kiln::store;
+use kiln::store::{self, StoredRef};
 
 use super::cache::CacheArgs;
 use super::limits::LimitArgs;
 use super::output::{Output, parse_output};
+use super::platform::PlatformArgs;
 use super::{
     CANCEL, Failure, call, client, devloop, emit, key_value, normalize, open_store, read_file,
     secrets, transfer_failure,
@@ -87,8 +89,9 @@ pub(crate) struct BuildArgs {
     /// Network for RUN steps.
     #[arg(long, value_enum, default_value_t = NetworkArg::Host)]
     network: NetworkArg,
-    /// A secret for RUN --mount=type=secret: id=ID,src=PATH (repeatable).
-    #[arg(long = "secret", value_name = "id=ID,src=PATH")]
+    /// A secret for RUN --mount=type=secret: id=ID,src=PATH (a file) or id=ID,env=VAR (an
+    /// environment variable of kiln's), repeatable.
+    #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
     secrets: Vec<String>,
     /// An ssh-agent socket for RUN --mount=type=ssh: ID (the socket in $SSH_AUTH_SOCK) or
     /// ID=SOCKET (repeatable; the usual ID is `default`).
@@ -114,6 +117,8 @@ pub(crate) struct BuildArgs {
     cache: CacheArgs,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    platform: PlatformArgs,
 }
 
 /// Reads the recipe: `file` ("-" = stdin), else CONTEXT/Dockerfile, else
@@ -176,7 +181,7 @@ pub(crate) fn parse_build_args(given: &[String]) -> BTreeMap<String, String> {
 pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     let context_dir = args.context.clone();
     let (recipe_path, recipe_bytes) = read_recipe(&context_dir, args.file.as_deref())?;
-    let build_args = parse_build_args(&args.build_args);
+    let mut build_args = parse_build_args(&args.build_args);
     let named_contexts = args.devloop.named_contexts()?;
     if let Some((method, format)) = args.call.method()? {
         let input = call::CallInput {
@@ -196,17 +201,24 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         .collect::<Result<BTreeMap<_, _>, _>>()?;
     let secrets = secrets::parse_secrets(&args.secrets)?;
     let ssh = secrets::parse_ssh(&args.ssh)?;
-    let source_date_epoch = match args.source_date_epoch {
-        Some(n) => Some(n),
-        None => match std::env::var("SOURCE_DATE_EPOCH") {
-            Ok(v) if !v.is_empty() => Some(v.parse::<i64>().map_err(|_| {
-                Failure::usage(format!(
-                    "SOURCE_DATE_EPOCH={v:?} is not a number of seconds"
-                ))
-            })?),
-            _ => None,
-        },
+    // As in BuildKit, the build arg SOURCE_DATE_EPOCH sets the epoch too, and an `ARG
+    // SOURCE_DATE_EPOCH` sees the epoch however it was given.
+    let from_arg_or_env = build_args
+        .get("SOURCE_DATE_EPOCH")
+        .cloned()
+        .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok());
+    let source_date_epoch = match (args.source_date_epoch, from_arg_or_env) {
+        (Some(n), _) => Some(n),
+        (None, Some(v)) if !v.is_empty() => Some(v.parse::<i64>().map_err(|_| {
+            Failure::usage(format!(
+                "SOURCE_DATE_EPOCH={v:?} is not a number of seconds"
+            ))
+        })?),
+        _ => None,
     };
+    if let Some(epoch) = source_date_epoch {
+        build_args.insert("SOURCE_DATE_EPOCH".to_string(), epoch.to_string());
+    }
     let mut outputs = args
         .outputs
         .iter()
@@ -226,6 +238,23 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         return Err(Failure::usage(
             "only one --output can write to stdout (`-`)",
         ));
+    }
+    let platforms = args.platform.platforms()?;
+    let one_platform_only = outputs.iter().find_map(|o| match o {
+        Output::DockerArchive(_) => Some("--output type=docker-archive"),
+        Output::Load => Some("--load"),
+        Output::Files(export::FilesDest::TarFile(_) | export::FilesDest::TarStdout) => {
+            Some("--output type=tar")
+        }
+        _ => None,
+    });
+    if let (true, Some(what)) = (platforms.len() > 1, one_platform_only) {
+        return Err(Failure::usage(format!(
+            "{what} holds one platform's image, and this build is for {}: {}",
+            platforms.len(),
+            platform_names(&platforms)
+        ))
+        .hint("use type=oci-archive (or type=oci) for an image index, or build one --platform at a time"));
     }
     if outputs.iter().any(|o| matches!(o, Output::Registry)) && args.tags.is_empty() {
         return Err(Failure::usage(
@@ -285,6 +314,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             .any(|e| e.target == kiln::cache::ExportTarget::Inline),
         // Registries can mount a shared cache's layers; every other output needs the bytes.
         lazy_layers: outputs.iter().all(|o| matches!(o, Output::Registry)),
+        platforms,
     };
     let store = open_store(root, args.tls_verify)?;
     let progress = Progress::new(mode);
@@ -303,6 +333,9 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             BuildError::Sandbox(kiln::sandbox::SandboxError::LimitsUnavailable(_)) => {
                 Some("--limits=best-effort builds without the limits that cannot be applied")
             }
+            BuildError::Emulation { .. } => Some(
+                "install Debian's qemu-user-static (apt-get install qemu-user-static): it registers static QEMU handlers with the F flag (through systemd-binfmt or update-binfmts); see /proc/sys/fs/binfmt_misc",
+            ),
             _ => None,
         }
         .map(str::to_string);
@@ -314,7 +347,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     })?;
     let image = &built.image;
     for t in &tags {
-        store.tag(t, &image.manifest)?;
+        store.tag(t, image.descriptor())?;
     }
     // An OCI layout names its image by tag (`latest`), as BuildKit's exporter does.
     let ref_name = tags
@@ -328,7 +361,14 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         match o {
             Output::OciDir(d) => store::export_oci_dir(&store, image, d, first_tag)?,
             Output::OciArchive(f) => store::export_oci_archive(&store, image, f, first_tag)?,
-            Output::DockerArchive(f) => store::export_docker_archive(&store, image, f, &tags)?,
+            Output::DockerArchive(f) => match image {
+                StoredRef::Image(img) => store::export_docker_archive(&store, img, f, &tags)?,
+                StoredRef::Index(_) => {
+                    return Err(Failure::usage(
+                        "--output type=docker-archive cannot hold an image index",
+                    ));
+                }
+            },
             Output::Registry => {
                 for t in &tags {
                     let r = Reference::parse(t).map_err(Failure::input)?;
@@ -337,11 +377,33 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
                     progress.info(&format!("pushed {r}@{digest}"));
                 }
             }
-            Output::Load => devloop::load(&store, image, &tags, &progress)?,
-            Output::Files(dest) => {
-                export::export_files(&store, image, dest, source_date_epoch)
-                    .map_err(Failure::runtime)?;
-            }
+            Output::Load => match image {
+                StoredRef::Image(img) => devloop::load(&store, img, &tags, &progress)?,
+                StoredRef::Index(_) => {
+                    return Err(Failure::usage("--load cannot take an image index"));
+                }
+            },
+            Output::Files(dest) => match image {
+                StoredRef::Image(img) => {
+                    export::export_files(&store, img, dest, source_date_epoch)
+                        .map_err(Failure::runtime)?;
+                }
+                // Several platforms: a directory of each's files, named as BuildKit does
+                // (`linux_arm64`).
+                StoredRef::Index(index) => {
+                    let export::FilesDest::Dir(dir) = dest else {
+                        return Err(Failure::usage(
+                            "--output type=tar cannot hold an image index",
+                        ));
+                    };
+                    for img in store.present_images(index)? {
+                        let sub = img.config.platform().to_string().replace('/', "_");
+                        let dest = export::FilesDest::Dir(dir.join(sub));
+                        export::export_files(&store, &img, &dest, source_date_epoch)
+                            .map_err(Failure::runtime)?;
+                    }
+                }
+            },
         }
     }
     for export in &cache.exports {
@@ -363,7 +425,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     }
     // A tar on stdout is all that stdout carries.
     let stdout_taken = to_stdout > 0;
-    let id = image.config_digest.to_string();
+    let id = image.id().to_string();
     if let Some(path) = &args.iidfile {
         std::fs::write(path, &id)
             .map_err(|e| Failure::usage(format!("writing {}: {e}", path.display())))?;

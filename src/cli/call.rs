@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use kiln::build::lint::{self, LintInput};
+use kiln::image::Platform;
 use kiln::plan::{self, PlanOptions};
 use kiln::recipe::{self, outline};
 use kiln::sources::named::NamedSource;
@@ -111,7 +112,8 @@ pub(crate) fn run(
                 &PlanOptions {
                     build_args: input.build_args.clone(),
                     target: input.target.map(str::to_string),
-                    platform_args: lint::host_platform_args(),
+                    target_platform: Platform::host(),
+                    platform_args: plan::platform_args(&Platform::host(), &Platform::host()),
                     named_contexts: kiln::sources::named::plan_contexts(input.named_contexts),
                 },
             )

@@ -8,7 +8,7 @@
 pub mod docker_archive;
 mod platform;
 
-pub use platform::{ARCHITECTURES, Platform, PlatformError};
+pub use platform::{ARCHITECTURES, Platform, PlatformError, platform_names};
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -169,6 +169,19 @@ impl Lexer {
         })
     }
 
+    /// Expansion of a COPY/ADD heredoc body (BuildKit's `SkipProcessQuotes` lexer, whose
+    /// escape character is always `\`): quotes are ordinary characters, `$` expands, the
+    /// escape character still escapes (`\$` is `$`, `\\` is `\`).
+    pub fn process_heredoc(body: &str, vars: &dyn Vars) -> Result<Expanded<String>, ShellError> {
+        let mut p = Processor::new(body, '\\', vars);
+        p.skip_quotes = true;
+        let value = p.process_until(Stop::End, false, None)?;
+        Ok(Expanded {
+            value,
+            used: p.used,
+        })
+    }
+
     /// Expand + quote removal + word splitting (BuildKit `ProcessWords`). Only whitespace
     /// that is unquoted and unescaped in the input, or that comes from an unquoted
     /// expansion, separates words; empty words are dropped.
@@ -244,6 +257,8 @@ struct Processor<'a> {
     used: BTreeSet<String>,
     /// Keep escape characters in the output (pattern and replacement words).
     raw_escapes: bool,
+    /// Quotes are ordinary characters (heredoc bodies).
+    skip_quotes: bool,
     depth: usize,
 }
 
@@ -256,6 +271,7 @@ impl<'a> Processor<'a> {
             vars,
             used: BTreeSet::new(),
             raw_escapes: false,
+            skip_quotes: false,
             depth: 0,
         }
     }
@@ -314,7 +330,7 @@ impl<'a> Processor<'a> {
                     }
                     out.push_str(&value);
                 }
-                '\'' | '"' => {
+                '\'' | '"' if !self.skip_quotes => {
                     let value = if c == '\'' {
                         self.single_quote()?
                     } else {
@@ -843,6 +859,24 @@ fn replace(tokens: &[Tok], value: &str, replacement: &str, all: bool) -> String 
 
 #[cfg(test)]
 mod tests {
+
+    /// BuildKit's testCopyHeredocSpecialSymbols and testHeredocVarSubstitution.
+    #[test]
+    fn heredoc_bodies_keep_quotes_and_process_escapes() {
+        let vars: std::collections::BTreeMap<String, String> =
+            [("name".to_string(), "world".to_string())].into();
+        let h = |body: &str| Lexer::process_heredoc(body, &vars).unwrap().value;
+        assert_eq!(h("\"quotes in file\"\n"), "\"quotes in file\"\n");
+        assert_eq!(h("\\\n"), "\n");
+        assert_eq!(h("\\\\\n"), "\\\n");
+        assert_eq!(h("\\$\n"), "$\n");
+        assert_eq!(
+            h("Hello '${name}'! \"$name\"\n"),
+            "Hello 'world'! \"world\"\n"
+        );
+        assert_eq!(h("${name:-x} ${nope:-def} ${name/o/0}"), "world def w0rld");
+    }
+
     use super::*;
     use std::time::{Duration, Instant};
 

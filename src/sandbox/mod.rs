@@ -14,6 +14,7 @@
 //! from the [`snapshotter`] that works there; each step's processes run in a cgroup with the
 //! build's [`limits`] ([`cgroups`]).
 
+pub mod binfmt;
 pub mod cgroups;
 mod copyfs;
 mod fuse;
@@ -133,7 +134,8 @@ impl Sandbox {
 /// Mounts the layers (lowers + upper/work) privately with this process's [`snapshotter`], calls
 /// `f` with the merged root path, and unmounts (after which the upper dir holds the changes).
 /// `f` runs on a dedicated thread that has its own mount namespace, so no mount is ever visible
-/// to, or leaked into, the host namespace.
+/// to, or leaked into, the host namespace; a call made inside `f` mounts in that same namespace,
+/// so paths of both views stay valid together (also under a chroot).
 pub fn with_rootfs<R: Send>(
     lower_dirs: &[PathBuf],
     upper: &Path,

@@ -426,6 +426,11 @@ fn is_opaque(dir: &OwnedFd, name: &std::ffi::OsStr) -> bool {
         .any(|k| xattr::FileExt::get_xattr(&f, k).ok().flatten().is_some())
 }
 
+thread_local! {
+    /// Whether this thread runs in a private mount namespace that [`with_rootfs`] made for it.
+    static IN_PRIVATE_NAMESPACE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 pub(super) fn with_rootfs<R: Send>(
     lower_dirs: &[PathBuf],
     upper: &Path,
@@ -440,13 +445,26 @@ pub(super) fn with_rootfs<R: Send>(
     } else {
         lower_dirs
     };
+    let mount_and_call = || -> Result<R, SandboxError> {
+        let mounted = snapshotter::mount_current(lowers, upper, work, &root)?;
+        let r = f(&root);
+        mounted.unmount()?;
+        Ok(r)
+    };
+    // A view opened inside another (a COPY --from source and its destination) is mounted in the
+    // same namespace: paths the kernel gives for open fds (`/proc/self/fd`) are only valid in the
+    // namespace of their mount, and under a chroot an fd from another namespace reads as a host
+    // path that does not exist inside it.
+    if IN_PRIVATE_NAMESPACE.get() {
+        let r = mount_and_call();
+        drop(scratch);
+        return r;
+    }
     let joined = std::thread::scope(|s| {
         s.spawn(|| -> Result<R, SandboxError> {
             snapshotter::private_mount_namespace()?;
-            let mounted = snapshotter::mount_current(lowers, upper, work, &root)?;
-            let r = f(&root);
-            mounted.unmount()?;
-            Ok(r)
+            IN_PRIVATE_NAMESPACE.set(true);
+            mount_and_call()
         })
         .join()
     });

@@ -63,6 +63,8 @@ struct Job {
     /// The tail (up to 32 KiB) of the previous block.
     dict: Vec<u8>,
     last: bool,
+    /// An empty buffer to compress into (a recycled one keeps its capacity).
+    out: Vec<u8>,
 }
 
 /// A compressed block, plus its input buffer handed back for reuse.
@@ -103,6 +105,10 @@ pub(super) struct ParGzWriter<W: Write> {
     ready: BTreeMap<u64, Done>,
     /// Input buffers returned by workers.
     spare: Vec<Vec<u8>>,
+    /// Output buffers already written, for the next blocks: every big buffer is allocated
+    /// once per writer, so the memory held stays what is in flight (freed and reallocated
+    /// megabyte buffers would stay resident in the allocator's per-thread arenas).
+    spare_out: Vec<Vec<u8>>,
     crc: crc32fast::Hasher,
     /// Input bytes taken so far.
     total: u64,
@@ -134,6 +140,7 @@ impl<W: Write> ParGzWriter<W> {
             next_write: 0,
             ready: BTreeMap::new(),
             spare: Vec::new(),
+            spare_out: Vec::new(),
             crc: crc32fast::Hasher::new(),
             total: 0,
             engine,
@@ -215,6 +222,7 @@ impl<W: Write> ParGzWriter<W> {
             data,
             dict,
             last,
+            out: self.spare_out.pop().unwrap_or_default(),
         };
         self.next_seq += 1;
         match &mut self.engine {
@@ -250,7 +258,13 @@ impl<W: Write> ParGzWriter<W> {
 
     fn write_ready(&mut self) -> io::Result<()> {
         while let Some(done) = self.ready.remove(&self.next_write) {
-            self.out.write_all(&done.out?)?;
+            let mut out = done.out?;
+            self.out.write_all(&out)?;
+            // Spliced blocks bring buffers of their own: keep no more than can be in flight.
+            if self.spare_out.len() < self.max_in_flight as usize {
+                out.clear();
+                self.spare_out.push(out);
+            }
             self.crc.combine(&done.crc);
             let mut input = done.input;
             if input.capacity() > 0 {
@@ -333,10 +347,19 @@ fn worker(jobs: &Mutex<Receiver<Job>>, results: &Sender<Done>) {
 /// every time: a reset zlib-rs compressor can carry state from the block it compressed before
 /// into its output, which would make the bytes depend on which worker took which block.
 pub(super) fn compress_block(data: &[u8], dict: &[u8], last: bool) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    compress_block_into(data, dict, last, &mut out)?;
+    Ok(out)
+}
+
+/// [`compress_block`] into `out` (emptied first; its capacity is reused).
+fn compress_block_into(data: &[u8], dict: &[u8], last: bool, out: &mut Vec<u8>) -> io::Result<()> {
+    out.clear();
     if !data.is_empty() && incompressible(data) {
-        Ok(stored(data, last))
+        stored(data, last, out);
+        Ok(())
     } else {
-        deflate(data, dict, last)
+        deflate(data, dict, last, out)
     }
 }
 
@@ -344,10 +367,11 @@ pub(super) fn compress_block(data: &[u8], dict: &[u8], last: bool) -> io::Result
 fn compress_job(job: Job) -> Done {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&job.data);
-    let out = compress_block(&job.data, &job.dict, job.last);
+    let mut out = job.out;
+    let result = compress_block_into(&job.data, &job.dict, job.last, &mut out).map(|()| out);
     Done {
         seq: job.seq,
-        out,
+        out: result,
         crc,
         input: job.data,
     }
@@ -380,8 +404,8 @@ fn incompressible(data: &[u8]) -> bool {
 
 /// `data` as deflate stored blocks (the stream is byte-aligned here); BFINAL on the last if
 /// `last`.
-fn stored(data: &[u8], last: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 5 * (data.len() / STORED_MAX + 1));
+fn stored(data: &[u8], last: bool, out: &mut Vec<u8>) {
+    out.reserve(data.len() + 5 * (data.len() / STORED_MAX + 1));
     let count = data.len().div_ceil(STORED_MAX);
     for (i, chunk) in data.chunks(STORED_MAX).enumerate() {
         let len = chunk.len() as u16;
@@ -390,11 +414,10 @@ fn stored(data: &[u8], last: bool) -> Vec<u8> {
         out.extend_from_slice(&(!len).to_le_bytes());
         out.extend_from_slice(chunk);
     }
-    out
 }
 
 /// Raw deflate of `data` primed with `dict`, ending byte-aligned (sync flush) or final.
-fn deflate(data: &[u8], dict: &[u8], last: bool) -> io::Result<Vec<u8>> {
+fn deflate(data: &[u8], dict: &[u8], last: bool, out: &mut Vec<u8>) -> io::Result<()> {
     let mut comp = Compress::new(flate2::Compression::new(LEVEL), false);
     let comp = &mut comp;
     if !dict.is_empty() {
@@ -405,11 +428,11 @@ fn deflate(data: &[u8], dict: &[u8], last: bool) -> io::Result<Vec<u8>> {
     } else {
         FlushCompress::Sync
     };
-    let mut out = Vec::with_capacity(data.len() + data.len() / 1000 + 64);
+    out.reserve(data.len() + data.len() / 1000 + 64);
     loop {
         let consumed = comp.total_in() as usize;
         let status = comp
-            .compress_vec(&data[consumed..], &mut out, flush)
+            .compress_vec(&data[consumed..], out, flush)
             .map_err(io::Error::other)?;
         let all_in = comp.total_in() as usize == data.len();
         let room = out.len() < out.capacity();
@@ -419,7 +442,7 @@ fn deflate(data: &[u8], dict: &[u8], last: bool) -> io::Result<Vec<u8>> {
             _ => out.reserve(out.capacity().max(4096)),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -63,6 +63,15 @@ pub struct Context {
     ignore: IgnoreRules,
 }
 
+/// A COPY source found in the context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    /// The path as the pattern matched it (a symlink's own path).
+    pub matched: String,
+    /// The path copied: `matched` with symlinks followed (inside the context).
+    pub rel: String,
+}
+
 /// One file, directory or symlink of the context, by its context-relative path.
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -124,6 +133,16 @@ impl Context {
     /// matching context-relative paths, sorted. A top-level symlink is followed, but only inside
     /// the context.
     pub fn resolve(&self, pattern: &str) -> Result<Vec<String>, ContextError> {
+        Ok(self
+            .resolve_sources(pattern)?
+            .into_iter()
+            .map(|s| s.rel)
+            .collect())
+    }
+
+    /// [`Context::resolve`], keeping for each match the path it was matched as: a symlink
+    /// named by the instruction is copied under its own name with its target's content.
+    pub fn resolve_sources(&self, pattern: &str) -> Result<Vec<Source>, ContextError> {
         let cleaned =
             clean_relative(pattern).ok_or_else(|| ContextError::Outside(pattern.to_string()))?;
         let mut current = vec![String::new()];
@@ -165,10 +184,25 @@ impl Context {
             current = next;
         }
         let mut out = Vec::new();
-        for rel in current {
-            let rel = self.follow_symlinks(&rel, pattern)?;
-            if rel.is_empty() || std::fs::symlink_metadata(self.host_path(&rel)).is_ok() {
-                out.push(rel);
+        for matched in current {
+            let rel = self.follow_symlinks(&matched, pattern)?;
+            let source = Source {
+                matched,
+                rel: rel.clone(),
+            };
+            if rel.is_empty() {
+                out.push(source);
+                continue;
+            }
+            // What .dockerignore excludes is not in the context, unless it is a directory
+            // with re-included entries below (as BuildKit sends it).
+            let Ok(meta) = std::fs::symlink_metadata(self.host_path(&rel)) else {
+                continue;
+            };
+            if !self.ignore.is_excluded(&rel)
+                || (meta.is_dir() && self.ignore.may_reinclude_under(&rel))
+            {
+                out.push(source);
             }
         }
         if out.is_empty() {
@@ -252,13 +286,17 @@ impl Context {
                 if excluded && !self.ignore.may_reinclude_under(&child) {
                     continue;
                 }
-                if !excluded {
-                    out.push(Entry {
-                        rel: child.clone(),
-                        meta,
-                    });
-                }
+                // An excluded directory is listed when something below it is re-included,
+                // so that its entries have their directory (with its own mode and owner).
+                let at = out.len();
+                out.push(Entry {
+                    rel: child.clone(),
+                    meta,
+                });
                 self.walk_dir(&child, out)?;
+                if excluded && out.len() == at + 1 {
+                    out.pop();
+                }
             } else if !excluded {
                 out.push(Entry { rel: child, meta });
             }
@@ -391,6 +429,10 @@ mod tests {
         let (_d, c) = ctx();
         assert_eq!(c.resolve("*.md").unwrap(), vec!["a.md", "b.md"]);
         assert!(matches!(c.resolve("*.key"), Err(ContextError::NotFound(_))));
+        assert!(matches!(
+            c.resolve("secret.key"),
+            Err(ContextError::NotFound(_))
+        ));
         assert_eq!(c.resolve("app/*.py").unwrap(), vec!["app/main.py"]);
         assert_eq!(c.resolve(".").unwrap(), vec![""]);
         let all: Vec<String> = c.walk("").unwrap().into_iter().map(|e| e.rel).collect();
