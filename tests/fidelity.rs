@@ -122,8 +122,8 @@ fn duplicate_stage_names_warn_and_from_an_index_works() {
     assert_success(&out);
     let err = stderr(&out);
     assert!(
-        err.contains("WARNING: Dockerfile:4:")
-            && err.contains("DuplicateStageName: stage name 'x'")
+        err.contains("Dockerfile:4:17: DuplicateStageName")
+            && err.contains("stage name 'x'")
             && err.contains("line 1"),
         "{err}"
     );
