@@ -293,6 +293,40 @@ fn output_with_target_writes_exactly_the_stage_files() {
 }
 
 #[test]
+fn output_of_several_platforms_is_a_directory_each() {
+    let k = Kiln::empty();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("dist");
+    let (o, _ctx) = k.build(
+        "FROM scratch\nCOPY a.txt /\n",
+        &[("a.txt", b"a\n")],
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-o",
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_success(&o);
+    assert_eq!(
+        tree(&dest),
+        set(&[
+            "linux_amd64",
+            "linux_amd64/a.txt",
+            "linux_arm64",
+            "linux_arm64/a.txt"
+        ])
+    );
+    for one_platform_only in [&["--load"][..], &["-o", "-"][..]] {
+        let mut args = vec!["--platform", "linux/amd64,linux/arm64"];
+        args.extend_from_slice(one_platform_only);
+        let (o, _ctx) = k.build("FROM scratch\n", &[], &args);
+        assert_eq!(o.status.code(), Some(2), "{one_platform_only:?}");
+        assert!(stderr(&o).contains("one platform"), "{}", stderr(&o));
+    }
+}
+
+#[test]
 fn output_dir_is_never_written_through_symlinks_pointing_out() {
     let k = Kiln::new();
     let victim = tempfile::tempdir().unwrap();
