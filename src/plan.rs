@@ -36,6 +36,8 @@ pub enum Base {
     Stage(usize),
     /// An image reference (looked up in the store, else pulled).
     Image(String),
+    /// A `--build-context` of this name (a directory, an image or an OCI layout).
+    Context(String),
 }
 
 /// Where a `COPY --from` reads.
@@ -45,6 +47,17 @@ pub enum CopySource {
     Stage(usize),
     /// An image's filesystem.
     Image(String),
+    /// A `--build-context` of this name.
+    Context(String),
+}
+
+/// What the plan needs to know of a `--build-context`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamedContext {
+    /// `target:STAGE`: another name for a stage of the recipe.
+    Stage(String),
+    /// Anything else (a directory, an image, an OCI layout): resolved by the builder.
+    External,
 }
 
 /// One stage of the plan.
@@ -63,6 +76,8 @@ pub struct StagePlan {
     /// The platform the stage is for (its images, its RUN steps): `FROM --platform=`, else
     /// its base stage's, else the build's target platform.
     pub platform: Platform,
+    /// A `--build-context` of the stage's name replaces it: its instructions are not run.
+    pub replaced: bool,
 }
 
 /// The whole plan for one build.
@@ -78,19 +93,6 @@ pub struct Plan {
     pub meta_args: BTreeMap<String, String>,
     /// Build args given that no stage declares (for a warning).
     pub unused_build_args: Vec<String>,
-    /// Stage names defined more than once (for a warning).
-    pub duplicate_stage_names: Vec<DuplicateStageName>,
-}
-
-/// A stage name given to two stages: references after the second definition mean the second.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DuplicateStageName {
-    /// The name.
-    pub name: String,
-    /// The line of the earlier `FROM … AS name`.
-    pub first_line: usize,
-    /// The line of the later one.
-    pub line: usize,
 }
 
 /// A planning error, located in the recipe where it has a location.
@@ -99,6 +101,14 @@ pub enum PlanError {
     /// `--target` names no stage.
     #[error("target stage {0:?} not found in the recipe")]
     UnknownTarget(String),
+    /// A `--build-context NAME=target:STAGE` names no stage defined before its use.
+    #[error("line {line}: --build-context target:{name} names no stage defined before this one")]
+    NamedStage {
+        /// The stage asked for.
+        name: String,
+        /// The line of the stage that uses it.
+        line: usize,
+    },
     /// A FROM line expanded to nothing usable.
     #[error("line {line}: {message}")]
     Invalid {
@@ -120,6 +130,8 @@ pub struct PlanOptions {
     pub target_platform: Platform,
     /// Values of the predefined platform ARGs.
     pub platform_args: BTreeMap<String, String>,
+    /// `--build-context` names.
+    pub named_contexts: BTreeMap<String, NamedContext>,
 }
 
 fn invalid(span: Span, message: impl Into<String>) -> PlanError {
@@ -155,30 +167,14 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         }
     }
 
-    // A name refers to its latest definition before the referring stage (so a name defined
-    // twice means the second one from there on, as in BuildKit); a number is a stage index.
-    let find_stage = |value: &str, before: usize| -> Option<usize> {
-        let lower = value.to_ascii_lowercase();
-        let named = recipe.stages[..before]
-            .iter()
-            .rposition(|s| s.name.as_deref() == Some(lower.as_str()));
-        named.or_else(|| value.parse::<usize>().ok().filter(|&i| i < before))
+    let find_stage = |value: &str, before: usize| find_stage(recipe, value, before);
+    // `target:STAGE`: the stage must come before the one that uses it, as for any reference.
+    let named_stage = |wanted: &str, before: usize| -> Result<usize, PlanError> {
+        find_stage(wanted, before).ok_or_else(|| PlanError::NamedStage {
+            name: wanted.to_string(),
+            line: recipe.stages[before].span.start_line,
+        })
     };
-    let mut duplicate_stage_names = Vec::new();
-    for (i, stage) in recipe.stages.iter().enumerate() {
-        let Some(name) = &stage.name else { continue };
-        if let Some(earlier) = recipe.stages[..i]
-            .iter()
-            .rev()
-            .find(|s| s.name.as_ref() == Some(name))
-        {
-            duplicate_stage_names.push(DuplicateStageName {
-                name: name.clone(),
-                first_line: earlier.span.start_line,
-                line: stage.span.start_line,
-            });
-        }
-    }
     let defined_later = |value: &str, index: usize| {
         let lower = value.to_ascii_lowercase();
         recipe.stages[index..]
@@ -215,7 +211,22 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
                 format!("FROM {:?} expands to an empty name", stage.base),
             ));
         }
-        let base = if base_text.eq_ignore_ascii_case("scratch") {
+        let own_context = stage
+            .name
+            .as_deref()
+            .and_then(|n| opts.named_contexts.get_key_value(n));
+        let base = if let Some((name, named)) = own_context {
+            // The stage is replaced by the context of its name.
+            match named {
+                NamedContext::External => Base::Context(name.clone()),
+                NamedContext::Stage(s) => Base::Stage(named_stage(s, index)?),
+            }
+        } else if let Some(named) = opts.named_contexts.get(&base_text) {
+            match named {
+                NamedContext::External => Base::Context(base_text.clone()),
+                NamedContext::Stage(s) => Base::Stage(named_stage(s, index)?),
+            }
+        } else if base_text.eq_ignore_ascii_case("scratch") {
             Base::Scratch
         } else if let Some(i) = find_stage(&base_text, index) {
             // `FROM 0` names stage 0, as in buildah.
@@ -233,7 +244,13 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
             deps.insert(i);
         }
         let mut copy_sources = BTreeMap::new();
-        for instr in &stage.instructions {
+        let replaced = own_context.is_some();
+        let instructions = if replaced {
+            &[][..]
+        } else {
+            &stage.instructions[..]
+        };
+        for instr in instructions {
             let froms: Vec<&str> = match &instr.kind {
                 InstructionKind::Copy(c) | InstructionKind::Add(c) => {
                     c.from.iter().map(String::as_str).collect()
@@ -250,18 +267,26 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
                     // `RUN --mount=type=bind,from=` names the context, as no `from` does.
                     continue;
                 }
-                let source = match find_stage(&value, index) {
-                    Some(i) => {
+                let source = match opts.named_contexts.get(&value) {
+                    Some(NamedContext::External) => CopySource::Context(value),
+                    Some(NamedContext::Stage(s)) => {
+                        let i = named_stage(s, index)?;
                         deps.insert(i);
                         CopySource::Stage(i)
                     }
-                    None if value.parse::<usize>().is_ok() => {
-                        return Err(invalid(
-                            instr.span,
-                            format!("--from={value}: no earlier stage has that index"),
-                        ));
-                    }
-                    None => CopySource::Image(value),
+                    None => match find_stage(&value, index) {
+                        Some(i) => {
+                            deps.insert(i);
+                            CopySource::Stage(i)
+                        }
+                        None if value.parse::<usize>().is_ok() => {
+                            return Err(invalid(
+                                instr.span,
+                                format!("--from={value}: no earlier stage has that index"),
+                            ));
+                        }
+                        None => CopySource::Image(value),
+                    },
                 };
                 copy_sources.insert(raw.to_string(), source);
             }
@@ -278,6 +303,7 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
             deps: deps.into_iter().collect(),
             copy_sources,
             platform,
+            replaced,
         });
     }
 
@@ -322,8 +348,18 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         needed: needed.into_iter().collect(),
         meta_args: meta,
         unused_build_args,
-        duplicate_stage_names,
     })
+}
+
+/// The stage a `--from`, `--target` or `target:` value names before stage `before`: the
+/// latest stage of that name (any case) defined before it (a name defined twice means the
+/// second one from there on, as in BuildKit), or the stage of that index.
+pub fn find_stage(recipe: &Recipe, value: &str, before: usize) -> Option<usize> {
+    let lower = value.to_ascii_lowercase();
+    let named = recipe.stages[..before.min(recipe.stages.len())]
+        .iter()
+        .rposition(|s| s.name.as_deref() == Some(lower.as_str()));
+    named.or_else(|| value.parse::<usize>().ok().filter(|&i| i < before))
 }
 
 /// The predefined platform ARGs for a build for `target` on `build`, as BuildKit sets them:
@@ -593,14 +629,6 @@ mod tests {
         assert_eq!(p.stages[1].base, Base::Stage(0));
         assert_eq!(p.stages[3].base, Base::Stage(2));
         assert_eq!(p.stages[3].copy_sources["x"], CopySource::Stage(2));
-        assert_eq!(
-            p.duplicate_stage_names,
-            vec![DuplicateStageName {
-                name: "x".into(),
-                first_line: 1,
-                line: 3
-            }]
-        );
         assert_eq!(plan_of(src, Some("x"), &[]).target, 2);
     }
 
@@ -609,6 +637,67 @@ mod tests {
         let p = plan_of("FROM scratch\nFROM 0\nFROM 7\n", None, &[]);
         assert_eq!(p.stages[1].base, Base::Stage(0));
         assert_eq!(p.stages[2].base, Base::Image("7".into()));
+    }
+
+    #[test]
+    fn named_contexts_resolve_bases_and_sources() {
+        let recipe = parse(
+            b"FROM base AS a\nCOPY --from=lib / /\nRUN --mount=from=lib,target=/l true\nFROM deps\nFROM alias\nCOPY --from=alias / /\n",
+            "Dockerfile",
+        )
+        .unwrap();
+        let named: BTreeMap<String, NamedContext> = [
+            ("base", NamedContext::External),
+            ("lib", NamedContext::External),
+            ("alias", NamedContext::Stage("a".into())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let opts = PlanOptions {
+            named_contexts: named.clone(),
+            ..Default::default()
+        };
+        let p = plan(&recipe, &opts).unwrap();
+        assert_eq!(p.stages[0].base, Base::Context("base".into()));
+        assert_eq!(
+            p.stages[0].copy_sources.get("lib"),
+            Some(&CopySource::Context("lib".into()))
+        );
+        assert_eq!(p.stages[1].base, Base::Image("deps".into()));
+        assert_eq!(p.stages[2].base, Base::Stage(0));
+        assert_eq!(
+            p.stages[2].copy_sources.get("alias"),
+            Some(&CopySource::Stage(0))
+        );
+        assert_eq!(p.stages[2].deps, vec![0]);
+        assert!(!p.stages[0].replaced);
+
+        // A context named like a stage replaces it: no dependencies, nothing of its own.
+        let recipe = parse(
+            b"FROM busybox AS deps\nCOPY --from=0 / /\nFROM deps\n",
+            "Dockerfile",
+        )
+        .unwrap();
+        let opts = PlanOptions {
+            named_contexts: [("deps".to_string(), NamedContext::External)].into(),
+            ..Default::default()
+        };
+        let p = plan(&recipe, &opts).unwrap();
+        assert!(p.stages[0].replaced);
+        assert_eq!(p.stages[0].base, Base::Context("deps".into()));
+        assert!(p.stages[0].copy_sources.is_empty());
+
+        // target: must name an earlier stage.
+        let recipe = parse(b"FROM alias\nFROM busybox AS a\n", "Dockerfile").unwrap();
+        let opts = PlanOptions {
+            named_contexts: named,
+            ..Default::default()
+        };
+        assert!(matches!(
+            plan(&recipe, &opts),
+            Err(PlanError::NamedStage { .. })
+        ));
     }
 
     #[test]

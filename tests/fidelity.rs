@@ -107,9 +107,9 @@ fn a_layer_repeated_in_a_stage_mounts() {
     assert_eq!(read(&u.rootfs, "both"), "x\nx\n");
 }
 
-/// A stage name defined twice is accepted (BuildKit reports it as the DuplicateStageName build
-/// check), with a warning naming both lines; references after the second definition mean the
-/// second stage. `FROM <index>` names an earlier stage, as in buildah.
+/// A stage name defined twice is accepted, with the DuplicateStageName build check's warning
+/// naming both lines; references after the second definition mean the second stage.
+/// `FROM <index>` names an earlier stage, as in buildah.
 #[test]
 fn duplicate_stage_names_warn_and_from_an_index_works() {
     let k = Kiln::new();
@@ -122,10 +122,9 @@ fn duplicate_stage_names_warn_and_from_an_index_works() {
     assert_success(&out);
     let err = stderr(&out);
     assert!(
-        err.contains("WARNING")
-            && err.contains("\"x\"")
-            && err.contains("line 1")
-            && err.contains("line 4"),
+        err.contains("Dockerfile:4:17: DuplicateStageName")
+            && err.contains("stage name 'x'")
+            && err.contains("line 1"),
         "{err}"
     );
     let u = unpacked(&k, recipe, &[], &[]);

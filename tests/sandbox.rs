@@ -81,6 +81,7 @@ fn step(script: &str) -> Step {
             stdin: None,
             binds: vec![],
             security: Security::Sandbox(Some(SeccompFilter::docker_default().unwrap())),
+            extra_hosts: vec![],
         },
         dir,
     }

@@ -204,6 +204,9 @@ impl Engine<'_> {
         if self.opts.no_cache && !self.steps.built_here(key) {
             return Ok(Err(Some("--no-cache".to_string())));
         }
+        if self.no_cache_stage(place.stage) && !self.steps.built_here(key) {
+            return Ok(Err(Some("--no-cache-filter".to_string())));
+        }
         let mut other_encoding = false;
         for (i, cache) in self.caches.iter().enumerate() {
             let hit = match cache.lookup(key) {
@@ -535,8 +538,13 @@ impl Engine<'_> {
             Reference::parse(reference).map_err(|e| self.invalid(line, e.to_string()))?;
         let name = normalized.to_string();
         let (image, pulled) = {
-            let _one_pull_at_a_time = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pulled = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
+            // --pull asks the registry once per build and platform, even when the store has
+            // the image.
+            let asked = format!("{name} {platform}");
+            let refresh = self.opts.pull && !pulled.contains(&asked);
             let (found, available) = match self.store.lookup(&name)? {
+                _ if refresh => (None, Vec::new()),
                 None => (None, Vec::new()),
                 Some(StoredRef::Image(img)) => {
                     let own = img.config.platform();
@@ -552,6 +560,7 @@ impl Engine<'_> {
             match found {
                 Some(image) => (image, false),
                 None => {
+                    pulled.insert(asked);
                     self.progress
                         .info(&format!("pulling {normalized} for {platform}"));
                     let pulled = crate::distribution::pull(
@@ -578,24 +587,37 @@ impl Engine<'_> {
                 }
             }
         };
+        let cached = match pulled {
+            true => Cached::No,
+            false => Cached::Local,
+        };
+        self.image_state(&image, &normalized.to_string(), platform, cached)
+    }
+
+    /// The state of a stage starting from a stored image for `platform` (`name` for
+    /// messages).
+    pub(super) fn image_state(
+        &self,
+        image: &crate::store::StoredImage,
+        name: &str,
+        platform: &Platform,
+        cached: Cached,
+    ) -> Result<StageState, BuildError> {
         let own = image.config.platform();
         if !own.is_unknown() && !own.matches(platform) {
             return Err(BuildError::Image(format!(
-                "{normalized} is an image for {}, not {platform}",
+                "{name} is an image for {}, not {platform}",
                 own.normalized()
             )));
         }
         let diff_ids = &image.config.rootfs.diff_ids;
         if diff_ids.len() != image.manifest_body.layers.len() {
             return Err(BuildError::Image(format!(
-                "{normalized}: manifest and config disagree on the number of layers"
+                "{name}: manifest and config disagree on the number of layers"
             )));
         }
         let mut st = scratch_state(platform);
-        st.cached = match pulled {
-            true => Cached::No,
-            false => Cached::Local,
-        };
+        st.cached = cached;
         st.config = image.config.clone();
         st.created = image.config.created.clone();
         st.key = Digest::of(format!("image\n{}\n{platform}", image.manifest.digest).as_bytes());

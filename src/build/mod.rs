@@ -7,7 +7,10 @@ mod cache;
 pub mod chmod;
 pub mod config;
 pub mod copy;
+pub mod export;
+pub mod lint;
 mod listed;
+mod named;
 mod once;
 pub mod report;
 mod run;
@@ -38,6 +41,7 @@ use crate::sandbox::limits::Limits;
 use crate::sandbox::{NetworkMode, SandboxError};
 use crate::snapshot::Compression;
 use crate::sources::context::{Context, ContextError};
+use crate::sources::named::{self as named_sources, NamedSource};
 use crate::store::{Store, StoreError, StoredImage, StoredRef};
 
 use self::cache::image_stages;
@@ -95,6 +99,14 @@ pub struct BuildOptions {
     pub seccomp: Option<crate::sandbox::SeccompFilter>,
     /// `--allow security.insecure`: `RUN --security=insecure` may run with every capability.
     pub allow_insecure: bool,
+    /// `--build-context` values, by name.
+    pub named_contexts: BTreeMap<String, NamedSource>,
+    /// `--no-cache-filter`: stages (names or indices) built without the cache.
+    pub no_cache_filter: Vec<String>,
+    /// `--pull`: ask the registry for every base image, even those in the store.
+    pub pull: bool,
+    /// `--add-host`: extra `/etc/hosts` entries for RUN steps, (host, ip).
+    pub add_hosts: Vec<(String, String)>,
 }
 
 /// A finished build.
@@ -226,6 +238,24 @@ pub enum BuildError {
         /// What is missing.
         source: Box<EmulationError>,
     },
+    /// A `--build-context` cannot be used.
+    #[error("--build-context {name}: {message}")]
+    NamedContext {
+        /// The context's name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Build checks found problems and the recipe's `# check=error=true` makes them errors.
+    #[error("{file}: {count} build check finding(s) with error=true: {rules}")]
+    Checks {
+        /// The recipe file.
+        file: String,
+        /// How many findings.
+        count: usize,
+        /// The rules that found something.
+        rules: String,
+    },
     /// The build was interrupted.
     #[error("build interrupted")]
     Cancelled,
@@ -243,6 +273,8 @@ impl BuildError {
                 | BuildError::Invalid { .. }
                 | BuildError::Image(_)
                 | BuildError::Sandbox(SandboxError::InvalidInput(_))
+                | BuildError::Checks { .. }
+                | BuildError::NamedContext { .. }
         )
     }
 }
@@ -280,6 +312,23 @@ pub fn build(
 ) -> Result<Built, BuildError> {
     let file = opts.recipe_path.display().to_string();
     let recipe = recipe::parse(&opts.recipe_bytes, &file)?;
+    // The build checks; their DuplicateStageName is the warning for repeated stage names.
+    let checked = lint::lint(
+        Some(store),
+        &lint::LintInput {
+            recipe_path: &opts.recipe_path,
+            recipe_bytes: &opts.recipe_bytes,
+            context_dir: Some(&opts.context_dir),
+            build_args: &opts.build_args,
+            named_contexts: opts.named_contexts.keys().cloned().collect(),
+        },
+    )?;
+    for finding in &checked.findings {
+        progress.warn(&finding.to_string());
+    }
+    if let Some(e) = checked.as_error(&file) {
+        return Err(e);
+    }
     let build_platform = Platform::host();
     let targets = match opts.platforms.is_empty() {
         true => vec![build_platform.clone()],
@@ -293,6 +342,7 @@ pub fn build(
                 target: opts.target.clone(),
                 target_platform: target.clone(),
                 platform_args: plan::platform_args(target, &build_platform),
+                named_contexts: named_sources::plan_contexts(&opts.named_contexts),
             };
             plan::plan(&recipe, &plan_opts).map_err(|source| BuildError::Plan {
                 file: file.clone(),
@@ -300,11 +350,13 @@ pub fn build(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    for d in &plans[0].duplicate_stage_names {
-        progress.warn(&format!(
-            "{file}: stage name {:?} is defined on line {} and again on line {}; references after line {} use the later stage",
-            d.name, d.first_line, d.line, d.line
-        ));
+    for wanted in &opts.no_cache_filter {
+        if plan::find_stage(&recipe, wanted, recipe.stages.len()).is_none() {
+            return Err(BuildError::Plan {
+                file: file.clone(),
+                source: PlanError::UnknownTarget(format!("{wanted} (--no-cache-filter)")),
+            });
+        }
     }
     for unused in &plans[0].unused_build_args {
         progress.warn(&format!(
@@ -315,6 +367,7 @@ pub fn build(
     let context =
         Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
     let _lease = store.build_lease()?;
+    let named = named::open_named(store, &opts.named_contexts)?;
     let sandbox = sandboxing::prepare(opts, store, progress)?;
     let client = Client::new(ClientOptions {
         tls_verify: opts.tls_verify,
@@ -336,9 +389,10 @@ pub fn build(
         cancel,
         sandbox,
         client: &client,
-        pulls: Mutex::new(()),
+        pulls: Mutex::new(BTreeSet::new()),
         lexer: Lexer::new(recipe.directives.escape),
         context,
+        named,
         file,
         recipe_id: std::fs::canonicalize(&opts.recipe_path)
             .unwrap_or_else(|_| opts.recipe_path.clone())
@@ -388,10 +442,13 @@ struct Shared<'a> {
     cancel: &'a AtomicBool,
     sandbox: crate::sandbox::Sandbox,
     client: &'a Client,
-    /// Serialises pulls so parallel stages do not fetch one image twice.
-    pulls: Mutex<()>,
+    /// Serialises pulls so parallel stages do not fetch one image twice; holds what `--pull`
+    /// asked the registry for in this build.
+    pulls: Mutex<BTreeSet<String>>,
     lexer: Lexer,
     context: Context,
+    /// The `--build-context`s (but `target:` ones, which the plan resolved).
+    named: BTreeMap<String, named::Named>,
     file: String,
     recipe_id: String,
     /// The local store's cache first, then the `--cache-from` caches in order.
@@ -552,6 +609,14 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// Whether `--no-cache-filter` names the stage.
+    fn no_cache_stage(&self, index: usize) -> bool {
+        self.opts
+            .no_cache_filter
+            .iter()
+            .any(|f| plan::find_stage(self.recipe, f, self.recipe.stages.len()) == Some(index))
+    }
+
     /// The stage's name (or `stage-N`), after its platform when several are built
     /// (`linux/arm64 build`, as BuildKit shows it).
     fn stage_name(&self, index: usize) -> String {
@@ -589,6 +654,12 @@ impl Engine<'_> {
             Base::Scratch => scratch_state(platform),
             Base::Stage(i) => (*deps[i]).clone(),
             Base::Image(r) => self.load_image(r, stage.span.start_line, platform)?,
+            Base::Context(name) => self.named_base(
+                name,
+                index,
+                stage.span.start_line,
+                label(1, &format!("build context {name}"), stage.span.start_line),
+            )?,
         };
         step.ready();
         st.reason = None;
@@ -601,6 +672,10 @@ impl Engine<'_> {
             started,
             None,
         );
+        if self.plan.stages[index].replaced {
+            // A build context of the stage's name stands for the whole stage.
+            return Ok(st);
+        }
         st.args = BTreeMap::new();
         st.shell = st.config.config.shell.clone().unwrap_or_else(default_shell);
         st.cmd_set = false;

@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::config::{DEFAULT_PATH, command_argv, get_env, set_env};
+use super::named::NamedFiles;
 use super::{BuildError, Engine, StageState, StepPlace, copy};
 use crate::plan::{self, CopySource, StepInputs};
 use crate::recipe::instructions::{CommandLine, Instruction, Run};
 use crate::rootfs::RootDir;
 use crate::sandbox::{self, BindMount, BindSource, NetworkMode, RunSpec, Security, TreeSource};
 use crate::snapshot;
+use crate::sources::context::Context;
 
 /// Where a `--secret` comes from.
 #[derive(Clone, PartialEq, Eq)]
@@ -259,6 +261,7 @@ impl Engine<'_> {
             stdin,
             binds,
             security,
+            extra_hosts: self.opts.add_hosts.clone(),
         };
         let result = self
             .sandbox
@@ -327,7 +330,7 @@ impl Engine<'_> {
         line: usize,
         deps: &BTreeMap<usize, Arc<StageState>>,
         (index, workdir): (usize, &str),
-    ) -> Result<(RunMount, Option<tempfile::TempDir>), BuildError> {
+    ) -> Result<(RunMount, Vec<tempfile::TempDir>), BuildError> {
         let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
         for field in spec.split(',').filter(|f| !f.is_empty()) {
             let (k, v) = field.split_once('=').unwrap_or((field, ""));
@@ -382,13 +385,13 @@ impl Engine<'_> {
                             target,
                             readonly: false,
                         }),
-                        None,
+                        Vec::new(),
                     )),
                     None if required => Err(self.invalid(
                         line,
                         format!("ssh agent {id:?} was not forwarded: pass --ssh {id}[=SOCKET]"),
                     )),
-                    None => Ok((RunMount::Skipped, None)),
+                    None => Ok((RunMount::Skipped, Vec::new())),
                 }
             }
             "cache" => {
@@ -398,21 +401,32 @@ impl Engine<'_> {
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| target.clone());
                 let readonly = fields.contains_key("ro");
-                let dir = match self.mount_from_state(stage, raw, &fields, line, deps)? {
-                    None => self.store.cache_mount_dir(&id)?,
-                    Some(from) => {
-                        let source = fields.get("source").copied().unwrap_or("/");
-                        self.seeded_cache_dir(&id, &from, source, stage, line)?
+                let source = fields.get("source").copied().unwrap_or("/");
+                let (dir, view) = match self.mount_files(stage, raw, &fields, line, deps)? {
+                    _ if !has_from(&fields) => (self.store.cache_mount_dir(&id)?, None),
+                    MountFiles::State(from) => {
+                        let seed = (self.lowers(&from)?, from.key.to_string());
+                        (self.seeded_cache_dir(&id, seed, source, stage, line)?, None)
+                    }
+                    MountFiles::Dir(ctx) => {
+                        let identity = self.context_identity(ctx, source, line)?;
+                        let (view, view_scratch) = self.dir_mount_view(ctx, stage, line)?;
+                        let seed = (vec![view], identity);
+                        let dir = self.seeded_cache_dir(&id, seed, source, stage, line)?;
+                        (dir, view_scratch)
                     }
                 };
-                Ok((RunMount::host(dir, target, readonly), None))
+                Ok((
+                    RunMount::host(dir, target, readonly),
+                    view.into_iter().collect(),
+                ))
             }
             "tmpfs" => {
                 let target = need_target()?;
                 let scratch = self.store.scratch_dir()?;
                 Ok((
                     RunMount::host(scratch.path().to_path_buf(), target, false),
-                    Some(scratch),
+                    vec![scratch],
                 ))
             }
             "bind" => {
@@ -423,14 +437,16 @@ impl Engine<'_> {
                 let source = fields.get("source").copied().unwrap_or("/");
                 // The files of a stage, an image or the context: `source` is resolved inside
                 // them by the sandbox, and a writable bind gets a throwaway upper layer.
-                let (layers, identity) =
-                    match self.mount_from_state(stage, raw, &fields, line, deps)? {
-                        Some(state) => (self.lowers(&state)?, state.key.to_string()),
-                        None => (
-                            vec![self.context.root().to_path_buf()],
-                            self.context_identity(source, line)?,
-                        ),
-                    };
+                let (layers, identity, view) = match self
+                    .mount_files(stage, raw, &fields, line, deps)?
+                {
+                    MountFiles::State(state) => (self.lowers(&state)?, state.key.to_string(), None),
+                    MountFiles::Dir(ctx) => {
+                        let identity = self.context_identity(ctx, source, line)?;
+                        let (view, view_scratch) = self.dir_mount_view(ctx, stage, line)?;
+                        (vec![view], identity, view_scratch)
+                    }
+                };
                 let scratch = self.store.scratch_dir()?;
                 let bind = BindMount {
                     source: BindSource::Tree(TreeSource {
@@ -442,7 +458,8 @@ impl Engine<'_> {
                     readonly,
                 };
                 let identity = Some(identity);
-                Ok((RunMount::Bind { bind, identity }, Some(scratch)))
+                let scratch = std::iter::once(scratch).chain(view).collect();
+                Ok((RunMount::Bind { bind, identity }, scratch))
             }
             other => Err(self.invalid(
                 line,
@@ -453,41 +470,48 @@ impl Engine<'_> {
         }
     }
 
-    /// The stage or image a mount's `from=` names, `None` without one (or with an empty one,
-    /// which names the context).
-    fn mount_from_state(
+    /// The files a mount's `from=` names: a stage's, an image's or a named context's; the
+    /// build context without one (or with an empty one, which names the context).
+    fn mount_files(
         &self,
         stage: usize,
         raw: &str,
         fields: &BTreeMap<&str, &str>,
         line: usize,
         deps: &BTreeMap<usize, Arc<StageState>>,
-    ) -> Result<Option<StageState>, BuildError> {
-        let (Some(raw_from), Some(from)) = (plan::mount_from(raw), fields.get("from")) else {
-            return Ok(None);
+    ) -> Result<MountFiles<'_>, BuildError> {
+        let (Some(raw_from), true) = (plan::mount_from(raw), has_from(fields)) else {
+            return Ok(MountFiles::Dir(&self.context));
         };
-        if from.is_empty() {
-            return Ok(None);
-        }
+        let platform = &self.plan.stages[stage].platform;
         match self.plan.stages[stage].copy_sources.get(raw_from) {
-            Some(CopySource::Stage(i)) => Ok(Some((*deps[i]).clone())),
+            Some(CopySource::Stage(i)) => Ok(MountFiles::State(Box::new((*deps[i]).clone()))),
             Some(CopySource::Image(r)) => self
-                .load_image(r, line, &self.plan.stages[stage].platform)
-                .map(Some),
-            None => Err(self.invalid(line, format!("unresolved from={from}"))),
+                .load_image(r, line, platform)
+                .map(|st| MountFiles::State(Box::new(st))),
+            Some(CopySource::Context(name)) => match self.named_files(name, line, platform)? {
+                NamedFiles::Image(st) => Ok(MountFiles::State(st)),
+                NamedFiles::Dir(ctx) => Ok(MountFiles::Dir(ctx)),
+            },
+            None => Err(self.invalid(line, format!("unresolved from={raw_from}"))),
         }
     }
 
     /// The identity of the context files a bind mount shows (`source` resolved inside the
     /// context, then every entry below it), so that the step re-runs when they change.
-    fn context_identity(&self, source: &str, line: usize) -> Result<String, BuildError> {
+    fn context_identity(
+        &self,
+        context: &Context,
+        source: &str,
+        line: usize,
+    ) -> Result<String, BuildError> {
         let not_found = |e: &dyn std::fmt::Display| {
             self.invalid(
                 line,
                 format!("RUN --mount=type=bind,source={source}: not found in the context ({e})"),
             )
         };
-        let root = RootDir::open_host(self.context.root()).map_err(|e| not_found(&e))?;
+        let root = RootDir::open_host(context.root()).map_err(|e| not_found(&e))?;
         let root_path = root.resolve(".").map_err(|e| not_found(&e))?;
         let resolved = root.resolve(source).map_err(|e| not_found(&e))?;
         let rel = resolved
@@ -495,27 +519,26 @@ impl Engine<'_> {
             .map_err(|e| not_found(&e))?
             .to_str()
             .ok_or_else(|| not_found(&"the path is not UTF-8"))?;
-        let entries = self.context.walk(rel).map_err(|e| not_found(&e))?;
-        let digests = self
-            .context
+        let entries = context.walk(rel).map_err(|e| not_found(&e))?;
+        let digests = context
             .digest_entries(&entries)
             .map_err(self.context_err(line))?;
         let json = serde_json::to_vec(&digests).unwrap_or_default();
         Ok(format!("context {}", crate::digest::Digest::of(&json)))
     }
 
-    /// The directory of a `type=cache` mount seeded `from=` a stage or image: on first use,
-    /// a copy of `source` there (owners and modes kept); kept across builds like any cache,
-    /// under an id that also names the seed.
+    /// The directory of a `type=cache` mount seeded `from=` a stage, an image or a context
+    /// (`seed`: its layers and its identity): on first use, a copy of `source` there (owners
+    /// and modes kept); kept across builds like any cache, under an id that also names the seed.
     fn seeded_cache_dir(
         &self,
         id: &str,
-        from: &StageState,
+        (lowers, seed_key): (Vec<PathBuf>, String),
         source: &str,
         stage: usize,
         line: usize,
     ) -> Result<PathBuf, BuildError> {
-        let id = format!("{id}\nfrom={}\nsource={source}", from.key);
+        let id = format!("{id}\nfrom={seed_key}\nsource={source}");
         if let Some(dir) = self.store.existing_cache_mount_dir(&id) {
             return Ok(dir);
         }
@@ -530,7 +553,6 @@ impl Engine<'_> {
         };
         std::fs::create_dir(&seed).map_err(|e| failed(&e))?;
         let (_view_scratch, upper, work) = self.scratch_upper(stage, line)?;
-        let lowers = self.lowers(from)?;
         sandbox::with_rootfs(&lowers, &upper, &work, |merged| {
             let src = RootDir::open_host(merged).map_err(|e| failed(&e))?;
             let meta = src.metadata(source).map_err(|e| failed(&e))?;
@@ -577,7 +599,7 @@ impl Engine<'_> {
         fields: &BTreeMap<&str, &str>,
         target: Option<String>,
         line: usize,
-    ) -> Result<(RunMount, Option<tempfile::TempDir>), BuildError> {
+    ) -> Result<(RunMount, Vec<tempfile::TempDir>), BuildError> {
         let id = fields
             .get("id")
             .or_else(|| fields.get("source"))
@@ -628,7 +650,7 @@ impl Engine<'_> {
                 "{}:{line}: secret {id:?} was not given; the step runs without it",
                 self.file
             ));
-            return Ok((RunMount::Skipped, None));
+            return Ok((RunMount::Skipped, Vec::new()));
         };
         let value = match source {
             SecretSource::Value(v) => v.clone(),
@@ -650,7 +672,7 @@ impl Engine<'_> {
         };
         let env = env.map(|name| (name, String::from_utf8_lossy(&value).into_owned()));
         let Some(target) = target else {
-            return Ok((RunMount::Secret { bind: None, env }, None));
+            return Ok((RunMount::Secret { bind: None, env }, Vec::new()));
         };
         // A copy only root can reach (the scratch dir is private), with the owner and mode the
         // step is to see, whatever the host file's.
@@ -679,7 +701,7 @@ impl Engine<'_> {
                 bind: Some(bind),
                 env,
             },
-            Some(scratch),
+            vec![scratch],
         ))
     }
 }
@@ -733,6 +755,19 @@ fn run_argv(run: &Run, shell: &[String]) -> (Vec<String>, Option<Vec<u8>>) {
             (argv, None)
         }
     }
+}
+
+/// The files a RUN mount's `from=` names.
+enum MountFiles<'a> {
+    /// A stage's or an image's layers.
+    State(Box<StageState>),
+    /// A directory context (the build context, or a named one), through its ignore file.
+    Dir(&'a Context),
+}
+
+/// Whether a mount names a non-empty `from=` (an empty one names the context, as none does).
+fn has_from(fields: &BTreeMap<&str, &str>) -> bool {
+    fields.get("from").is_some_and(|f| !f.is_empty())
 }
 
 #[cfg(test)]

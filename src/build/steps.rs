@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::named::{self, NamedFiles};
 use super::{BuildError, Engine, StageState, StepPlace};
 use super::{copy, listed};
 use crate::digest::Digest;
@@ -81,14 +82,26 @@ impl Engine<'_> {
             .from
             .as_ref()
             .map(|raw| self.plan.stages[stage].copy_sources.get(raw).cloned());
+        // A named directory context is read like the main context.
+        let mut named_dir = None;
         let from_state: Option<StageState> = match from {
             Some(Some(CopySource::Stage(i))) => Some((*deps[&i]).clone()),
             Some(Some(CopySource::Image(r))) => {
                 Some(self.load_image(&r, line, &self.plan.stages[stage].platform)?)
             }
+            Some(Some(CopySource::Context(name))) => {
+                match self.named_files(&name, line, &self.plan.stages[stage].platform)? {
+                    NamedFiles::Dir(ctx) => {
+                        named_dir = Some(ctx);
+                        None
+                    }
+                    NamedFiles::Image(st) => Some(*st),
+                }
+            }
             Some(None) => return Err(self.invalid(line, "unresolved --from")),
             None => None,
         };
+        let source_ctx = named_dir.unwrap_or(&self.context);
         for raw in &c.sources {
             if let Some(name) = raw.strip_prefix("<<") {
                 let name = name
@@ -142,7 +155,7 @@ impl Engine<'_> {
             match &from_state {
                 None => {
                     // A wildcard that matches nothing copies nothing (BuildKit).
-                    let found = match self.context.resolve_sources(&word) {
+                    let found = match source_ctx.resolve_sources(&word) {
                         Err(crate::sources::context::ContextError::NotFound(_))
                             if copy::has_wildcard(&word) =>
                         {
@@ -161,14 +174,15 @@ impl Engine<'_> {
                                 .files
                                 .insert(format!("{matched} -> {rel}"), n.clone());
                         }
-                        // Hashed once for all the platforms built (and all the steps).
-                        let digests = self
-                            .context_digests
-                            .get_or_try(&rel, || {
+                        let digests = match named_dir {
+                            Some(ctx) => named::dir_digests(ctx, &rel),
+                            // Hashed once for all the platforms built (and all the steps).
+                            None => self.context_digests.get_or_try(&rel, || {
                                 let entries = self.context.walk(&rel)?;
                                 self.context.digest_entries(&entries)
-                            })
-                            .map_err(self.context_err(line))?;
+                            }),
+                        }
+                        .map_err(self.context_err(line))?;
                         inputs.files.extend(digests);
                         let keep = c.parents.then(|| copy::kept_path(&word, &rel));
                         items.push(copy::SourceItem::Path { rel, name, keep });
@@ -228,7 +242,7 @@ impl Engine<'_> {
                 (None, None) => None,
             };
             Ok(copy::CopyJob {
-                from: copy::SourceFs::Context(&self.context),
+                from: copy::SourceFs::Context(source_ctx),
                 items: items.clone(),
                 dest: dest.clone(),
                 dest_is_dir,
@@ -257,7 +271,8 @@ impl Engine<'_> {
             let job = job_for(root)?.reading_from(src);
             listed::listed_copy(root, &job, now).map_err(|e| self.step_error(stage, line, e))
         };
-        let listable = linked.is_none() && self.files_unused_after(stage, n);
+        // (A listed layer reads its files from the main context or the --from source.)
+        let listable = linked.is_none() && named_dir.is_none() && self.files_unused_after(stage, n);
         let step_ctx = StepPlace {
             stage,
             n,
@@ -417,7 +432,7 @@ impl Engine<'_> {
     /// then `f` on the mounted rootfs (and on the mounted `--from` source), then the snapshot.
     /// A [`Layering::Linked`] step has `f` write into an empty directory instead, which becomes
     /// the layer as it is.
-    fn rootfs_step(
+    pub(super) fn rootfs_step(
         &self,
         st: &mut StageState,
         ctx: StepPlace,
@@ -543,7 +558,7 @@ type Lister<'a> = dyn Fn(&RootDir, Option<&RootDir>, i64) -> Result<Option<Vec<L
 
 /// How a rootfs step's changes become a layer.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Layering {
+pub(super) enum Layering {
     /// Written over the stage's rootfs (overlayfs); the layer is the overlay's upper dir.
     Stacked,
     /// `COPY --link`: written into an empty directory, which is the layer, cached by the step's

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
 
-use kiln::build::{self, BuildError, BuildOptions};
+use kiln::build::{self, BuildError, BuildOptions, export};
 use kiln::distribution;
 use kiln::image::platform_names;
 use kiln::progress::{Mode, Progress};
@@ -20,8 +20,8 @@ use super::limits::LimitArgs;
 use super::output::{Output, parse_output};
 use super::platform::PlatformArgs;
 use super::{
-    CANCEL, Failure, client, emit, key_value, normalize, open_store, read_file, secrets, security,
-    transfer_failure,
+    CANCEL, Failure, call, client, devloop, emit, key_value, normalize, open_store, read_file,
+    secrets, security, transfer_failure,
 };
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -30,6 +30,8 @@ enum ProgressArg {
     Tty,
     Plain,
     Quiet,
+    /// One JSON event a line on stderr.
+    Rawjson,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -68,7 +70,8 @@ pub(crate) struct BuildArgs {
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
     /// Where to write the result: type=oci,dest=DIR | type=oci-archive,dest=FILE |
-    /// type=docker-archive,dest=FILE | type=registry.
+    /// type=docker-archive,dest=FILE | type=registry | type=local,dest=DIR (the final stage's
+    /// files) | type=tar,dest=FILE|- ; a plain DIR is type=local, `-` a tar on stdout.
     #[arg(long = "output", short = 'o', value_name = "SPEC")]
     outputs: Vec<String>,
     /// Push every -t tag (same as --output type=registry).
@@ -107,6 +110,10 @@ pub(crate) struct BuildArgs {
     #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
     compression: CompressionArg,
     #[command(flatten)]
+    call: call::CallArgs,
+    #[command(flatten)]
+    devloop: devloop::DevLoopArgs,
+    #[command(flatten)]
     cache: CacheArgs,
     #[command(flatten)]
     limits: LimitArgs,
@@ -116,23 +123,27 @@ pub(crate) struct BuildArgs {
     security: security::SecurityArgs,
 }
 
-pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
-    let context_dir = args.context.clone();
+/// Reads the recipe: `file` ("-" = stdin), else CONTEXT/Dockerfile, else
+/// CONTEXT/Containerfile. Returns its path (for messages) and bytes.
+pub(crate) fn read_recipe(
+    context_dir: &Path,
+    file: Option<&Path>,
+) -> Result<(PathBuf, Vec<u8>), Failure> {
     if !context_dir.is_dir() {
         return Err(Failure::usage(format!(
             "build context {} is not a directory",
             context_dir.display()
         )));
     }
-    let (recipe_path, recipe_bytes) = match &args.file {
+    match file {
         Some(p) if p.as_os_str() == "-" => {
             let mut buf = Vec::new();
             std::io::stdin()
                 .read_to_end(&mut buf)
                 .map_err(|e| Failure::usage(format!("reading the recipe from stdin: {e}")))?;
-            (PathBuf::from("<stdin>"), buf)
+            Ok((PathBuf::from("<stdin>"), buf))
         }
-        Some(p) => (p.clone(), read_file(p)?),
+        Some(p) => Ok((p.to_path_buf(), read_file(p)?)),
         None => {
             let candidates = [
                 context_dir.join("Dockerfile"),
@@ -145,11 +156,16 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
                 ))
                 .hint("name the recipe with -f PATH")
             })?;
-            (found.clone(), read_file(found)?)
+            Ok((found.clone(), read_file(found)?))
         }
-    };
+    }
+}
+
+/// `--build-arg` values: KEY=VALUE, or KEY alone for the value in the environment (skipped
+/// when unset there).
+pub(crate) fn parse_build_args(given: &[String]) -> BTreeMap<String, String> {
     let mut build_args = BTreeMap::new();
-    for a in &args.build_args {
+    for a in given {
         match a.split_once('=') {
             Some((k, v)) => {
                 build_args.insert(k.to_string(), v.to_string());
@@ -160,6 +176,25 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
                 }
             }
         }
+    }
+    build_args
+}
+
+pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
+    let context_dir = args.context.clone();
+    let (recipe_path, recipe_bytes) = read_recipe(&context_dir, args.file.as_deref())?;
+    let mut build_args = parse_build_args(&args.build_args);
+    let named_contexts = args.devloop.named_contexts()?;
+    if let Some((method, format)) = args.call.method()? {
+        let input = call::CallInput {
+            recipe_path: &recipe_path,
+            recipe_bytes: &recipe_bytes,
+            context_dir: Some(&context_dir),
+            build_args: &build_args,
+            target: args.target.as_deref(),
+            named_contexts: &named_contexts,
+        };
+        return call::run(root, &input, method, format);
     }
     let labels = args
         .labels
@@ -194,14 +229,30 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     if args.push {
         outputs.push(Output::Registry);
     }
+    if args.devloop.load {
+        outputs.push(Output::Load);
+    }
+    let to_stdout = outputs
+        .iter()
+        .filter(|o| **o == Output::Files(export::FilesDest::TarStdout))
+        .count();
+    if to_stdout > 1 {
+        return Err(Failure::usage(
+            "only one --output can write to stdout (`-`)",
+        ));
+    }
     let platforms = args.platform.platforms()?;
-    if platforms.len() > 1
-        && outputs
-            .iter()
-            .any(|o| matches!(o, Output::DockerArchive(_)))
-    {
+    let one_platform_only = outputs.iter().find_map(|o| match o {
+        Output::DockerArchive(_) => Some("--output type=docker-archive"),
+        Output::Load => Some("--load"),
+        Output::Files(export::FilesDest::TarFile(_) | export::FilesDest::TarStdout) => {
+            Some("--output type=tar")
+        }
+        _ => None,
+    });
+    if let (true, Some(what)) = (platforms.len() > 1, one_platform_only) {
         return Err(Failure::usage(format!(
-            "--output type=docker-archive holds one platform's image, and this build is for {}: {}",
+            "{what} holds one platform's image, and this build is for {}: {}",
             platforms.len(),
             platform_names(&platforms)
         ))
@@ -221,6 +272,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     let mode = match (args.quiet, args.progress) {
         (true, _) | (_, ProgressArg::Quiet) => Mode::Quiet,
         (_, ProgressArg::Plain) => Mode::Plain,
+        (_, ProgressArg::Rawjson) => Mode::RawJson,
         (_, ProgressArg::Tty) => Mode::Tty,
         (_, ProgressArg::Auto) if std::io::stderr().is_terminal() => Mode::Tty,
         (_, ProgressArg::Auto) => Mode::Plain,
@@ -250,6 +302,10 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             CompressionArg::Gzip => kiln::snapshot::Compression::Gzip,
             CompressionArg::Zstd => kiln::snapshot::Compression::Zstd,
         },
+        named_contexts,
+        no_cache_filter: args.devloop.no_cache_filter.clone(),
+        pull: args.devloop.pull,
+        add_hosts: args.devloop.extra_hosts()?,
         limits: args.limits.limits()?,
         seccomp: args.security.seccomp()?,
         allow_insecure: args.security.allow_insecure()?,
@@ -325,6 +381,33 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
                     progress.info(&format!("pushed {r}@{digest}"));
                 }
             }
+            Output::Load => match image {
+                StoredRef::Image(img) => devloop::load(&store, img, &tags, &progress)?,
+                StoredRef::Index(_) => {
+                    return Err(Failure::usage("--load cannot take an image index"));
+                }
+            },
+            Output::Files(dest) => match image {
+                StoredRef::Image(img) => {
+                    export::export_files(&store, img, dest, source_date_epoch)
+                        .map_err(Failure::runtime)?;
+                }
+                // Several platforms: a directory of each's files, named as BuildKit does
+                // (`linux_arm64`).
+                StoredRef::Index(index) => {
+                    let export::FilesDest::Dir(dir) = dest else {
+                        return Err(Failure::usage(
+                            "--output type=tar cannot hold an image index",
+                        ));
+                    };
+                    for img in store.present_images(index)? {
+                        let sub = img.config.platform().to_string().replace('/', "_");
+                        let dest = export::FilesDest::Dir(dir.join(sub));
+                        export::export_files(&store, &img, &dest, source_date_epoch)
+                            .map_err(Failure::runtime)?;
+                    }
+                }
+            },
         }
     }
     for export in &cache.exports {
@@ -344,12 +427,16 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
     if let Some(path) = &cache.metadata_file {
         super::cache::write_metadata(path, &built, &tags)?;
     }
+    // A tar on stdout is all that stdout carries.
+    let stdout_taken = to_stdout > 0;
     let id = image.id().to_string();
     if let Some(path) = &args.iidfile {
         std::fs::write(path, &id)
             .map_err(|e| Failure::usage(format!("writing {}: {e}", path.display())))?;
     }
     progress.finish(&id);
-    emit!("{id}");
+    if !stdout_taken {
+        emit!("{id}");
+    }
     Ok(())
 }

@@ -4,6 +4,8 @@
 
 mod build;
 mod cache;
+mod call;
+mod devloop;
 mod limits;
 mod output;
 mod platform;
@@ -66,6 +68,8 @@ struct Cli {
 enum Command {
     /// Build an image from a Dockerfile.
     Build(Box<BuildArgs>),
+    /// Run the build checks on a recipe without building it.
+    Check(call::CheckArgs),
     /// Print the parsed recipe.
     Parse {
         /// Output format: `json` (typed instructions) or `dump` (BuildKit parser-test format).
@@ -257,6 +261,7 @@ fn run(command: Command, root: &Path) -> Result<(), Failure> {
     match command {
         Command::Parse { format, file } => parse(&file, format),
         Command::Build(args) => build_cmd(root, *args),
+        Command::Check(args) => call::check_cmd(root, args),
         Command::Import { path, name } => {
             let name = normalize(&name)?;
             let store = Store::open(root)?;

@@ -142,6 +142,11 @@ impl IgnoreRules {
         IgnoreRules::default()
     }
 
+    /// Whether there are no rules (nothing is excluded).
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
     /// Is this context-relative path (forward slashes, no leading '/') excluded?
     /// Last matching pattern wins; a pattern matching a parent directory excludes the subtree.
     pub fn is_excluded(&self, rel_path: &str) -> bool {

@@ -129,10 +129,7 @@ impl Lowerer<'_> {
                     );
                     return Err(self.err(node, *at, msg));
                 }
-                if lower == "scratch" || lower == "context" {
-                    let msg = format!("'{lower}' is a reserved name and cannot be a stage name");
-                    return Err(self.err(node, *at, msg));
-                }
+                // Reserved names (`scratch`, `context`) are the ReservedStageName check's.
                 Some(lower)
             }
             [] => return Err(self.err(node, node.offset, "FROM requires an image name")),
@@ -720,7 +717,8 @@ mod tests {
     #[test]
     fn stage_name_rules() {
         assert!(err("FROM a AS 1x\n").message.contains("invalid name"));
-        assert!(err("FROM a AS scratch\n").message.contains("reserved"));
+        // A reserved name is the ReservedStageName check's, not an error.
+        assert!(ok("FROM a AS scratch\n").stages[0].name.is_some());
         // A repeated name is the plan's concern (a warning there), not an error.
         let r = ok("FROM a AS x\nFROM b AS X\n");
         assert_eq!(r.stages[1].name.as_deref(), Some("x"));

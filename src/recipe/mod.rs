@@ -3,11 +3,13 @@
 //! [`parse_syntax`] gives BuildKit's raw syntax tree ([`Ast`], printable with [`dump`]);
 //! [`parse`] validates it into the typed [`instructions::Recipe`].
 
+pub mod checks;
 pub mod dump;
 pub mod error;
 pub mod ignore;
 pub mod instructions;
 pub mod lower;
+pub mod outline;
 pub mod parser;
 pub mod shell;
 

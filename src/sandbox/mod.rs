@@ -135,6 +135,8 @@ pub struct RunSpec {
     pub binds: Vec<BindMount>,
     /// Capabilities, seccomp, masks.
     pub security: Security,
+    /// Extra `/etc/hosts` entries: (host name, address).
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 /// Runs steps by re-executing a kiln binary as the sandbox helper, from a sealed in-memory

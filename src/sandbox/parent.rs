@@ -93,12 +93,14 @@ pub(super) fn run(
         &spec.hostname
     };
     let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let [hosts, hostname_file, resolv_conf] = SCRATCH_FILES;
+    let [hosts_file, hostname_file, resolv_conf] = SCRATCH_FILES;
+    let mut hosts =
+        format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for (host, ip) in &spec.extra_hosts {
+        hosts.push_str(&format!("{ip}\t{host}\n"));
+    }
     let scratch = Scratch::new(&[
-        (
-            hosts,
-            format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
-        ),
+        (hosts_file, hosts),
         (hostname_file, format!("{hostname}\n")),
         (resolv_conf, resolv),
     ])?;

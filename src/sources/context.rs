@@ -110,6 +110,11 @@ impl Context {
         Ok(Context { root, ignore })
     }
 
+    /// The ignore rules in effect (from `.dockerignore` or the recipe's own ignore file).
+    pub fn ignore_rules(&self) -> &IgnoreRules {
+        &self.ignore
+    }
+
     /// The context directory (canonical).
     pub fn root(&self) -> &Path {
         &self.root

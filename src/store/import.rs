@@ -32,10 +32,21 @@ pub fn import(store: &Store, path: &Path) -> Result<StoredRef, StoreError> {
     let _lease = store.build_lease()?;
     let meta = fs::metadata(path).at(path)?;
     if meta.is_dir() {
-        import_oci_dir(store, path)
+        import_oci_dir(store, path, None)
     } else {
         import_archive(store, path)
     }
+}
+
+/// Imports the image (or index) of the OCI layout directory `dir` named `tag` (its
+/// `org.opencontainers.image.ref.name`), or with no tag as [`import`] chooses.
+pub fn import_layout(
+    store: &Store,
+    dir: &Path,
+    tag: Option<&str>,
+) -> Result<StoredRef, StoreError> {
+    let _lease = store.build_lease()?;
+    import_oci_dir(store, dir, tag)
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> StoreError {
@@ -193,7 +204,7 @@ impl Source for LayoutDir<'_> {
     }
 }
 
-fn import_oci_dir(store: &Store, dir: &Path) -> Result<StoredRef, StoreError> {
+fn import_oci_dir(store: &Store, dir: &Path, tag: Option<&str>) -> Result<StoredRef, StoreError> {
     let index_path = dir.join("index.json");
     if !index_path.is_file() || !dir.join("oci-layout").is_file() {
         return Err(invalid(
@@ -210,7 +221,21 @@ fn import_oci_dir(store: &Store, dir: &Path) -> Result<StoredRef, StoreError> {
         what: index_path.display().to_string(),
         source,
     })?;
-    let top = choose(&idx.manifests, dir)?;
+    let top = match tag {
+        None => choose(&idx.manifests, dir)?,
+        Some(tag) => {
+            let tagged: Vec<Descriptor> = idx
+                .manifests
+                .iter()
+                .filter(|d| d.ref_name() == Some(tag))
+                .cloned()
+                .collect();
+            if tagged.is_empty() {
+                return Err(invalid(dir, format!("has no image tagged {tag:?}")));
+            }
+            choose(&tagged, dir)?
+        }
+    };
     let item = import_tree(store, &LayoutDir { store, dir }, &top, dir, 0)?;
     store.record(item.descriptor())?;
     Ok(item)

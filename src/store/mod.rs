@@ -28,7 +28,7 @@ mod promised;
 mod writeback;
 
 pub use export::{export_docker_archive, export_oci_archive, export_oci_dir};
-pub use import::import;
+pub use import::{import, import_layout};
 pub use indexes::{StoredIndex, StoredRef};
 pub use promised::BlobSource;
 

@@ -1,0 +1,3 @@
+FROM scratch
+COPY a /a
+env A=1

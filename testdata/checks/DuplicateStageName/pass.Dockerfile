@@ -1,0 +1,2 @@
+FROM scratch AS build
+FROM scratch AS test

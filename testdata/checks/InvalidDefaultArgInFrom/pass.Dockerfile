@@ -1,0 +1,3 @@
+ARG TAG=latest
+ARG VARIANT
+FROM busybox:${TAG}${VARIANT}

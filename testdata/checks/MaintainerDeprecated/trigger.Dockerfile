@@ -1,0 +1,2 @@
+FROM scratch
+MAINTAINER Jane Doe <jane@example.com>

@@ -1,0 +1,4 @@
+FROM scratch AS one
+CMD ["a"]
+FROM one
+CMD ["b"]

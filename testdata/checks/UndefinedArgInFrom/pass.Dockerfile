@@ -1,0 +1,2 @@
+ARG VARIANT=latest
+FROM busybox:${VARIANT}
