@@ -3,6 +3,7 @@
 //! Modules, from the top of the pipeline down (DESIGN.md §3); a module only uses those below it.
 
 pub mod build;
+pub mod compare;
 pub mod context;
 pub mod digest;
 pub mod distribution;

@@ -3,6 +3,7 @@
 //! build, 2 a usage or recipe error.
 
 mod build;
+mod diff;
 mod output;
 mod secrets;
 
@@ -19,6 +20,7 @@ use kiln::registry::{Client, ClientOptions};
 use kiln::store::{self, Store, StoredImage};
 
 use self::build::{BuildArgs, build_cmd};
+use self::diff::{DiffArgs, diff_cmd};
 
 /// Writes a line of data to stdout; a closed pipe (`kiln parse F | head`) ends output quietly
 /// instead of panicking as `println!` would.
@@ -60,6 +62,9 @@ struct Cli {
 enum Command {
     /// Build an image from a Dockerfile.
     Build(Box<BuildArgs>),
+    /// Compare two images: config fields, then layer by layer the files added, removed and
+    /// changed (exit status 0 identical, 1 different).
+    Diff(Box<DiffArgs>),
     /// Print the parsed recipe.
     Parse {
         /// Output format: `json` (typed instructions) or `dump` (BuildKit parser-test format).
@@ -180,7 +185,7 @@ pub fn main() -> i32 {
         }
     }
     match run(cli) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(f) => {
             print_error(&f);
             f.code
@@ -225,9 +230,11 @@ fn store_root(cli_root: Option<PathBuf>) -> PathBuf {
     data.join("kiln")
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
+/// Runs a command; returns its exit status.
+fn run(cli: Cli) -> Result<i32, Failure> {
     let root = store_root(cli.root);
-    match cli.command {
+    let done: Result<(), Failure> = match cli.command {
+        Command::Diff(args) => return diff_cmd(&root, *args),
         Command::Parse { format, file } => parse(&file, format),
         Command::Build(args) => build_cmd(&root, *args),
         Command::Import { path, name } => {
@@ -326,7 +333,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
-    }
+    };
+    done.map(|()| 0)
 }
 
 pub(crate) fn client(tls_verify: bool) -> Client {

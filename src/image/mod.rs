@@ -5,6 +5,7 @@
 //! Reading accepts both OCI and Docker v2 schema 2 media types; writing always produces OCI.
 //! Empty optional fields are omitted the way docker and buildah omit them.
 
+pub mod diff;
 pub mod docker_archive;
 
 use std::collections::BTreeMap;
