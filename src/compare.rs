@@ -54,10 +54,15 @@ pub enum CompareError {
 impl CompareError {
     /// True for errors in what the user named (exit status 2).
     pub fn is_input_error(&self) -> bool {
-        matches!(
-            self,
-            CompareError::NotFound { .. } | CompareError::Import { .. }
-        )
+        use crate::registry::RegistryError;
+        match self {
+            CompareError::NotFound { .. } | CompareError::Import { .. } => true,
+            CompareError::Pull { source, .. } => matches!(
+                **source,
+                TransferError::Registry(RegistryError::NotFound { .. })
+            ),
+            _ => false,
+        }
     }
 }
 

@@ -345,6 +345,11 @@ fn compare_layers(
                 let same_files = la.diff_id.is_some() && la.diff_id == lb.diff_id;
                 if same_files {
                     diff_values("", &blob_fields(da), &blob_fields(db), &mut change.blob);
+                    for f in &mut change.blob {
+                        if f.field == "digest" {
+                            f.field = "digest (the same tar, compressed differently)".into();
+                        }
+                    }
                 } else {
                     let mut fields = Vec::new();
                     diff_values("", &blob_fields(da), &blob_fields(db), &mut fields);
