@@ -17,3 +17,4 @@ pub mod rootfs;
 pub mod sandbox;
 pub mod snapshot;
 pub mod store;
+pub mod verify;

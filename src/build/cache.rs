@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::record::CacheState;
 use super::{BuildError, Engine, Layer, StageState, StepPlace, scratch_state};
 use crate::digest::Digest;
 use crate::image::{self, Descriptor};
@@ -117,6 +118,13 @@ impl Engine<'_> {
         Ok(())
     }
 
+    fn record_step(&self, place: &StepPlace, cache: CacheState, layer: Option<Digest>) {
+        let stage = (place.stage, self.stage_name(place.stage));
+        let text = &place.created_by;
+        self.recorder
+            .step(stage, place.n, place.line, text, cache, layer);
+    }
+
     pub(super) fn now_created(&self) -> String {
         let secs = self.opts.source_date_epoch.unwrap_or_else(|| {
             std::time::SystemTime::now()
@@ -140,7 +148,9 @@ impl Engine<'_> {
     ) -> Result<Option<crate::progress::Step<'p>>, BuildError> {
         match self.try_cache(place.stage, place.n, &parent, &key, inputs, &step)? {
             Some(record) => {
+                let layer = record.layer.as_ref().map(|l| l.desc.digest);
                 self.apply_record(st, key, record, place.created_by.clone())?;
+                self.record_step(place, CacheState::Hit, layer);
                 step.cached();
                 Ok(None)
             }
@@ -182,6 +192,8 @@ impl Engine<'_> {
             created: Some(self.now_created()),
         };
         self.remember(place.stage, place.n, parent, &key, inputs, &record)?;
+        let layer = record.layer.as_ref().map(|l| l.desc.digest);
+        self.record_step(&place, CacheState::Miss, layer);
         self.apply_record(st, key, record, place.created_by)?;
         step.done();
         Ok(())
@@ -309,6 +321,8 @@ impl Engine<'_> {
                 }
             }
         };
+        self.recorder
+            .image(normalized.to_string(), image.manifest.digest);
         let diff_ids = &image.config.rootfs.diff_ids;
         if diff_ids.len() != image.manifest_body.layers.len() {
             return Err(BuildError::Image(format!(

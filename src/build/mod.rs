@@ -6,6 +6,7 @@ mod cache;
 pub mod config;
 pub mod copy;
 mod listed;
+pub mod record;
 mod run;
 mod steps;
 
@@ -29,6 +30,7 @@ use crate::sandbox::{NetworkMode, Sandbox};
 use crate::snapshot::Compression;
 use crate::store::{Store, StoreError, StoredImage};
 
+use self::record::{BuildRecord, CacheState, Recorder};
 use self::config::{
     DEFAULT_PATH, command_argv, default_shell, expose_ports, set_env, set_healthcheck,
 };
@@ -186,13 +188,21 @@ struct StageState {
     cmd_set: bool,
 }
 
-/// Builds the recipe; returns the final image, stored (not yet tagged).
+/// A finished build: the final image, stored (not yet tagged), and what the build read and did.
+pub struct Built {
+    /// The final image.
+    pub image: StoredImage,
+    /// The images, context files and downloads it read, and its steps.
+    pub record: BuildRecord,
+}
+
+/// Builds the recipe.
 pub fn build(
     store: &Store,
     opts: &BuildOptions,
     progress: &Progress,
     cancel: &AtomicBool,
-) -> Result<StoredImage, BuildError> {
+) -> Result<Built, BuildError> {
     let file = opts.recipe_path.display().to_string();
     let recipe = recipe::parse(&opts.recipe_bytes, &file)?;
     let (os, arch, variant) = image::host_platform();
@@ -248,9 +258,14 @@ pub fn build(
             .unwrap_or_else(|_| opts.recipe_path.clone())
             .display()
             .to_string(),
+        recorder: Recorder::default(),
     };
     let state = engine.run_stages()?;
-    engine.finish(state)
+    let image = engine.finish(state)?;
+    Ok(Built {
+        image,
+        record: engine.recorder.finish(),
+    })
 }
 
 /// Where a layer step is: for messages, step identities and history.
@@ -276,6 +291,7 @@ struct Engine<'a> {
     context: Context,
     file: String,
     recipe_id: String,
+    recorder: Recorder,
 }
 
 /// Shared scheduler state for parallel stages.
@@ -597,6 +613,9 @@ impl Engine<'_> {
             InstructionKind::Maintainer(m) => st.config.author = Some(m.clone()),
         }
         self.history(st, instr.text.clone(), true);
+        let stage_id = (stage, self.stage_name(stage));
+        self.recorder
+            .step(stage_id, n, line, &instr.text, CacheState::None, None);
         step.done();
         Ok(())
     }

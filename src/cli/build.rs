@@ -15,6 +15,7 @@ use kiln::sandbox::NetworkMode;
 use kiln::store::{self, Store};
 
 use super::output::{Output, parse_output};
+use super::release;
 use super::{
     CANCEL, Failure, client, emit, key_value, normalize, read_file, secrets, transfer_failure,
 };
@@ -100,9 +101,22 @@ pub(crate) struct BuildArgs {
     /// Layer compression.
     #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
     compression: CompressionArg,
+    #[command(flatten)]
+    release: release::ReleaseArgs,
 }
 
-pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
+pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure> {
+    let rebuild = release::rebuild_spec()?;
+    if let Some(spec) = &rebuild {
+        // The second build of a verification: its own store, context and recipe; it only builds.
+        args.context = release::rebuild_context(spec).to_path_buf();
+        args.tags = vec![kiln::verify::REBUILD_TAG.to_string()];
+        args.outputs.clear();
+        args.push = false;
+        args.iidfile = None;
+        args.release.verify = false;
+    }
+    let root = rebuild.as_ref().map_or(root, |s| s.root.as_path());
     let context_dir = args.context.clone();
     if !context_dir.is_dir() {
         return Err(Failure::usage(format!(
@@ -111,6 +125,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         )));
     }
     let (recipe_path, recipe_bytes) = match &args.file {
+        _ if rebuild.is_some() => release::rebuild_recipe(rebuild.as_ref().unwrap())?,
         Some(p) if p.as_os_str() == "-" => {
             let mut buf = Vec::new();
             std::io::stdin()
@@ -190,7 +205,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         (_, ProgressArg::Auto) if std::io::stderr().is_terminal() => Mode::Tty,
         (_, ProgressArg::Auto) => Mode::Plain,
     };
-    let opts = BuildOptions {
+    let mut opts = BuildOptions {
         context_dir,
         recipe_path,
         recipe_bytes,
@@ -218,9 +233,12 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         helper_exe: std::env::current_exe()
             .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
     };
+    if let Some(spec) = &rebuild {
+        release::enter_rebuild(spec, &mut opts)?;
+    }
     let store = Store::open(root)?;
     let progress = Progress::new(mode);
-    let image = build::build(&store, &opts, &progress, &CANCEL).map_err(|e| {
+    let built = build::build(&store, &opts, &progress, &CANCEL).map_err(|e| {
         let code = if matches!(e, BuildError::Cancelled) {
             130
         } else if e.is_input_error() {
@@ -238,6 +256,10 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             hint,
         }
     })?;
+    if args.release.verify {
+        release::run_verify(&store, &built, &opts, &progress, std::time::Instant::now())?;
+    }
+    let image = built.image;
     for t in &tags {
         store.tag(t, &image.manifest)?;
     }

@@ -5,6 +5,7 @@
 mod build;
 mod diff;
 mod output;
+mod release;
 mod secrets;
 
 use std::io::Write;
