@@ -4,10 +4,8 @@
 
 pub mod build;
 pub mod compare;
-pub mod context;
 pub mod digest;
 pub mod distribution;
-pub mod fetch;
 pub mod image;
 pub mod plan;
 pub mod progress;
@@ -16,5 +14,6 @@ pub mod registry;
 pub mod rootfs;
 pub mod sandbox;
 pub mod snapshot;
+pub mod sources;
 pub mod store;
 pub mod verify;

@@ -6,9 +6,9 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::context::Context;
 use crate::rootfs::RootDir;
 use crate::snapshot;
+use crate::sources::context::Context;
 
 /// Where COPY reads from.
 pub enum SourceFs<'a> {
@@ -502,7 +502,7 @@ pub fn kept_path(pattern: &str, rel: &str) -> String {
     let pattern = pattern.trim_start_matches("./");
     match pattern.rfind("/./") {
         Some(i) => {
-            let pivot = crate::context::clean_relative(&pattern[..i]).unwrap_or_default();
+            let pivot = crate::sources::context::clean_relative(&pattern[..i]).unwrap_or_default();
             rel.strip_prefix(&pivot)
                 .map(|r| r.trim_start_matches('/').to_string())
                 .unwrap_or_else(|| rel.to_string())

@@ -17,7 +17,6 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::context::{Context, ContextError};
 use crate::digest::Digest;
 use crate::image::{self, Descriptor, History, ImageConfig};
 use crate::plan::{self, Base, Plan, PlanError, PlanOptions};
@@ -28,6 +27,7 @@ use crate::recipe::{self, RecipeError};
 use crate::registry::{Client, ClientOptions};
 use crate::sandbox::{NetworkMode, Sandbox};
 use crate::snapshot::Compression;
+use crate::sources::context::{Context, ContextError};
 use crate::store::{Store, StoreError, StoredImage};
 
 use self::record::{BuildRecord, CacheState, Recorder};
@@ -568,7 +568,7 @@ impl Engine<'_> {
                 };
                 cfg.working_dir = Some(format!(
                     "/{}",
-                    crate::context::clean_relative(&joined).unwrap_or_default()
+                    crate::sources::context::clean_relative(&joined).unwrap_or_default()
                 ));
                 return self.workdir_step(stage, n, st, instr, step);
             }

@@ -120,7 +120,7 @@ impl Engine<'_> {
                     None => None,
                 };
                 let dir = self.store.scratch_dir()?;
-                let fetched = crate::fetch::fetch(&word, dir.path(), checksum.as_deref())
+                let fetched = crate::sources::fetch::fetch(&word, dir.path(), checksum.as_deref())
                     .map_err(|e| self.step_error(stage, line, e))?;
                 self.recorder.download(&word, &fetched.digest);
                 inputs.files.insert(word.clone(), fetched.digest.hex());
@@ -153,7 +153,7 @@ impl Engine<'_> {
                     }
                 }
                 Some(_) => {
-                    let rel = crate::context::clean_relative(&word).ok_or_else(|| {
+                    let rel = crate::sources::context::clean_relative(&word).ok_or_else(|| {
                         self.invalid(line, format!("source {word:?} is outside the root"))
                     })?;
                     let keep = c.parents.then(|| copy::kept_path(&word, &rel));
