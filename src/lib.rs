@@ -2,6 +2,7 @@
 //!
 //! Modules, from the top of the pipeline down (DESIGN.md §3); a module only uses those below it.
 
+pub mod attest;
 pub mod build;
 pub mod compare;
 pub mod digest;

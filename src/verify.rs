@@ -190,9 +190,9 @@ pub fn verify(
     }
 
     let second = Store::open(&root)?;
-    let rebuilt = second.resolve(REBUILD_TAG)?.ok_or_else(|| {
-        VerifyError::Rebuild(format!("its result is not in {}", root.display()))
-    })?;
+    let rebuilt = second
+        .resolve(REBUILD_TAG)?
+        .ok_or_else(|| VerifyError::Rebuild(format!("its result is not in {}", root.display())))?;
     let scratch = work.path().join("compare");
     fs::create_dir(&scratch).map_err(|e| prepare("making a scratch directory", e))?;
     let report = compare::compare_stored(
@@ -329,8 +329,8 @@ fn copy_metadata(src: &Path, dest: &Path, meta: &fs::Metadata) -> io::Result<()>
             tv_nsec: meta.mtime_nsec(),
         },
     ];
-    let c = std::ffi::CString::new(dest.as_os_str().as_encoded_bytes())
-        .map_err(io::Error::other)?;
+    let c =
+        std::ffi::CString::new(dest.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     // SAFETY: a valid NUL-terminated path and two timespecs, as utimensat expects.
     let rc = unsafe {
         libc::utimensat(
@@ -378,7 +378,11 @@ mod tests {
         assert_eq!(fs::read(out.join("d/f")).unwrap(), b"content");
         assert_eq!(fs::read_link(out.join("l")).unwrap(), Path::new("d/f"));
         assert_eq!(m.ino(), fs::metadata(out.join("h")).unwrap().ino());
-        if xattr::get(s.join("d/f"), "user.kiln").ok().flatten().is_some() {
+        if xattr::get(s.join("d/f"), "user.kiln")
+            .ok()
+            .flatten()
+            .is_some()
+        {
             assert_eq!(
                 xattr::get(out.join("d/f"), "user.kiln").unwrap().as_deref(),
                 Some(&b"x"[..])

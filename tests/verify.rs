@@ -8,7 +8,12 @@ use std::path::Path;
 
 use common::*;
 
-fn verify(k: &Kiln, dockerfile: &str, files: &[(&str, &[u8])], extra: &[&str]) -> std::process::Output {
+fn verify(
+    k: &Kiln,
+    dockerfile: &str,
+    files: &[(&str, &[u8])],
+    extra: &[&str],
+) -> std::process::Output {
     let mut args = vec!["--verify", "--source-date-epoch", "1700000000"];
     args.extend_from_slice(extra);
     k.build(dockerfile, files, &args).0
@@ -40,7 +45,9 @@ fn examples_verify() {
     assert_reproducible(&out);
     assert!(stdout_line(&out).starts_with("sha256:"));
     // The verification's fresh store and copies are gone.
-    let tmp = std::fs::read_dir(k.root.path().join("tmp")).unwrap().count();
+    let tmp = std::fs::read_dir(k.root.path().join("tmp"))
+        .unwrap()
+        .count();
     assert_eq!(tmp, 0, "leftovers in the store's tmp/");
 }
 
@@ -53,7 +60,9 @@ fn typical_recipes_verify() {
     h.set_mode(0o640);
     h.set_mtime(12345);
     h.set_cksum();
-    archive.append_data(&mut h, "inner/file", &b"abc"[..]).unwrap();
+    archive
+        .append_data(&mut h, "inner/file", &b"abc"[..])
+        .unwrap();
     let archive = archive.into_inner().unwrap();
     let recipe = r#"# syntax=docker/dockerfile:1
 FROM busybox AS build
@@ -92,8 +101,16 @@ CMD ["run"]
     let ctx = context("", &[("keep.txt", b"keep"), ("skip.txt", b"skip")]);
     let outside = tempfile::tempdir().unwrap();
     let recipe_path = outside.path().join("Release.Dockerfile");
-    std::fs::write(&recipe_path, "FROM busybox\nCOPY . /ctx/\nRUN ls /ctx > /listing\n").unwrap();
-    std::fs::write(outside.path().join("Release.Dockerfile.dockerignore"), "skip.txt\n").unwrap();
+    std::fs::write(
+        &recipe_path,
+        "FROM busybox\nCOPY . /ctx/\nRUN ls /ctx > /listing\n",
+    )
+    .unwrap();
+    std::fs::write(
+        outside.path().join("Release.Dockerfile.dockerignore"),
+        "skip.txt\n",
+    )
+    .unwrap();
     let out = k.run(&[
         "build",
         "--progress",
@@ -142,7 +159,9 @@ fn a_recipe_writing_the_date_fails_naming_the_file_and_offset() {
     let images = String::from_utf8_lossy(&k.run(&["images"]).stdout).into_owned();
     assert!(!images.contains("kiln-verify"), "{images}");
     assert_eq!(
-        std::fs::read_dir(k.root.path().join("tmp")).unwrap().count(),
+        std::fs::read_dir(k.root.path().join("tmp"))
+            .unwrap()
+            .count(),
         0
     );
 }

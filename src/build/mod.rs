@@ -30,10 +30,10 @@ use crate::snapshot::Compression;
 use crate::sources::context::{Context, ContextError};
 use crate::store::{Store, StoreError, StoredImage};
 
-use self::record::{BuildRecord, CacheState, Recorder};
 use self::config::{
     DEFAULT_PATH, command_argv, default_shell, expose_ports, set_env, set_healthcheck,
 };
+use self::record::{BuildRecord, CacheState, Recorder};
 
 /// Everything a build is asked to do, from the command line.
 #[derive(Clone, Debug)]
