@@ -4,15 +4,20 @@
 //! [`image::diff`](crate::image::diff). Images that are not in the local store are loaded into a
 //! throwaway store, so `kiln diff` leaves the local one as it was.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
+use serde_json::Value;
+
+use crate::attest::{ANNOTATION_REFERENCE_DIGEST, ANNOTATION_REFERENCE_TYPE, ATTESTATION_MANIFEST};
+use crate::digest::Digest;
 use crate::distribution::{self, TransferError};
-use crate::image::Descriptor;
-use crate::image::diff::{self, DiffError, Report, Side};
+use crate::image::diff::{self, DiffError, FieldChange, Report, Side};
+use crate::image::{Descriptor, Manifest};
 use crate::registry::Client;
 use crate::registry::reference::Reference;
-use crate::store::{self, Store, StoreError, StoredImage};
+use crate::store::{self, Store, StoreError, StoredImage, StoredRef};
 
 /// Why an image could not be found or compared.
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +84,8 @@ pub struct Finder<'a> {
 pub struct Found {
     /// The name it was found by.
     pub name: String,
-    /// The image.
-    pub image: StoredImage,
+    /// The image or index.
+    pub image: StoredRef,
     in_scratch: bool,
 }
 
@@ -123,34 +128,205 @@ impl<'a> Finder<'a> {
             })?;
             return Ok(found(image, true));
         }
-        if let Some(image) = self.local.resolve(name)? {
+        if let Some(image) = self.local.lookup(name)? {
             return Ok(found(image, false));
         }
         let reference = Reference::parse(name).map_err(|e| CompareError::NotFound {
             name: name.to_string(),
             reason: e.to_string(),
         })?;
-        if let Some(image) = self.local.resolve(&reference.to_string())? {
+        if let Some(image) = self.local.lookup(&reference.to_string())? {
             return Ok(found(image, false));
         }
-        let image = distribution::pull(&self.scratch, self.client, &reference).map_err(|e| {
-            CompareError::Pull {
-                reference: reference.to_string(),
-                source: Box::new(e),
-            }
-        })?;
+        let (image, _) =
+            distribution::pull(&self.scratch, self.client, &reference, None).map_err(|e| {
+                CompareError::Pull {
+                    reference: reference.to_string(),
+                    source: Box::new(e),
+                }
+            })?;
         Ok(found(image, true))
     }
 
     /// Compares two found images.
     pub fn compare(&self, a: &Found, b: &Found) -> Result<Report, CompareError> {
         let scratch = self.local.scratch_dir()?;
-        compare_stored(
+        compare_refs(
             (self.store_of(a), &a.image, &a.name),
             (self.store_of(b), &b.image, &b.name),
             scratch.path(),
         )
     }
+}
+
+/// The images and attestations an image or index holds (those whose content is here).
+struct Parts {
+    /// Images by platform (`os/arch[/variant]`), in index order.
+    images: Vec<(String, StoredImage)>,
+    /// Attestation manifests by the manifest digest of the image they are about.
+    attestations: BTreeMap<Digest, Descriptor>,
+    /// Every platform the index lists, present or not.
+    listed: Vec<String>,
+}
+
+fn platform_name(img: &StoredImage) -> String {
+    let p = img.config.platform();
+    match &p.variant {
+        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+        None => format!("{}/{}", p.os, p.architecture),
+    }
+}
+
+fn is_attestation(d: &Descriptor) -> bool {
+    d.annotations
+        .get(ANNOTATION_REFERENCE_TYPE)
+        .map(String::as_str)
+        == Some(ATTESTATION_MANIFEST)
+}
+
+fn parts(store: &Store, item: &StoredRef) -> Result<Parts, StoreError> {
+    let mut parts = Parts {
+        images: Vec::new(),
+        attestations: BTreeMap::new(),
+        listed: Vec::new(),
+    };
+    match item {
+        StoredRef::Image(img) => {
+            let p = platform_name(img);
+            parts.listed.push(p.clone());
+            parts.images.push((p, img.clone()));
+        }
+        StoredRef::Index(x) => {
+            for d in &x.body.manifests {
+                if is_attestation(d) {
+                    if let Some(target) = d
+                        .annotations
+                        .get(ANNOTATION_REFERENCE_DIGEST)
+                        .and_then(|t| t.parse().ok())
+                    {
+                        parts.attestations.insert(target, d.clone());
+                    }
+                } else if let Some(p) = &d.platform {
+                    parts.listed.push(match &p.variant {
+                        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                        None => format!("{}/{}", p.os, p.architecture),
+                    });
+                }
+            }
+            for img in store.present_images(x)? {
+                if !x
+                    .body
+                    .manifests
+                    .iter()
+                    .any(|d| d.digest == img.manifest.digest && is_attestation(d))
+                {
+                    parts.images.push((platform_name(&img), img));
+                }
+            }
+        }
+    }
+    Ok(parts)
+}
+
+/// The statements of an attestation manifest: predicate type → statement; None when its
+/// content is not in the store (an index pulled for one platform).
+fn statements(
+    store: &Store,
+    d: &Descriptor,
+) -> Result<Option<BTreeMap<String, Value>>, StoreError> {
+    if !store.has_blob(&d.digest) {
+        return Ok(None);
+    }
+    let manifest =
+        Manifest::from_json(&store.read_blob(&d.digest)?).map_err(|source| StoreError::Format {
+            what: format!("attestation manifest {}", d.digest),
+            source,
+        })?;
+    let mut out = BTreeMap::new();
+    for l in &manifest.layers {
+        if !store.has_blob(&l.digest) {
+            return Ok(None);
+        }
+        let value: Value =
+            serde_json::from_slice(&store.read_blob(&l.digest)?).unwrap_or(Value::Null);
+        let kind = value["predicateType"]
+            .as_str()
+            .unwrap_or("unknown")
+            .to_string();
+        out.insert(kind, value);
+    }
+    Ok(Some(out))
+}
+
+/// Compares two images or indexes, each in its store: the images platform by platform, then
+/// the platforms listed and the attestations attached.
+pub fn compare_refs(
+    (store_a, ref_a, name_a): (&Store, &StoredRef, &str),
+    (store_b, ref_b, name_b): (&Store, &StoredRef, &str),
+    scratch: &Path,
+) -> Result<Report, CompareError> {
+    let (pa, pb) = (parts(store_a, ref_a)?, parts(store_b, ref_b)?);
+    let indexed = matches!(ref_a, StoredRef::Index(_)) || matches!(ref_b, StoredRef::Index(_));
+    let mut reports = Vec::new();
+    let mut index = Vec::new();
+    if pa.listed != pb.listed {
+        index.push(FieldChange {
+            field: "platforms".into(),
+            a: Some(Value::from(pa.listed.clone())),
+            b: Some(Value::from(pb.listed.clone())),
+        });
+    }
+    for (platform, img_a) in &pa.images {
+        let Some((_, img_b)) = pb.images.iter().find(|(p, _)| p == platform) else {
+            continue;
+        };
+        let mut r = compare_stored((store_a, img_a, name_a), (store_b, img_b, name_b), scratch)?;
+        if indexed {
+            r.platform = Some(platform.clone());
+        }
+        reports.push(r);
+        let att = |parts: &Parts, store: &Store, img: &StoredImage| match parts
+            .attestations
+            .get(&img.manifest.digest)
+        {
+            Some(d) => statements(store, d).map(|s| Some(s.unwrap_or_default())),
+            None => Ok(None),
+        };
+        let (sa, sb) = (att(&pa, store_a, img_a)?, att(&pb, store_b, img_b)?);
+        let to_value = |s: &Option<BTreeMap<String, Value>>| {
+            s.as_ref()
+                .map(|m| Value::Object(m.clone().into_iter().collect()))
+        };
+        let prefix = format!("attestations[{}]", Value::String(platform.clone()));
+        match (to_value(&sa), to_value(&sb)) {
+            (Some(a), Some(b)) => diff::diff_values(&prefix, &a, &b, &mut index),
+            (None, None) => {}
+            (a, b) => index.push(FieldChange {
+                field: prefix,
+                a: a.map(|_| Value::from("attached")),
+                b: b.map(|_| Value::from("attached")),
+            }),
+        }
+    }
+    let mut report = if reports.is_empty() {
+        Report {
+            a: name_a.to_string(),
+            b: name_b.to_string(),
+            identical: false,
+            manifest: Vec::new(),
+            config: Vec::new(),
+            layers: Vec::new(),
+            platform: None,
+            index: Vec::new(),
+            more: Vec::new(),
+        }
+    } else {
+        reports.remove(0)
+    };
+    report.more = reports;
+    report.index = index;
+    report.settle();
+    Ok(report)
 }
 
 /// Compares two images, each in its store, naming them `name`; `scratch` is an empty

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::digest::Digest;
+use crate::image::Platform;
 use crate::recipe::instructions::{InstructionKind, Recipe, Span};
 use crate::recipe::shell::Lexer;
 
@@ -59,6 +60,9 @@ pub struct StagePlan {
     pub deps: Vec<usize>,
     /// `COPY --from` and `RUN --mount=…,from=` values resolved, keyed by the raw value.
     pub copy_sources: BTreeMap<String, CopySource>,
+    /// The platform the stage is for (its images, its RUN steps): `FROM --platform=`, else
+    /// its base stage's, else the build's target platform.
+    pub platform: Platform,
 }
 
 /// The whole plan for one build.
@@ -99,6 +103,8 @@ pub struct PlanOptions {
     pub build_args: BTreeMap<String, String>,
     /// `--target`.
     pub target: Option<String>,
+    /// The platform this plan builds for (TARGETPLATFORM).
+    pub target_platform: Platform,
     /// Values of the predefined platform ARGs.
     pub platform_args: BTreeMap<String, String>,
 }
@@ -150,19 +156,24 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         value.parse::<usize>().ok().filter(|&i| i < before)
     };
 
-    let mut stages = Vec::with_capacity(recipe.stages.len());
+    let mut stages: Vec<StagePlan> = Vec::with_capacity(recipe.stages.len());
     for (index, stage) in recipe.stages.iter().enumerate() {
         let base_text = lexer
             .process_word(&stage.base, &meta)
             .map_err(|e| invalid(stage.span, e.to_string()))?
             .value;
-        if let Some(raw) = &stage.platform {
-            let wanted = lexer
-                .process_word(raw, &meta)
-                .map_err(|e| invalid(stage.span, e.to_string()))?
-                .value;
-            check_platform(&wanted, &opts.platform_args).map_err(|m| invalid(stage.span, m))?;
-        }
+        let explicit = match &stage.platform {
+            Some(raw) => {
+                let wanted = lexer
+                    .process_word(raw, &meta)
+                    .map_err(|e| invalid(stage.span, e.to_string()))?
+                    .value;
+                let platform = Platform::parse(&wanted)
+                    .map_err(|e| invalid(stage.span, format!("FROM --platform={raw}: {e}")))?;
+                Some(platform)
+            }
+            None => None,
+        };
         if base_text.is_empty() {
             return Err(invalid(
                 stage.span,
@@ -216,12 +227,18 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
                 copy_sources.insert(raw.to_string(), source);
             }
         }
+        let platform = match (explicit, &base) {
+            (Some(p), _) => p,
+            (None, Base::Stage(i)) => stages[*i].platform.clone(),
+            (None, _) => opts.target_platform.clone(),
+        };
         stages.push(StagePlan {
             index,
             name: stage.name.clone(),
             base,
             deps: deps.into_iter().collect(),
             copy_sources,
+            platform,
         });
     }
 
@@ -265,26 +282,21 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
     })
 }
 
-/// Checks a `FROM --platform=` value against the platform kiln builds for (TARGETPLATFORM):
-/// kiln runs RUN steps natively and does not emulate other architectures.
-fn check_platform(wanted: &str, platform_args: &BTreeMap<String, String>) -> Result<(), String> {
-    let target = platform_args
-        .get("TARGETPLATFORM")
-        .map(String::as_str)
-        .unwrap_or("");
-    let norm = |p: &str| {
-        let mut parts: Vec<&str> = p.split('/').collect();
-        if parts.len() == 2 && parts[1] == "arm64" {
-            parts.push("v8");
-        }
-        parts.join("/")
-    };
-    if wanted.is_empty() || target.is_empty() || norm(wanted) == norm(target) {
-        return Ok(());
+/// The predefined platform ARGs for a build for `target` on `build`, as BuildKit sets them:
+/// `TARGETPLATFORM` (`linux/arm/v7`), `TARGETOS`, `TARGETARCH`, `TARGETVARIANT` (empty when
+/// none), and the same four `BUILD*` ones.
+pub fn platform_args(target: &Platform, build: &Platform) -> BTreeMap<String, String> {
+    let mut args = BTreeMap::new();
+    for (prefix, p) in [("TARGET", target), ("BUILD", build)] {
+        args.insert(format!("{prefix}PLATFORM"), p.to_string());
+        args.insert(format!("{prefix}OS"), p.os.clone());
+        args.insert(format!("{prefix}ARCH"), p.architecture.clone());
+        args.insert(
+            format!("{prefix}VARIANT"),
+            p.variant.clone().unwrap_or_default(),
+        );
     }
-    Err(format!(
-        "FROM --platform={wanted}: kiln builds for {target} only (no emulation of other platforms)"
-    ))
+    args
 }
 
 /// The raw `from=` value of a `RUN --mount` spec (`type=bind,from=build,source=/out,...`).
@@ -422,7 +434,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             target: target.map(str::to_string),
-            platform_args: BTreeMap::new(),
+            ..Default::default()
         };
         plan(&recipe, &opts).unwrap()
     }
@@ -486,29 +498,43 @@ mod tests {
     }
 
     #[test]
-    fn foreign_platforms_are_refused() {
-        let host: BTreeMap<String, String> =
-            [("TARGETPLATFORM".to_string(), "linux/amd64".to_string())].into();
-        assert!(check_platform("linux/amd64", &host).is_ok());
-        assert!(check_platform("", &host).is_ok());
-        let e = check_platform("linux/arm64", &host).unwrap_err();
-        assert!(
-            e.contains("linux/arm64") && e.contains("linux/amd64"),
-            "{e}"
-        );
-        let arm: BTreeMap<String, String> =
-            [("TARGETPLATFORM".to_string(), "linux/arm64/v8".to_string())].into();
-        assert!(check_platform("linux/arm64", &arm).is_ok());
-        let recipe = parse(b"FROM --platform=$BUILDPLATFORM scratch\n", "Dockerfile").unwrap();
+    fn stages_take_the_platform_of_from_then_their_base_then_the_target() {
+        let src = "ARG ARCH=arm64\nFROM --platform=$BUILDPLATFORM scratch AS build\n\
+                   FROM build AS more\nFROM --platform=linux/${ARCH} scratch AS arm\n\
+                   FROM scratch\nCOPY --from=more / /\nCOPY --from=arm / /\n";
+        let recipe = parse(src.as_bytes(), "Dockerfile").unwrap();
         let opts = PlanOptions {
-            platform_args: [
-                ("TARGETPLATFORM".to_string(), "linux/amd64".to_string()),
-                ("BUILDPLATFORM".to_string(), "linux/amd64".to_string()),
-            ]
-            .into(),
+            target_platform: Platform::parse("linux/s390x").unwrap(),
+            platform_args: [("BUILDPLATFORM".to_string(), "linux/amd64".to_string())].into(),
             ..Default::default()
         };
-        assert!(plan(&recipe, &opts).is_ok());
+        let p = plan(&recipe, &opts).unwrap();
+        let names: Vec<String> = p.stages.iter().map(|s| s.platform.to_string()).collect();
+        assert_eq!(
+            names,
+            ["linux/amd64", "linux/amd64", "linux/arm64", "linux/s390x"]
+        );
+        let bad = parse(b"FROM --platform=linux/nope scratch\n", "Dockerfile").unwrap();
+        let e = plan(&bad, &opts).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn platform_args_are_set_as_buildkit_sets_them() {
+        let arm = Platform::parse("linux/arm/v7").unwrap();
+        let amd = Platform::parse("linux/amd64").unwrap();
+        let args = platform_args(&arm, &amd);
+        let get = |k: &str| args[k].as_str();
+        assert_eq!(get("TARGETPLATFORM"), "linux/arm/v7");
+        assert_eq!(get("TARGETOS"), "linux");
+        assert_eq!(get("TARGETARCH"), "arm");
+        assert_eq!(get("TARGETVARIANT"), "v7");
+        assert_eq!(get("BUILDPLATFORM"), "linux/amd64");
+        assert_eq!(get("BUILDARCH"), "amd64");
+        assert_eq!(get("BUILDVARIANT"), "");
+        let arm64 = platform_args(&Platform::parse("linux/arm64/v8").unwrap(), &amd);
+        assert_eq!(arm64["TARGETPLATFORM"], "linux/arm64");
+        assert_eq!(arm64["TARGETVARIANT"], "");
     }
 
     #[test]

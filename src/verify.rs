@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::build::{BuildOptions, Built};
+use crate::build::BuildOptions;
+use crate::build::record::BuildRecord;
 use crate::compare::{self, CompareError};
 use crate::digest::Digest;
 use crate::image::diff::Report;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoredRef};
 
 /// The environment variable that makes a `kiln build` the second build of a verification; its
 /// value is a JSON [`RebuildSpec`].
@@ -121,12 +122,15 @@ impl Conditions {
     }
 }
 
-/// Builds again and compares. `first` is the build just made into `store` (finished at
-/// `finished`); `command_line` is this process's arguments after the program name, passed to
-/// the child as they are.
+/// Builds again and compares. `first` is the result of the build just made into `store` (with
+/// its attestations, if any; finished at `finished`), `record` what that build read;
+/// `command_line` is this process's arguments after the program name, passed to the child as
+/// they are.
+#[allow(clippy::too_many_arguments)]
 pub fn verify(
     store: &Store,
-    first: &Built,
+    first: &StoredRef,
+    record: &BuildRecord,
     opts: &BuildOptions,
     command_line: Vec<OsString>,
     finished: Instant,
@@ -143,7 +147,7 @@ pub fn verify(
     fs::create_dir(&cwd).map_err(|e| prepare("making a working directory", e))?;
     let root = work.path().join("store");
     let second = Store::open(&root)?;
-    for (reference, manifest) in &first.record.images {
+    for (reference, manifest) in &record.images {
         copy_image(store, &second, reference, manifest)?;
     }
     drop(second);
@@ -191,17 +195,17 @@ pub fn verify(
 
     let second = Store::open(&root)?;
     let rebuilt = second
-        .resolve(REBUILD_TAG)?
+        .lookup(REBUILD_TAG)?
         .ok_or_else(|| VerifyError::Rebuild(format!("its result is not in {}", root.display())))?;
     let scratch = work.path().join("compare");
     fs::create_dir(&scratch).map_err(|e| prepare("making a scratch directory", e))?;
-    let report = compare::compare_stored(
-        (store, &first.image, "first build"),
+    let report = compare::compare_refs(
+        (store, first, "first build"),
         (&second, &rebuilt, "second build"),
         &scratch,
     )?;
     Ok(if report.identical {
-        Outcome::Reproducible(first.image.manifest.digest)
+        Outcome::Reproducible(first.descriptor().digest)
     } else {
         Outcome::Differs(Box::new(report))
     })

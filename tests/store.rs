@@ -14,12 +14,12 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use kiln::digest::Digest;
 use kiln::image::{
-    Descriptor, History, ImageConfig, MEDIA_LAYER_GZIP, RootFs, RuntimeConfig, canonical_json,
-    host_platform, rfc3339,
+    Descriptor, History, ImageConfig, MEDIA_LAYER_GZIP, Platform, RootFs, RuntimeConfig,
+    canonical_json, rfc3339,
 };
 use kiln::store::{
-    FsckProblem, Store, StoreError, StoredImage, export_docker_archive, export_oci_archive,
-    export_oci_dir, import,
+    FsckProblem, Store, StoreError, StoredImage, StoredRef, export_docker_archive,
+    export_oci_archive, export_oci_dir, import,
 };
 
 /// A gzip layer holding `files`; returns (compressed bytes, diff_id).
@@ -40,8 +40,21 @@ fn layer(files: &[(&str, &[u8])]) -> (Vec<u8>, Digest) {
     (gz.finish().unwrap(), diff_id)
 }
 
+/// The image an import gave (these tests import single images).
+fn image_of(item: StoredRef) -> StoredImage {
+    match item {
+        StoredRef::Image(img) => img,
+        StoredRef::Index(x) => panic!("imported an index: {x:?}"),
+    }
+}
+
 fn config(diff_ids: Vec<Digest>, labels: &[(&str, &str)]) -> ImageConfig {
-    let (os, architecture, variant) = host_platform();
+    let Platform {
+        os,
+        architecture,
+        variant,
+        ..
+    } = Platform::host();
     ImageConfig {
         created: Some(rfc3339(0)),
         author: None,
@@ -135,7 +148,7 @@ fn oci_dir_export_is_read_by_skopeo_and_umoci() {
     let store = Store::open(&dir.path().join("store")).unwrap();
     let img = make_image(&store, "example.com/app:latest", b"hello from kiln\n");
     let layout = dir.path().join("layout");
-    export_oci_dir(&store, &img, &layout, Some("v1")).unwrap();
+    export_oci_dir(&store, &img.clone().into(), &layout, Some("v1")).unwrap();
     let out = json(&skopeo_inspect(
         &format!("oci:{}:v1", layout.display()),
         &[],
@@ -155,7 +168,7 @@ fn oci_dir_export_is_read_by_skopeo_and_umoci() {
 
     // Exporting a second image into the same layout keeps the first.
     let other = make_image(&store, "example.com/other:1", b"other\n");
-    export_oci_dir(&store, &other, &layout, Some("v2")).unwrap();
+    export_oci_dir(&store, &other.clone().into(), &layout, Some("v2")).unwrap();
     skopeo_inspect(&format!("oci:{}:v1", layout.display()), &[]);
     skopeo_inspect(&format!("oci:{}:v2", layout.display()), &[]);
 }
@@ -167,8 +180,8 @@ fn oci_archive_export_is_deterministic_and_read_by_skopeo() {
     let img = make_image(&store, "example.com/app:latest", b"x");
     let a = dir.path().join("a.tar");
     let b = dir.path().join("b.tar");
-    export_oci_archive(&store, &img, &a, Some("latest")).unwrap();
-    export_oci_archive(&store, &img, &b, Some("latest")).unwrap();
+    export_oci_archive(&store, &img.clone().into(), &a, Some("latest")).unwrap();
+    export_oci_archive(&store, &img.clone().into(), &b, Some("latest")).unwrap();
     assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
     let out = json(&skopeo_inspect(
         &format!("oci-archive:{}", a.display()),
@@ -222,13 +235,13 @@ fn import_round_trips_all_three_formats() {
     let layout = dir.path().join("layout");
     let oci_tar = dir.path().join("oci.tar");
     let docker_tar = dir.path().join("docker.tar");
-    export_oci_dir(&src, &img, &layout, Some("1")).unwrap();
-    export_oci_archive(&src, &img, &oci_tar, None).unwrap();
+    export_oci_dir(&src, &img.clone().into(), &layout, Some("1")).unwrap();
+    export_oci_archive(&src, &img.clone().into(), &oci_tar, None).unwrap();
     export_docker_archive(&src, &img, &docker_tar, &["example.com/app:1".into()]).unwrap();
 
     for (i, path) in [&layout, &oci_tar].into_iter().enumerate() {
         let dst = Store::open(&dir.path().join(format!("dst{i}"))).unwrap();
-        let got = import(&dst, path).unwrap();
+        let got = image_of(import(&dst, path).unwrap());
         assert_eq!(
             got.manifest.digest,
             img.manifest.digest,
@@ -240,7 +253,7 @@ fn import_round_trips_all_three_formats() {
         assert!(dst.fsck().unwrap().is_clean());
     }
     let dst = Store::open(&dir.path().join("dst-docker")).unwrap();
-    let got = import(&dst, &docker_tar).unwrap();
+    let got = image_of(import(&dst, &docker_tar).unwrap());
     assert_eq!(got.config_digest, img.config_digest);
     assert_eq!(got.manifest_body.layers.len(), 1);
 
@@ -254,12 +267,12 @@ fn import_round_trips_all_three_formats() {
             legacy.display()
         )));
     let dst = Store::open(&dir.path().join("dst-legacy")).unwrap();
-    let got = import(&dst, &legacy).unwrap();
+    let got = image_of(import(&dst, &legacy).unwrap());
     assert_eq!(got.config_digest, img.config_digest);
     dst.tag("legacy:1", &got.manifest).unwrap();
     // ... and it exports again into something umoci unpacks.
     let again = dir.path().join("again");
-    export_oci_dir(&dst, &got, &again, Some("x")).unwrap();
+    export_oci_dir(&dst, &got.clone().into(), &again, Some("x")).unwrap();
     let bundle = dir.path().join("bundle");
     run(Command::new("umoci")
         .arg("unpack")
@@ -278,7 +291,7 @@ fn import_rejects_tampered_archive() {
     let src = Store::open(&dir.path().join("src")).unwrap();
     let img = make_image(&src, "a:1", b"payload-original");
     let file = dir.path().join("oci.tar");
-    export_oci_archive(&src, &img, &file, None).unwrap();
+    export_oci_archive(&src, &img.clone().into(), &file, None).unwrap();
     // Flip a byte inside the layer blob (gzip data) without changing sizes.
     let mut bytes = fs::read(&file).unwrap();
     let layer_hex = img.manifest_body.layers[0].digest.hex();
@@ -658,7 +671,7 @@ fn oci_dir_export_links_fresh_blobs_and_verifies_those_of_earlier_sessions() {
     let img = make_image(&store, "a:1", b"exported by the session that wrote it");
     let layer = img.manifest_body.layers[0].digest;
     // Same session, same filesystem: the very blob, hard-linked.
-    export_oci_dir(&store, &img, &dir.path().join("out1"), None).unwrap();
+    export_oci_dir(&store, &img.clone().into(), &dir.path().join("out1"), None).unwrap();
     let out = dir.path().join("out1/blobs/sha256").join(layer.hex());
     assert_eq!(Digest::of(&fs::read(&out).unwrap()), layer);
     let stored = root.join("blobs/sha256").join(layer.hex());
@@ -677,7 +690,7 @@ fn oci_dir_export_links_fresh_blobs_and_verifies_those_of_earlier_sessions() {
         None::<&str>,
     )
     .unwrap();
-    let result = export_oci_dir(&store, &img, &other.join("out"), None);
+    let result = export_oci_dir(&store, &img.clone().into(), &other.join("out"), None);
     let copied = fs::read(other.join("out/blobs/sha256").join(layer.hex()));
     nix::mount::umount(&other).unwrap();
     result.unwrap();
@@ -690,7 +703,8 @@ fn oci_dir_export_links_fresh_blobs_and_verifies_those_of_earlier_sessions() {
     bytes[last] ^= 0xff;
     fs::write(&blob, &bytes).unwrap();
     let store = Store::open(&root).unwrap();
-    let err = export_oci_dir(&store, &img, &dir.path().join("out2"), None).unwrap_err();
+    let err =
+        export_oci_dir(&store, &img.clone().into(), &dir.path().join("out2"), None).unwrap_err();
     assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
     assert!(
         !dir.path()

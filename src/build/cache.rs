@@ -1,17 +1,20 @@
 //! The build cache and layer commits: looking a step up, explaining a miss, recording a
 //! result, turning an upper dir into a stored layer, and the unpacked layer dirs of base images.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use super::record::CacheState;
 use super::{BuildError, Engine, Layer, StageState, StepPlace, scratch_state};
 use crate::digest::Digest;
-use crate::image::{self, Descriptor};
+use crate::image::{self, Descriptor, Platform};
 use crate::plan::{self, StepInputs};
 use crate::registry::reference::Reference;
 use crate::snapshot::{self, Compression, LayerOptions};
+use crate::store::StoredRef;
 
 /// What a cache record holds.
 #[derive(Serialize, Deserialize)]
@@ -27,24 +30,88 @@ struct StepRecord {
     inputs: StepInputs,
 }
 
+/// The cache keys of the steps being built now, by the builds of all platforms, and those
+/// built so far: a step whose key another thread is building waits for it and then finds it
+/// in the cache, so the same work (a stage pinned to `$BUILDPLATFORM`) is done once.
+#[derive(Default)]
+pub(super) struct StepClaims {
+    state: Mutex<Claims>,
+    released: Condvar,
+}
+
+#[derive(Default)]
+struct Claims {
+    running: BTreeSet<Digest>,
+    built: BTreeSet<Digest>,
+}
+
+/// A step being built under a cache key; the key is released when this is dropped, once the
+/// step is committed or has failed.
+pub(super) struct StepClaim<'a> {
+    claims: &'a StepClaims,
+    key: Digest,
+}
+
+impl StepClaims {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims `key`, first waiting while another thread builds a step under it.
+    fn claim(&self, key: Digest) -> StepClaim<'_> {
+        let mut state = self.lock();
+        while state.running.contains(&key) {
+            state = self.released.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.running.insert(key);
+        StepClaim { claims: self, key }
+    }
+
+    /// Whether this build made the step of `key` (so `--no-cache` may use it).
+    fn built_here(&self, key: &Digest) -> bool {
+        self.lock().built.contains(key)
+    }
+
+    fn record_built(&self, key: Digest) {
+        self.lock().built.insert(key);
+    }
+}
+
+impl Drop for StepClaim<'_> {
+    fn drop(&mut self) {
+        self.claims.lock().running.remove(&self.key);
+        self.claims.released.notify_all();
+    }
+}
+
 impl Engine<'_> {
-    fn identity(&self, stage: usize, n: usize) -> Digest {
-        Digest::of(format!("kiln-step-identity\n{}\n{stage}\n{n}", self.recipe_id).as_bytes())
+    /// The identity of a step across builds (its recipe, stage, position and platform), under
+    /// which its latest inputs are kept to explain the next miss.
+    fn identity(&self, stage: usize, n: usize, platform: &Platform) -> Digest {
+        Digest::of(
+            format!(
+                "kiln-step-identity\n{}\n{stage}\n{n}\n{platform}",
+                self.recipe_id
+            )
+            .as_bytes(),
+        )
     }
 
     /// Looks the step up in the cache and returns the record of a hit. On a miss, tells the
     /// progress view why, comparing with the step's last build (whose `parent` is the key the
     /// step was built on).
+    #[allow(clippy::too_many_arguments)]
     fn try_cache(
         &self,
         stage: usize,
         n: usize,
+        platform: &Platform,
         parent: &Digest,
         key: &Digest,
         inputs: &StepInputs,
         step: &crate::progress::Step<'_>,
     ) -> Result<Option<CacheRecord>, BuildError> {
-        let cached = match self.opts.no_cache {
+        let cached = match self.opts.no_cache && !self.steps.built_here(key) {
             true => None,
             false => self.store.cache_get(key)?,
         };
@@ -70,7 +137,7 @@ impl Engine<'_> {
         } else {
             // A step never built before needs no explanation.
             self.store
-                .cache_get(&self.identity(stage, n))?
+                .cache_get(&self.identity(stage, n, platform))?
                 .and_then(|v| serde_json::from_value::<StepRecord>(v).ok())
                 .map(|old| plan::explain_difference(&old.inputs, inputs, old.parent != *parent))
         };
@@ -100,10 +167,12 @@ impl Engine<'_> {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn remember(
         &self,
         stage: usize,
         n: usize,
+        platform: &Platform,
         parent: Digest,
         key: &Digest,
         inputs: StepInputs,
@@ -111,9 +180,11 @@ impl Engine<'_> {
     ) -> Result<(), BuildError> {
         let value = serde_json::to_value(record).unwrap_or_default();
         self.store.cache_put(key, &value)?;
+        self.steps.record_built(*key);
         if n != usize::MAX {
             let id = serde_json::to_value(StepRecord { parent, inputs }).unwrap_or_default();
-            self.store.cache_put(&self.identity(stage, n), &id)?;
+            self.store
+                .cache_put(&self.identity(stage, n, platform), &id)?;
         }
         Ok(())
     }
@@ -136,8 +207,10 @@ impl Engine<'_> {
     }
 
     /// On a cache hit applies the cached result and closes the step (None); on a miss returns
-    /// the step to run, having said why it is rebuilt. `parent` is what the key was derived
-    /// from (the stage's key, or a constant for a linked layer).
+    /// the step to run, having said why it is rebuilt, with the claim on its key to hold until
+    /// it is committed. While another platform's build runs a step of the same key, this one
+    /// waits for it and takes its result. `parent` is what the key was derived from (the
+    /// stage's key, or a constant for a linked layer).
     pub(super) fn reuse_cached<'p>(
         &self,
         st: &mut StageState,
@@ -145,16 +218,27 @@ impl Engine<'_> {
         (parent, key): (Digest, Digest),
         inputs: &StepInputs,
         step: crate::progress::Step<'p>,
-    ) -> Result<Option<crate::progress::Step<'p>>, BuildError> {
-        match self.try_cache(place.stage, place.n, &parent, &key, inputs, &step)? {
+    ) -> Result<Option<(crate::progress::Step<'p>, StepClaim<'_>)>, BuildError> {
+        let claim = self.steps.claim(key);
+        let platform = st.platform.clone();
+        match self.try_cache(
+            place.stage,
+            place.n,
+            &platform,
+            &parent,
+            &key,
+            inputs,
+            &step,
+        )? {
             Some(record) => {
+                drop(claim);
                 let layer = record.layer.as_ref().map(|l| l.desc.digest);
                 self.apply_record(st, key, record, place.created_by.clone())?;
                 self.record_step(place, CacheState::Hit, layer);
                 step.cached();
                 Ok(None)
             }
-            None => Ok(Some(step)),
+            None => Ok(Some((step, claim))),
         }
     }
 
@@ -191,7 +275,16 @@ impl Engine<'_> {
             layer,
             created: Some(self.now_created()),
         };
-        self.remember(place.stage, place.n, parent, &key, inputs, &record)?;
+        let platform = st.platform.clone();
+        self.remember(
+            place.stage,
+            place.n,
+            &platform,
+            parent,
+            &key,
+            inputs,
+            &record,
+        )?;
         let layer = record.layer.as_ref().map(|l| l.desc.digest);
         self.record_step(&place, CacheState::Miss, layer);
         self.apply_record(st, key, record, place.created_by)?;
@@ -299,28 +392,70 @@ impl Engine<'_> {
         Ok(self.store.install_layer_dir(&layer.diff_id, &dir)?)
     }
 
+    /// The state of a stage starting from image `reference` for `platform`: from the store
+    /// (an index there gives the image for the platform), else pulled.
     pub(super) fn load_image(
         &self,
         reference: &str,
         line: usize,
+        platform: &Platform,
     ) -> Result<StageState, BuildError> {
         let normalized =
             Reference::parse(reference).map_err(|e| self.invalid(line, e.to_string()))?;
+        let name = normalized.to_string();
         let image = {
             let _one_pull_at_a_time = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
-            match self.store.resolve(&normalized.to_string())? {
+            let (image, available) = match self.store.lookup(&name)? {
+                None => (None, Vec::new()),
+                Some(StoredRef::Image(img)) => {
+                    let own = img.config.platform();
+                    match own.is_unknown() || own.matches(platform) {
+                        true => (Some(img), Vec::new()),
+                        false => (None, vec![own.normalized()]),
+                    }
+                }
+                Some(StoredRef::Index(x)) => {
+                    (self.store.image_in(&x, platform)?, x.body.platforms())
+                }
+            };
+            match image {
                 Some(image) => image,
                 None => {
-                    self.progress.info(&format!("pulling {normalized}"));
-                    crate::distribution::pull(self.store, &self.client, &normalized).map_err(
-                        |source| BuildError::Pull {
-                            reference: normalized.to_string(),
-                            source: Box::new(source),
-                        },
-                    )?
+                    self.progress
+                        .info(&format!("pulling {normalized} for {platform}"));
+                    let pulled = crate::distribution::pull(
+                        self.store,
+                        &self.client,
+                        &normalized,
+                        Some(platform),
+                    );
+                    match pulled {
+                        Ok((_, image)) => image,
+                        Err(source) if !available.is_empty() => {
+                            let have: Vec<String> =
+                                available.iter().map(Platform::to_string).collect();
+                            return Err(BuildError::Image(format!(
+                                "{normalized} has no {platform} image in the store (it has {}), and pulling one failed: {source}",
+                                have.join(", ")
+                            )));
+                        }
+                        Err(source) => {
+                            return Err(BuildError::Pull {
+                                reference: normalized.to_string(),
+                                source: Box::new(source),
+                            });
+                        }
+                    }
                 }
             }
         };
+        let own = image.config.platform();
+        if !own.is_unknown() && !own.matches(platform) {
+            return Err(BuildError::Image(format!(
+                "{normalized} is an image for {}, not {platform}",
+                own.normalized()
+            )));
+        }
         self.recorder
             .image(normalized.to_string(), image.manifest.digest);
         let diff_ids = &image.config.rootfs.diff_ids;
@@ -329,10 +464,10 @@ impl Engine<'_> {
                 "{normalized}: manifest and config disagree on the number of layers"
             )));
         }
-        let mut st = scratch_state();
+        let mut st = scratch_state(platform);
         st.config = image.config.clone();
         st.created = image.config.created.clone();
-        st.key = Digest::of(format!("image\n{}", image.manifest.digest).as_bytes());
+        st.key = Digest::of(format!("image\n{}\n{platform}", image.manifest.digest).as_bytes());
         for (desc, diff_id) in image.manifest_body.layers.iter().zip(diff_ids) {
             // The result is an OCI manifest: a Docker base's layers get OCI media types.
             let mut desc = desc.clone();

@@ -1,11 +1,13 @@
-//! The executor: walks the plan, runs independent stages in parallel, and for each step asks
-//! the cache, the sandbox (RUN), the copier (COPY/ADD), the snapshotter and the store, while
-//! emitting progress events. Knows nothing of parsing or of the terminal.
+//! The executor: walks the plan of each target platform, runs independent stages (of every
+//! platform) in parallel, and for each step asks the cache, the sandbox (RUN), the copier
+//! (COPY/ADD), the snapshotter and the store, while emitting progress events; several
+//! platforms end in an image index. Knows nothing of parsing or of the terminal.
 
 mod cache;
 pub mod config;
 pub mod copy;
 mod listed;
+mod once;
 pub mod record;
 mod run;
 mod steps;
@@ -18,17 +20,18 @@ use std::sync::{Arc, Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::image::{self, Descriptor, History, ImageConfig};
+use crate::image::{self, Descriptor, History, ImageConfig, Index, Platform};
 use crate::plan::{self, Base, Plan, PlanError, PlanOptions};
 use crate::progress::{Progress, StepLabel};
 use crate::recipe::instructions::{Instruction, InstructionKind, Recipe};
 use crate::recipe::shell::Lexer;
 use crate::recipe::{self, RecipeError};
 use crate::registry::{Client, ClientOptions};
-use crate::sandbox::{NetworkMode, Sandbox};
+use crate::sandbox::binfmt::EmulationError;
+use crate::sandbox::{self, NetworkMode, Sandbox};
 use crate::snapshot::Compression;
 use crate::sources::context::{Context, ContextError};
-use crate::store::{Store, StoreError, StoredImage};
+use crate::store::{Store, StoreError, StoredImage, StoredRef};
 
 use self::config::{
     DEFAULT_PATH, command_argv, default_shell, expose_ports, set_env, set_healthcheck,
@@ -68,6 +71,8 @@ pub struct BuildOptions {
     pub tls_verify: bool,
     /// `--compression` of the layers this build writes.
     pub compression: Compression,
+    /// `--platform`: the platforms to build for (none: the host's). Several give an index.
+    pub platforms: Vec<Platform>,
 }
 
 /// Why a build stopped.
@@ -147,6 +152,20 @@ pub enum BuildError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A stage runs binaries of a platform the host can neither run nor emulate.
+    #[error("{file}:{line}: stage {stage} is for {platform}: {source}")]
+    Emulation {
+        /// The recipe file.
+        file: String,
+        /// The stage's FROM line.
+        line: usize,
+        /// The stage's name or index.
+        stage: String,
+        /// The stage's platform.
+        platform: String,
+        /// What is missing.
+        source: Box<EmulationError>,
+    },
     /// The build was interrupted.
     #[error("build interrupted")]
     Cancelled,
@@ -186,17 +205,24 @@ struct StageState {
     args: BTreeMap<String, String>,
     shell: Vec<String>,
     cmd_set: bool,
+    /// The platform the stage is for.
+    platform: Platform,
 }
 
-/// A finished build: the final image, stored (not yet tagged), and what the build read and did.
+/// A finished build and what the build read and did.
 pub struct Built {
-    /// The final image.
-    pub image: StoredImage,
+    /// The final image, stored (not yet tagged): one image, or for several platforms an index
+    /// of one image per platform, in the order given.
+    pub image: StoredRef,
     /// The images, context files and downloads it read, and its steps.
     pub record: BuildRecord,
 }
 
 /// Builds the recipe.
+///
+/// The platforms are built at once, their stages sharing the job slots; a step whose cache key
+/// another platform's build is computing (the same work: a stage pinned to `$BUILDPLATFORM`)
+/// waits for that result instead of running again.
 pub fn build(
     store: &Store,
     opts: &BuildOptions,
@@ -205,31 +231,27 @@ pub fn build(
 ) -> Result<Built, BuildError> {
     let file = opts.recipe_path.display().to_string();
     let recipe = recipe::parse(&opts.recipe_bytes, &file)?;
-    let (os, arch, variant) = image::host_platform();
-    let platform = match &variant {
-        Some(v) => format!("{os}/{arch}/{v}"),
-        None => format!("{os}/{arch}"),
+    let build_platform = Platform::host();
+    let targets = match opts.platforms.is_empty() {
+        true => vec![build_platform.clone()],
+        false => opts.platforms.clone(),
     };
-    let mut platform_args = BTreeMap::new();
-    for prefix in ["TARGET", "BUILD"] {
-        platform_args.insert(format!("{prefix}PLATFORM"), platform.clone());
-        platform_args.insert(format!("{prefix}OS"), os.clone());
-        platform_args.insert(format!("{prefix}ARCH"), arch.clone());
-        platform_args.insert(
-            format!("{prefix}VARIANT"),
-            variant.clone().unwrap_or_default(),
-        );
-    }
-    let plan_opts = PlanOptions {
-        build_args: opts.build_args.clone(),
-        target: opts.target.clone(),
-        platform_args,
-    };
-    let plan = plan::plan(&recipe, &plan_opts).map_err(|source| BuildError::Plan {
-        file: file.clone(),
-        source,
-    })?;
-    for unused in &plan.unused_build_args {
+    let plans = targets
+        .iter()
+        .map(|target| {
+            let plan_opts = PlanOptions {
+                build_args: opts.build_args.clone(),
+                target: opts.target.clone(),
+                target_platform: target.clone(),
+                platform_args: plan::platform_args(target, &build_platform),
+            };
+            plan::plan(&recipe, &plan_opts).map_err(|source| BuildError::Plan {
+                file: file.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for unused in &plans[0].unused_build_args {
         progress.warn(&format!(
             "build arg {unused:?} was given but no stage declares it"
         ));
@@ -238,11 +260,10 @@ pub fn build(
     let context =
         Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
     let _lease = store.build_lease()?;
-    let engine = Engine {
+    let shared = Shared {
         store,
         opts,
         recipe: &recipe,
-        plan: &plan,
         progress,
         cancel,
         sandbox: Sandbox::new(opts.helper_exe.clone()),
@@ -259,12 +280,38 @@ pub fn build(
             .display()
             .to_string(),
         recorder: Recorder::default(),
+        steps: cache::StepClaims::default(),
+        context_digests: once::OnceMap::default(),
     };
-    let state = engine.run_stages()?;
-    let image = engine.finish(state)?;
+    let several = targets.len() > 1;
+    let engines: Vec<Engine> = targets
+        .into_iter()
+        .zip(plans)
+        .map(|(target, plan)| Engine {
+            shared: &shared,
+            label: several.then(|| target.to_string()),
+            plan,
+        })
+        .collect();
+    for engine in &engines {
+        engine.check_emulation()?;
+    }
+    let states = run_stages(&engines)?;
+    let mut images = engines
+        .iter()
+        .zip(states)
+        .map(|(engine, state)| engine.finish(state))
+        .collect::<Result<Vec<_>, _>>()?;
+    let image = if images.len() == 1 {
+        StoredRef::Image(images.remove(0))
+    } else {
+        let index = Index::of(images.iter().map(StoredImage::index_entry).collect());
+        StoredRef::Index(store.put_index(&index)?)
+    };
+    drop(engines);
     Ok(Built {
         image,
-        record: engine.recorder.finish(),
+        record: shared.recorder.finish(),
     })
 }
 
@@ -276,11 +323,12 @@ struct StepPlace {
     created_by: String,
 }
 
-struct Engine<'a> {
+/// What the builds of all platforms share: the store, the options, the context, the sandbox,
+/// and what keeps them from doing one piece of work twice.
+struct Shared<'a> {
     store: &'a Store,
     opts: &'a BuildOptions,
     recipe: &'a Recipe,
-    plan: &'a Plan,
     progress: &'a Progress,
     cancel: &'a AtomicBool,
     sandbox: Sandbox,
@@ -292,6 +340,28 @@ struct Engine<'a> {
     file: String,
     recipe_id: String,
     recorder: Recorder,
+    /// The cache keys of the steps running now, so a step another platform's build is running
+    /// is waited for, not run twice.
+    steps: cache::StepClaims,
+    /// COPY sources' content digests by context path, computed once for all platforms.
+    context_digests: once::OnceMap<String, BTreeMap<String, String>>,
+}
+
+/// The build for one target platform: its plan (the platform ARGs differ, and so may FROM
+/// lines that use them), over what all platforms share (reached through `Deref`, so a field
+/// of [`Shared`] reads as one of the engine).
+struct Engine<'a> {
+    shared: &'a Shared<'a>,
+    plan: Plan,
+    /// The platform shown before each stage's name when several are built.
+    label: Option<String>,
+}
+
+impl<'a> std::ops::Deref for Engine<'a> {
+    type Target = Shared<'a>;
+    fn deref(&self) -> &Shared<'a> {
+        self.shared
+    }
 }
 
 /// Shared scheduler state for parallel stages.
@@ -300,26 +370,33 @@ struct Schedule {
     changed: Condvar,
 }
 
-/// What the stage threads share: finished stages, the first error, free job slots.
+/// What the stage threads share: finished stages (by engine, then stage), the first error,
+/// free job slots.
 struct Slots {
-    done: Vec<Option<Arc<StageState>>>,
+    done: Vec<Vec<Option<Arc<StageState>>>>,
     error: Option<BuildError>,
     free: usize,
 }
 
-impl Engine<'_> {
-    fn run_stages(&self) -> Result<StageState, BuildError> {
-        let n = self.recipe.stages.len();
-        let schedule = Schedule {
-            state: Mutex::new(Slots {
-                done: vec![None; n],
-                error: None,
-                free: self.opts.jobs.max(1),
-            }),
-            changed: Condvar::new(),
-        };
-        std::thread::scope(|scope| {
-            for &index in &self.plan.needed {
+/// Builds the target stage of every engine: each stage of each platform on a thread of its
+/// own, started when the stages it needs are done and a job slot is free; the first error
+/// cancels the rest.
+fn run_stages(engines: &[Engine]) -> Result<Vec<StageState>, BuildError> {
+    let Some(first) = engines.first() else {
+        return Ok(Vec::new());
+    };
+    let n = first.recipe.stages.len();
+    let schedule = Schedule {
+        state: Mutex::new(Slots {
+            done: vec![vec![None; n]; engines.len()],
+            error: None,
+            free: first.opts.jobs.max(1),
+        }),
+        changed: Condvar::new(),
+    };
+    std::thread::scope(|scope| {
+        for (e, engine) in engines.iter().enumerate() {
+            for &index in &engine.plan.needed {
                 let schedule = &schedule;
                 scope.spawn(move || {
                     let deps = {
@@ -328,10 +405,10 @@ impl Engine<'_> {
                             if guard.error.is_some() {
                                 return;
                             }
-                            let deps = &self.plan.stages[index].deps;
+                            let deps = &engine.plan.stages[index].deps;
                             let ready: Option<BTreeMap<usize, Arc<StageState>>> = deps
                                 .iter()
-                                .map(|d| guard.done[*d].clone().map(|s| (*d, s)))
+                                .map(|d| guard.done[e][*d].clone().map(|s| (*d, s)))
                                 .collect();
                             if let (Some(ready), true) = (ready, guard.free > 0) {
                                 guard.free -= 1;
@@ -343,42 +420,80 @@ impl Engine<'_> {
                                 .unwrap_or_else(|e| e.into_inner());
                         }
                     };
-                    let result = self.build_stage(index, &deps);
+                    let result = engine.build_stage(index, &deps);
                     let mut guard = schedule.state.lock().unwrap_or_else(|e| e.into_inner());
                     guard.free += 1;
                     match result {
-                        Ok(state) => guard.done[index] = Some(Arc::new(state)),
-                        Err(e) => {
+                        Ok(state) => guard.done[e][index] = Some(Arc::new(state)),
+                        Err(err) => {
                             if guard.error.is_none() {
-                                guard.error = Some(e);
+                                guard.error = Some(err);
                             }
-                            self.cancel.store(true, Ordering::SeqCst);
+                            engine.cancel.store(true, Ordering::SeqCst);
                         }
                     }
                     schedule.changed.notify_all();
                 });
             }
-        });
-        let Slots {
-            mut done, error, ..
-        } = schedule
-            .state
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = error {
-            return Err(e);
         }
-        done[self.plan.target]
-            .take()
-            .map(|s| Arc::try_unwrap(s).unwrap_or_else(|a| (*a).clone()))
-            .ok_or(BuildError::Cancelled)
+    });
+    let Slots { done, error, .. } = schedule
+        .state
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = error {
+        return Err(e);
+    }
+    engines
+        .iter()
+        .zip(done)
+        .map(|(engine, mut done)| {
+            done[engine.plan.target]
+                .take()
+                .map(|s| Arc::try_unwrap(s).unwrap_or_else(|a| (*a).clone()))
+                .ok_or(BuildError::Cancelled)
+        })
+        .collect()
+}
+
+impl Engine<'_> {
+    /// Fails unless every needed stage with RUN steps is for a platform the host runs, natively
+    /// or through a registered emulator; checked before anything is built.
+    fn check_emulation(&self) -> Result<(), BuildError> {
+        for &index in &self.plan.needed {
+            let stage = &self.recipe.stages[index];
+            let platform = &self.plan.stages[index].platform;
+            let runs = stage
+                .instructions
+                .iter()
+                .any(|i| matches!(i.kind, InstructionKind::Run(_)));
+            if !runs {
+                continue;
+            }
+            sandbox::binfmt::emulator_for(&platform.architecture).map_err(|source| {
+                BuildError::Emulation {
+                    file: self.file.clone(),
+                    line: stage.span.start_line,
+                    stage: self.stage_name(index),
+                    platform: platform.to_string(),
+                    source: Box::new(source),
+                }
+            })?;
+        }
+        Ok(())
     }
 
+    /// The stage's name (or `stage-N`), after its platform when several are built
+    /// (`linux/arm64 build`, as BuildKit shows it).
     fn stage_name(&self, index: usize) -> String {
-        self.recipe.stages[index]
+        let name = self.recipe.stages[index]
             .name
             .clone()
-            .unwrap_or_else(|| format!("stage-{index}"))
+            .unwrap_or_else(|| format!("stage-{index}"));
+        match &self.label {
+            Some(platform) => format!("{platform} {name}"),
+            None => name,
+        }
     }
 
     fn build_stage(
@@ -399,10 +514,11 @@ impl Engine<'_> {
         let step = self
             .progress
             .step(label(1, &stage.text, stage.span.start_line));
+        let platform = &self.plan.stages[index].platform;
         let mut st = match &self.plan.stages[index].base {
-            Base::Scratch => scratch_state(),
+            Base::Scratch => scratch_state(platform),
             Base::Stage(i) => (*deps[i]).clone(),
-            Base::Image(r) => self.load_image(r, stage.span.start_line)?,
+            Base::Image(r) => self.load_image(r, stage.span.start_line, platform)?,
         };
         step.ready();
         st.args = BTreeMap::new();
@@ -634,22 +750,24 @@ impl Engine<'_> {
     }
 }
 
-fn scratch_state() -> StageState {
-    let (os, arch, variant) = image::host_platform();
+/// The state of a stage `FROM scratch` for `platform`; its cache key names the platform, as
+/// every key derived from it then does.
+fn scratch_state(platform: &Platform) -> StageState {
     let mut config = ImageConfig {
-        os,
-        architecture: arch,
-        variant,
+        os: platform.os.clone(),
+        architecture: platform.architecture.clone(),
+        variant: platform.variant.clone(),
         ..Default::default()
     };
     config.config.env.push(format!("PATH={DEFAULT_PATH}"));
     StageState {
         config,
         layers: Vec::new(),
-        key: Digest::of(b"scratch"),
+        key: Digest::of(format!("scratch\n{platform}").as_bytes()),
         created: None,
         args: BTreeMap::new(),
         shell: default_shell(),
         cmd_set: false,
+        platform: platform.clone(),
     }
 }

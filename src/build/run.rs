@@ -187,7 +187,9 @@ impl Engine<'_> {
             line,
             created_by,
         };
-        let Some(mut step) = self.reuse_cached(st, &place, (parent, key), &inputs, step)? else {
+        let Some((mut step, _claim)) =
+            self.reuse_cached(st, &place, (parent, key), &inputs, step)?
+        else {
             return Ok(());
         };
         let (scratch, upper, work) = self.scratch_upper(stage, line)?;
@@ -442,7 +444,9 @@ impl Engine<'_> {
                     Some(raw_from) => {
                         let state = match self.plan.stages[stage].copy_sources.get(raw_from) {
                             Some(CopySource::Stage(i)) => (*deps[i]).clone(),
-                            Some(CopySource::Image(r)) => self.load_image(r, line)?,
+                            Some(CopySource::Image(r)) => {
+                                self.load_image(r, line, &self.plan.stages[stage].platform)?
+                            }
                             None => {
                                 return Err(
                                     self.invalid(line, format!("unresolved from={raw_from}"))

@@ -81,7 +81,9 @@ impl Engine<'_> {
             .map(|raw| self.plan.stages[stage].copy_sources.get(raw).cloned());
         let from_state: Option<StageState> = match from {
             Some(Some(CopySource::Stage(i))) => Some((*deps[&i]).clone()),
-            Some(Some(CopySource::Image(r))) => Some(self.load_image(&r, line)?),
+            Some(Some(CopySource::Image(r))) => {
+                Some(self.load_image(&r, line, &self.plan.stages[stage].platform)?)
+            }
             Some(None) => return Err(self.invalid(line, "unresolved --from")),
             None => None,
         };
@@ -141,10 +143,13 @@ impl Engine<'_> {
                         .resolve(&word)
                         .map_err(self.context_err(line))?;
                     for rel in rels {
-                        let entries = self.context.walk(&rel).map_err(self.context_err(line))?;
+                        // Hashed once for all the platforms built (and all the steps).
                         let digests = self
-                            .context
-                            .digest_entries(&entries)
+                            .context_digests
+                            .get_or_try(&rel, || {
+                                let entries = self.context.walk(&rel)?;
+                                self.context.digest_entries(&entries)
+                            })
                             .map_err(self.context_err(line))?;
                         self.recorder.context_files(&digests);
                         inputs.files.extend(digests);
@@ -404,7 +409,8 @@ impl Engine<'_> {
                 (none, own, chain)
             }
         };
-        let Some(step) = self.reuse_cached(st, &ctx, (parent, key), &inputs, step)? else {
+        let Some((step, _claim)) = self.reuse_cached(st, &ctx, (parent, key), &inputs, step)?
+        else {
             st.key = chain;
             return Ok(());
         };

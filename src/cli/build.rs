@@ -12,9 +12,10 @@ use kiln::distribution;
 use kiln::progress::{Mode, Progress};
 use kiln::registry::reference::Reference;
 use kiln::sandbox::NetworkMode;
-use kiln::store::{self, Store};
+use kiln::store::{self, Store, StoredRef};
 
 use super::output::{Output, parse_output};
+use super::platform::{PlatformArgs, platform_names};
 use super::release;
 use super::{
     CANCEL, Failure, client, emit, key_value, normalize, read_file, secrets, transfer_failure,
@@ -103,6 +104,8 @@ pub(crate) struct BuildArgs {
     compression: CompressionArg,
     #[command(flatten)]
     release: release::ReleaseArgs,
+    #[command(flatten)]
+    platform: PlatformArgs,
 }
 
 pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure> {
@@ -188,6 +191,19 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
     if args.push {
         outputs.push(Output::Registry);
     }
+    let platforms = args.platform.platforms()?;
+    if platforms.len() > 1
+        && outputs
+            .iter()
+            .any(|o| matches!(o, Output::DockerArchive(_)))
+    {
+        return Err(Failure::usage(format!(
+            "--output type=docker-archive holds one platform's image, and this build is for {}: {}",
+            platforms.len(),
+            platform_names(&platforms)
+        ))
+        .hint("use type=oci-archive (or type=oci) for an image index, or build one --platform at a time"));
+    }
     if outputs.iter().any(|o| matches!(o, Output::Registry)) && args.tags.is_empty() {
         return Err(Failure::usage(
             "pushing needs at least one -t NAME[:TAG] to push to",
@@ -232,6 +248,7 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
         },
         helper_exe: std::env::current_exe()
             .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
+        platforms,
     };
     if let Some(spec) = &rebuild {
         release::enter_rebuild(spec, &mut opts)?;
@@ -246,10 +263,16 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
         } else {
             1
         };
-        let hint = matches!(e, BuildError::Pull { .. }).then(|| {
-            "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline"
-                .to_string()
-        });
+        let hint = match e {
+            BuildError::Pull { .. } => Some(
+                "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline",
+            ),
+            BuildError::Emulation { .. } => Some(
+                "install Debian's qemu-user-static (apt-get install qemu-user-static): it registers static QEMU handlers with the F flag (through systemd-binfmt or update-binfmts); see /proc/sys/fs/binfmt_misc",
+            ),
+            _ => None,
+        }
+        .map(str::to_string);
         Failure {
             error: Box::new(e),
             code,
@@ -257,11 +280,17 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
         }
     })?;
     if args.release.verify {
-        release::run_verify(&store, &built, &opts, &progress, std::time::Instant::now())?;
+        release::run_verify(
+            &store,
+            (&built.image, &built.record),
+            &opts,
+            &progress,
+            std::time::Instant::now(),
+        )?;
     }
     let image = built.image;
     for t in &tags {
-        store.tag(t, &image.manifest)?;
+        store.tag(t, image.descriptor())?;
     }
     // An OCI layout names its image by tag (`latest`), as BuildKit's exporter does.
     let ref_name = tags
@@ -274,7 +303,14 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
         match o {
             Output::OciDir(d) => store::export_oci_dir(&store, &image, d, first_tag)?,
             Output::OciArchive(f) => store::export_oci_archive(&store, &image, f, first_tag)?,
-            Output::DockerArchive(f) => store::export_docker_archive(&store, &image, f, &tags)?,
+            Output::DockerArchive(f) => match &image {
+                StoredRef::Image(img) => store::export_docker_archive(&store, img, f, &tags)?,
+                StoredRef::Index(_) => {
+                    return Err(Failure::usage(
+                        "--output type=docker-archive cannot hold an image index",
+                    ));
+                }
+            },
             Output::Registry => {
                 for t in &tags {
                     let r = Reference::parse(t).map_err(Failure::input)?;
@@ -285,7 +321,7 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
             }
         }
     }
-    let id = image.config_digest.to_string();
+    let id = image.id().to_string();
     if let Some(path) = &args.iidfile {
         std::fs::write(path, &id)
             .map_err(|e| Failure::usage(format!("writing {}: {e}", path.display())))?;

@@ -5,6 +5,7 @@
 mod build;
 mod diff;
 mod output;
+mod platform;
 mod release;
 mod secrets;
 
@@ -15,13 +16,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kiln::distribution;
+use kiln::image::Platform;
 use kiln::recipe;
 use kiln::registry::reference::Reference;
 use kiln::registry::{Client, ClientOptions};
-use kiln::store::{self, Store, StoredImage};
+use kiln::store::{self, Store, StoredImage, StoredRef};
 
 use self::build::{BuildArgs, build_cmd};
 use self::diff::{DiffArgs, diff_cmd};
+use self::platform::{parse_platform, platform_names};
 
 /// Writes a line of data to stdout; a closed pipe (`kiln parse F | head`) ends output quietly
 /// instead of panicking as `println!` would.
@@ -83,10 +86,13 @@ enum Command {
     },
     /// List local images.
     Images,
-    /// Print an image's config (JSON).
+    /// Print an image's config (JSON); for an image index, the index, listing its platforms.
     Inspect {
         /// Name or image id.
         image: String,
+        /// From an index, print this platform's image config instead.
+        #[arg(long, value_name = "P")]
+        platform: Option<String>,
     },
     /// Give an image another name.
     Tag {
@@ -107,6 +113,9 @@ enum Command {
     Pull {
         /// The image reference.
         reference: String,
+        /// From an image index, pull this platform's image (default: the host's).
+        #[arg(long, value_name = "P")]
+        platform: Option<String>,
         /// Verify TLS (false also allows plain http).
         #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
         tls_verify: bool,
@@ -241,9 +250,9 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Import { path, name } => {
             let name = normalize(&name)?;
             let store = Store::open(&root)?;
-            let image = store::import(&store, &path).map_err(Failure::input)?;
-            store.tag(&name, &image.manifest)?;
-            emit!("{}", image.config_digest);
+            let item = store::import(&store, &path).map_err(Failure::input)?;
+            store.tag(&name, item.descriptor())?;
+            emit!("{}", item.id());
             Ok(())
         }
         Command::Images => {
@@ -251,26 +260,39 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(
                 out,
-                "{:<50} {:<15} {:<19} {:>10}  CREATED",
-                "NAME", "TAG", "IMAGE ID", "SIZE"
+                "{:<50} {:<15} {:<19} {:>10}  {:<20}  PLATFORMS",
+                "NAME", "TAG", "IMAGE ID", "SIZE", "CREATED"
             );
             for img in store.images()? {
                 let _ = writeln!(
                     out,
-                    "{:<50} {:<15} {:<19} {:>10}  {}",
+                    "{:<50} {:<15} {:<19} {:>10}  {:<20}  {}",
                     img.name,
                     img.tag,
                     &img.id.hex()[..12],
                     human_size(img.size),
-                    img.created.as_deref().unwrap_or("-")
+                    img.created.as_deref().unwrap_or("-"),
+                    match img.platforms.is_empty() {
+                        true => "-".to_string(),
+                        false => platform_names(&img.platforms).replace(", ", ","),
+                    }
                 );
             }
             Ok(())
         }
-        Command::Inspect { image } => {
+        Command::Inspect { image, platform } => {
             let store = Store::open(&root)?;
-            let img = find_image(&store, &image)?;
-            let value = serde_json::to_value(&img.config).map_err(Failure::runtime)?;
+            let item = find(&store, &image)?;
+            let value = match (&item, platform) {
+                (StoredRef::Image(img), None) => serde_json::to_value(&img.config),
+                (StoredRef::Index(x), None) => serde_json::to_value(&x.body),
+                (_, Some(p)) => {
+                    let wanted = parse_platform(&p)?;
+                    let img = image_for(&store, &item, &wanted, &image)?;
+                    serde_json::to_value(&img.config)
+                }
+            }
+            .map_err(Failure::runtime)?;
             emit!(
                 "{}",
                 serde_json::to_string_pretty(&value).map_err(Failure::runtime)?
@@ -279,8 +301,8 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         }
         Command::Tag { src, dst } => {
             let store = Store::open(&root)?;
-            let img = find_image(&store, &src)?;
-            store.tag(&normalize(&dst)?, &img.manifest)?;
+            let item = find(&store, &src)?;
+            store.tag(&normalize(&dst)?, item.descriptor())?;
             Ok(())
         }
         Command::Rmi { images } => {
@@ -296,14 +318,31 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         }
         Command::Pull {
             reference,
+            platform,
             tls_verify,
         } => {
             let r = Reference::parse(&reference).map_err(Failure::input)?;
+            let platform = platform.as_deref().map(parse_platform).transpose()?;
             let store = Store::open(&root)?;
-            let img =
-                distribution::pull(&store, &client(tls_verify), &r).map_err(transfer_failure)?;
-            eprintln!("pulled {r}");
-            emit!("{}", img.config_digest);
+            let (item, img) =
+                distribution::pull(&store, &client(tls_verify), &r, platform.as_ref())
+                    .map_err(transfer_failure)?;
+            let own = img.config.platform().normalized();
+            if let Some(wanted) = &platform
+                && !own.is_unknown()
+                && !own.matches(wanted)
+            {
+                return Err(Failure::runtime(PlatformMismatch {
+                    reference: r.to_string(),
+                    wanted: wanted.clone(),
+                    found: own,
+                }));
+            }
+            match &item {
+                StoredRef::Index(_) => eprintln!("pulled {r} (an image index; its {own} image)"),
+                StoredRef::Image(_) => eprintln!("pulled {r}"),
+            }
+            emit!("{}", item.id());
             Ok(())
         }
         Command::Push {
@@ -312,10 +351,10 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             tls_verify,
         } => {
             let store = Store::open(&root)?;
-            let img = find_image(&store, &image)?;
+            let item = find(&store, &image)?;
             let target =
                 Reference::parse(reference.as_deref().unwrap_or(&image)).map_err(Failure::input)?;
-            let digest = distribution::push(&store, &client(tls_verify), &img, &target)
+            let digest = distribution::push(&store, &client(tls_verify), &item, &target)
                 .map_err(transfer_failure)?;
             eprintln!("pushed {target}");
             emit!("{digest}");
@@ -361,22 +400,51 @@ pub(crate) fn transfer_failure(e: distribution::TransferError) -> Failure {
 #[error("image {0:?} not found in the local store")]
 struct NotFound(String);
 
+#[derive(Debug, thiserror::Error)]
+#[error("{reference} is an image for {found}, not {wanted}")]
+struct PlatformMismatch {
+    reference: String,
+    wanted: Platform,
+    found: Platform,
+}
+
 pub(crate) fn normalize(name: &str) -> Result<String, Failure> {
     Reference::parse(name)
         .map(|r| r.to_string())
         .map_err(Failure::input)
 }
 
-fn find_image(store: &Store, name: &str) -> Result<StoredImage, Failure> {
-    if let Some(img) = store.resolve(name)? {
-        return Ok(img);
+/// The image or index a name or id stands for in the store.
+fn find(store: &Store, name: &str) -> Result<StoredRef, Failure> {
+    if let Some(item) = store.lookup(name)? {
+        return Ok(item);
     }
     if let Ok(r) = Reference::parse(name)
-        && let Some(img) = store.resolve(&r.to_string())?
+        && let Some(item) = store.lookup(&r.to_string())?
     {
-        return Ok(img);
+        return Ok(item);
     }
     Err(Failure::input(NotFound(name.to_string())).hint("`kiln images` lists what the store holds"))
+}
+
+/// The image of `item` for `wanted`: the index's entry, or the image itself if it is for it.
+fn image_for(
+    store: &Store,
+    item: &StoredRef,
+    wanted: &Platform,
+    name: &str,
+) -> Result<StoredImage, Failure> {
+    let (found, available) = match item {
+        StoredRef::Image(img) => {
+            let own = img.config.platform().normalized();
+            (own.matches(wanted).then(|| img.clone()), vec![own])
+        }
+        StoredRef::Index(x) => (store.image_in(x, wanted)?, x.body.platforms()),
+    };
+    found.ok_or_else(|| {
+        Failure::input(NotFound(format!("{name} for {wanted}")))
+            .hint(format!("it has {}", platform_names(&available)))
+    })
 }
 
 fn human_size(bytes: u64) -> String {

@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kiln::build::{BuildOptions, Built};
+use kiln::build::BuildOptions;
+use kiln::build::record::BuildRecord;
 use kiln::progress::Progress;
-use kiln::store::Store;
+use kiln::store::{Store, StoredRef};
 use kiln::verify::{self, Outcome, RebuildSpec};
 
 use super::Failure;
@@ -44,7 +45,7 @@ pub(crate) fn enter_rebuild(spec: &RebuildSpec, opts: &mut BuildOptions) -> Resu
 /// Builds again and compares; Ok when both builds gave the same image.
 pub(crate) fn run_verify(
     store: &Store,
-    built: &Built,
+    (first, record): (&StoredRef, &BuildRecord),
     opts: &BuildOptions,
     progress: &Progress,
     finished: Instant,
@@ -56,7 +57,7 @@ pub(crate) fn run_verify(
     }
     let command_line = std::env::args_os().skip(1).collect();
     let info = |s: &str| progress.info(s);
-    let outcome = verify::verify(store, built, opts, command_line, finished, &info)
+    let outcome = verify::verify(store, first, record, opts, command_line, finished, &info)
         .map_err(Failure::runtime)?;
     match outcome {
         Outcome::Reproducible(digest) => {

@@ -231,6 +231,16 @@ pub struct Report {
     /// The layers that differ, bottom first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<LayerChange>,
+    /// The platform of the images compared, when they come from image indexes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// Differences of the indexes: the platforms they list, and the attestations (in-toto
+    /// statements, field by field) attached to the images.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub index: Vec<FieldChange>,
+    /// The comparisons of the indexes' further platforms.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub more: Vec<Report>,
 }
 
 /// Compares two images; `scratch` is an empty directory for spooled file versions.
@@ -277,6 +287,9 @@ pub fn compare(a: &Side<'_>, b: &Side<'_>, scratch: &Path) -> Result<Report, Dif
         manifest,
         config,
         layers,
+        platform: None,
+        index: Vec::new(),
+        more: Vec::new(),
     })
 }
 
@@ -859,6 +872,29 @@ impl Report {
     /// The first difference as one sentence: the manifest or config field, else the layer, path
     /// and field; None when the images are identical.
     pub fn first_difference(&self) -> Option<String> {
+        let image = self.first_image_difference();
+        let image = match (&self.platform, image) {
+            (Some(p), Some(d)) => Some(format!("{p}: {d}")),
+            (_, d) => d,
+        };
+        image
+            .or_else(|| self.more.iter().find_map(Report::first_difference))
+            .or_else(|| {
+                let f = self.index.first()?;
+                Some(format!("{}: {} -> {}", f.field, show(&f.a), show(&f.b)))
+            })
+    }
+
+    /// Sets `identical` from what was found.
+    pub fn settle(&mut self) {
+        self.identical = self.manifest.is_empty()
+            && self.config.is_empty()
+            && self.layers.is_empty()
+            && self.index.is_empty()
+            && self.more.iter().all(|r| r.identical);
+    }
+
+    fn first_image_difference(&self) -> Option<String> {
         if let Some(f) = self.manifest.first() {
             return Some(format!(
                 "manifest {}: {} -> {}",
@@ -915,6 +951,9 @@ impl Report {
         if self.identical {
             line("identical".into());
         }
+        if let Some(p) = &self.platform {
+            line(format!("platform {p}:"));
+        }
         for (title, fields) in [("manifest", &self.manifest), ("config", &self.config)] {
             if fields.is_empty() {
                 continue;
@@ -961,6 +1000,19 @@ impl Report {
                     "  entry order differs at position {}: {} -> {}",
                     o.position, o.a, o.b
                 ));
+            }
+        }
+        for r in &self.more {
+            let text = r.to_text();
+            // Without the --- / +++ header the first report printed.
+            for l in text.lines().skip(2).filter(|l| *l != "identical") {
+                line(l.to_string());
+            }
+        }
+        if !self.index.is_empty() {
+            line("index:".into());
+            for f in &self.index {
+                line(format!("  {}: {} -> {}", f.field, show(&f.a), show(&f.b)));
             }
         }
         out

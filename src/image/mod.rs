@@ -1,12 +1,15 @@
 //! OCI image formats, pure: the image config, manifest, index and descriptor types kiln reads
 //! and writes, their canonical JSON encoding (sorted keys, compact) so digests are reproducible,
-//! RFC 3339 timestamps, the host platform, and the `docker save` archive format.
+//! RFC 3339 timestamps, platforms, and the `docker save` archive format.
 //!
 //! Reading accepts both OCI and Docker v2 schema 2 media types; writing always produces OCI.
 //! Empty optional fields are omitted the way docker and buildah omit them.
 
 pub mod diff;
 pub mod docker_archive;
+mod platform;
+
+pub use platform::{ARCHITECTURES, Platform, PlatformError};
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -289,47 +292,6 @@ pub struct History {
     pub empty_layer: bool,
 }
 
-/// The platform an image or index entry is for.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Platform {
-    /// CPU architecture (`amd64`, `arm64`, ...).
-    pub architecture: String,
-    /// Operating system (`linux`).
-    pub os: String,
-    /// CPU variant (`v8`, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
-    /// OS version (Windows).
-    #[serde(
-        rename = "os.version",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub os_version: Option<String>,
-    /// OS features (Windows).
-    #[serde(
-        rename = "os.features",
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
-    pub os_features: Vec<String>,
-}
-
-impl Platform {
-    /// Whether this platform can run on the host: same OS and architecture, and the same
-    /// variant when both name one.
-    pub fn matches_host(&self) -> bool {
-        let (os, arch, variant) = host_platform();
-        self.os == os
-            && self.architecture == arch
-            && match (&self.variant, &variant) {
-                (Some(a), Some(b)) => a == b,
-                _ => true,
-            }
-    }
-}
-
 /// A content descriptor: what a blob is, its digest and size.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -363,6 +325,17 @@ impl Descriptor {
             annotations: BTreeMap::new(),
             platform: None,
         }
+    }
+
+    /// The same descriptor, saying which platform it is for (as index entries do).
+    pub fn with_platform(mut self, platform: Platform) -> Self {
+        self.platform = Some(platform);
+        self
+    }
+
+    /// Whether it describes an image index (or Docker manifest list).
+    pub fn is_index(&self) -> bool {
+        is_index_type(&self.media_type)
     }
 
     /// The `org.opencontainers.image.ref.name` annotation, if any.
@@ -506,6 +479,31 @@ impl Serialize for Index {
 }
 
 impl Index {
+    /// An index of `manifests`, in this order, with no annotations.
+    pub fn of(manifests: Vec<Descriptor>) -> Index {
+        Index {
+            manifests,
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    /// The platforms of the entries that are images, in order: entries without a platform
+    /// and BuildKit's `unknown/unknown` (attestation) entries are not images for one.
+    pub fn platforms(&self) -> Vec<Platform> {
+        self.manifests
+            .iter()
+            .filter_map(|d| d.platform.clone())
+            .filter(|p| !p.is_unknown())
+            .collect()
+    }
+
+    /// The first entry for `wanted` (see [`Platform::matches`]).
+    pub fn select(&self, wanted: &Platform) -> Option<&Descriptor> {
+        self.manifests
+            .iter()
+            .find(|d| d.platform.as_ref().is_some_and(|p| p.matches(wanted)))
+    }
+
     /// Parses an OCI image index or a Docker manifest list.
     pub fn from_json(bytes: &[u8]) -> Result<Index, ImageError> {
         const WHAT: &str = "index";
@@ -615,25 +613,6 @@ pub fn rfc3339(unix_secs: i64) -> String {
     )
 }
 
-/// The host platform in OCI terms: (os, architecture, variant), e.g.
-/// `("linux", "amd64", None)` or `("linux", "arm64", Some("v8"))`.
-pub fn host_platform() -> (String, String, Option<String>) {
-    let (arch, variant) = match std::env::consts::ARCH {
-        "x86_64" => ("amd64", None),
-        "x86" => ("386", None),
-        "aarch64" => ("arm64", Some("v8")),
-        "arm" => ("arm", Some("v7")),
-        "powerpc64" if cfg!(target_endian = "little") => ("ppc64le", None),
-        "mips64" if cfg!(target_endian = "little") => ("mips64le", None),
-        other => (other, None),
-    };
-    (
-        std::env::consts::OS.to_string(),
-        arch.to_string(),
-        variant.map(str::to_string),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -710,16 +689,42 @@ mod tests {
         };
         let ib = canonical_json(&idx);
         assert_eq!(Index::from_json(&ib).unwrap(), idx);
+        assert!(idx.platforms().is_empty());
         assert!(Manifest::from_json(&ib).is_err());
         assert!(Manifest::from_json(b"{\"schemaVersion\":1}").is_err());
         assert!(Manifest::from_json(b"not json").is_err());
     }
 
     #[test]
-    fn host_platform_is_named_the_oci_way() {
-        let (os, arch, _) = host_platform();
-        assert_eq!(os, "linux");
-        assert_ne!(arch, "x86_64");
-        assert_ne!(arch, "aarch64");
+    fn index_entries_by_platform() {
+        let entry = |p: Option<&str>, data: &[u8]| {
+            let d = Descriptor::new(MEDIA_MANIFEST, Digest::of(data), 1);
+            match p {
+                Some(p) => d.with_platform(Platform::parse(p).unwrap()),
+                None => d,
+            }
+        };
+        let mut attestation = entry(None, b"att");
+        attestation.platform = Some(Platform::new("unknown", "unknown", None));
+        let idx = Index::of(vec![
+            entry(Some("linux/amd64"), b"amd64"),
+            entry(Some("linux/arm64"), b"arm64"),
+            attestation,
+            entry(None, b"none"),
+        ]);
+        let names: Vec<String> = idx.platforms().iter().map(|p| p.to_string()).collect();
+        assert_eq!(names, ["linux/amd64", "linux/arm64"]);
+        let arm = Platform::new("linux", "arm64", Some("v8"));
+        assert_eq!(idx.select(&arm).unwrap().digest, Digest::of(b"arm64"));
+        assert!(
+            idx.select(&Platform::parse("linux/s390x").unwrap())
+                .is_none()
+        );
+        let bytes = canonical_json(&idx);
+        assert!(
+            String::from_utf8_lossy(&bytes)
+                .contains(r#""platform":{"architecture":"arm64","os":"linux"}"#)
+        );
+        assert_eq!(Index::from_json(&bytes).unwrap(), idx);
     }
 }

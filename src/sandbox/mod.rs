@@ -10,6 +10,7 @@
 //! kills everything it left behind. Reports (mount stubs created, errors, the exit status) come
 //! back as JSON lines on a status pipe.
 
+pub mod binfmt;
 mod init;
 mod parent;
 mod sys;

@@ -1,5 +1,5 @@
-//! Writing a stored image out: an OCI image layout directory, the same layout as one tar (OCI
-//! archive), or a docker-archive (`docker load` format, which kiln writes as an OCI layout plus
+//! Writing a stored image or index out: an OCI image layout directory, the same layout as one
+//! tar (OCI archive), or (an image only) a docker-archive (`docker load` format, which kiln writes as an OCI layout plus
 //! `manifest.json`, the way Docker 25+ does). Archives are deterministic: entries sorted,
 //! mtime 0, uid/gid 0, fixed modes.
 
@@ -11,7 +11,7 @@ use std::path::Path;
 use tempfile::NamedTempFile;
 
 use super::writeback::WritebackFile;
-use super::{IoContext, Store, StoreError, StoredImage};
+use super::{IoContext, Store, StoreError, StoredImage, StoredRef};
 use crate::digest::{Digest, HashingReader};
 use crate::image::docker_archive::{self, ArchiveEntry};
 use crate::image::{ANNOTATION_REF_NAME, Descriptor, Index, canonical_json};
@@ -22,24 +22,14 @@ pub(super) const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 /// The annotation containerd and Docker use for the full image name in an archive's index.
 const ANNOTATION_IMAGE_NAME: &str = "io.containerd.image.name";
 
-/// Every blob an image needs: manifest, config, layers.
-fn image_blobs(img: &StoredImage) -> BTreeSet<Digest> {
-    let mut out = BTreeSet::from([img.manifest.digest, img.manifest_body.config.digest]);
-    out.extend(img.manifest_body.layers.iter().map(|l| l.digest));
-    out
-}
-
-/// The index entry for `img`: its manifest descriptor, platform and `annotations`.
-fn index_entry(img: &StoredImage, annotations: BTreeMap<String, String>) -> Descriptor {
-    let mut d = Descriptor::new(
-        &img.manifest.media_type,
-        img.manifest.digest,
-        img.manifest.size,
-    );
+/// The layout index entry for `item`: its descriptor (an image's with its platform) and
+/// `annotations`.
+fn index_entry(item: &StoredRef, annotations: BTreeMap<String, String>) -> Descriptor {
+    let mut d = match item {
+        StoredRef::Image(img) => img.index_entry(),
+        StoredRef::Index(x) => x.desc.clone(),
+    };
     d.annotations = annotations;
-    if !img.config.os.is_empty() && !img.config.architecture.is_empty() {
-        d.platform = Some(img.config.platform());
-    }
     d
 }
 
@@ -98,18 +88,19 @@ fn copy_blob(store: &Store, d: &Digest, blobs_dir: &Path) -> Result<(), StoreErr
     super::persist_synced(tmp, &dest)
 }
 
-/// Writes `img` into the OCI image layout directory `dest` (created if missing; an existing
-/// layout is added to). With `ref_name`, the index entry is named by it (replacing an entry of
-/// that name).
+/// Writes `item` (an image, or an index with all its images) into the OCI image layout
+/// directory `dest` (created if missing; an existing layout is added to). With `ref_name`, the
+/// index entry is named by it (replacing an entry of that name).
 pub fn export_oci_dir(
     store: &Store,
-    img: &StoredImage,
+    item: &StoredRef,
     dest: &Path,
     ref_name: Option<&str>,
 ) -> Result<(), StoreError> {
+    let blobs = store.blobs_of(item)?;
     let blobs_dir = dest.join("blobs/sha256");
     fs::create_dir_all(&blobs_dir).at(&blobs_dir)?;
-    for d in image_blobs(img) {
+    for d in blobs {
         copy_blob(store, &d, &blobs_dir)?;
     }
     write_file_atomic(&dest.join("oci-layout"), OCI_LAYOUT)?;
@@ -127,32 +118,33 @@ pub fn export_oci_dir(
             });
         }
     };
+    let digest = item.descriptor().digest;
     idx.manifests.retain(|d| match (ref_name, d.ref_name()) {
         (Some(want), Some(have)) => want != have,
-        (None, None) => d.digest != img.manifest.digest,
+        (None, None) => d.digest != digest,
         _ => true,
     });
     idx.manifests
-        .push(index_entry(img, ref_annotations(ref_name)));
+        .push(index_entry(item, ref_annotations(ref_name)));
     write_file_atomic(&index_path, &canonical_json(&idx))
 }
 
-/// Writes `img` as an OCI archive: a tar of an OCI image layout holding just this image.
+/// Writes `item` as an OCI archive: a tar of an OCI image layout holding just this image (or
+/// index, with all its images).
 pub fn export_oci_archive(
     store: &Store,
-    img: &StoredImage,
+    item: &StoredRef,
     dest: &Path,
     ref_name: Option<&str>,
 ) -> Result<(), StoreError> {
-    let idx = Index {
-        manifests: vec![index_entry(img, ref_annotations(ref_name))],
-        annotations: BTreeMap::new(),
-    };
-    write_tar(store, dest, layout_files(img, &idx))
+    let idx = Index::of(vec![index_entry(item, ref_annotations(ref_name))]);
+    let files = layout_files(store.blobs_of(item)?, &idx);
+    write_tar(store, dest, files)
 }
 
 /// Writes `img` as a docker-archive loadable by `docker load`, tagged with `tags`
-/// (`name:tag`; `docker.io/library/` prefixes are shortened the way Docker writes them).
+/// (`name:tag`; `docker.io/library/` prefixes are shortened the way Docker writes them). The
+/// format holds images of one platform each, so an index cannot be written as one.
 pub fn export_docker_archive(
     store: &Store,
     img: &StoredImage,
@@ -171,17 +163,17 @@ pub fn export_docker_archive(
             if tag != "<none>" {
                 ann.insert(ANNOTATION_REF_NAME.to_string(), tag);
             }
-            index_entry(img, ann)
+            let mut d = img.index_entry();
+            d.annotations = ann;
+            d
         })
         .collect();
     if manifests.is_empty() {
-        manifests.push(index_entry(img, BTreeMap::new()));
+        manifests.push(img.index_entry());
     }
-    let idx = Index {
-        manifests,
-        annotations: BTreeMap::new(),
-    };
-    let mut files = layout_files(img, &idx);
+    let idx = Index::of(manifests);
+    let item = StoredRef::Image(img.clone());
+    let mut files = layout_files(store.blobs_of(&item)?, &idx);
     let blob_path = |d: &Digest| format!("blobs/sha256/{}", d.hex());
     let entry = ArchiveEntry {
         config: blob_path(&img.manifest_body.config.digest),
@@ -206,9 +198,9 @@ enum Source {
     Blob(Digest),
 }
 
-/// The files of an OCI layout holding `img`, with `idx` as its index.
-fn layout_files(img: &StoredImage, idx: &Index) -> BTreeMap<String, Source> {
-    let mut files: BTreeMap<String, Source> = image_blobs(img)
+/// The files of an OCI layout holding `blobs`, with `idx` as its index.
+fn layout_files(blobs: BTreeSet<Digest>, idx: &Index) -> BTreeMap<String, Source> {
+    let mut files: BTreeMap<String, Source> = blobs
         .into_iter()
         .map(|d| (format!("blobs/sha256/{}", d.hex()), Source::Blob(d)))
         .collect();

@@ -1,8 +1,8 @@
 //! Loading images into the store from an OCI layout directory, an OCI archive or a
 //! docker-archive (detected from the content; archives may be gzip-compressed).
 //!
-//! Every blob is verified against its digest before it is stored; imported manifests and
-//! configs are stored byte for byte, so digests survive the round trip. A docker-archive has no
+//! Every blob is verified against its digest before it is stored; imported indexes, manifests
+//! and configs are stored byte for byte, so digests survive the round trip. A docker-archive has no
 //! manifest, so kiln writes an OCI one over the archive's config and layer files as they are.
 
 use std::collections::HashMap;
@@ -12,21 +12,22 @@ use std::path::{Component, Path, PathBuf};
 
 use flate2::read::GzDecoder;
 
-use super::{IoContext, Store, StoreError, StoredImage, pick_platform, read_limited};
+use super::{IoContext, Store, StoreError, StoredImage, StoredIndex, StoredRef, read_limited};
 use crate::digest::{Digest, HashingReader};
 use crate::image::docker_archive::{self, ArchiveEntry};
 use crate::image::{
     Descriptor, ImageConfig, Index, MEDIA_LAYER_GZIP, MEDIA_LAYER_TAR, MEDIA_LAYER_ZSTD,
-    MEDIA_MANIFEST, Manifest, is_index_type, is_manifest_type,
+    MEDIA_MANIFEST, Manifest, Platform, is_index_type, is_manifest_type,
 };
 
 /// The largest JSON document (index, manifest, config, manifest.json) read into memory.
 const JSON_LIMIT: u64 = 64 << 20;
 
 /// Imports the image at `path` (an OCI layout directory, an OCI archive or a docker-archive)
-/// into `store` and records it untagged; returns it. A layout or archive holding several
-/// images must have exactly one for the host platform.
-pub fn import(store: &Store, path: &Path) -> Result<StoredImage, StoreError> {
+/// into `store` and records it untagged; returns it. A layout or archive naming several images
+/// must have exactly one for the host platform; an image index is imported whole (every
+/// manifest it lists must be there).
+pub fn import(store: &Store, path: &Path) -> Result<StoredRef, StoreError> {
     let _lease = store.build_lease()?;
     let meta = fs::metadata(path).at(path)?;
     if meta.is_dir() {
@@ -43,64 +44,102 @@ fn invalid(path: &Path, reason: impl Into<String>) -> StoreError {
     }
 }
 
-/// Chooses the image descriptor among an index's entries.
+/// Chooses the image among the entries of a layout's `index.json`: the only one, else the one
+/// for the host platform.
 fn choose(entries: &[Descriptor], path: &Path) -> Result<Descriptor, StoreError> {
-    pick_platform(entries).ok_or_else(|| {
-        let names: Vec<String> = entries
-            .iter()
-            .map(|d| {
-                d.ref_name()
-                    .map_or_else(|| d.digest.to_string(), str::to_string)
-            })
-            .collect();
-        invalid(
-            path,
-            format!(
-                "holds {} images and none or several for the host platform: {}",
-                entries.len(),
-                names.join(", ")
-            ),
-        )
-    })
+    if let [only] = entries {
+        return Ok(only.clone());
+    }
+    let host = Platform::host();
+    let mut for_host = entries
+        .iter()
+        .filter(|d| d.platform.as_ref().is_some_and(|p| p.matches(&host)));
+    match (for_host.next(), for_host.next()) {
+        (Some(d), None) => Ok(d.clone()),
+        _ => {
+            let names: Vec<String> = entries
+                .iter()
+                .map(|d| {
+                    d.ref_name()
+                        .map_or_else(|| d.digest.to_string(), str::to_string)
+                })
+                .collect();
+            Err(invalid(
+                path,
+                format!(
+                    "holds {} images and none or several for the host platform {host}: {}",
+                    entries.len(),
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
 }
 
-/// Follows index entries down to one image manifest, using `fetch` to read blobs; returns the
-/// manifest's descriptor (with its real media type), bytes and parsed body.
-fn resolve_manifest(
-    mut desc: Descriptor,
+/// Where an import reads blobs from.
+trait Source {
+    /// A (small) blob's bytes, verified against its digest.
+    fn read(&self, d: &Digest) -> Result<Vec<u8>, StoreError>;
+    /// Makes sure a (large) blob is in the store.
+    fn store_blob(&self, d: &Digest) -> Result<(), StoreError>;
+}
+
+/// Imports the manifest or index `desc` names, and everything below it, from `source`;
+/// `path` is for messages. Stores manifests and indexes byte for byte; records nothing.
+fn import_tree(
+    store: &Store,
+    source: &dyn Source,
+    desc: &Descriptor,
     path: &Path,
-    mut fetch: impl FnMut(&Digest) -> Result<Vec<u8>, StoreError>,
-) -> Result<(Descriptor, Vec<u8>, Manifest), StoreError> {
-    for _ in 0..4 {
-        let bytes = fetch(&desc.digest)?;
-        let media_type = if desc.media_type.is_empty() {
-            Manifest::declared_media_type(&bytes).unwrap_or_else(|| MEDIA_MANIFEST.to_string())
-        } else {
-            desc.media_type.clone()
-        };
-        if is_index_type(&media_type) {
-            let idx = Index::from_json(&bytes).map_err(|source| StoreError::Format {
-                what: format!("{}: index {}", path.display(), desc.digest),
-                source,
-            })?;
-            desc = choose(&idx.manifests, path)?;
-            continue;
-        }
-        if !is_manifest_type(&media_type) {
-            return Err(invalid(
-                path,
-                format!("{} has unsupported media type {media_type:?}", desc.digest),
-            ));
-        }
-        let manifest = Manifest::from_json(&bytes).map_err(|source| StoreError::Format {
-            what: format!("{}: manifest {}", path.display(), desc.digest),
+    depth: usize,
+) -> Result<StoredRef, StoreError> {
+    if depth > 4 {
+        return Err(invalid(path, "indexes nested too deeply"));
+    }
+    let bytes = source.read(&desc.digest)?;
+    let media_type = if desc.media_type.is_empty() {
+        Manifest::declared_media_type(&bytes).unwrap_or_else(|| MEDIA_MANIFEST.to_string())
+    } else {
+        desc.media_type.clone()
+    };
+    let stored_desc = Descriptor::new(&media_type, desc.digest, bytes.len() as u64);
+    if is_index_type(&media_type) {
+        let body = Index::from_json(&bytes).map_err(|source| StoreError::Format {
+            what: format!("{}: index {}", path.display(), desc.digest),
             source,
         })?;
-        let mut d = Descriptor::new(&media_type, desc.digest, bytes.len() as u64);
-        d.platform = desc.platform;
-        return Ok((d, bytes, manifest));
+        for child in &body.manifests {
+            import_tree(store, source, child, path, depth + 1)?;
+        }
+        store.put_blob(&bytes)?;
+        return Ok(StoredRef::Index(StoredIndex {
+            desc: stored_desc,
+            body,
+        }));
     }
-    Err(invalid(path, "indexes nested too deeply"))
+    if !is_manifest_type(&media_type) {
+        return Err(invalid(
+            path,
+            format!("{} has unsupported media type {media_type:?}", desc.digest),
+        ));
+    }
+    let manifest_body = Manifest::from_json(&bytes).map_err(|source| StoreError::Format {
+        what: format!("{}: manifest {}", path.display(), desc.digest),
+        source,
+    })?;
+    let config_bytes = source.read(&manifest_body.config.digest)?;
+    let config = parse_config(&config_bytes, &manifest_body.config.digest, path)?;
+    for l in &manifest_body.layers {
+        source.store_blob(&l.digest)?;
+    }
+    store.put_blob(&config_bytes)?;
+    store.put_blob(&bytes)?;
+    Ok(StoredRef::Image(StoredImage {
+        config_digest: manifest_body.config.digest,
+        manifest: stored_desc,
+        manifest_body,
+        config,
+    }))
 }
 
 /// Parses a config blob.
@@ -111,17 +150,21 @@ fn parse_config(bytes: &[u8], d: &Digest, path: &Path) -> Result<ImageConfig, St
     })
 }
 
-fn import_oci_dir(store: &Store, dir: &Path) -> Result<StoredImage, StoreError> {
-    let index_path = dir.join("index.json");
-    if !index_path.is_file() || !dir.join("oci-layout").is_file() {
-        return Err(invalid(
-            dir,
-            "not an OCI image layout (no index.json or oci-layout)",
-        ));
+/// An OCI image layout directory, read in place.
+struct LayoutDir<'a> {
+    store: &'a Store,
+    dir: &'a Path,
+}
+
+impl LayoutDir<'_> {
+    fn blob_file(&self, d: &Digest) -> PathBuf {
+        self.dir.join("blobs/sha256").join(d.hex())
     }
-    let blob_file = |d: &Digest| dir.join("blobs/sha256").join(d.hex());
-    let read_verified = |d: &Digest| -> Result<Vec<u8>, StoreError> {
-        let path = blob_file(d);
+}
+
+impl Source for LayoutDir<'_> {
+    fn read(&self, d: &Digest) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_file(d);
         let bytes = read_limited(File::open(&path).at(&path)?, JSON_LIMIT, &path)?;
         let actual = Digest::of(&bytes);
         if actual != *d {
@@ -132,7 +175,28 @@ fn import_oci_dir(store: &Store, dir: &Path) -> Result<StoredImage, StoreError> 
             });
         }
         Ok(bytes)
-    };
+    }
+
+    fn store_blob(&self, d: &Digest) -> Result<(), StoreError> {
+        if self.store.has_blob(d) {
+            return Ok(());
+        }
+        let path = self.blob_file(d);
+        let mut w = self.store.blob_writer()?;
+        io::copy(&mut File::open(&path).at(&path)?, &mut w).at(&path)?;
+        w.commit_expecting(d)?;
+        Ok(())
+    }
+}
+
+fn import_oci_dir(store: &Store, dir: &Path) -> Result<StoredRef, StoreError> {
+    let index_path = dir.join("index.json");
+    if !index_path.is_file() || !dir.join("oci-layout").is_file() {
+        return Err(invalid(
+            dir,
+            "not an OCI image layout (no index.json or oci-layout)",
+        ));
+    }
     let idx_bytes = read_limited(
         File::open(&index_path).at(&index_path)?,
         JSON_LIMIT,
@@ -143,37 +207,9 @@ fn import_oci_dir(store: &Store, dir: &Path) -> Result<StoredImage, StoreError> 
         source,
     })?;
     let top = choose(&idx.manifests, dir)?;
-    let (manifest, manifest_bytes, body) = resolve_manifest(top, dir, read_verified)?;
-    let config_bytes = read_verified(&body.config.digest)?;
-    let config = parse_config(&config_bytes, &body.config.digest, dir)?;
-    for l in &body.layers {
-        if store.has_blob(&l.digest) {
-            continue;
-        }
-        let path = blob_file(&l.digest);
-        let mut w = store.blob_writer()?;
-        io::copy(&mut File::open(&path).at(&path)?, &mut w).at(&path)?;
-        w.commit_expecting(&l.digest)?;
-    }
-    store.put_blob(&config_bytes)?;
-    store.put_blob(&manifest_bytes)?;
-    finish(store, manifest, body, config)
-}
-
-/// Records an imported image and returns it.
-fn finish(
-    store: &Store,
-    manifest: Descriptor,
-    manifest_body: Manifest,
-    config: ImageConfig,
-) -> Result<StoredImage, StoreError> {
-    store.record(&manifest)?;
-    Ok(StoredImage {
-        config_digest: manifest_body.config.digest,
-        manifest,
-        manifest_body,
-        config,
-    })
+    let item = import_tree(store, &LayoutDir { store, dir }, &top, dir, 0)?;
+    store.record(item.descriptor())?;
+    Ok(item)
 }
 
 /// A tar entry's path made relative and clean; `None` for paths that escape (`..`).
@@ -304,7 +340,27 @@ fn scan_archive(store: &Store, path: &Path) -> Result<Scan, StoreError> {
     Ok(scan)
 }
 
-fn import_archive(store: &Store, path: &Path) -> Result<StoredImage, StoreError> {
+/// The blobs of an OCI archive, stored while it was scanned.
+struct ScannedArchive<'a> {
+    store: &'a Store,
+    scan: &'a Scan,
+    path: &'a Path,
+}
+
+impl Source for ScannedArchive<'_> {
+    fn read(&self, d: &Digest) -> Result<Vec<u8>, StoreError> {
+        self.store_blob(d)?;
+        self.store.read_blob(d)
+    }
+
+    fn store_blob(&self, d: &Digest) -> Result<(), StoreError> {
+        self.scan
+            .file(&format!("blobs/sha256/{}", d.hex()), self.path)
+            .map(drop)
+    }
+}
+
+fn import_archive(store: &Store, path: &Path) -> Result<StoredRef, StoreError> {
     let scan = scan_archive(store, path)?;
     if let Some(idx_bytes) = scan.docs.get("index.json") {
         let idx = Index::from_json(idx_bytes).map_err(|source| StoreError::Format {
@@ -312,16 +368,14 @@ fn import_archive(store: &Store, path: &Path) -> Result<StoredImage, StoreError>
             source,
         })?;
         let top = choose(&idx.manifests, path)?;
-        let (manifest, _, body) = resolve_manifest(top, path, |d| {
-            scan.file(&format!("blobs/sha256/{}", d.hex()), path)?;
-            store.read_blob(d)
-        })?;
-        for d in std::iter::once(&body.config).chain(&body.layers) {
-            scan.file(&format!("blobs/sha256/{}", d.digest.hex()), path)?;
-        }
-        let config_bytes = store.read_blob(&body.config.digest)?;
-        let config = parse_config(&config_bytes, &body.config.digest, path)?;
-        return finish(store, manifest, body, config);
+        let source = ScannedArchive {
+            store,
+            scan: &scan,
+            path,
+        };
+        let item = import_tree(store, &source, &top, path, 0)?;
+        store.record(item.descriptor())?;
+        return Ok(item);
     }
     let Some(toc) = scan.docs.get(docker_archive::MANIFEST_FILE) else {
         return Err(invalid(
@@ -364,7 +418,9 @@ fn import_archive(store: &Store, path: &Path) -> Result<StoredImage, StoreError>
         let media_type = layer_media_type(store, &digest, diff_id, &path.join(layer_path))?;
         layers.push(Descriptor::new(media_type, digest, size));
     }
-    store.put_manifest(config_digest, config_size, config, layers)
+    store
+        .put_manifest(config_digest, config_size, config, layers)
+        .map(StoredRef::Image)
 }
 
 /// Checks a docker-archive layer against its diff_id and returns its media type: uncompressed

@@ -21,10 +21,12 @@
 
 mod export;
 mod import;
+mod indexes;
 mod writeback;
 
 pub use export::{export_docker_archive, export_oci_archive, export_oci_dir};
 pub use import::import;
+pub use indexes::{StoredIndex, StoredRef};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -40,7 +42,7 @@ use tempfile::NamedTempFile;
 use crate::digest::{BackgroundHashingWriter, Digest, HashingReader};
 use crate::image::{
     ANNOTATION_REF_NAME, Descriptor, ImageConfig, ImageError, Index, MEDIA_CONFIG, MEDIA_MANIFEST,
-    Manifest, canonical_json, is_index_type,
+    Manifest, Platform, canonical_json, is_index_type,
 };
 use writeback::WritebackFile;
 
@@ -241,14 +243,16 @@ pub struct ImageEntry {
     pub name: String,
     /// Tag, or `<none>`.
     pub tag: String,
-    /// The image id (config digest).
+    /// The image id: an image's config digest, an index's own digest.
     pub id: Digest,
-    /// The manifest digest.
+    /// The manifest (or index) digest.
     pub manifest: Digest,
-    /// Config plus layer blob sizes, in bytes.
+    /// Config plus layer blob sizes, in bytes (of every image of an index that is here).
     pub size: u64,
-    /// The config's `created`, if set.
+    /// The config's `created`, if set (for an index, the latest of its images').
     pub created: Option<String>,
+    /// The platforms it is for: an image's own, an index's entries.
+    pub platforms: Vec<Platform>,
 }
 
 /// What [`Store::prune`] removed.
@@ -739,16 +743,17 @@ impl Store {
         self.write_index(&idx)
     }
 
-    /// Finds an image by name, by image id (`sha256:<hex>`, `<hex>`, or a unique prefix of at
-    /// least 4 hex digits), or by full manifest digest.
-    pub fn resolve(&self, name_or_id: &str) -> Result<Option<StoredImage>, StoreError> {
+    /// Finds an image or index by name, by id (an image's config digest, an index's own
+    /// digest: `sha256:<hex>`, `<hex>`, or a unique prefix of at least 4 hex digits), or by
+    /// full manifest digest.
+    pub fn lookup(&self, name_or_id: &str) -> Result<Option<StoredRef>, StoreError> {
         let idx = self.read_index()?;
         if let Some(d) = idx
             .manifests
             .iter()
             .find(|d| d.ref_name() == Some(name_or_id))
         {
-            return self.load_image(d).map(Some);
+            return self.load(d).map(Some);
         }
         let prefix = name_or_id.strip_prefix("sha256:").unwrap_or(name_or_id);
         if prefix.len() < 4
@@ -759,15 +764,22 @@ impl Store {
         {
             return Ok(None);
         }
-        let mut found: BTreeMap<Digest, StoredImage> = BTreeMap::new();
+        let mut found: BTreeMap<Digest, StoredRef> = BTreeMap::new();
         let mut seen = BTreeSet::new();
         for d in &idx.manifests {
             if !seen.insert(d.digest) {
                 continue;
             }
-            let img = self.load_image(d)?;
-            if img.config_digest.hex().starts_with(prefix) || img.manifest.digest.hex() == prefix {
-                found.insert(img.config_digest, img);
+            let item = self.load(d)?;
+            let hit = match &item {
+                StoredRef::Image(img) => {
+                    img.config_digest.hex().starts_with(prefix)
+                        || img.manifest.digest.hex() == prefix
+                }
+                StoredRef::Index(x) => x.desc.digest.hex().starts_with(prefix),
+            };
+            if hit {
+                found.insert(item.id(), item);
             }
         }
         match found.len() {
@@ -780,23 +792,47 @@ impl Store {
         }
     }
 
-    /// Loads the image an `index.json` entry names; an index entry resolves to the manifest for
+    /// Finds an image like [`lookup`](Self::lookup); a name for an index gives its image for
     /// the host platform.
+    pub fn resolve(&self, name_or_id: &str) -> Result<Option<StoredImage>, StoreError> {
+        match self.lookup(name_or_id)? {
+            None => Ok(None),
+            Some(StoredRef::Image(img)) => Ok(Some(img)),
+            Some(StoredRef::Index(x)) => {
+                let host = Platform::host();
+                self.image_in(&x, &host)?
+                    .map(Some)
+                    .ok_or_else(|| StoreError::Invalid {
+                        path: PathBuf::from(name_or_id),
+                        reason: format!(
+                            "the index has no image for the host platform {host} (it has {})",
+                            platform_list(&x.body.platforms())
+                        ),
+                    })
+            }
+        }
+    }
+
+    /// Loads what an `index.json` entry names: an image, or an index.
+    fn load(&self, desc: &Descriptor) -> Result<StoredRef, StoreError> {
+        if !is_index_type(&desc.media_type) {
+            return self.load_image(desc).map(StoredRef::Image);
+        }
+        let bytes = self.read_blob(&desc.digest)?;
+        let body = Index::from_json(&bytes).map_err(|source| StoreError::Format {
+            what: format!("index {}", desc.digest),
+            source,
+        })?;
+        let mut desc = desc.clone();
+        desc.annotations.clear();
+        Ok(StoredRef::Index(StoredIndex { desc, body }))
+    }
+
+    /// Loads the image a manifest descriptor names.
     fn load_image(&self, desc: &Descriptor) -> Result<StoredImage, StoreError> {
         let mut desc = desc.clone();
         desc.annotations.clear();
-        if is_index_type(&desc.media_type) {
-            let bytes = self.read_blob(&desc.digest)?;
-            let idx = Index::from_json(&bytes).map_err(|source| StoreError::Format {
-                what: format!("index {}", desc.digest),
-                source,
-            })?;
-            desc = pick_platform(&idx.manifests).ok_or_else(|| StoreError::Invalid {
-                path: self.blob_path(&desc.digest),
-                reason: "index has no manifest for the host platform".into(),
-            })?;
-            desc.annotations.clear();
-        }
+        desc.platform = None;
         let bytes = self.read_blob(&desc.digest)?;
         let manifest_body = Manifest::from_json(&bytes).map_err(|source| StoreError::Format {
             what: format!("manifest {}", desc.digest),
@@ -822,20 +858,44 @@ impl Store {
         let idx = self.read_index()?;
         let mut out = Vec::new();
         for d in &idx.manifests {
-            let img = self.load_image(d)?;
             let (name, tag) = match d.ref_name() {
                 Some(n) => split_name(n),
                 None => ("<none>".to_string(), "<none>".to_string()),
             };
-            let size = img.manifest_body.config.size
-                + img.manifest_body.layers.iter().map(|l| l.size).sum::<u64>();
+            let item = self.load(d)?;
+            let id = item.id();
+            let (size, created, platforms) = match item {
+                StoredRef::Image(img) => {
+                    let platform = img.config.platform().normalized();
+                    (
+                        img.size(),
+                        img.config.created,
+                        Vec::from_iter((!platform.is_unknown()).then_some(platform)),
+                    )
+                }
+                StoredRef::Index(x) => {
+                    // Only the images that are here count: an index pulled for one platform
+                    // lists the others without their content.
+                    let present = self.present_images(&x)?;
+                    let created = present
+                        .iter()
+                        .filter_map(|i| i.config.created.clone())
+                        .max();
+                    (
+                        present.iter().map(StoredImage::size).sum(),
+                        created,
+                        x.body.platforms(),
+                    )
+                }
+            };
             out.push(ImageEntry {
                 name,
                 tag,
-                id: img.config_digest,
-                manifest: img.manifest.digest,
+                id,
+                manifest: d.digest,
                 size,
-                created: img.config.created,
+                created,
+                platforms,
             });
         }
         out.sort_by(|a, b| (&a.name, &a.tag, a.id).cmp(&(&b.name, &b.tag, b.id)));
@@ -934,7 +994,8 @@ impl Store {
                 what: format!("index {}", desc.digest),
                 source,
             })?;
-            for child in &idx.manifests {
+            // An index may list images that were never pulled (other platforms).
+            for child in idx.manifests.iter().filter(|c| self.has_blob(&c.digest)) {
                 self.mark(child, blobs, diff_ids)?;
             }
             return Ok(());
@@ -1117,7 +1178,8 @@ impl Store {
         if is_index_type(&desc.media_type) {
             match Index::from_json(&bytes) {
                 Ok(idx) => {
-                    for child in &idx.manifests {
+                    // An index may list images that were never pulled (other platforms).
+                    for child in idx.manifests.iter().filter(|c| present.contains(&c.digest)) {
                         self.fsck_refs(child, what, present, report);
                     }
                 }
@@ -1198,16 +1260,13 @@ impl Store {
     }
 }
 
-/// Picks the manifest for the host platform from an index's entries (the only entry if there
-/// is just one).
-fn pick_platform(entries: &[Descriptor]) -> Option<Descriptor> {
-    if let [only] = entries {
-        return Some(only.clone());
+/// `linux/amd64, linux/arm64`, or `none`.
+fn platform_list(platforms: &[Platform]) -> String {
+    if platforms.is_empty() {
+        return "none".to_string();
     }
-    entries
-        .iter()
-        .find(|d| d.platform.as_ref().is_some_and(|p| p.matches_host()))
-        .cloned()
+    let names: Vec<String> = platforms.iter().map(Platform::to_string).collect();
+    names.join(", ")
 }
 
 fn open_lock_file(path: &Path) -> Result<File, StoreError> {
