@@ -10,11 +10,10 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::attest::{ANNOTATION_REFERENCE_DIGEST, ANNOTATION_REFERENCE_TYPE, ATTESTATION_MANIFEST};
 use crate::digest::Digest;
 use crate::distribution::{self, TransferError};
 use crate::image::diff::{self, DiffError, FieldChange, Report, Side};
-use crate::image::{Descriptor, Manifest};
+use crate::image::{ANNOTATION_REFERENCE_DIGEST, Descriptor, Manifest, is_attestation};
 use crate::registry::Client;
 use crate::registry::reference::Reference;
 use crate::store::{self, Store, StoreError, StoredImage, StoredRef};
@@ -175,13 +174,6 @@ fn platform_name(img: &StoredImage) -> String {
         Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
         None => format!("{}/{}", p.os, p.architecture),
     }
-}
-
-fn is_attestation(d: &Descriptor) -> bool {
-    d.annotations
-        .get(ANNOTATION_REFERENCE_TYPE)
-        .map(String::as_str)
-        == Some(ATTESTATION_MANIFEST)
 }
 
 fn parts(store: &Store, item: &StoredRef) -> Result<Parts, StoreError> {

@@ -28,12 +28,9 @@ use crate::store::{Store, StoreError, StoredImage};
 pub const MEDIA_IN_TOTO: &str = "application/vnd.in-toto+json";
 /// The layer annotation naming a statement's predicate type.
 pub const ANNOTATION_PREDICATE_TYPE: &str = "in-toto.io/predicate-type";
-/// The index annotation saying what an entry is.
-pub const ANNOTATION_REFERENCE_TYPE: &str = "vnd.docker.reference.type";
-/// The index annotation naming the manifest an attestation manifest is about.
-pub const ANNOTATION_REFERENCE_DIGEST: &str = "vnd.docker.reference.digest";
-/// [`ANNOTATION_REFERENCE_TYPE`]'s value for an attestation manifest.
-pub const ATTESTATION_MANIFEST: &str = "attestation-manifest";
+pub use crate::image::{
+    ANNOTATION_REFERENCE_DIGEST, ANNOTATION_REFERENCE_TYPE, ATTESTATION_MANIFEST,
+};
 /// The in-toto statement type.
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 

@@ -12,7 +12,7 @@ use kiln::distribution;
 use kiln::progress::{Mode, Progress};
 use kiln::registry::reference::Reference;
 use kiln::sandbox::NetworkMode;
-use kiln::store::{self, Store, StoredRef};
+use kiln::store::{self, Store};
 
 use super::output::{Output, parse_output};
 use super::platform::{PlatformArgs, platform_names};
@@ -113,7 +113,7 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
     if let Some(spec) = &rebuild {
         // The second build of a verification: its own store, context and recipe; it only builds.
         args.context = release::rebuild_context(spec).to_path_buf();
-        args.tags = vec![kiln::verify::REBUILD_TAG.to_string()];
+        args.tags.push(kiln::verify::REBUILD_TAG.to_string());
         args.outputs.clear();
         args.push = false;
         args.iidfile = None;
@@ -255,7 +255,9 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
     }
     let store = Store::open(root)?;
     let progress = Progress::new(mode);
-    let built = build::build(&store, &opts, &progress, &CANCEL).map_err(|e| {
+    let attestations = args.release.attestations()?;
+    let started = std::time::SystemTime::now();
+    let mut built = build::build(&store, &opts, &progress, &CANCEL).map_err(|e| {
         let code = if matches!(e, BuildError::Cancelled) {
             130
         } else if e.is_input_error() {
@@ -279,6 +281,9 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
             hint,
         }
     })?;
+    if attestations.any() {
+        built.image = release::attach(&store, &built, &opts, attestations, (&tags, started))?;
+    }
     if args.release.verify {
         release::run_verify(
             &store,
@@ -303,9 +308,9 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
         match o {
             Output::OciDir(d) => store::export_oci_dir(&store, &image, d, first_tag)?,
             Output::OciArchive(f) => store::export_oci_archive(&store, &image, f, first_tag)?,
-            Output::DockerArchive(f) => match &image {
-                StoredRef::Image(img) => store::export_docker_archive(&store, img, f, &tags)?,
-                StoredRef::Index(_) => {
+            Output::DockerArchive(f) => match release::single_image(&image, &store)? {
+                Some(img) => store::export_docker_archive(&store, &img, f, &tags)?,
+                None => {
                     return Err(Failure::usage(
                         "--output type=docker-archive cannot hold an image index",
                     ));

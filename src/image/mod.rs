@@ -44,6 +44,21 @@ pub const DOCKER_MEDIA_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.d
 pub const DOCKER_MEDIA_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
 /// Docker layer, zstd-compressed tar.
 pub const DOCKER_MEDIA_LAYER_ZSTD: &str = "application/vnd.docker.image.rootfs.diff.tar.zstd";
+/// The index annotation saying what an entry is about another (BuildKit's attestations).
+pub const ANNOTATION_REFERENCE_TYPE: &str = "vnd.docker.reference.type";
+/// The index annotation naming the manifest an entry is about.
+pub const ANNOTATION_REFERENCE_DIGEST: &str = "vnd.docker.reference.digest";
+/// [`ANNOTATION_REFERENCE_TYPE`]'s value for an attestation manifest.
+pub const ATTESTATION_MANIFEST: &str = "attestation-manifest";
+
+/// Whether an index entry is an attestation manifest (about another entry, never run).
+pub fn is_attestation(d: &Descriptor) -> bool {
+    d.annotations
+        .get(ANNOTATION_REFERENCE_TYPE)
+        .map(String::as_str)
+        == Some(ATTESTATION_MANIFEST)
+}
+
 /// The annotation naming an image inside an OCI layout's `index.json`.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 
