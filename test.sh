@@ -4,7 +4,7 @@
 # nothing done by hand.
 set -euo pipefail
 cd "$(dirname "$0")"
-packages=(busybox-static umoci skopeo docker-registry apache2-utils openssl)
+packages=(busybox-static umoci skopeo docker-registry apache2-utils openssl python3-jsonschema)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do

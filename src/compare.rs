@@ -277,14 +277,19 @@ pub fn compare_refs(
             r.platform = Some(platform.clone());
         }
         reports.push(r);
+        // None: no attestation attached; Some(None): attached, but its content is not here
+        // (an index pulled for one platform), so it cannot be compared.
         let att = |parts: &Parts, store: &Store, img: &StoredImage| match parts
             .attestations
             .get(&img.manifest.digest)
         {
-            Some(d) => statements(store, d).map(|s| Some(s.unwrap_or_default())),
+            Some(d) => statements(store, d).map(Some),
             None => Ok(None),
         };
-        let (sa, sb) = (att(&pa, store_a, img_a)?, att(&pb, store_b, img_b)?);
+        let (sa, sb) = match (att(&pa, store_a, img_a)?, att(&pb, store_b, img_b)?) {
+            (Some(None), _) | (_, Some(None)) => continue,
+            (a, b) => (a.flatten(), b.flatten()),
+        };
         let to_value = |s: &Option<BTreeMap<String, Value>>| {
             s.as_ref()
                 .map(|m| Value::Object(m.clone().into_iter().collect()))
