@@ -22,6 +22,7 @@ use crate::image::{
     self, Descriptor, ImageConfig, Index, MEDIA_CONFIG, MEDIA_MANIFEST, Manifest, Platform,
     canonical_json,
 };
+use crate::registry::reference::Reference;
 use crate::store::{Store, StoreError, StoredImage};
 
 /// The media type of an in-toto statement blob.
@@ -118,6 +119,18 @@ fn platform_string(p: &Platform) -> String {
     }
 }
 
+/// The package URL of an image: `pkg:docker/library/busybox@latest?platform=linux%2Famd64`,
+/// with `repository_url` for registries other than Docker Hub.
+fn docker_purl(r: &Reference, platform: &str) -> String {
+    let version = r.tag.clone().unwrap_or_else(|| "latest".into());
+    let mut s = format!("pkg:docker/{}@{version}?", r.repository);
+    if r.registry != "docker.io" {
+        s.push_str(&format!("repository_url={}&", r.name()));
+    }
+    s.push_str(&format!("platform={}", platform.replace('/', "%2F")));
+    s
+}
+
 /// The in-toto statement around `predicate`, about the image `img` (named `name`).
 fn statement(
     img: &StoredImage,
@@ -125,11 +138,8 @@ fn statement(
     predicate_type: &str,
     predicate: Value,
 ) -> Value {
-    let subject_name = match name {
-        Some(n) => format!(
-            "pkg:docker/{n}?platform={}",
-            platform_string(&img.config.platform()).replace('/', "%2F")
-        ),
+    let subject_name = match name.and_then(|n| Reference::parse(n).ok()) {
+        Some(r) => docker_purl(&r, &platform_string(&img.config.platform())),
         None => "_".to_string(),
     };
     json!({

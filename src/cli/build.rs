@@ -112,7 +112,8 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
     let rebuild = release::rebuild_spec()?;
     if let Some(spec) = &rebuild {
         // The second build of a verification: its own store, context and recipe; it only builds.
-        args.context = release::rebuild_context(spec).to_path_buf();
+        args.context = spec.context.clone();
+        args.file = Some(spec.recipe.clone());
         args.tags.push(kiln::verify::REBUILD_TAG.to_string());
         args.outputs.clear();
         args.push = false;
@@ -128,7 +129,6 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
         )));
     }
     let (recipe_path, recipe_bytes) = match &args.file {
-        _ if rebuild.is_some() => release::rebuild_recipe(rebuild.as_ref().unwrap())?,
         Some(p) if p.as_os_str() == "-" => {
             let mut buf = Vec::new();
             std::io::stdin()
@@ -282,7 +282,13 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
         }
     })?;
     if attestations.any() {
+        let began = std::time::Instant::now();
         built.image = release::attach(&store, &built, &opts, attestations, (&tags, started))?;
+        progress.info(&format!(
+            "attestations attached in {:.2}s: index {}",
+            began.elapsed().as_secs_f64(),
+            built.image.descriptor().digest
+        ));
     }
     if args.release.verify {
         release::run_verify(

@@ -3,7 +3,7 @@
 //! verification (see [`kiln::verify`]) is adjusted here too.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
 use kiln::attest::{self, AttestOptions, provenance};
@@ -233,14 +233,3 @@ pub(crate) fn run_verify(
 #[derive(Debug, thiserror::Error)]
 #[error("the build is not reproducible: {0}")]
 struct NotReproducible(String);
-
-/// The recipe a second build reads.
-pub(crate) fn rebuild_recipe(spec: &RebuildSpec) -> Result<(PathBuf, Vec<u8>), Failure> {
-    let bytes = super::read_file(&spec.recipe)?;
-    Ok((spec.recipe.clone(), bytes))
-}
-
-/// The context a second build reads.
-pub(crate) fn rebuild_context(spec: &RebuildSpec) -> &Path {
-    &spec.context
-}
