@@ -1026,3 +1026,80 @@ impl Report {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_difference_finds_the_byte() {
+        let at = |a: &[u8], b: &[u8]| first_difference(a, b).unwrap();
+        assert_eq!(at(b"same", b"same"), None);
+        assert_eq!(at(b"abcd", b"abXd"), Some(2));
+        assert_eq!(at(b"abc", b"abcdef"), Some(3));
+        assert_eq!(at(b"", b"x"), Some(0));
+        let long_a = vec![7u8; 200_000];
+        let mut long_b = long_a.clone();
+        long_b[150_001] = 8;
+        assert_eq!(at(&long_a, &long_b), Some(150_001));
+    }
+
+    #[test]
+    fn json_paths_name_the_field() {
+        let a = serde_json::json!({"config": {"Env": ["A=1", "B=2"], "Labels": {"x.y": "1"}}, "os": "linux"});
+        let b = serde_json::json!({"config": {"Env": ["A=1", "B=3"], "Labels": {"x.y": "2"}}, "created": "t"});
+        let mut out = Vec::new();
+        diff_values("", &a, &b, &mut out);
+        let fields: Vec<&str> = out.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["config.Env[1]", "config.Labels[\"x.y\"]", "created", "os"]
+        );
+        assert_eq!(out[2].a, None);
+        assert_eq!(out[3].b, None);
+    }
+
+    #[test]
+    fn order_is_compared_over_common_paths() {
+        let listing = |paths: &[&str]| {
+            let mut l = Listing::default();
+            for p in paths {
+                l.order.push(p.to_string());
+                l.entries.insert(
+                    p.to_string(),
+                    Entry {
+                        kind: "dir",
+                        mode: "0755".into(),
+                        uid: 0,
+                        gid: 0,
+                        uname: String::new(),
+                        gname: String::new(),
+                        mtime: "0".into(),
+                        size: 0,
+                        link: None,
+                        device: None,
+                        digest: None,
+                        xattrs: BTreeMap::new(),
+                        pax: BTreeMap::new(),
+                    },
+                );
+            }
+            l
+        };
+        let a = listing(&["a", "new", "b", "c"]);
+        let b = listing(&["a", "b", "c"]);
+        assert_eq!(diff_order(&a, &b), None);
+        let c = listing(&["a", "c", "b"]);
+        assert_eq!(
+            diff_order(&a, &c),
+            Some(OrderChange {
+                position: 1,
+                a: "b".into(),
+                b: "c".into()
+            })
+        );
+        let changes = diff_listings(&a, &b);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].change, ChangeKind::Removed);
+    }
+}
