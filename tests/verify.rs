@@ -44,6 +44,21 @@ fn examples_verify() {
     ]);
     assert_reproducible(&out);
     assert!(stdout_line(&out).starts_with("sha256:"));
+    // The busybox base itself (FROM scratch, COPY, RUN), built the way the demo builds it.
+    let base = std::process::Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/build-base.sh"))
+        .args([
+            kiln_bin(),
+            "--progress",
+            "plain",
+            "--verify",
+            "--source-date-epoch",
+            "0",
+        ])
+        .env("KILN_ROOT", k.root.path())
+        .output()
+        .unwrap();
+    assert_reproducible(&base);
     // The verification's fresh store and copies are gone.
     let tmp = std::fs::read_dir(k.root.path().join("tmp"))
         .unwrap()
