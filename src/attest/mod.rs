@@ -193,6 +193,29 @@ fn statements(
     Ok(out)
 }
 
+/// What one layer holds for the SBOM: from the store's cache when a build read it before (a
+/// layer blob never changes), else read from the blob and remembered.
+fn layer_contents(store: &Store, layer: &Digest) -> Result<sbom::LayerContents, AttestError> {
+    let key = Digest::of(format!("kiln-sbom-layer-v1\n{layer}").as_bytes());
+    if let Some(found) = store
+        .cache_get(&key)?
+        .as_ref()
+        .and_then(sbom::LayerContents::from_record)
+    {
+        return Ok(found);
+    }
+    let blob = store.open_blob(layer)?;
+    let contents =
+        sbom::read_layer(std::io::BufReader::with_capacity(1 << 20, blob)).map_err(|source| {
+            AttestError::Layer {
+                digest: *layer,
+                source,
+            }
+        })?;
+    store.cache_put(&key, &contents.to_record(layer))?;
+    Ok(contents)
+}
+
 /// Every layer of `img` read for the SBOM, on as many threads as there are cores.
 fn read_layers(store: &Store, img: &StoredImage) -> Result<Vec<sbom::LayerContents>, AttestError> {
     let layers = &img.manifest_body.layers;
@@ -209,17 +232,7 @@ fn read_layers(store: &Store, img: &StoredImage) -> Result<Vec<sbom::LayerConten
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(d) = layers.get(i) else { break };
-                            let read = store
-                                .open_blob(&d.digest)
-                                .map_err(AttestError::from)
-                                .and_then(|f| {
-                                    sbom::read_layer(std::io::BufReader::with_capacity(1 << 20, f))
-                                        .map_err(|source| AttestError::Layer {
-                                            digest: d.digest,
-                                            source,
-                                        })
-                                });
-                            out.push((i, read));
+                            out.push((i, layer_contents(store, &d.digest)));
                         }
                         out
                     })

@@ -33,6 +33,47 @@ pub struct LayerContents {
     pub opaque: Vec<String>,
 }
 
+impl LayerContents {
+    /// The contents as a store cache record about the layer blob `layer` (named in it, so the
+    /// record goes when the blob is pruned).
+    pub fn to_record(&self, layer: &Digest) -> Value {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        json!({
+            "layer": layer,
+            "files": self.files,
+            "databases": self
+                .databases
+                .iter()
+                .map(|(k, v)| (k.clone(), b64.encode(v)))
+                .collect::<BTreeMap<_, _>>(),
+            "deleted": self.deleted,
+            "opaque": self.opaque,
+        })
+    }
+
+    /// The contents from a record made by [`to_record`](Self::to_record); None if it is not
+    /// one.
+    pub fn from_record(v: &Value) -> Option<LayerContents> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let strings =
+            |key: &str| -> Option<Vec<String>> { serde_json::from_value(v.get(key)?.clone()).ok() };
+        let encoded: BTreeMap<String, String> =
+            serde_json::from_value(v.get("databases")?.clone()).ok()?;
+        let mut databases = BTreeMap::new();
+        for (k, e) in encoded {
+            databases.insert(k, b64.decode(e).ok()?);
+        }
+        Some(LayerContents {
+            files: serde_json::from_value(v.get("files")?.clone()).ok()?,
+            databases,
+            deleted: strings("deleted")?,
+            opaque: strings("opaque")?,
+        })
+    }
+}
+
 /// Reads one layer blob.
 pub fn read_layer(blob: impl Read) -> io::Result<LayerContents> {
     let mut archive = tar::Archive::new(decompressed(blob)?);
@@ -273,6 +314,16 @@ mod tests {
             .unwrap();
         assert_eq!(l1.files.len(), 4);
         assert_eq!(l1.files[3], ("bin/tool".to_string(), Digest::of(b"#!")));
+        let again = LayerContents::from_record(&l2.to_record(&Digest::of(b"l2"))).unwrap();
+        assert_eq!(
+            (again.deleted.clone(), again.opaque.clone()),
+            (l2.deleted.clone(), l2.opaque.clone())
+        );
+        let back = LayerContents::from_record(&l1.to_record(&Digest::of(b"l1"))).unwrap();
+        assert_eq!(
+            (back.files.clone(), back.databases.clone()),
+            (l1.files.clone(), l1.databases.clone())
+        );
         let merged = final_databases(&[l1, l2, l3]);
         assert_eq!(
             merged.keys().collect::<Vec<_>>(),
