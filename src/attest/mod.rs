@@ -258,7 +258,7 @@ fn attestation_manifest(
 ) -> Result<Descriptor, AttestError> {
     let mut layers = Vec::new();
     for (predicate_type, st) in statements {
-        let (digest, size) = store.put_blob(&canonical_json(st))?;
+        let (digest, size) = store.put_blob(&image::canonical_json_value(st))?;
         let mut d = Descriptor::new(MEDIA_IN_TOTO, digest, size);
         d.annotations
             .insert(ANNOTATION_PREDICATE_TYPE.into(), predicate_type.to_string());

@@ -244,11 +244,6 @@ pub fn document(subject: &Subject<'_>, layers: &[LayerContents], created: &str) 
             .map_or_else(|| format!("layer {}", n + 1), Digest::to_string);
         for (i, (path, digest)) in layer.files.iter().enumerate() {
             let id = format!("SPDXRef-File-{}-{}", n + 1, i + 1);
-            relationships.push(json!({
-                "spdxElementId": "SPDXRef-Image",
-                "relationshipType": "CONTAINS",
-                "relatedSpdxElement": id,
-            }));
             files.push(json!({
                 "SPDXID": id,
                 "fileName": format!("/{path}"),

@@ -570,6 +570,13 @@ pub fn canonical_json<T: Serialize>(v: &T) -> Vec<u8> {
     out
 }
 
+/// [`canonical_json`] of a JSON value, without copying it first.
+pub fn canonical_json_value(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_canonical(v, &mut out);
+    out
+}
+
 fn write_canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(map) => {
