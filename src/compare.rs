@@ -169,11 +169,7 @@ struct Parts {
 }
 
 fn platform_name(img: &StoredImage) -> String {
-    let p = img.config.platform();
-    match &p.variant {
-        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-        None => format!("{}/{}", p.os, p.architecture),
-    }
+    img.config.platform().to_string()
 }
 
 fn parts(store: &Store, item: &StoredRef) -> Result<Parts, StoreError> {
@@ -199,10 +195,7 @@ fn parts(store: &Store, item: &StoredRef) -> Result<Parts, StoreError> {
                         parts.attestations.insert(target, d.clone());
                     }
                 } else if let Some(p) = &d.platform {
-                    parts.listed.push(match &p.variant {
-                        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-                        None => format!("{}/{}", p.os, p.architecture),
-                    });
+                    parts.listed.push(p.to_string());
                 }
             }
             for img in store.present_images(x)? {

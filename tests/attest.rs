@@ -133,6 +133,8 @@ fn sbom_and_provenance_of_a_debian_like_image() {
     let out_dir = tempfile::tempdir().unwrap();
     let layout = out_dir.path().join("oci");
     let output = format!("type=oci,dest={}", layout.display());
+    let archive = out_dir.path().join("docker.tar");
+    let docker_output = format!("type=docker-archive,dest={}", archive.display());
     let id = k.build_ok(
         RECIPE,
         &files(),
@@ -148,6 +150,8 @@ fn sbom_and_provenance_of_a_debian_like_image() {
             "deb:1",
             "-o",
             &output,
+            "-o",
+            &docker_output,
         ],
     );
     assert!(id.starts_with("sha256:"));
@@ -271,6 +275,12 @@ fn sbom_and_provenance_of_a_debian_like_image() {
     assert_success(&inspected);
     let inspected: Value = serde_json::from_slice(&inspected.stdout).unwrap();
     assert_eq!(inspected["Digest"], image_digest.as_str());
+    // A docker-archive holds the image alone (the format has no place for attestations).
+    let loaded = Command::new("skopeo")
+        .args(["inspect", &format!("docker-archive:{}", archive.display())])
+        .output()
+        .unwrap();
+    assert_success(&loaded);
 
     // Same inputs and SOURCE_DATE_EPOCH in another store: the same index digest.
     let other = Kiln::new();

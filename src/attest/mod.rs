@@ -112,13 +112,6 @@ fn image_entry(img: &StoredImage) -> Descriptor {
     d
 }
 
-fn platform_string(p: &Platform) -> String {
-    match &p.variant {
-        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-        None => format!("{}/{}", p.os, p.architecture),
-    }
-}
-
 /// The package URL of an image: `pkg:docker/library/busybox@latest?platform=linux%2Famd64`,
 /// with `repository_url` for registries other than Docker Hub.
 fn docker_purl(r: &Reference, platform: &str) -> String {
@@ -139,7 +132,7 @@ fn statement(
     predicate: Value,
 ) -> Value {
     let subject_name = match name.and_then(|n| Reference::parse(n).ok()) {
-        Some(r) => docker_purl(&r, &platform_string(&img.config.platform())),
+        Some(r) => docker_purl(&r, &img.config.platform().to_string()),
         None => "_".to_string(),
     };
     json!({
@@ -159,7 +152,7 @@ fn statements(
 ) -> Result<Vec<(&'static str, Value)>, AttestError> {
     let mut out = Vec::new();
     if let Some(mode) = which.provenance {
-        let platform = platform_string(&img.config.platform());
+        let platform = img.config.platform().to_string();
         let predicate = provenance::predicate(
             build.opts,
             build.record,

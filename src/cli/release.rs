@@ -152,20 +152,17 @@ pub(crate) fn single_image(
     Ok(match item {
         StoredRef::Image(img) => Some(img.clone()),
         StoredRef::Index(x) => {
-            let attestations = x
+            let images: Vec<_> = x
                 .body
                 .manifests
                 .iter()
-                .filter(|d| {
-                    d.annotations
-                        .contains_key(attest::ANNOTATION_REFERENCE_TYPE)
-                })
-                .count();
-            match x.body.manifests.len() - attestations {
-                1 => store
+                .filter(|d| !kiln::image::is_attestation(d))
+                .collect();
+            match images.as_slice() {
+                [only] => store
                     .present_images(x)?
                     .into_iter()
-                    .find(|i| i.config.os != "unknown"),
+                    .find(|i| i.manifest.digest == only.digest),
                 _ => None,
             }
         }
