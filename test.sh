@@ -4,7 +4,7 @@
 # nothing done by hand.
 set -euo pipefail
 cd "$(dirname "$0")"
-packages=(busybox-static umoci skopeo docker-registry apache2-utils openssl python3-jsonschema)
+packages=(busybox-static umoci skopeo docker-registry apache2-utils openssl python3-yaml uidmap fuse-overlayfs qemu-user-static python3-jsonschema)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do
@@ -16,6 +16,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
+  # Multi-platform tests: an arm64 busybox (fetched once) and its QEMU handler registered.
+  examples/foreign-arch.sh arm64 >/dev/null
 fi
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings

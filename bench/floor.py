@@ -2,6 +2,8 @@
 """The floor of a bench case: its RUN commands alone, run natively in a plain chroot.
 
 Usage (as root): bench/floor.py KILN DOCKERFILE [RUNS]
+  FLOOR_BUSYBOX=PATH   the static busybox to run (default the host's); another architecture's
+                       runs through the host's binfmt_misc emulator, as a build's RUN would
 
 No builder can finish a recipe faster than the shell work its RUN steps ask for, so this times
 exactly that work with no sandbox, overlay, snapshot or image: each stage's RUN commands run in
@@ -84,7 +86,9 @@ def one_run(stages, busybox, parent):
 def main():
     kiln, dockerfile = sys.argv[1], sys.argv[2]
     runs = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-    busybox = next(p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p))
+    busybox = os.environ.get("FLOOR_BUSYBOX") or next(
+        p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)
+    )
     stages = stages_of(kiln, dockerfile)
     parent = tempfile.mkdtemp(prefix="kiln-floor-")
     try:

@@ -26,6 +26,8 @@
 #   (bench/floor.py), so floor/buildah is the best ratio any builder could reach.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+. "$here/bench/lib.sh"
 runs="${1:-3}"
 cases_dir="${BENCH_CASES:-$here/../shared/bench-cases}"
 [ -d "$cases_dir" ] || cases_dir=/work/shared/bench-cases
@@ -83,39 +85,9 @@ recipe_of() {
   esac
 }
 
-# timed TOOL CASE RUN CMD...: runs CMD under GNU time, appends "tool case run secs rss_kib".
-timed() {
-  local tool=$1 case=$2 run=$3
-  shift 3
-  local t="$work/time.$$"
-  sync # untimed: no run pays for the write-back of an earlier one
-  if ! /usr/bin/time -f "%e %M" -o "$t" "$@" >"$work/log-$tool-$case-$run" 2>&1; then
-    echo "$tool $case run $run failed; log: $work/log-$tool-$case-$run" >&2
-    tail -5 "$work/log-$tool-$case-$run" >&2
-    exit 1
-  fi
-  read -r secs rss < "$t"
-  printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$case" "$run" "$secs" "$rss" >> "$out"
-  printf '  %-8s %-11s run %s: %6.2f s, peak RSS %6d KiB\n' "$tool" "$case" "$run" "$secs" "$rss" >&2
-}
-
 kiln_store() { # a fresh kiln store with the base imported
   rm -rf "$1"
   "$kiln" --root "$1" import "$work/busybox.tar" busybox >/dev/null
-}
-buildah_in() { # buildah with its own storage root
-  local r=$1
-  shift
-  buildah --root "$r/root" --runroot "$r/run" --storage-driver overlay "$@"
-}
-buildah_clean() { # remove a buildah storage root and every mount buildah left under it
-  local r=$1
-  if [ -d "$r/root" ]; then
-    buildah_in "$r" rm -a >/dev/null 2>&1 || true
-    buildah_in "$r" rmi -a -f >/dev/null 2>&1 || true
-    umount -R "$r/root/overlay" 2>/dev/null || true
-  fi
-  rm -rf "$r"
 }
 buildah_store() { # a fresh buildah storage root with the same base
   local r=$1

@@ -1,7 +1,7 @@
 //! Moving images between the local store and registries: pull into the store (one platform's
 //! image from an index, verifying every blob), push from it (blobs first, in parallel,
-//! skipping what the registry has; an index's manifests next; the tagged manifest or index
-//! last).
+//! skipping what the registry has, mounting what a shared cache promised; an index's manifests
+//! next; the tagged manifest or index last).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -139,7 +139,9 @@ fn pull_image(
 
 /// Pushes a stored image, or an index with all its images, to `reference`; returns the
 /// digest of the manifest (or index) the tag names. Blobs go first, in parallel; then an
-/// index's manifests, by digest; the manifest or index the tag names last.
+/// index's manifests, by digest; the manifest or index the tag names last. A layer a shared
+/// cache promised (not in the store) is mounted from the cache's repository when that is on
+/// the same registry, and fetched otherwise.
 pub fn push(
     store: &Store,
     client: &Client,
@@ -167,7 +169,10 @@ pub fn push(
             let f = store.open_blob(&d.digest).map_err(std::io::Error::other)?;
             Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, f)))
         };
-        client.push_blob(reference, &d.digest, d.size, &open, None)?;
+        let mount = store
+            .blob_origin(&d.digest)
+            .and_then(|o| crate::cache::origin::mount_source(&o, &reference.registry));
+        client.push_blob(reference, &d.digest, d.size, &open, mount.as_deref())?;
         Ok(())
     };
     for_each_parallel(&blobs, upload)?;

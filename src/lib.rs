@@ -4,6 +4,7 @@
 
 pub mod attest;
 pub mod build;
+pub mod cache;
 pub mod compare;
 pub mod digest;
 pub mod distribution;

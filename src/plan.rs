@@ -11,7 +11,7 @@ use crate::recipe::instructions::{InstructionKind, Recipe, Span};
 use crate::recipe::shell::Lexer;
 
 /// Bumped whenever the cache-key encoding changes, so old records can never match.
-pub const CACHE_KEY_VERSION: u32 = 1;
+pub const CACHE_KEY_VERSION: u32 = 2;
 
 /// Build args usable without an ARG declaration, kept out of history and cache keys.
 pub const PROXY_ARGS: [&str; 10] = [
@@ -162,18 +162,23 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
             .process_word(&stage.base, &meta)
             .map_err(|e| invalid(stage.span, e.to_string()))?
             .value;
-        let explicit = match &stage.platform {
-            Some(raw) => {
-                let wanted = lexer
-                    .process_word(raw, &meta)
-                    .map_err(|e| invalid(stage.span, e.to_string()))?
-                    .value;
-                let platform = Platform::parse(&wanted)
-                    .map_err(|e| invalid(stage.span, format!("FROM --platform={raw}: {e}")))?;
-                Some(platform)
-            }
-            None => None,
-        };
+        // A value that expands to nothing (an unset ARG) leaves the stage's default.
+        let explicit =
+            match &stage.platform {
+                Some(raw) => {
+                    let wanted = lexer
+                        .process_word(raw, &meta)
+                        .map_err(|e| invalid(stage.span, e.to_string()))?
+                        .value;
+                    match wanted.is_empty() {
+                        true => None,
+                        false => Some(Platform::parse(&wanted).map_err(|e| {
+                            invalid(stage.span, format!("FROM --platform={raw}: {e}"))
+                        })?),
+                    }
+                }
+                None => None,
+            };
         if base_text.is_empty() {
             return Err(invalid(
                 stage.span,
@@ -320,7 +325,7 @@ pub struct StepInputs {
     pub workdir: String,
     /// SHELL in effect.
     pub shell: Vec<String>,
-    /// Content of COPY/ADD sources: path → digest of (mode, owner, size, content, link target).
+    /// Content of COPY/ADD sources: path → digest of (mode, size, content, link target).
     pub files: BTreeMap<String, String>,
     /// Identity of a `--from` source (the source stage's key or the image's manifest digest).
     pub from: String,
@@ -513,6 +518,11 @@ mod tests {
         assert_eq!(
             names,
             ["linux/amd64", "linux/amd64", "linux/arm64", "linux/s390x"]
+        );
+        let unset = parse(b"ARG P\nFROM --platform=$P scratch\n", "Dockerfile").unwrap();
+        assert_eq!(
+            plan(&unset, &opts).unwrap().stages[0].platform.to_string(),
+            "linux/s390x"
         );
         let bad = parse(b"FROM --platform=linux/nope scratch\n", "Dockerfile").unwrap();
         let e = plan(&bad, &opts).unwrap_err().to_string();

@@ -7,8 +7,12 @@
 //! over as the user wrote it; [`REBUILD_ENV`] tells the child where its store, context copy,
 //! recipe and working directory are, and that it only builds (no tags, outputs or pushes).
 //! The images the first build read (FROM, COPY --from, RUN --mount from=) are copied into the
-//! fresh store by digest: they are inputs, not part of what is verified.
+//! fresh store by digest: they are inputs, not part of what is verified. A name read as
+//! several images (one per platform of a multi-platform build) names an index of them there.
+//! The second build asks no shared cache (`--cache-from`) and exports none: it builds every
+//! step itself.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
@@ -20,12 +24,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::build::BuildOptions;
-use crate::build::record::BuildRecord;
+use crate::attest::provenance;
+use crate::build::{BuildOptions, PlatformBuilt};
 use crate::compare::{self, CompareError};
 use crate::digest::Digest;
 use crate::image::diff::Report;
-use crate::store::{Store, StoreError, StoredRef};
+use crate::image::{Descriptor, Index};
+use crate::store::{Store, StoreError, StoredImage, StoredRef};
 
 /// The environment variable that makes a `kiln build` the second build of a verification; its
 /// value is a JSON [`RebuildSpec`].
@@ -88,6 +93,10 @@ pub enum VerifyError {
 pub enum Outcome {
     /// Both builds gave this image (manifest digest).
     Reproducible(Digest),
+    /// Both builds gave the same images and attestations but for the steps' cache states in
+    /// the provenance (the first build took steps from a cache; the second, in a fresh store,
+    /// ran them all); the digest is the first build's result.
+    SameButCacheStates(Digest),
     /// They differ.
     Differs(Box<Report>),
 }
@@ -123,14 +132,14 @@ impl Conditions {
 }
 
 /// Builds again and compares. `first` is the result of the build just made into `store` (with
-/// its attestations, if any; finished at `finished`), `record` what that build read;
+/// its attestations, if any; finished at `finished`), `platforms` what that build read;
 /// `command_line` is this process's arguments after the program name, passed to the child as
 /// they are.
 #[allow(clippy::too_many_arguments)]
 pub fn verify(
     store: &Store,
     first: &StoredRef,
-    record: &BuildRecord,
+    platforms: &[PlatformBuilt],
     opts: &BuildOptions,
     command_line: Vec<OsString>,
     finished: Instant,
@@ -147,8 +156,17 @@ pub fn verify(
     fs::create_dir(&cwd).map_err(|e| prepare("making a working directory", e))?;
     let root = work.path().join("store");
     let second = Store::open(&root)?;
-    for (reference, manifest) in &record.images {
-        copy_image(store, &second, reference, manifest)?;
+    let mut inputs: BTreeMap<&str, BTreeMap<Digest, &Descriptor>> = BTreeMap::new();
+    for part in platforms {
+        for (reference, manifest) in &part.record.images {
+            inputs
+                .entry(reference)
+                .or_default()
+                .insert(manifest.digest, manifest);
+        }
+    }
+    for (reference, manifests) in inputs {
+        copy_input(store, &second, reference, &manifests)?;
     }
     drop(second);
 
@@ -199,16 +217,36 @@ pub fn verify(
         .ok_or_else(|| VerifyError::Rebuild(format!("its result is not in {}", root.display())))?;
     let scratch = work.path().join("compare");
     fs::create_dir(&scratch).map_err(|e| prepare("making a scratch directory", e))?;
-    let report = compare::compare_refs(
+    let mut report = compare::compare_refs(
         (store, first, "first build"),
         (&second, &rebuilt, "second build"),
         &scratch,
     )?;
-    Ok(if report.identical {
-        Outcome::Reproducible(first.descriptor().digest)
-    } else {
-        Outcome::Differs(Box::new(report))
+    let runs_differ = drop_cache_states(&mut report);
+    let digest = first.descriptor().digest;
+    Ok(match (report.identical, runs_differ) {
+        (true, false) => Outcome::Reproducible(digest),
+        (true, true) => Outcome::SameButCacheStates(digest),
+        (false, _) => Outcome::Differs(Box::new(report)),
     })
+}
+
+/// Leaves out of `report` the steps' cache states a `mode=max` provenance lists: the second
+/// build runs in a fresh store, so its steps are all misses whatever the first build took from
+/// a cache; they say how each build went, not what it made. Returns whether there were any.
+fn drop_cache_states(report: &mut Report) -> bool {
+    let steps = format!(
+        "[{}].predicate.buildDefinition.internalParameters.steps[",
+        serde_json::Value::from(provenance::PREDICATE_TYPE)
+    );
+    let before = report.index.len();
+    report.index.retain(|c| {
+        !(c.field.starts_with("attestations[")
+            && c.field.contains(&steps)
+            && c.field.ends_with("].cache"))
+    });
+    report.settle();
+    report.index.len() != before
 }
 
 /// Copies the recipe where the second build reads it: at the same place in the context copy
@@ -238,18 +276,43 @@ fn place_recipe(opts: &BuildOptions, context: &Path, dir: &Path) -> io::Result<P
     Ok(dest)
 }
 
-/// Copies an image (manifest, config, layers) from one store to another and names it there.
+/// Copies the images read as `reference` from one store to another and names them there: the
+/// image, or an index of the images when the platforms built read several.
+fn copy_input(
+    from: &Store,
+    to: &Store,
+    reference: &str,
+    manifests: &BTreeMap<Digest, &Descriptor>,
+) -> Result<(), VerifyError> {
+    let images = manifests
+        .values()
+        .map(|m| copy_image(from, to, reference, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    match images.as_slice() {
+        [one] => to.tag(reference, &one.manifest)?,
+        _ => {
+            let entries = images.iter().map(StoredImage::index_entry).collect();
+            let index = to.put_index(&Index::of(entries))?;
+            to.tag(reference, &index.desc)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies an image (manifest, config, layers) from one store to another.
 fn copy_image(
     from: &Store,
     to: &Store,
     reference: &str,
-    manifest: &Digest,
-) -> Result<(), VerifyError> {
-    let image = from.resolve(&manifest.hex())?.ok_or_else(|| {
-        VerifyError::Prepare(format!(
-            "{reference} ({manifest}) is no longer in the store"
-        ))
-    })?;
+    manifest: &Descriptor,
+) -> Result<StoredImage, VerifyError> {
+    if !from.has_blob(&manifest.digest) {
+        return Err(VerifyError::Prepare(format!(
+            "{reference} ({}) is no longer in the store",
+            manifest.digest
+        )));
+    }
+    let image = from.load_image(manifest)?;
     let body = &image.manifest_body;
     let blobs = std::iter::once(&image.manifest.digest)
         .chain(std::iter::once(&body.config.digest))
@@ -263,8 +326,7 @@ fn copy_image(
         io::copy(&mut src, &mut w).map_err(|e| VerifyError::Prepare(format!("blob {d}: {e}")))?;
         w.commit_expecting(d)?;
     }
-    to.tag(reference, &image.manifest)?;
-    Ok(())
+    Ok(image)
 }
 
 /// Copies a directory tree faithfully (modes, owners, mtimes, xattrs, symlinks, hard links);

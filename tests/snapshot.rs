@@ -217,7 +217,7 @@ fn round_trip_keeps_the_tree_and_the_diff_id() {
 
     let dest = t.path().join("unpacked");
     fs::create_dir(&dest).unwrap();
-    let diff_id = unpack_layer(&blob[..], &dest).unwrap();
+    let diff_id = unpack_layer(&blob[..], &dest).unwrap().diff_id;
     assert_eq!(diff_id, sum.diff_id);
 
     let want: Vec<String> = listing(&upper, false)
@@ -261,7 +261,7 @@ fn round_trip_keeps_the_tree_and_the_diff_id() {
     assert_eq!(sraw.diff_id, sum.diff_id);
     let dest2 = t.path().join("unpacked-plain");
     fs::create_dir(&dest2).unwrap();
-    assert_eq!(unpack_layer(&raw[..], &dest2).unwrap(), sum.diff_id);
+    assert_eq!(unpack_layer(&raw[..], &dest2).unwrap().diff_id, sum.diff_id);
 
     // zstd: a zstd frame, same diff_id, same bytes every time, unpacked by magic.
     let zst = LayerOptions {
@@ -274,7 +274,7 @@ fn round_trip_keeps_the_tree_and_the_diff_id() {
     assert!(write_layer(&upper, &zst, Vec::new()).unwrap().0 == z);
     let dest3 = t.path().join("unpacked-zstd");
     fs::create_dir(&dest3).unwrap();
-    assert_eq!(unpack_layer(&z[..], &dest3).unwrap(), sum.diff_id);
+    assert_eq!(unpack_layer(&z[..], &dest3).unwrap().diff_id, sum.diff_id);
     assert_eq!(listing(&dest3, false), listing(&dest, false));
 }
 

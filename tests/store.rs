@@ -237,7 +237,9 @@ fn import_round_trips_all_three_formats() {
     let docker_tar = dir.path().join("docker.tar");
     export_oci_dir(&src, &img.clone().into(), &layout, Some("1")).unwrap();
     export_oci_archive(&src, &img.clone().into(), &oci_tar, None).unwrap();
-    export_docker_archive(&src, &img, &docker_tar, &["example.com/app:1".into()]).unwrap();
+    // Two tags: two index.json entries for one manifest, which import takes as one image.
+    let tags = ["example.com/app:1".into(), "example.com/app:2".into()];
+    export_docker_archive(&src, &img, &docker_tar, &tags).unwrap();
 
     for (i, path) in [&layout, &oci_tar].into_iter().enumerate() {
         let dst = Store::open(&dir.path().join(format!("dst{i}"))).unwrap();

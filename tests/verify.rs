@@ -143,11 +143,13 @@ CMD ["run"]
 #[test]
 fn a_recipe_writing_the_date_fails_naming_the_file_and_offset() {
     let k = Kiln::new();
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("meta.json");
     let out = verify(
         &k,
         "FROM busybox\nRUN echo stable > /stable\nRUN date +%s > /stamp\n",
         &[],
-        &[],
+        &["--metadata-file", meta.to_str().unwrap()],
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
@@ -173,6 +175,12 @@ fn a_recipe_writing_the_date_fails_naming_the_file_and_offset() {
     // A failed verification tags nothing.
     let images = String::from_utf8_lossy(&k.run(&["images"]).stdout).into_owned();
     assert!(!images.contains("kiln-verify"), "{images}");
+    // Nor writes a metadata file (the second build writes none either).
+    assert!(
+        !meta.exists(),
+        "{}",
+        std::fs::read_to_string(&meta).unwrap()
+    );
     assert_eq!(
         std::fs::read_dir(k.root.path().join("tmp"))
             .unwrap()

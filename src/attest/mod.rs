@@ -15,8 +15,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::build::BuildOptions;
-use crate::build::record::BuildRecord;
+use crate::build::{BuildOptions, Built, PlatformBuilt};
 use crate::digest::Digest;
 use crate::image::{
     self, Descriptor, ImageConfig, Index, MEDIA_CONFIG, MEDIA_MANIFEST, Manifest, Platform,
@@ -71,27 +70,26 @@ pub enum AttestError {
 pub struct Build<'a> {
     /// The build's options.
     pub opts: &'a BuildOptions,
-    /// What the build read and did.
-    pub record: &'a BuildRecord,
+    /// The build: each platform's image and what its build read, and the steps.
+    pub built: &'a Built,
     /// The image's name (its first tag), if it has one.
     pub name: Option<&'a str>,
     /// When the build started and ended (RFC 3339), for builds without SOURCE_DATE_EPOCH.
     pub times: Option<provenance::Times>,
 }
 
-/// The index of `images` (one per platform) with an attestation manifest for each, stored
-/// (statements, attestation configs and manifests, the index); returns the index body.
+/// The index of the build's images (one per platform) with an attestation manifest for each,
+/// stored (statements, attestation configs and manifests, the index); returns the index body.
 pub fn attest_images(
     store: &Store,
-    images: &[StoredImage],
     build: &Build<'_>,
     which: AttestOptions,
 ) -> Result<Index, AttestError> {
     let mut index = Index::default();
     let mut attestations = Vec::new();
-    for img in images {
-        let entry = image_entry(img);
-        let statements = statements(store, img, build, which)?;
+    for part in &build.built.platforms {
+        let entry = image_entry(&part.image);
+        let statements = statements(store, part, build, which)?;
         attestations.push(attestation_manifest(store, &entry, &statements)?);
         index.manifests.push(entry);
     }
@@ -143,19 +141,21 @@ fn statement(
     })
 }
 
-/// The statements for one image: (predicate type, statement).
+/// The statements for one platform's image: (predicate type, statement).
 fn statements(
     store: &Store,
-    img: &StoredImage,
+    part: &PlatformBuilt,
     build: &Build<'_>,
     which: AttestOptions,
 ) -> Result<Vec<(&'static str, Value)>, AttestError> {
+    let img = &part.image;
     let mut out = Vec::new();
     if let Some(mode) = which.provenance {
         let platform = img.config.platform().to_string();
+        let steps = provenance::steps(&build.built.steps, &part.platform);
         let predicate = provenance::predicate(
             build.opts,
-            build.record,
+            (&part.record, steps),
             &platform,
             mode,
             build.times.as_ref(),

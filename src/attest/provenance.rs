@@ -6,11 +6,14 @@
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::build::BuildOptions;
 use crate::build::record::BuildRecord;
+use crate::build::report::{Cached, StepKind, StepReport};
 use crate::digest::Digest;
+use crate::image::Platform;
 
 /// The predicate type of SLSA provenance v1.
 pub const PREDICATE_TYPE: &str = "https://slsa.dev/provenance/v1";
@@ -49,6 +52,41 @@ pub fn context_digest(record: &BuildRecord) -> Digest {
     Digest::of(text.as_bytes())
 }
 
+/// One step as `mode=max` lists it.
+#[derive(Serialize)]
+struct StepEntry<'a> {
+    stage: &'a str,
+    line: usize,
+    instruction: &'a str,
+    /// `hit` (from the local store or a shared cache), `miss` (run here) or `none`
+    /// (metadata-only: nothing to look up).
+    cache: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layer: Option<Digest>,
+}
+
+/// The steps of `platform`'s build as `mode=max` lists them, in recipe order, from the build's
+/// step reports. FROM lines are left out (the base is among the resolved dependencies), and so
+/// are durations and miss reasons (they differ from run to run and from store to store).
+pub fn steps(reports: &[StepReport], platform: &Platform) -> Value {
+    let entries: Vec<StepEntry> = reports
+        .iter()
+        .filter(|s| s.platform == *platform && s.kind != StepKind::From)
+        .map(|s| StepEntry {
+            stage: &s.stage,
+            line: s.line,
+            instruction: &s.instruction,
+            cache: match (s.kind, &s.cached) {
+                (StepKind::Lookup, Cached::No) => "miss",
+                (StepKind::Lookup, Cached::Local | Cached::Shared(_)) => "hit",
+                _ => "none",
+            },
+            layer: s.layer,
+        })
+        .collect();
+    json!(entries)
+}
+
 fn digest_set(d: &Digest) -> Value {
     json!({ "sha256": d.hex() })
 }
@@ -69,10 +107,11 @@ fn recipe_name(opts: &BuildOptions) -> String {
         .map_or_else(|| "Dockerfile".into(), |n| n.to_string_lossy().into_owned())
 }
 
-/// The SLSA provenance v1 predicate.
+/// The SLSA provenance v1 predicate of one platform's image: `record` is what its build read,
+/// `steps` its steps ([`steps`]), listed with `mode=max`.
 pub fn predicate(
     opts: &BuildOptions,
-    record: &BuildRecord,
+    (record, steps): (&BuildRecord, Value),
     platform: &str,
     mode: Mode,
     times: Option<&Times>,
@@ -107,7 +146,7 @@ pub fn predicate(
         "network": format!("{:?}", opts.network).to_lowercase(),
     });
     if mode == Mode::Max {
-        internal["steps"] = json!(record.steps);
+        internal["steps"] = steps;
     }
     let mut dependencies = vec![json!({
         "name": "recipe",
@@ -123,7 +162,7 @@ pub fn predicate(
         dependencies.push(json!({
             "name": reference,
             "uri": format!("docker-image://{reference}"),
-            "digest": digest_set(manifest),
+            "digest": digest_set(&manifest.digest),
             "mediaType": crate::image::MEDIA_MANIFEST,
         }));
     }
@@ -149,4 +188,63 @@ pub fn predicate(
             "metadata": metadata,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(instruction: &str, kind: StepKind, cached: Cached, arch: &str) -> StepReport {
+        StepReport {
+            stage: "build".into(),
+            line: 1,
+            instruction: instruction.into(),
+            cached,
+            reason: Some("differs".into()),
+            duration_s: 1.5,
+            layer: (kind == StepKind::Lookup).then(|| Digest::of(instruction.as_bytes())),
+            kind,
+            platform: Platform {
+                os: "linux".into(),
+                architecture: arch.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn steps_of_one_platform_with_shared_cache_hits_as_hits() {
+        let reports = [
+            report("FROM busybox", StepKind::From, Cached::No, "amd64"),
+            report("RUN a", StepKind::Lookup, Cached::Local, "amd64"),
+            report(
+                "RUN b",
+                StepKind::Lookup,
+                Cached::Shared("r/c:1".into()),
+                "amd64",
+            ),
+            report(
+                "ENV X=1",
+                StepKind::Metadata,
+                Cached::Shared("r/c:1".into()),
+                "amd64",
+            ),
+            report("RUN c", StepKind::Lookup, Cached::No, "amd64"),
+            report("RUN a", StepKind::Lookup, Cached::No, "arm64"),
+        ];
+        let amd64 = &reports[0].platform;
+        let v = steps(&reports, amd64);
+        let cache: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["cache"].as_str().unwrap())
+            .collect();
+        assert_eq!(cache, ["hit", "hit", "none", "miss"]);
+        assert_eq!(v[0]["instruction"], "RUN a");
+        assert_eq!(v[0]["layer"], json!(Digest::of(b"RUN a")));
+        assert!(v[2].get("layer").is_none(), "{v}");
+        // Nothing that differs from run to run.
+        assert!(v[0].get("duration_s").is_none() && v[0].get("reason").is_none());
+    }
 }

@@ -1,33 +1,38 @@
-//! The build cache and layer commits: looking a step up, explaining a miss, recording a
-//! result, turning an upper dir into a stored layer, and the unpacked layer dirs of base images.
+//! The executor's side of the build cache: looking a step up in the caches (local store
+//! first, then `--cache-from`), explaining a miss, recording a result; turning an upper dir
+//! into a stored layer; and the unpacked layer dirs of base images and cached layers.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex};
 
-use serde::{Deserialize, Serialize};
-
-use super::record::CacheState;
-use super::{BuildError, Engine, Layer, StageState, StepPlace, scratch_state};
+use super::report::{Cached, Outcomes};
+use super::{
+    BuildError, Built, Engine, PlatformBuilt, Shared, StageState, StepPlace, run_stages,
+    scratch_state,
+};
+use crate::cache::{self, BuiltRecord, Hit, Layer, Lookup, Miss, Record};
 use crate::digest::Digest;
-use crate::image::{self, Descriptor, Platform};
-use crate::plan::{self, StepInputs};
+use crate::image::{self, Descriptor, Index, Platform};
+use crate::plan::{Base, Plan, StepInputs};
 use crate::registry::reference::Reference;
 use crate::snapshot::{self, Compression, LayerOptions};
 use crate::store::StoredRef;
 
-/// What a cache record holds.
-#[derive(Serialize, Deserialize)]
-struct CacheRecord {
-    layer: Option<Layer>,
-    created: Option<String>,
-}
-
-/// What the last build of a step saw (for miss explanations).
-#[derive(Serialize, Deserialize)]
-struct StepRecord {
-    parent: Digest,
-    inputs: StepInputs,
+/// The stages whose steps make the final image's layers: the target and those it is built
+/// `FROM`, transitively (the steps `--cache-to mode=min` exports).
+pub(super) fn image_stages(plan: &Plan) -> BTreeSet<usize> {
+    let mut stages = BTreeSet::new();
+    let mut at = Some(plan.target);
+    while let Some(i) = at {
+        stages.insert(i);
+        at = match plan.stages[i].base {
+            Base::Stage(b) => Some(b),
+            _ => None,
+        };
+    }
+    stages
 }
 
 /// The cache keys of the steps being built now, by the builds of all platforms, and those
@@ -84,116 +89,220 @@ impl Drop for StepClaim<'_> {
     }
 }
 
+/// Runs the build of every platform until it ends without a layer from a shared cache turning
+/// out unusable. Such a layer (it cannot be had, or is not what its record says) is left out
+/// and the build runs again: steps already done are local hits by then. Each round rejects one
+/// more layer, so this ends. Several platforms' images end in an index.
+pub(super) fn build_attempts(shared: &Shared, engines: &[Engine]) -> Result<Built, BuildError> {
+    loop {
+        for engine in engines {
+            *engine.outcomes.lock().unwrap_or_else(|e| e.into_inner()) = Outcomes::default();
+        }
+        let result = run_stages(shared, engines).and_then(|states| {
+            engines
+                .iter()
+                .zip(states)
+                .map(|(engine, state)| engine.finish(state))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        match result {
+            Err(BuildError::CacheLayer {
+                digest,
+                cache,
+                reason,
+            }) if shared.reject(digest) => {
+                shared.progress.warn(&format!(
+                    "cache {cache}: layer {digest} is unusable ({reason}); building again without it"
+                ));
+                shared.store.forget_promise(&digest)?;
+                // A failed stage raised `cancel` to stop the others; the user did not.
+                if shared.stopped_others.swap(false, Ordering::SeqCst) {
+                    shared.cancel.store(false, Ordering::SeqCst);
+                }
+            }
+            Err(e) => return Err(e),
+            Ok(images) => {
+                let (mut steps, mut records) = (Vec::new(), Vec::new());
+                let mut platforms = Vec::new();
+                for (engine, image) in engines.iter().zip(images) {
+                    let Outcomes {
+                        steps: mut done,
+                        records: kept,
+                        read,
+                    } = std::mem::take(
+                        &mut *engine.outcomes.lock().unwrap_or_else(|e| e.into_inner()),
+                    );
+                    done.sort_by_key(|(order, _)| *order);
+                    steps.extend(done.into_iter().map(|(_, s)| s));
+                    records.extend(kept);
+                    platforms.push(PlatformBuilt {
+                        platform: engine.target.clone(),
+                        image,
+                        record: read,
+                    });
+                }
+                let image = match platforms.as_slice() {
+                    [one] => StoredRef::Image(one.image.clone()),
+                    _ => {
+                        let entries = platforms.iter().map(|p| p.image.index_entry()).collect();
+                        StoredRef::Index(shared.store.put_index(&Index::of(entries))?)
+                    }
+                };
+                return Ok(Built {
+                    image,
+                    steps,
+                    records,
+                    platforms,
+                });
+            }
+        }
+    }
+}
+
+impl Shared<'_> {
+    /// Leaves a shared cache's layer out of later attempts; false if it already was.
+    pub(super) fn reject(&self, layer: Digest) -> bool {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(layer)
+    }
+}
+
 impl Engine<'_> {
-    /// The identity of a step across builds (its recipe, stage, position and platform), under
-    /// which its latest inputs are kept to explain the next miss.
-    fn identity(&self, stage: usize, n: usize, platform: &Platform) -> Digest {
-        Digest::of(
-            format!(
-                "kiln-step-identity\n{}\n{stage}\n{n}\n{platform}",
-                self.recipe_id
-            )
-            .as_bytes(),
-        )
+    /// Keeps a record of this build for `--cache-to`.
+    pub(super) fn keep_record(&self, stage: usize, record: Record) {
+        let in_image = self.image_stages.contains(&stage);
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .records
+            .push(BuiltRecord { record, in_image });
     }
 
-    /// Looks the step up in the cache and returns the record of a hit. On a miss, tells the
-    /// progress view why, comparing with the step's last build (whose `parent` is the key the
-    /// step was built on).
-    #[allow(clippy::too_many_arguments)]
+    /// Shows a warning, once per build.
+    fn warn_once(&self, text: String) {
+        let fresh = self
+            .warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(text.clone());
+        if fresh {
+            self.progress.warn(&text);
+        }
+    }
+
+    /// The identity of a step across builds (its recipe, stage, position and the platform
+    /// built for), under which its latest inputs are kept to explain the next miss.
+    fn identity(&self, stage: usize, n: usize) -> Digest {
+        let id = format!(
+            "kiln-step-identity-v2\n{}\n{stage}\n{n}\n{}",
+            self.recipe_id, self.target
+        );
+        Digest::of(id.as_bytes())
+    }
+
+    /// Looks the step up in the caches in order and returns a hit and the cache's index. A
+    /// shared cache's layer that the store does not hold is promised, not fetched. On a miss,
+    /// returns why the step is rebuilt (when that can be told).
     fn try_cache(
         &self,
-        stage: usize,
-        n: usize,
-        platform: &Platform,
-        parent: &Digest,
-        key: &Digest,
+        place: &StepPlace,
+        (parent, key): (&Digest, &Digest),
         inputs: &StepInputs,
-        step: &crate::progress::Step<'_>,
-    ) -> Result<Option<CacheRecord>, BuildError> {
-        let cached = match self.opts.no_cache && !self.steps.built_here(key) {
-            true => None,
-            false => self.store.cache_get(key)?,
-        };
+    ) -> Result<Result<(Hit, usize), Option<String>>, BuildError> {
+        // Under --no-cache only what this build made counts (another platform's result).
+        if self.opts.no_cache && !self.steps.built_here(key) {
+            return Ok(Err(Some("--no-cache".to_string())));
+        }
         let mut other_encoding = false;
-        if let Some(record) = cached.and_then(|v| serde_json::from_value::<CacheRecord>(v).ok()) {
-            // A record whose layer blob was pruned, or that is encoded differently from what
-            // this build asks for (`--compression`), is a miss.
-            let usable = match &record.layer {
-                Some(l) => {
-                    other_encoding = l.desc.media_type != self.layer_media_type();
-                    self.store.has_blob(&l.desc.digest) && !other_encoding
+        for (i, cache) in self.caches.iter().enumerate() {
+            let hit = match cache.lookup(key) {
+                Lookup::Miss => continue,
+                Lookup::Unusable(warning) => {
+                    self.warn_once(warning);
+                    continue;
                 }
-                None => true,
+                Lookup::Hit(hit) => *hit,
             };
-            if usable {
-                return Ok(Some(record));
+            if let Some(l) = &hit.layer {
+                // A layer encoded otherwise than this build asks for (`--compression`) is a
+                // miss, as is one found unusable in an earlier attempt.
+                if l.desc.media_type != self.layer_media_type() {
+                    other_encoding = true;
+                    continue;
+                }
+                if self
+                    .rejected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&l.desc.digest)
+                {
+                    continue;
+                }
+                if let Some(origin) = &hit.origin {
+                    self.store.promise_blob(&l.desc.digest, origin)?;
+                }
             }
+            return Ok(Ok((hit, i)));
         }
-        let reason = if self.opts.no_cache {
-            Some("--no-cache".to_string())
-        } else if other_encoding {
-            Some("the cached layer has another compression".to_string())
-        } else {
-            // A step never built before needs no explanation.
-            self.store
-                .cache_get(&self.identity(stage, n, platform))?
-                .and_then(|v| serde_json::from_value::<StepRecord>(v).ok())
-                .map(|old| plan::explain_difference(&old.inputs, inputs, old.parent != *parent))
+        if other_encoding {
+            return Ok(Err(Some(
+                "the cached layer has another compression".to_string(),
+            )));
+        }
+        let shared = cache::shareable(inputs);
+        let miss = Miss {
+            step_id: self.identity(place.stage, place.n),
+            parent: *parent,
+            inputs: &shared,
         };
-        if let Some(reason) = reason {
-            step.rebuild_reason(&reason);
+        let (local, remote) = self.caches.split_at(1);
+        if remote.is_empty() {
+            // A step never built before needs no explanation.
+            return Ok(Err(local[0].explain(&miss)));
         }
-        Ok(None)
+        let names: Vec<&str> = remote.iter().map(|c| c.name()).collect();
+        let mut reason = format!("not in cache {}", names.join(", "));
+        if let Some(why) = remote.iter().find_map(|c| c.explain(&miss)) {
+            reason += &format!("; nearest record differs: {why}");
+        } else if let Some(why) = local[0].explain(&miss) {
+            reason += &format!("; last local build differs: {why}");
+        }
+        Ok(Err(Some(reason)))
     }
 
-    fn apply_record(
-        &self,
-        st: &mut StageState,
-        key: Digest,
-        record: CacheRecord,
-        created_by: String,
-    ) -> Result<(), BuildError> {
+    /// Applies a cached result to the stage, and keeps its record for exports.
+    fn apply_record(&self, st: &mut StageState, place: &StepPlace, record: Record) {
         st.created = record.created.clone();
-        match record.layer {
+        match &record.layer {
             Some(layer) => {
                 st.config.rootfs.diff_ids.push(layer.diff_id);
-                st.layers.push(layer);
-                self.history(st, created_by, false);
+                st.layers.push(layer.clone());
+                self.history(st, place.created_by.clone(), false);
             }
-            None => self.history(st, created_by, true),
+            None => self.history(st, place.created_by.clone(), true),
         }
-        st.key = key;
-        Ok(())
+        st.key = record.key;
+        self.keep_record(place.stage, record);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn remember(
+    /// The record of a step: `key` derived from `parent`, its inputs, layer and time.
+    fn record(
         &self,
-        stage: usize,
-        n: usize,
-        platform: &Platform,
-        parent: Digest,
-        key: &Digest,
-        inputs: StepInputs,
-        record: &CacheRecord,
-    ) -> Result<(), BuildError> {
-        let value = serde_json::to_value(record).unwrap_or_default();
-        self.store.cache_put(key, &value)?;
-        self.steps.record_built(*key);
-        if n != usize::MAX {
-            let id = serde_json::to_value(StepRecord { parent, inputs }).unwrap_or_default();
-            self.store
-                .cache_put(&self.identity(stage, n, platform), &id)?;
+        place: &StepPlace,
+        (parent, key): (Digest, Digest),
+        inputs: &StepInputs,
+        (layer, created): (Option<Layer>, Option<String>),
+    ) -> Record {
+        Record {
+            key,
+            parent,
+            inputs: Some(cache::shareable(inputs)),
+            layer,
+            created,
+            step_id: (place.n != usize::MAX).then(|| self.identity(place.stage, place.n)),
         }
-        Ok(())
-    }
-
-    fn record_step(&self, place: &StepPlace, cache: CacheState, layer: Option<Digest>) {
-        let stage = (place.stage, self.stage_name(place.stage));
-        let text = &place.created_by;
-        self.recorder
-            .step(stage, place.n, place.line, text, cache, layer);
     }
 
     pub(super) fn now_created(&self) -> String {
@@ -220,25 +329,28 @@ impl Engine<'_> {
         step: crate::progress::Step<'p>,
     ) -> Result<Option<(crate::progress::Step<'p>, StepClaim<'_>)>, BuildError> {
         let claim = self.steps.claim(key);
-        let platform = st.platform.clone();
-        match self.try_cache(
-            place.stage,
-            place.n,
-            &platform,
-            &parent,
-            &key,
-            inputs,
-            &step,
-        )? {
-            Some(record) => {
+        match self.try_cache(place, (&parent, &key), inputs)? {
+            Ok((hit, i)) => {
                 drop(claim);
-                let layer = record.layer.as_ref().map(|l| l.desc.digest);
-                self.apply_record(st, key, record, place.created_by.clone())?;
-                self.record_step(place, CacheState::Hit, layer);
+                st.cached = match i {
+                    0 => Cached::Local,
+                    _ => Cached::Shared(self.caches[i].name().to_string()),
+                };
+                st.looked_up = true;
+                let record = self.record(place, (parent, key), inputs, (hit.layer, hit.created));
+                self.apply_record(st, place, record);
                 step.cached();
                 Ok(None)
             }
-            None => Ok(Some((step, claim))),
+            Err(reason) => {
+                if let Some(reason) = &reason {
+                    step.rebuild_reason(reason);
+                }
+                st.cached = Cached::No;
+                st.looked_up = true;
+                st.reason = reason;
+                Ok(Some((step, claim)))
+            }
         }
     }
 
@@ -261,7 +373,7 @@ impl Engine<'_> {
         self.commit_layer(st, place, (parent, key), inputs, layer, step)
     }
 
-    /// Records a step's result (its layer, if it made one) in the cache and applies it.
+    /// Records a step's result (its layer, if it made one) in the local cache and applies it.
     pub(super) fn commit_layer(
         &self,
         st: &mut StageState,
@@ -271,23 +383,13 @@ impl Engine<'_> {
         layer: Option<Layer>,
         step: crate::progress::Step<'_>,
     ) -> Result<(), BuildError> {
-        let record = CacheRecord {
-            layer,
-            created: Some(self.now_created()),
-        };
-        let platform = st.platform.clone();
-        self.remember(
-            place.stage,
-            place.n,
-            &platform,
-            parent,
-            &key,
-            inputs,
-            &record,
-        )?;
-        let layer = record.layer.as_ref().map(|l| l.desc.digest);
-        self.record_step(&place, CacheState::Miss, layer);
-        self.apply_record(st, key, record, place.created_by)?;
+        let created = Some(self.now_created());
+        let record = self.record(&place, (parent, key), &inputs, (layer, created));
+        self.caches[0]
+            .store(std::slice::from_ref(&record))
+            .map_err(|e| self.step_error(place.stage, place.line, e))?;
+        self.steps.record_built(key);
+        self.apply_record(st, &place, record);
         step.done();
         Ok(())
     }
@@ -369,27 +471,63 @@ impl Engine<'_> {
             .collect()
     }
 
-    /// The unpacked dir of a layer, unpacking its blob once if needed.
+    /// The unpacked dir of a layer, unpacking its blob once if needed (fetching it first when
+    /// a shared cache promised it).
     fn ensure_layer_dir(&self, layer: &Layer) -> Result<PathBuf, BuildError> {
         if let Some(dir) = self.store.layer_dir(&layer.diff_id) {
             return Ok(dir);
         }
+        let shared = self.fetch_layer(layer)?;
         let scratch = self.store.scratch_dir()?;
         let dir = scratch.path().join("layer");
-        std::fs::create_dir(&dir).map_err(|e| {
-            BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest))
-        })?;
+        let failed = |reason: String| match &shared {
+            Some(cache) => BuildError::CacheLayer {
+                digest: layer.desc.digest,
+                cache: cache.clone(),
+                reason,
+            },
+            None => BuildError::Image(format!("unpacking layer {}: {reason}", layer.desc.digest)),
+        };
+        std::fs::create_dir(&dir).map_err(|e| failed(e.to_string()))?;
         let blob = self.store.open_blob(&layer.desc.digest)?;
-        let diff_id = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir).map_err(|e| {
-            BuildError::Image(format!("unpacking layer {}: {e}", layer.desc.digest))
-        })?;
+        let unpacked = snapshot::unpack_layer(std::io::BufReader::new(blob), &dir)
+            .map_err(|e| failed(e.to_string()))?;
+        let diff_id = unpacked.diff_id;
+        if !unpacked.notes.is_empty() {
+            self.progress
+                .warn(&unpack_notes_warning(&layer.desc.digest, &unpacked.notes));
+        }
         if diff_id != layer.diff_id {
-            return Err(BuildError::Image(format!(
-                "layer {} has diff_id {diff_id}, but the image config says {}",
-                layer.desc.digest, layer.diff_id
+            return Err(failed(format!(
+                "its diff_id is {diff_id}, but the record says {}",
+                layer.diff_id
             )));
         }
         Ok(self.store.install_layer_dir(&layer.diff_id, &dir)?)
+    }
+
+    /// Makes a layer's blob present, fetching it when a shared cache promised it; returns the
+    /// origin it came from in that case. A fetch that fails is [`BuildError::CacheLayer`].
+    pub(super) fn fetch_layer(&self, layer: &Layer) -> Result<Option<String>, BuildError> {
+        let d = &layer.desc.digest;
+        if self.store.has_blob(d) {
+            return Ok(None);
+        }
+        let Some(origin) = self.store.blob_origin(d) else {
+            return Err(crate::store::StoreError::BlobNotFound {
+                digest: *d,
+                root: self.store.root().to_path_buf(),
+            }
+            .into());
+        };
+        self.store
+            .fetch_promised(d)
+            .map_err(|e| BuildError::CacheLayer {
+                digest: *d,
+                cache: origin.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Some(origin))
     }
 
     /// The state of a stage starting from image `reference` for `platform`: from the store
@@ -403,9 +541,9 @@ impl Engine<'_> {
         let normalized =
             Reference::parse(reference).map_err(|e| self.invalid(line, e.to_string()))?;
         let name = normalized.to_string();
-        let image = {
+        let (image, pulled) = {
             let _one_pull_at_a_time = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
-            let (image, available) = match self.store.lookup(&name)? {
+            let (found, available) = match self.store.lookup(&name)? {
                 None => (None, Vec::new()),
                 Some(StoredRef::Image(img)) => {
                     let own = img.config.platform();
@@ -418,25 +556,23 @@ impl Engine<'_> {
                     (self.store.image_in(&x, platform)?, x.body.platforms())
                 }
             };
-            match image {
-                Some(image) => image,
+            match found {
+                Some(image) => (image, false),
                 None => {
                     self.progress
                         .info(&format!("pulling {normalized} for {platform}"));
                     let pulled = crate::distribution::pull(
                         self.store,
-                        &self.client,
+                        self.client,
                         &normalized,
                         Some(platform),
                     );
                     match pulled {
-                        Ok((_, image)) => image,
+                        Ok((_, image)) => (image, true),
                         Err(source) if !available.is_empty() => {
-                            let have: Vec<String> =
-                                available.iter().map(Platform::to_string).collect();
                             return Err(BuildError::Image(format!(
                                 "{normalized} has no {platform} image in the store (it has {}), and pulling one failed: {source}",
-                                have.join(", ")
+                                image::platform_names(&available)
                             )));
                         }
                         Err(source) => {
@@ -456,8 +592,7 @@ impl Engine<'_> {
                 own.normalized()
             )));
         }
-        self.recorder
-            .image(normalized.to_string(), image.manifest.digest);
+        self.read_image(name, image.manifest.clone());
         let diff_ids = &image.config.rootfs.diff_ids;
         if diff_ids.len() != image.manifest_body.layers.len() {
             return Err(BuildError::Image(format!(
@@ -465,6 +600,10 @@ impl Engine<'_> {
             )));
         }
         let mut st = scratch_state(platform);
+        st.cached = match pulled {
+            true => Cached::No,
+            false => Cached::Local,
+        };
         st.config = image.config.clone();
         st.created = image.config.created.clone();
         st.key = Digest::of(format!("image\n{}\n{platform}", image.manifest.digest).as_bytes());
@@ -480,4 +619,30 @@ impl Engine<'_> {
         }
         Ok(st)
     }
+}
+
+/// Says how an unpacked layer differs from its blob (a normal user's kiln cannot make some
+/// entries); the layer blob and the digests built on it are unchanged.
+fn unpack_notes_warning(layer: &Digest, notes: &snapshot::UnpackNotes) -> String {
+    let mut parts = Vec::new();
+    if notes.unmapped_owners > 0 {
+        parts.push(format!(
+            "{} entries are owned by ids the user namespace does not map and appear as root's",
+            notes.unmapped_owners
+        ));
+    }
+    if let Some(first) = notes.device_placeholders.first() {
+        parts.push(format!(
+            "{} device nodes (first: /{}) cannot be made without root and are empty files",
+            notes.device_placeholders.len(),
+            first.display()
+        ));
+    }
+    if notes.skipped_xattrs > 0 {
+        parts.push(format!(
+            "{} trusted.* xattrs need root and were left out",
+            notes.skipped_xattrs
+        ));
+    }
+    format!("layer {layer}: {}", parts.join("; "))
 }

@@ -9,34 +9,41 @@ pub mod copy;
 mod listed;
 mod once;
 pub mod record;
+pub mod report;
 mod run;
+mod sandboxing;
 mod steps;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
+use crate::cache::{
+    BuiltRecord, CacheBackend, Import, Layer, LocalCache, inline_annotation, open_imports,
+};
 use crate::digest::Digest;
-use crate::image::{self, Descriptor, History, ImageConfig, Index, Platform};
+use crate::image::{self, Descriptor, History, ImageConfig, Platform};
 use crate::plan::{self, Base, Plan, PlanError, PlanOptions};
 use crate::progress::{Progress, StepLabel};
 use crate::recipe::instructions::{Instruction, InstructionKind, Recipe};
 use crate::recipe::shell::Lexer;
 use crate::recipe::{self, RecipeError};
 use crate::registry::{Client, ClientOptions};
-use crate::sandbox::binfmt::EmulationError;
-use crate::sandbox::{self, NetworkMode, Sandbox};
+use crate::sandbox::binfmt::{self, EmulationError};
+use crate::sandbox::limits::Limits;
+use crate::sandbox::{NetworkMode, SandboxError};
 use crate::snapshot::Compression;
 use crate::sources::context::{Context, ContextError};
 use crate::store::{Store, StoreError, StoredImage, StoredRef};
 
+use self::cache::image_stages;
 use self::config::{
     DEFAULT_PATH, command_argv, default_shell, expose_ports, set_env, set_healthcheck,
 };
-use self::record::{BuildRecord, CacheState, Recorder};
+use self::record::BuildRecord;
+use self::report::{Cached, Outcomes, StepReport};
 
 /// Everything a build is asked to do, from the command line.
 #[derive(Clone, Debug)]
@@ -71,8 +78,41 @@ pub struct BuildOptions {
     pub tls_verify: bool,
     /// `--compression` of the layers this build writes.
     pub compression: Compression,
+    /// Resource limits of RUN steps (`--memory`, `--pids-limit`, ...).
+    pub limits: Limits,
+    /// `--cache-from`: shared caches asked after the local store, in order.
+    pub cache_from: Vec<Import>,
+    /// `--cache-to type=inline`: the image's manifest carries its cache records.
+    pub inline_cache: bool,
+    /// Leave layers taken from a shared cache where they are unless a step needs their files
+    /// (true when the image only goes to registries, which can mount them); else the final
+    /// image's layers are all fetched before the build ends.
+    pub lazy_layers: bool,
     /// `--platform`: the platforms to build for (none: the host's). Several give an index.
     pub platforms: Vec<Platform>,
+}
+
+/// A finished build.
+pub struct Built {
+    /// The image, stored (not yet tagged); for several platforms, an index of one image each.
+    pub image: StoredRef,
+    /// What each step of the stages built did, by stage and step (platform after platform).
+    pub steps: Vec<StepReport>,
+    /// The cache records of the build, for `--cache-to`.
+    pub records: Vec<BuiltRecord>,
+    /// Each platform's image and what its build read, in the order given (for provenance and
+    /// `--verify`).
+    pub platforms: Vec<PlatformBuilt>,
+}
+
+/// One platform's part of a build.
+pub struct PlatformBuilt {
+    /// The platform built for (`--platform`, else the host's); its [`StepReport`]s name it.
+    pub platform: Platform,
+    /// The image made for it.
+    pub image: StoredImage,
+    /// The images, context files and downloads its build read.
+    pub record: BuildRecord,
 }
 
 /// Why a build stopped.
@@ -126,6 +166,23 @@ pub enum BuildError {
         /// Its exit code.
         code: i32,
     },
+    /// A RUN step was killed for hitting a resource limit.
+    #[error("stage {stage}, {file}:{line}: `{command}` was killed: {cause}")]
+    StepKilled {
+        /// The stage's name or index.
+        stage: String,
+        /// The recipe file.
+        file: String,
+        /// The step's line.
+        line: usize,
+        /// The command.
+        command: String,
+        /// The limit, in words.
+        cause: String,
+    },
+    /// The sandbox cannot run steps as asked (limits that cannot be applied, ...).
+    #[error(transparent)]
+    Sandbox(SandboxError),
     /// A step could not be carried out.
     #[error("stage {stage}, {file}:{line}: {message}")]
     Step {
@@ -152,6 +209,17 @@ pub enum BuildError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A layer a shared cache pointed at cannot be had or is not what the record said; the
+    /// build is run again without it.
+    #[error("layer {digest} from cache {cache}: {reason}")]
+    CacheLayer {
+        /// The layer blob.
+        digest: Digest,
+        /// The cache it came from.
+        cache: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A stage runs binaries of a platform the host can neither run nor emulate.
     #[error("{file}:{line}: stage {stage} is for {platform}: {source}")]
     Emulation {
@@ -182,15 +250,9 @@ impl BuildError {
                 | BuildError::ContextDir(_)
                 | BuildError::Invalid { .. }
                 | BuildError::Image(_)
+                | BuildError::Sandbox(SandboxError::InvalidInput(_))
         )
     }
-}
-
-/// A layer of an image being built.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Layer {
-    desc: Descriptor,
-    diff_id: Digest,
 }
 
 /// A stage's state as its steps run, and its result.
@@ -205,24 +267,29 @@ struct StageState {
     args: BTreeMap<String, String>,
     shell: Vec<String>,
     cmd_set: bool,
-    /// The platform the stage is for.
-    platform: Platform,
+    /// Where the last step's result came from, and why it was rebuilt (for reports;
+    /// metadata-only steps keep the state of the step before them).
+    cached: Cached,
+    /// Why the current step was rebuilt.
+    reason: Option<String>,
+    /// Whether the current step was looked up in the caches (not a metadata-only step).
+    looked_up: bool,
 }
 
-/// A finished build and what the build read and did.
-pub struct Built {
-    /// The final image, stored (not yet tagged): one image, or for several platforms an index
-    /// of one image per platform, in the order given.
-    pub image: StoredRef,
-    /// The images, context files and downloads it read, and its steps.
-    pub record: BuildRecord,
+impl StageState {
+    /// Forgets what the previous step's cache lookup said, before the next step.
+    fn begin_step(&mut self) {
+        self.reason = None;
+        self.looked_up = false;
+    }
 }
 
-/// Builds the recipe.
+/// Builds the recipe; returns the final image, stored (not yet tagged), and what each step did:
+/// one image, or for several platforms an index of one image per platform, in the order given.
 ///
-/// The platforms are built at once, their stages sharing the job slots; a step whose cache key
-/// another platform's build is computing (the same work: a stage pinned to `$BUILDPLATFORM`)
-/// waits for that result instead of running again.
+/// The platforms are built at once, their stages on threads of their own; a step whose cache
+/// key another platform's build is computing (the same work: a stage pinned to
+/// `$BUILDPLATFORM`) waits for that result instead of running again.
 pub fn build(
     store: &Store,
     opts: &BuildOptions,
@@ -260,17 +327,27 @@ pub fn build(
     let context =
         Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
     let _lease = store.build_lease()?;
+    let sandbox = sandboxing::prepare(opts, store, progress)?;
+    let client = Client::new(ClientOptions {
+        tls_verify: opts.tls_verify,
+        ..Default::default()
+    });
+    let mut caches: Vec<Box<dyn CacheBackend + '_>> = vec![Box::new(LocalCache::new(store))];
+    if !opts.cache_from.is_empty() && !opts.no_cache {
+        let (shared, warnings) = open_imports(store, &client, &opts.cache_from);
+        for w in warnings {
+            progress.warn(&w);
+        }
+        caches.extend(shared);
+    }
     let shared = Shared {
         store,
         opts,
         recipe: &recipe,
         progress,
         cancel,
-        sandbox: Sandbox::new(opts.helper_exe.clone()),
-        client: Client::new(ClientOptions {
-            tls_verify: opts.tls_verify,
-            ..Default::default()
-        }),
+        sandbox,
+        client: &client,
         pulls: Mutex::new(()),
         lexer: Lexer::new(recipe.directives.escape),
         context,
@@ -279,7 +356,10 @@ pub fn build(
             .unwrap_or_else(|_| opts.recipe_path.clone())
             .display()
             .to_string(),
-        recorder: Recorder::default(),
+        caches,
+        rejected: Mutex::default(),
+        warned: Mutex::default(),
+        stopped_others: AtomicBool::new(false),
         steps: cache::StepClaims::default(),
         context_digests: once::OnceMap::default(),
     };
@@ -290,29 +370,16 @@ pub fn build(
         .map(|(target, plan)| Engine {
             shared: &shared,
             label: several.then(|| target.to_string()),
+            target,
+            image_stages: image_stages(&plan),
             plan,
+            outcomes: Mutex::default(),
         })
         .collect();
     for engine in &engines {
         engine.check_emulation()?;
     }
-    let states = run_stages(&engines)?;
-    let mut images = engines
-        .iter()
-        .zip(states)
-        .map(|(engine, state)| engine.finish(state))
-        .collect::<Result<Vec<_>, _>>()?;
-    let image = if images.len() == 1 {
-        StoredRef::Image(images.remove(0))
-    } else {
-        let index = Index::of(images.iter().map(StoredImage::index_entry).collect());
-        StoredRef::Index(store.put_index(&index)?)
-    };
-    drop(engines);
-    Ok(Built {
-        image,
-        record: shared.recorder.finish(),
-    })
+    cache::build_attempts(&shared, &engines)
 }
 
 /// Where a layer step is: for messages, step identities and history.
@@ -324,22 +391,29 @@ struct StepPlace {
 }
 
 /// What the builds of all platforms share: the store, the options, the context, the sandbox,
-/// and what keeps them from doing one piece of work twice.
+/// the caches, and what keeps them from doing one piece of work twice.
 struct Shared<'a> {
     store: &'a Store,
     opts: &'a BuildOptions,
     recipe: &'a Recipe,
     progress: &'a Progress,
     cancel: &'a AtomicBool,
-    sandbox: Sandbox,
-    client: Client,
+    sandbox: crate::sandbox::Sandbox,
+    client: &'a Client,
     /// Serialises pulls so parallel stages do not fetch one image twice.
     pulls: Mutex<()>,
     lexer: Lexer,
     context: Context,
     file: String,
     recipe_id: String,
-    recorder: Recorder,
+    /// The local store's cache first, then the `--cache-from` caches in order.
+    caches: Vec<Box<dyn CacheBackend + 'a>>,
+    /// Layers of shared caches found unusable in an earlier attempt.
+    rejected: Mutex<BTreeSet<Digest>>,
+    /// Warnings given once.
+    warned: Mutex<BTreeSet<String>>,
+    /// Set when a failed stage (not the user) raised `cancel` to stop the others.
+    stopped_others: AtomicBool,
     /// The cache keys of the steps running now, so a step another platform's build is running
     /// is waited for, not run twice.
     steps: cache::StepClaims,
@@ -348,13 +422,19 @@ struct Shared<'a> {
 }
 
 /// The build for one target platform: its plan (the platform ARGs differ, and so may FROM
-/// lines that use them), over what all platforms share (reached through `Deref`, so a field
-/// of [`Shared`] reads as one of the engine).
+/// lines that use them) and what its steps did, over what all platforms share (reached
+/// through `Deref`, so a field of [`Shared`] reads as one of the engine).
 struct Engine<'a> {
     shared: &'a Shared<'a>,
+    /// The platform built for (TARGETPLATFORM).
+    target: Platform,
     plan: Plan,
     /// The platform shown before each stage's name when several are built.
     label: Option<String>,
+    /// The stages whose steps make the image's layers (`--cache-to mode=min`).
+    image_stages: BTreeSet<usize>,
+    /// What the steps did (reset for each attempt).
+    outcomes: Mutex<Outcomes>,
 }
 
 impl<'a> std::ops::Deref for Engine<'a> {
@@ -379,18 +459,16 @@ struct Slots {
 }
 
 /// Builds the target stage of every engine: each stage of each platform on a thread of its
-/// own, started when the stages it needs are done and a job slot is free; the first error
+/// own, started when the stages it needs are done and a job slot is free (`--jobs` slots per
+/// platform, so a slow emulated platform never waits for the others' slots); the first error
 /// cancels the rest.
-fn run_stages(engines: &[Engine]) -> Result<Vec<StageState>, BuildError> {
-    let Some(first) = engines.first() else {
-        return Ok(Vec::new());
-    };
-    let n = first.recipe.stages.len();
+fn run_stages(shared: &Shared, engines: &[Engine]) -> Result<Vec<StageState>, BuildError> {
+    let n = shared.recipe.stages.len();
     let schedule = Schedule {
         state: Mutex::new(Slots {
             done: vec![vec![None; n]; engines.len()],
             error: None,
-            free: first.opts.jobs.max(1),
+            free: shared.opts.jobs.max(1) * engines.len(),
         }),
         changed: Condvar::new(),
     };
@@ -429,7 +507,10 @@ fn run_stages(engines: &[Engine]) -> Result<Vec<StageState>, BuildError> {
                             if guard.error.is_none() {
                                 guard.error = Some(err);
                             }
-                            engine.cancel.store(true, Ordering::SeqCst);
+                            // Stop the other stages; remember whether it was us.
+                            if !engine.cancel.swap(true, Ordering::SeqCst) {
+                                engine.stopped_others.store(true, Ordering::SeqCst);
+                            }
                         }
                     }
                     schedule.changed.notify_all();
@@ -470,7 +551,7 @@ impl Engine<'_> {
             if !runs {
                 continue;
             }
-            sandbox::binfmt::emulator_for(&platform.architecture).map_err(|source| {
+            binfmt::emulator_for(&platform.architecture).map_err(|source| {
                 BuildError::Emulation {
                     file: self.file.clone(),
                     line: stage.span.start_line,
@@ -514,6 +595,7 @@ impl Engine<'_> {
         let step = self
             .progress
             .step(label(1, &stage.text, stage.span.start_line));
+        let started = Instant::now();
         let platform = &self.plan.stages[index].platform;
         let mut st = match &self.plan.stages[index].base {
             Base::Scratch => scratch_state(platform),
@@ -521,18 +603,29 @@ impl Engine<'_> {
             Base::Image(r) => self.load_image(r, stage.span.start_line, platform)?,
         };
         step.ready();
+        st.begin_step();
+        self.report(
+            index,
+            0,
+            &st,
+            &stage.text,
+            stage.span.start_line,
+            started,
+            None,
+        );
         st.args = BTreeMap::new();
         st.shell = st.config.config.shell.clone().unwrap_or_else(default_shell);
         st.cmd_set = false;
         let triggers = st.config.config.on_build.take().unwrap_or_default();
-        for trigger in triggers {
-            let instr = self.parse_trigger(&trigger, stage.span.start_line)?;
-            let step = self.progress.step(label(
-                1,
-                &format!("ONBUILD {trigger}"),
-                stage.span.start_line,
-            ));
+        for (t, trigger) in triggers.iter().enumerate() {
+            let instr = self.parse_trigger(trigger, stage.span.start_line)?;
+            let text = format!("ONBUILD {trigger}");
+            let step = self.progress.step(label(1, &text, stage.span.start_line));
+            let (started, below) = (Instant::now(), st.layers.len());
+            st.begin_step();
             self.execute(index, usize::MAX, &mut st, &instr, step, deps)?;
+            let line = stage.span.start_line;
+            self.report(index, 1 + t, &st, &text, line, started, Some(below));
         }
         for (n, instr) in stage.instructions.iter().enumerate() {
             if self.cancel.load(Ordering::SeqCst) {
@@ -541,7 +634,11 @@ impl Engine<'_> {
             let step = self
                 .progress
                 .step(label(n + 2, &instr.text, instr.span.start_line));
+            let (started, below) = (Instant::now(), st.layers.len());
+            st.begin_step();
             self.execute(index, n, &mut st, instr, step, deps)?;
+            let (order, line) = (1 + triggers.len() + n, instr.span.start_line);
+            self.report(index, order, &st, &instr.text, line, started, Some(below));
         }
         Ok(st)
     }
@@ -729,9 +826,6 @@ impl Engine<'_> {
             InstructionKind::Maintainer(m) => st.config.author = Some(m.clone()),
         }
         self.history(st, instr.text.clone(), true);
-        let stage_id = (stage, self.stage_name(stage));
-        self.recorder
-            .step(stage_id, n, line, &instr.text, CacheState::None, None);
         step.done();
         Ok(())
     }
@@ -745,8 +839,33 @@ impl Engine<'_> {
         for (k, v) in &self.opts.labels {
             st.config.config.labels.insert(k.clone(), v.clone());
         }
+        if !self.opts.platforms.is_empty() {
+            // Asked for by name, the platform is the image's, whatever stage it ends with
+            // (a final stage pinned to $BUILDPLATFORM), as BuildKit does.
+            let config = &mut st.config;
+            let same =
+                config.os == self.target.os && config.architecture == self.target.architecture;
+            config.os = self.target.os.clone();
+            config.architecture = self.target.architecture.clone();
+            if self.target.variant.is_some() || !same {
+                config.variant = self.target.variant.clone();
+            }
+        }
+        if !self.opts.lazy_layers {
+            for l in &st.layers {
+                self.fetch_layer(l)?;
+            }
+        }
         let layers: Vec<Descriptor> = st.layers.iter().map(|l| l.desc.clone()).collect();
-        Ok(self.store.put_image(&st.config, &layers)?)
+        let mut annotations = BTreeMap::new();
+        if self.opts.inline_cache {
+            let outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+            let (k, v) = inline_annotation(&outcomes.records, &layers);
+            annotations.insert(k, v);
+        }
+        Ok(self
+            .store
+            .put_image_annotated(&st.config, &layers, annotations)?)
     }
 }
 
@@ -768,6 +887,8 @@ fn scratch_state(platform: &Platform) -> StageState {
         args: BTreeMap::new(),
         shell: default_shell(),
         cmd_set: false,
-        platform: platform.clone(),
+        cached: Cached::Local,
+        reason: None,
+        looked_up: false,
     }
 }

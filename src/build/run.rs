@@ -251,6 +251,16 @@ impl Engine<'_> {
                 step.failed();
                 return Err(BuildError::Cancelled);
             }
+            Err(sandbox::SandboxError::LimitReached(hit)) => {
+                step.failed();
+                return Err(BuildError::StepKilled {
+                    stage: self.stage_name(stage),
+                    file: self.file.clone(),
+                    line,
+                    command: instr.text.clone(),
+                    cause: hit.to_string(),
+                });
+            }
             Err(e) => {
                 step.failed();
                 return Err(self.step_error(stage, line, e));

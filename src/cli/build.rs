@@ -9,16 +9,20 @@ use clap::ValueEnum;
 
 use kiln::build::{self, BuildError, BuildOptions};
 use kiln::distribution;
+use kiln::image::platform_names;
 use kiln::progress::{Mode, Progress};
 use kiln::registry::reference::Reference;
 use kiln::sandbox::NetworkMode;
-use kiln::store::{self, Store};
+use kiln::store;
 
+use super::cache::CacheArgs;
+use super::limits::LimitArgs;
 use super::output::{Output, parse_output};
-use super::platform::{PlatformArgs, platform_names};
+use super::platform::PlatformArgs;
 use super::release;
 use super::{
-    CANCEL, Failure, client, emit, key_value, normalize, read_file, secrets, transfer_failure,
+    CANCEL, Failure, client, emit, key_value, normalize, open_store, read_file, secrets,
+    transfer_failure,
 };
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -103,6 +107,10 @@ pub(crate) struct BuildArgs {
     #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
     compression: CompressionArg,
     #[command(flatten)]
+    cache: CacheArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
     release: release::ReleaseArgs,
     #[command(flatten)]
     platform: PlatformArgs,
@@ -119,6 +127,7 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
         args.push = false;
         args.iidfile = None;
         args.release.verify = false;
+        args.cache.clear();
     }
     let root = rebuild.as_ref().map_or(root, |s| s.root.as_path());
     let context_dir = args.context.clone();
@@ -214,6 +223,7 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
         .iter()
         .map(|t| normalize(t))
         .collect::<Result<Vec<_>, _>>()?;
+    let cache = args.cache.parse()?;
     let mode = match (args.quiet, args.progress) {
         (true, _) | (_, ProgressArg::Quiet) => Mode::Quiet,
         (_, ProgressArg::Plain) => Mode::Plain,
@@ -246,14 +256,22 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
             CompressionArg::Gzip => kiln::snapshot::Compression::Gzip,
             CompressionArg::Zstd => kiln::snapshot::Compression::Zstd,
         },
+        limits: args.limits.limits()?,
         helper_exe: std::env::current_exe()
             .map_err(|e| Failure::usage(format!("locating the kiln executable: {e}")))?,
+        cache_from: cache.imports.clone(),
+        inline_cache: cache
+            .exports
+            .iter()
+            .any(|e| e.target == kiln::cache::ExportTarget::Inline),
+        // Registries can mount a shared cache's layers; every other output needs the bytes.
+        lazy_layers: outputs.iter().all(|o| matches!(o, Output::Registry)),
         platforms,
     };
     if let Some(spec) = &rebuild {
         release::enter_rebuild(spec, &mut opts)?;
     }
-    let store = Store::open(root)?;
+    let store = open_store(root, args.tls_verify)?;
     let progress = Progress::new(mode);
     let attestations = args.release.attestations()?;
     let started = std::time::SystemTime::now();
@@ -265,10 +283,13 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
         } else {
             1
         };
-        let hint = match e {
+        let hint = match &e {
             BuildError::Pull { .. } => Some(
                 "FROM looks in the local store first (`kiln images`), then pulls; `kiln import` loads an image offline",
             ),
+            BuildError::Sandbox(kiln::sandbox::SandboxError::LimitsUnavailable(_)) => {
+                Some("--limits=best-effort builds without the limits that cannot be applied")
+            }
             BuildError::Emulation { .. } => Some(
                 "install Debian's qemu-user-static (apt-get install qemu-user-static): it registers static QEMU handlers with the F flag (through systemd-binfmt or update-binfmts); see /proc/sys/fs/binfmt_misc",
             ),
@@ -293,13 +314,13 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
     if args.release.verify {
         release::run_verify(
             &store,
-            (&built.image, &built.record),
+            (&built.image, &built.platforms),
             &opts,
             &progress,
             std::time::Instant::now(),
         )?;
     }
-    let image = built.image;
+    let image = &built.image;
     for t in &tags {
         store.tag(t, image.descriptor())?;
     }
@@ -310,11 +331,12 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
         .and_then(|r| r.tag)
         .unwrap_or_else(|| "latest".to_string());
     let first_tag = Some(ref_name.as_str());
+    let registry = client(args.tls_verify);
     for o in &outputs {
         match o {
-            Output::OciDir(d) => store::export_oci_dir(&store, &image, d, first_tag)?,
-            Output::OciArchive(f) => store::export_oci_archive(&store, &image, f, first_tag)?,
-            Output::DockerArchive(f) => match release::single_image(&image, &store)? {
+            Output::OciDir(d) => store::export_oci_dir(&store, image, d, first_tag)?,
+            Output::OciArchive(f) => store::export_oci_archive(&store, image, f, first_tag)?,
+            Output::DockerArchive(f) => match release::single_image(image, &store)? {
                 Some(img) => store::export_docker_archive(&store, &img, f, &tags)?,
                 None => {
                     return Err(Failure::usage(
@@ -325,12 +347,29 @@ pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure>
             Output::Registry => {
                 for t in &tags {
                     let r = Reference::parse(t).map_err(Failure::input)?;
-                    let digest = distribution::push(&store, &client(args.tls_verify), &image, &r)
+                    let digest = distribution::push(&store, &registry, image, &r)
                         .map_err(transfer_failure)?;
                     progress.info(&format!("pushed {r}@{digest}"));
                 }
             }
         }
+    }
+    for export in &cache.exports {
+        match kiln::cache::export(&store, &registry, export, &built.records) {
+            Ok(n) => progress.info(&format!("exported {n} cache records to {}", export.target)),
+            Err(e) if export.ignore_error => progress.warn(&format!(
+                "exporting the build cache to {} failed: {e}",
+                export.target
+            )),
+            Err(e) => {
+                return Err(Failure::runtime(e).hint(
+                    "with ignore-error=true (the default) a failed cache export is only a warning",
+                ));
+            }
+        }
+    }
+    if let Some(path) = &cache.metadata_file {
+        super::cache::write_metadata(path, &built, &tags)?;
     }
     let id = image.id().to_string();
     if let Some(path) = &args.iidfile {

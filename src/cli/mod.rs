@@ -3,7 +3,9 @@
 //! build, 2 a usage or recipe error.
 
 mod build;
+mod cache;
 mod diff;
+mod limits;
 mod output;
 mod platform;
 mod release;
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kiln::distribution;
-use kiln::image::Platform;
+use kiln::image::{Platform, platform_names};
 use kiln::recipe;
 use kiln::registry::reference::Reference;
 use kiln::registry::{Client, ClientOptions};
@@ -24,7 +26,7 @@ use kiln::store::{self, Store, StoredImage, StoredRef};
 
 use self::build::{BuildArgs, build_cmd};
 use self::diff::{DiffArgs, diff_cmd};
-use self::platform::{parse_platform, platform_names};
+use self::platform::parse_platform;
 
 /// Writes a line of data to stdout; a closed pipe (`kiln parse F | head`) ends output quietly
 /// instead of panicking as `println!` would.
@@ -181,7 +183,7 @@ impl From<kiln::store::StoreError> for Failure {
 
 /// Runs the CLI; returns the exit status.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -194,7 +196,17 @@ pub fn main() -> i32 {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
     }
-    match run(cli) {
+    // Before entering a user namespace, where every user is root.
+    let root = store_root(cli.root.take());
+    if needs_user_namespace(&cli.command)
+        && let Err(e) = kiln::sandbox::userns::enter()
+    {
+        print_error(&Failure::runtime(e).hint(
+            "kiln builds as a normal user in a user namespace; see README, \"Rootless kiln\"",
+        ));
+        return 1;
+    }
+    match run(cli.command, &root) {
         Ok(code) => code,
         Err(f) => {
             print_error(&f);
@@ -240,23 +252,28 @@ fn store_root(cli_root: Option<PathBuf>) -> PathBuf {
     data.join("kiln")
 }
 
+/// Whether `command` must run in a user namespace when kiln is not root: everything that
+/// touches the store, whose layers hold files of many owners.
+fn needs_user_namespace(command: &Command) -> bool {
+    !nix::unistd::geteuid().is_root() && !matches!(command, Command::Parse { .. })
+}
+
 /// Runs a command; returns its exit status.
-fn run(cli: Cli) -> Result<i32, Failure> {
-    let root = store_root(cli.root);
-    let done: Result<(), Failure> = match cli.command {
-        Command::Diff(args) => return diff_cmd(&root, *args),
+fn run(command: Command, root: &Path) -> Result<i32, Failure> {
+    let done: Result<(), Failure> = match command {
+        Command::Diff(args) => return diff_cmd(root, *args),
         Command::Parse { format, file } => parse(&file, format),
-        Command::Build(args) => build_cmd(&root, *args),
+        Command::Build(args) => build_cmd(root, *args),
         Command::Import { path, name } => {
             let name = normalize(&name)?;
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let item = store::import(&store, &path).map_err(Failure::input)?;
             store.tag(&name, item.descriptor())?;
             emit!("{}", item.id());
             Ok(())
         }
         Command::Images => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let mut out = std::io::stdout().lock();
             let _ = writeln!(
                 out,
@@ -281,7 +298,7 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             Ok(())
         }
         Command::Inspect { image, platform } => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let item = find(&store, &image)?;
             let value = match (&item, platform) {
                 (StoredRef::Image(img), None) => serde_json::to_value(&img.config),
@@ -300,13 +317,13 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             Ok(())
         }
         Command::Tag { src, dst } => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let item = find(&store, &src)?;
             store.tag(&normalize(&dst)?, item.descriptor())?;
             Ok(())
         }
         Command::Rmi { images } => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             for name in images {
                 let full = normalize(&name)?;
                 if !store.untag(&full)? {
@@ -323,7 +340,7 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         } => {
             let r = Reference::parse(&reference).map_err(Failure::input)?;
             let platform = platform.as_deref().map(parse_platform).transpose()?;
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let (item, img) =
                 distribution::pull(&store, &client(tls_verify), &r, platform.as_ref())
                     .map_err(transfer_failure)?;
@@ -350,7 +367,7 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             reference,
             tls_verify,
         } => {
-            let store = Store::open(&root)?;
+            let store = open_store(root, tls_verify)?;
             let item = find(&store, &image)?;
             let target =
                 Reference::parse(reference.as_deref().unwrap_or(&image)).map_err(Failure::input)?;
@@ -361,7 +378,7 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             Ok(())
         }
         Command::Prune => {
-            let store = Store::open(&root)?;
+            let store = Store::open(root)?;
             let report = store.prune()?;
             eprintln!(
                 "removed {} images, {} blobs ({}), {} unpacked layers, {} cache records",
@@ -375,6 +392,13 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         }
     };
     done.map(|()| 0)
+}
+
+/// Opens the store able to fetch the layers shared caches promised (with these registry
+/// settings).
+pub(crate) fn open_store(root: &Path, tls_verify: bool) -> Result<Store, Failure> {
+    let origins = kiln::cache::origin::Origins::new(client(tls_verify));
+    Ok(Store::open(root)?.with_blob_source(std::sync::Arc::new(origins)))
 }
 
 pub(crate) fn client(tls_verify: bool) -> Client {
@@ -442,8 +466,13 @@ fn image_for(
         StoredRef::Index(x) => (store.image_in(x, wanted)?, x.body.platforms()),
     };
     found.ok_or_else(|| {
-        Failure::input(NotFound(format!("{name} for {wanted}")))
-            .hint(format!("it has {}", platform_names(&available)))
+        let hint = match available.iter().any(|p| p.matches(wanted)) {
+            true => {
+                format!("its {wanted} image was not pulled: kiln pull --platform {wanted} {name}")
+            }
+            false => format!("it is for {}", platform_names(&available)),
+        };
+        Failure::input(NotFound(format!("{name} for {wanted}"))).hint(hint)
     })
 }
 

@@ -35,9 +35,3 @@ pub(crate) fn parse_platform(s: &str) -> Result<Platform, Failure> {
         .map_err(|e| Failure::usage(format!("--platform: {e}")))
         .map_err(|f| f.hint("platforms are written os/arch[/variant], e.g. linux/arm64"))
 }
-
-/// `linux/amd64, linux/arm64`.
-pub(crate) fn platform_names(platforms: &[Platform]) -> String {
-    let names: Vec<String> = platforms.iter().map(Platform::to_string).collect();
-    names.join(", ")
-}

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
 use kiln::attest::{self, AttestOptions, provenance};
-use kiln::build::record::BuildRecord;
-use kiln::build::{BuildOptions, Built};
+use kiln::build::{BuildOptions, Built, PlatformBuilt};
 use kiln::progress::Progress;
 use kiln::store::{Store, StoredImage, StoredRef};
 use kiln::verify::{self, Outcome, RebuildSpec};
@@ -118,10 +117,6 @@ pub(crate) fn attach(
     which: AttestOptions,
     (tags, started): (&[String], SystemTime),
 ) -> Result<StoredRef, Failure> {
-    let images = match &built.image {
-        StoredRef::Image(img) => vec![img.clone()],
-        StoredRef::Index(x) => store.present_images(x)?,
-    };
     let times = opts.source_date_epoch.is_none().then(|| {
         let secs = |t: SystemTime| {
             t.duration_since(std::time::UNIX_EPOCH)
@@ -135,11 +130,11 @@ pub(crate) fn attach(
     let name = tags.iter().find(|t| *t != verify::REBUILD_TAG);
     let build = attest::Build {
         opts,
-        record: &built.record,
+        built,
         name: name.map(String::as_str),
         times,
     };
-    let index = attest::attest_images(store, &images, &build, which).map_err(Failure::runtime)?;
+    let index = attest::attest_images(store, &build, which).map_err(Failure::runtime)?;
     Ok(StoredRef::Index(store.put_index(&index)?))
 }
 
@@ -194,7 +189,7 @@ pub(crate) fn enter_rebuild(spec: &RebuildSpec, opts: &mut BuildOptions) -> Resu
 /// Builds again and compares; Ok when both builds gave the same image.
 pub(crate) fn run_verify(
     store: &Store,
-    (first, record): (&StoredRef, &BuildRecord),
+    (first, platforms): (&StoredRef, &[PlatformBuilt]),
     opts: &BuildOptions,
     progress: &Progress,
     finished: Instant,
@@ -206,11 +201,17 @@ pub(crate) fn run_verify(
     }
     let command_line = std::env::args_os().skip(1).collect();
     let info = |s: &str| progress.info(s);
-    let outcome = verify::verify(store, first, record, opts, command_line, finished, &info)
+    let outcome = verify::verify(store, first, platforms, opts, command_line, finished, &info)
         .map_err(Failure::runtime)?;
     match outcome {
         Outcome::Reproducible(digest) => {
             progress.info(&format!("verify: reproducible, both builds gave {digest}"));
+            Ok(())
+        }
+        Outcome::SameButCacheStates(digest) => {
+            progress.info(&format!(
+                "verify: reproducible, both builds gave the same images and attestations but for the provenance's cache states (the second build ran every step); this build gave {digest}"
+            ));
             Ok(())
         }
         Outcome::Differs(report) => {

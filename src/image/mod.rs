@@ -9,7 +9,7 @@ pub mod diff;
 pub mod docker_archive;
 mod platform;
 
-pub use platform::{ARCHITECTURES, Platform, PlatformError};
+pub use platform::{ARCHITECTURES, Platform, PlatformError, platform_names};
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -185,6 +185,15 @@ impl Platform {
     }
 }
 
+/// `linux/amd64, linux/arm64` (`none` for no platform), for messages.
+pub fn platform_names(platforms: &[Platform]) -> String {
+    if platforms.is_empty() {
+        return "none".to_string();
+    }
+    let names: Vec<String> = platforms.iter().map(Platform::to_string).collect();
+    names.join(", ")
+}
+
 /// `os/arch[/variant]`.
 impl fmt::Display for Platform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -35,7 +35,9 @@ pub enum EmulationError {
     },
     /// binfmt_misc is not mounted, or is disabled.
     #[error(
-        "running {arch} binaries needs an emulator registered with binfmt_misc, and {dir} is {state}"
+        "running {arch} binaries needs an emulator registered with binfmt_misc, and {} is {state}{}",
+        dir.display(),
+        if *state == "not mounted" { format!(" (mount -t binfmt_misc binfmt_misc {})", dir.display()) } else { String::new() }
     )]
     Unavailable {
         /// The architecture.

@@ -25,7 +25,9 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 
 use super::sys::{self, Overlay};
-use super::{InitConfig, NetworkMode, Report, SandboxError, users};
+use super::{
+    InitConfig, NetworkMode, Report, RootfsSource, SandboxError, cgroups, limits, userns, users,
+};
 
 const CONFIG_FD: i32 = 3;
 const STATUS_FD: i32 = 4;
@@ -40,11 +42,19 @@ pub fn init_main() -> ! {
     let code = match helper() {
         Ok(()) => 0,
         Err(e) => {
-            send(Report::Error(e.to_string()));
+            send(error_report(e));
             1
         }
     };
     std::process::exit(code)
+}
+
+/// The report of a failed setup: the message alone (the parent says it was the setup).
+fn error_report(e: SandboxError) -> Report {
+    Report::Error(match e {
+        SandboxError::Setup(message) => message,
+        e => e.to_string(),
+    })
 }
 
 /// Writes one report line to the status pipe (best effort: the parent may be gone).
@@ -86,22 +96,34 @@ fn helper() -> Result<(), SandboxError> {
                 Ok(never) => match never {},
                 Err(e) => e,
             };
-            send(Report::Error(err.to_string()));
+            send(error_report(err));
             // SAFETY: terminating the child without running the parent's atexit handlers.
             unsafe { libc::_exit(1) }
         }
         ForkResult::Parent { child } => {
             drop(alive_r);
-            let r = supervise(child, control);
+            let r = supervise(child, control, config.cgroup.as_ref());
             drop(alive_w);
+            super::remove_scratch(&config.scratch, &super::SCRATCH_FILES);
+            if let Some(cg) = &config.cgroup {
+                cg.remove();
+            }
             r
         }
     }
 }
 
-/// Waits for the sandbox init to end, or kills it when the control pipe closes; reports how it
-/// ended. When it returns, every process of the step has exited.
-fn supervise(child: Pid, control: OwnedFd) -> Result<(), SandboxError> {
+/// How often (ms) a step's cgroup is checked for a limit it hit.
+const LIMIT_CHECK_MS: u8 = 50;
+
+/// Waits for the sandbox init to end, or kills it when the control pipe closes or the step hits
+/// a limit of its cgroup; reports how it ended. When it returns, every process of the step has
+/// exited.
+fn supervise(
+    child: Pid,
+    control: OwnedFd,
+    cgroup: Option<&cgroups::StepCgroup>,
+) -> Result<(), SandboxError> {
     // Only the step's processes may hold the output pipe, so its end of file means they are gone.
     let null = File::options()
         .read(true)
@@ -116,12 +138,18 @@ fn supervise(child: Pid, control: OwnedFd) -> Result<(), SandboxError> {
     let pidfd = sys::pidfd_open(child.as_raw())
         .map_err(|e| SandboxError::sys("pidfd_open", Path::new(""), e))?;
     let mut cancelled = false;
+    let mut hit = None;
+    let timeout = if cgroup.is_some() {
+        PollTimeout::from(LIMIT_CHECK_MS)
+    } else {
+        PollTimeout::NONE
+    };
     loop {
         let mut fds = [
             PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
             PollFd::new(control.as_fd(), PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, timeout) {
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(SandboxError::sys("poll", Path::new(""), e.into())),
             Ok(_) => {}
@@ -134,6 +162,13 @@ fn supervise(child: Pid, control: OwnedFd) -> Result<(), SandboxError> {
             let _ = kill(child, Signal::SIGKILL);
             break;
         }
+        // A step that hit a limit is failed as a whole: what it goes on to do would depend on
+        // which of its processes the kernel stopped.
+        hit = cgroup.and_then(cgroups::StepCgroup::hit);
+        if hit.is_some() {
+            let _ = kill(child, Signal::SIGKILL);
+            break;
+        }
     }
     let code = loop {
         match waitpid(child, None) {
@@ -143,11 +178,14 @@ fn supervise(child: Pid, control: OwnedFd) -> Result<(), SandboxError> {
             Err(e) => return Err(SandboxError::sys("waitpid", Path::new(""), e.into())),
         }
     };
-    send(if cancelled {
-        Report::Cancelled
-    } else {
-        Report::Exit(code)
-    });
+    if cancelled {
+        send(Report::Cancelled);
+        return Ok(());
+    }
+    if let Some(hit) = hit.or_else(|| cgroup.and_then(cgroups::StepCgroup::hit)) {
+        send(Report::Limit(hit));
+    }
+    send(Report::Exit(code));
     Ok(())
 }
 
@@ -164,7 +202,9 @@ struct Rootfs<'a> {
     /// The host path of the merged overlay.
     root: PathBuf,
     root_fd: OwnedFd,
-    upper: &'a Path,
+    /// The overlay's upper dir, when there is one to look at (not with a copied rootfs, where
+    /// every dir counts as copied up).
+    upper: Option<&'a Path>,
 }
 
 impl Rootfs<'_> {
@@ -267,7 +307,10 @@ impl Rootfs<'_> {
         let mut prefix = PathBuf::new();
         for c in rel.components() {
             prefix.push(c);
-            if self.upper.join(&prefix).symlink_metadata().is_ok() {
+            if self
+                .upper
+                .is_some_and(|u| u.join(&prefix).symlink_metadata().is_ok())
+            {
                 continue;
             }
             if let Ok(m) = self.root.join(&prefix).symlink_metadata() {
@@ -314,15 +357,43 @@ fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), SandboxError
         )
     })?;
     if readonly {
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        let flags =
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | kept_flags(target);
         mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
             .map_err(|e| SandboxError::sys("remount read-only", target, e.into()))?;
     }
     Ok(())
 }
 
+/// The flags a bind remount of `target` must repeat: in a user namespace the kernel locks
+/// `nosuid`, `nodev`, `noexec` and the atime flags of mounts it inherited from the host, and
+/// refuses a remount that would clear them.
+fn kept_flags(target: &Path) -> MsFlags {
+    use nix::sys::statvfs::FsFlags;
+    let Ok(st) = nix::sys::statvfs::statvfs(target) else {
+        return MsFlags::empty();
+    };
+    let f = st.flags();
+    [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(st, _)| f.contains(*st))
+    .fold(MsFlags::empty(), |acc, (_, ms)| acc | ms)
+}
+
 /// Builds the rootfs and execs the command; returns only on failure.
 fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, SandboxError> {
+    // First, while this process is alone: everything the step starts inherits the cgroup.
+    if let Some(cg) = &cfg.cgroup {
+        cg.join_self()
+            .map_err(|e| SandboxError::Setup(format!("moving the step into its cgroup: {e}")))?;
+    }
     // Everything created from here on (mount stubs, the working dir) gets predictable modes.
     umask(Mode::from_bits_truncate(0o022));
     die_with_helper(&helper_alive)?;
@@ -333,21 +404,39 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     unshare(flags).map_err(|e| SandboxError::sys("unshare", Path::new(""), e.into()))?;
     sys::make_mounts_private()?;
 
-    let empty = [cfg.scratch.join("empty")];
-    let lowers = if cfg.lowers.is_empty() {
-        &empty[..]
-    } else {
-        &cfg.lowers[..]
-    };
     let root = cfg.scratch.join("root");
-    sys::mount_overlay(
-        &Overlay {
+    let upper = match &cfg.rootfs {
+        RootfsSource::Overlay {
             lowers,
-            upper: &cfg.upper,
-            work: &cfg.work,
-        },
-        &root,
-    )?;
+            upper,
+            work,
+            userxattr,
+        } => {
+            let empty = [cfg.scratch.join("empty")];
+            let lowers = if lowers.is_empty() {
+                &empty[..]
+            } else {
+                &lowers[..]
+            };
+            sys::mount_overlay(
+                &Overlay {
+                    lowers,
+                    upper,
+                    work,
+                    userxattr: *userxattr,
+                },
+                &root,
+            )?;
+            Some(upper.as_path())
+        }
+        RootfsSource::Prepared {
+            root: prepared,
+            upper,
+        } => {
+            bind(prepared, &root, false)?;
+            upper.as_deref()
+        }
+    };
     let root_fd = nix::fcntl::open(
         &root,
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -357,7 +446,7 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     let rootfs = Rootfs {
         root: root.clone(),
         root_fd,
-        upper: &cfg.upper,
+        upper,
     };
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
 
@@ -380,7 +469,7 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
         MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
         Some("mode=755,size=65536k"),
     )?;
-    populate_dev(&dev)?;
+    populate_dev(&dev, cfg.shm_size)?;
 
     let sysfs = required("/sys")?;
     let ro = nosuid_nodev_noexec | MsFlags::MS_RDONLY;
@@ -389,7 +478,7 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     }
     mask(&sysfs.join("firmware"))?;
 
-    for name in ["hosts", "resolv.conf", "hostname"] {
+    for name in super::SCRATCH_FILES {
         if let Some(target) = rootfs.ensure(&format!("/etc/{name}"), Kind::File)? {
             bind(&cfg.scratch.join(name), &target, false)?;
         }
@@ -447,16 +536,13 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
         .iter()
         .map(|g| Gid::from_raw(*g))
         .collect();
+    // While the init still holds CAP_SYS_RESOURCE (which some raised limits need).
+    set_rlimits(&cfg.rlimits)?;
     // Before the credentials change, while the init still holds CAP_SETPCAP.
     bound_capabilities()?;
-    nix::unistd::setgroups(&gids)
-        .map_err(|e| SandboxError::sys("setgroups", Path::new(""), e.into()))?;
-    nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(|e| {
-        SandboxError::sys(&format!("setgid({})", user.gid), Path::new(""), e.into())
-    })?;
-    nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(|e| {
-        SandboxError::sys(&format!("setuid({})", user.uid), Path::new(""), e.into())
-    })?;
+    set_groups(&gids, user.gid)?;
+    nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(|e| id_error("setgid", user.gid, e))?;
+    nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(|e| id_error("setuid", user.uid, e))?;
     // A non-root user lost every capability with setuid; root keeps the default set only.
     limit_capabilities()?;
     reset_signals();
@@ -464,6 +550,69 @@ fn sandbox_init(cfg: &InitConfig, helper_alive: OwnedFd) -> Result<Infallible, S
     die_with_helper(&helper_alive)?;
     sys::cloexec_from_3().map_err(|e| SandboxError::sys("close_range", Path::new(""), e))?;
     exec(cfg)
+}
+
+/// A failed setuid/setgid, saying when the id does not exist in kiln's user namespace.
+fn id_error(call: &str, id: u32, e: Errno) -> SandboxError {
+    if e == Errno::EINVAL && userns::in_user_namespace() {
+        let which = if call == "setuid" { "uid" } else { "gid" };
+        return SandboxError::Setup(format!(
+            "{call}({id}): {which} {id} does not exist in kiln's user namespace (a normal user's kiln maps the ids of the user's ranges in /etc/subuid and /etc/subgid; with none, only 0)"
+        ));
+    }
+    SandboxError::sys(&format!("{call}({id})"), Path::new(""), e.into())
+}
+
+/// Sets the supplementary groups; where the user namespace forbids setgroups (a single-id
+/// map), only the primary group alone is accepted, which the process already has.
+fn set_groups(gids: &[Gid], primary: u32) -> Result<(), SandboxError> {
+    let denied = std::fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny");
+    if denied {
+        if gids.iter().all(|g| g.as_raw() == primary) {
+            return Ok(());
+        }
+        return Err(SandboxError::Setup(format!(
+            "the step's user has supplementary groups {:?}, which kiln's single-id user namespace cannot give (add ranges in /etc/subuid and /etc/subgid)",
+            gids.iter().map(|g| g.as_raw()).collect::<Vec<_>>()
+        )));
+    }
+    nix::unistd::setgroups(gids)
+        .map_err(|e| SandboxError::sys("setgroups", Path::new(""), e.into()))
+}
+
+/// Applies `--ulimit`s (and the process-limit fallback) to this process, for the command.
+fn set_rlimits(rlimits: &[limits::Ulimit]) -> Result<(), SandboxError> {
+    for r in rlimits {
+        let limit = libc::rlimit {
+            rlim_cur: r.soft,
+            rlim_max: r.hard,
+        };
+        // SAFETY: a plain syscall with a valid rlimit struct.
+        if unsafe { libc::setrlimit(r.resource as _, &limit) } != 0 {
+            let e = std::io::Error::last_os_error();
+            let mut now = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: reading into a local struct.
+            unsafe { libc::getrlimit(r.resource as _, &mut now) };
+            let show = |v: u64| {
+                if v == libc::RLIM_INFINITY {
+                    "unlimited".to_string()
+                } else {
+                    v.to_string()
+                }
+            };
+            return Err(SandboxError::Setup(format!(
+                "--ulimit {}={}:{}: {e} (the hard limit kiln runs with is {}; only root on the host may raise it)",
+                limits::ulimit_name(r.resource),
+                show(r.soft),
+                show(r.hard),
+                show(now.rlim_max)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The capabilities a RUN step keeps: Docker's default set without `CAP_MKNOD` (kiln has no
@@ -604,7 +753,7 @@ fn die_with_helper(helper_alive: &OwnedFd) -> Result<(), SandboxError> {
 }
 
 /// Fills the fresh /dev tmpfs: device nodes bound from the host, a private devpts, shm, links.
-fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
+fn populate_dev(dev: &Path, shm_size: u64) -> Result<(), SandboxError> {
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
         let (source, target) = (Path::new("/dev").join(node), dev.join(node));
         if !source.exists() {
@@ -617,19 +766,25 @@ fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
         let d = dev.join(dir);
         std::fs::create_dir(&d).map_err(|e| SandboxError::sys("mkdir", &d, e))?;
     }
+    // Group 5 (tty) owns the pty slaves, where the user namespace has a group 5.
+    let devpts = if userns::is_mapped("gid_map", 5) {
+        "newinstance,ptmxmode=0666,mode=0620,gid=5"
+    } else {
+        "newinstance,ptmxmode=0666,mode=0620"
+    };
     mount_at(
         "devpts",
         &dev.join("pts"),
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        Some(devpts),
     )?;
     mount_at(
         "shm",
         &dev.join("shm"),
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some("mode=1777,size=65536k"),
+        Some(&format!("mode=1777,size={shm_size}")),
     )?;
     for (link, to) in [
         ("ptmx", "pts/ptmx"),

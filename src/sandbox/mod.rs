@@ -9,21 +9,33 @@
 //! into it and execs the command as pid 1 of the new pid namespace; when it exits, the kernel
 //! kills everything it left behind. Reports (mount stubs created, errors, the exit status) come
 //! back as JSON lines on a status pipe.
+//!
+//! A normal user's kiln runs the same code in a user namespace ([`userns`]); the rootfs comes
+//! from the [`snapshotter`] that works there; each step's processes run in a cgroup with the
+//! build's [`limits`] ([`cgroups`]).
 
 pub mod binfmt;
+pub mod cgroups;
+mod copyfs;
+mod fuse;
 mod init;
+pub mod limits;
 mod parent;
+pub mod snapshotter;
 mod sys;
+pub mod userns;
 pub mod users;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use init::init_main;
+use limits::{LimitHit, LimitPlan, Ulimit};
 
 /// The hidden first argument that makes the kiln binary act as the sandbox helper.
 pub const INIT_ARG: &str = "__kiln-sandbox-init";
@@ -79,12 +91,28 @@ pub struct RunSpec {
 #[derive(Debug, Clone)]
 pub struct Sandbox {
     helper_exe: PathBuf,
+    limits: Arc<LimitPlan>,
 }
 
 impl Sandbox {
-    /// A sandbox whose helper is `helper_exe` (normally `std::env::current_exe()`).
+    /// A sandbox whose helper is `helper_exe` (normally `std::env::current_exe()`), with no
+    /// limits but the default size of `/dev/shm`.
     pub fn new(helper_exe: PathBuf) -> Sandbox {
-        Sandbox { helper_exe }
+        Sandbox {
+            helper_exe,
+            limits: Arc::new(LimitPlan {
+                shm_size: limits::DEFAULT_SHM_SIZE,
+                ..LimitPlan::default()
+            }),
+        }
+    }
+
+    /// The same sandbox, applying `plan` (from [`limits::Limits::plan`]) to every step.
+    pub fn with_limits(self, plan: LimitPlan) -> Sandbox {
+        Sandbox {
+            limits: Arc::new(plan),
+            ..self
+        }
     }
 
     /// Runs the step; streams the process's stdout and stderr (merged, in order) to `output`.
@@ -94,16 +122,17 @@ impl Sandbox {
     pub fn run(
         &self,
         spec: &RunSpec,
-        output: &mut dyn FnMut(&[u8]),
+        output: &mut (dyn FnMut(&[u8]) + Send),
         cancel: &AtomicBool,
     ) -> Result<i32, SandboxError> {
-        parent::run(&self.helper_exe, spec, output, cancel)
+        parent::run(&self.helper_exe, &self.limits, spec, output, cancel)
     }
 }
 
-/// Mounts the overlay (lowers + upper/work) privately, calls `f` with the merged root path, and
-/// unmounts. `f` runs on a dedicated thread that has its own mount namespace, so no mount is
-/// ever visible to, or leaked into, the host namespace.
+/// Mounts the layers (lowers + upper/work) privately with this process's [`snapshotter`], calls
+/// `f` with the merged root path, and unmounts (after which the upper dir holds the changes).
+/// `f` runs on a dedicated thread that has its own mount namespace, so no mount is ever visible
+/// to, or leaked into, the host namespace.
 pub fn with_rootfs<R: Send>(
     lower_dirs: &[PathBuf],
     upper: &Path,
@@ -158,6 +187,12 @@ pub enum SandboxError {
     /// The step was cancelled and everything in it killed.
     #[error("cancelled")]
     Cancelled,
+    /// The step hit a limit and was killed.
+    #[error("killed: {0}")]
+    LimitReached(LimitHit),
+    /// Limits that were asked for cannot be applied on this machine.
+    #[error("the resource limits cannot be applied here: {0}")]
+    LimitsUnavailable(String),
 }
 
 impl SandboxError {
@@ -170,12 +205,43 @@ impl SandboxError {
     }
 }
 
+/// The files of a step's scratch dir, bound into the rootfs at `/etc/NAME`.
+const SCRATCH_FILES: [&str; 3] = ["hosts", "hostname", "resolv.conf"];
+
+/// Removes a sandbox scratch dir: its `files`, then `root/`, `empty/` and the dir itself, entry
+/// by entry (never recursively: nothing beyond it can go, even if a mount were visible). The
+/// helper does this too when its step ends, so a killed kiln leaves no scratch dir behind.
+fn remove_scratch(dir: &Path, files: &[&str]) {
+    for f in files {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    for d in ["root", "empty", ""] {
+        let _ = std::fs::remove_dir(dir.join(d));
+    }
+}
+
+/// Where the sandbox init gets the step's rootfs.
+#[derive(Debug, Serialize, Deserialize)]
+enum RootfsSource {
+    /// It mounts a kernel overlay itself.
+    Overlay {
+        lowers: Vec<PathBuf>,
+        upper: PathBuf,
+        work: PathBuf,
+        userxattr: bool,
+    },
+    /// It binds a rootfs mounted by kiln (fuse-overlayfs, a copy); `upper` is the dir that
+    /// collects changes (fuse-overlayfs), if there is one to look at while the step runs.
+    Prepared {
+        root: PathBuf,
+        upper: Option<PathBuf>,
+    },
+}
+
 /// What the helper needs from a [`RunSpec`], sent to it as JSON.
 #[derive(Debug, Serialize, Deserialize)]
 struct InitConfig {
-    lowers: Vec<PathBuf>,
-    upper: PathBuf,
-    work: PathBuf,
+    rootfs: RootfsSource,
     argv: Vec<String>,
     env: Vec<(String, String)>,
     cwd: String,
@@ -186,6 +252,12 @@ struct InitConfig {
     /// A private scratch dir: `root/` (mount point), `empty/` (lower for FROM scratch), and the
     /// `hosts`, `hostname`, `resolv.conf` files to bind into the rootfs.
     scratch: PathBuf,
+    /// The step's cgroup, which the helper puts the step into and removes afterwards.
+    cgroup: Option<cgroups::StepCgroup>,
+    /// rlimits set before the command runs.
+    rlimits: Vec<Ulimit>,
+    /// Bytes of `/dev/shm`.
+    shm_size: u64,
 }
 
 /// One report from the helper or the sandbox init, one JSON line each on the status pipe.
@@ -206,4 +278,6 @@ enum Report {
     Exit(i32),
     /// The command was killed on request.
     Cancelled,
+    /// The step hit a limit of its cgroup (and was killed, if it still ran).
+    Limit(LimitHit),
 }

@@ -12,14 +12,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2};
-use nix::mount::{MntFlags, umount2};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sched::{CloneFlags, unshare};
 use nix::sys::stat::{Mode, fstatat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
-use super::sys::{self, Overlay};
-use super::{INIT_ARG, InitConfig, Report, RunSpec, SandboxError};
+use super::cgroups::StepCgroup;
+use super::limits::LimitPlan;
+use super::snapshotter::{self, Snapshotter};
+use super::{INIT_ARG, InitConfig, Report, RootfsSource, RunSpec, SCRATCH_FILES, SandboxError};
 
 fn io_err(call: &str, path: &Path) -> impl FnOnce(io::Error) -> SandboxError {
     move |e| SandboxError::sys(call, path, e)
@@ -62,19 +62,15 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        for f in &self.files {
-            let _ = std::fs::remove_file(self.path.join(f));
-        }
-        for d in ["root", "empty", ""] {
-            let _ = std::fs::remove_dir(self.path.join(d));
-        }
+        super::remove_scratch(&self.path, &self.files);
     }
 }
 
 pub(super) fn run(
     exe: &Path,
+    limits: &LimitPlan,
     spec: &RunSpec,
-    output: &mut dyn FnMut(&[u8]),
+    output: &mut (dyn FnMut(&[u8]) + Send),
     cancel: &AtomicBool,
 ) -> Result<i32, SandboxError> {
     if spec.argv.is_empty() {
@@ -92,18 +88,22 @@ pub(super) fn run(
         &spec.hostname
     };
     let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let [hosts, hostname_file, resolv_conf] = SCRATCH_FILES;
     let scratch = Scratch::new(&[
         (
-            "hosts",
+            hosts,
             format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
         ),
-        ("hostname", format!("{hostname}\n")),
-        ("resolv.conf", resolv),
+        (hostname_file, format!("{hostname}\n")),
+        (resolv_conf, resolv),
     ])?;
-    let config = InitConfig {
-        lowers: spec.lower_dirs.clone(),
-        upper: spec.upper_dir.clone(),
-        work: spec.work_dir.clone(),
+    let snapshotter = snapshotter::current_for(&spec.upper_dir)?;
+    let cgroup = match &limits.hierarchy {
+        Some(h) => Some(StepCgroup::create(h, limits)?),
+        None => None,
+    };
+    let config = |rootfs| InitConfig {
+        rootfs,
         argv: spec.argv.clone(),
         env: spec.env.clone(),
         cwd: spec.cwd.clone(),
@@ -112,15 +112,109 @@ pub(super) fn run(
         network: spec.network,
         binds: spec.binds.clone(),
         scratch: scratch.path.clone(),
+        cgroup: cgroup.clone(),
+        rlimits: limits.rlimits.clone(),
+        shm_size: limits.shm_size,
     };
-    let json = serde_json::to_vec(&config)
+    let outcome = match snapshotter {
+        Snapshotter::Overlay { userxattr } => execute(
+            exe,
+            &config(RootfsSource::Overlay {
+                lowers: spec.lower_dirs.clone(),
+                upper: spec.upper_dir.clone(),
+                work: spec.work_dir.clone(),
+                userxattr: *userxattr,
+            }),
+            spec.stdin.as_deref(),
+            output,
+            cancel,
+        ),
+        // The rootfs is mounted here, in a thread's own mount namespace, which the helper
+        // (spawned from that thread) inherits; its changes reach the upper dir at the unmount.
+        other => with_rootfs(
+            &spec.lower_dirs,
+            &spec.upper_dir,
+            &spec.work_dir,
+            |merged| {
+                let upper = matches!(other, Snapshotter::FuseOverlayfs { .. })
+                    .then(|| spec.upper_dir.clone());
+                execute(
+                    exe,
+                    &config(RootfsSource::Prepared {
+                        root: merged.to_path_buf(),
+                        upper,
+                    }),
+                    spec.stdin.as_deref(),
+                    output,
+                    cancel,
+                )
+            },
+        )
+        .and_then(|r| r),
+    };
+    if let Some(cg) = &cgroup {
+        // The helper removes it; this covers a helper that died first.
+        cg.remove();
+    }
+    let Outcome {
+        reports,
+        helper_status,
+        cancelled,
+    } = outcome?;
+    remove_stubs(&spec.upper_dir, &reports);
+    drop(scratch);
+
+    if let Some(msg) = reports.iter().find_map(|r| match r {
+        Report::Error(m) => Some(m.clone()),
+        _ => None,
+    }) {
+        return Err(SandboxError::Setup(msg));
+    }
+    if cancelled {
+        return Err(SandboxError::Cancelled);
+    }
+    if let Some(hit) = reports.iter().find_map(|r| match r {
+        Report::Limit(hit) => Some(hit.clone()),
+        _ => None,
+    }) {
+        return Err(SandboxError::LimitReached(hit));
+    }
+    reports
+        .iter()
+        .find_map(|r| match r {
+            Report::Exit(code) => Some(*code),
+            _ => None,
+        })
+        .ok_or_else(|| SandboxError::HelperDied {
+            exe: exe.to_path_buf(),
+            status: helper_status,
+        })
+}
+
+/// What a helper run left: its reports, how it ended, whether it was cancelled.
+struct Outcome {
+    reports: Vec<Report>,
+    helper_status: String,
+    cancelled: bool,
+}
+
+/// Spawns the helper with `config`, feeds it `stdin`, streams the step's output and waits for
+/// it to end (or kills it on `cancel`).
+fn execute(
+    exe: &Path,
+    config: &InitConfig,
+    stdin_bytes: Option<&[u8]>,
+    output: &mut (dyn FnMut(&[u8]) + Send),
+    cancel: &AtomicBool,
+) -> Result<Outcome, SandboxError> {
+    let json = serde_json::to_vec(config)
         .map_err(|e| SandboxError::InvalidInput(format!("serializing the spec: {e}")))?;
 
     let (cfg_r, cfg_w) = pipe()?;
     let (st_r, st_w) = pipe()?;
     let (ctl_r, ctl_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
-    let (stdin_child, stdin_w) = match &spec.stdin {
+    let (stdin_child, stdin_w) = match stdin_bytes {
         Some(_) => {
             let (r, w) = pipe()?;
             (Stdio::from(r), Some(w))
@@ -162,7 +256,7 @@ pub(super) fn run(
     // A failed write means the helper died early; its exit status tells the story below.
     let _ = File::from(cfg_w).write_all(&json);
 
-    let mut stdin = stdin_w.map(|w| (w, spec.stdin.as_deref().unwrap_or_default()));
+    let mut stdin = stdin_w.map(|w| (w, stdin_bytes.unwrap_or_default()));
     if let Some((w, _)) = &stdin {
         nix::fcntl::fcntl(w, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|e| {
             SandboxError::sys("fcntl(O_NONBLOCK)", Path::new("stdin pipe"), e.into())
@@ -235,34 +329,16 @@ pub(super) fn run(
     let helper_status = child
         .wait()
         .map_err(io_err("wait for sandbox helper", exe))?;
-
     let reports: Vec<Report> = status
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
         .filter_map(|l| serde_json::from_slice(l).ok())
         .collect();
-    remove_stubs(&spec.upper_dir, &reports);
-    drop(scratch);
-
-    if let Some(msg) = reports.iter().find_map(|r| match r {
-        Report::Error(m) => Some(m.clone()),
-        _ => None,
-    }) {
-        return Err(SandboxError::Setup(msg));
-    }
-    if cancelled {
-        return Err(SandboxError::Cancelled);
-    }
-    reports
-        .iter()
-        .find_map(|r| match r {
-            Report::Exit(code) => Some(*code),
-            _ => None,
-        })
-        .ok_or_else(|| SandboxError::HelperDied {
-            exe: exe.to_path_buf(),
-            status: helper_status.to_string(),
-        })
+    Ok(Outcome {
+        reports,
+        helper_status: helper_status.to_string(),
+        cancelled,
+    })
 }
 
 /// Removes the mount points the init created (and the lower dirs creating them copied up, if
@@ -364,23 +440,10 @@ pub(super) fn with_rootfs<R: Send>(
     };
     let joined = std::thread::scope(|s| {
         s.spawn(|| -> Result<R, SandboxError> {
-            unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS).map_err(|e| {
-                SandboxError::sys("unshare(CLONE_FS|CLONE_NEWNS)", Path::new(""), e.into())
-            })?;
-            sys::make_mounts_private()?;
-            sys::mount_overlay(
-                &Overlay {
-                    lowers,
-                    upper,
-                    work,
-                },
-                &root,
-            )?;
+            snapshotter::private_mount_namespace()?;
+            let mounted = snapshotter::mount_current(lowers, upper, work, &root)?;
             let r = f(&root);
-            if umount2(&root, MntFlags::empty()).is_err() {
-                umount2(&root, MntFlags::MNT_DETACH)
-                    .map_err(|e| SandboxError::sys("umount", &root, e.into()))?;
-            }
+            mounted.unmount()?;
             Ok(r)
         })
         .join()

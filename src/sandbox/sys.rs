@@ -173,6 +173,9 @@ pub(crate) struct Overlay<'a> {
     pub upper: &'a Path,
     /// The work dir.
     pub work: &'a Path,
+    /// Mounted in a user namespace: overlay's own data lives in `user.overlay.*` xattrs (the
+    /// `trusted.*` ones need root on the host), which also needs `redirect_dir=nofollow`.
+    pub userxattr: bool,
 }
 
 /// Opens `path` as an `O_PATH` directory fd and names it by a short `/proc/self/fd/N` path.
@@ -187,11 +190,18 @@ fn by_fd(path: &Path) -> Result<(OwnedFd, CString), SandboxError> {
     Ok((fd, name))
 }
 
-const OVERLAY_FLAGS: [(&CStr, &CStr); 3] = [
-    (c"redirect_dir", c"off"),
-    (c"metacopy", c"off"),
-    (c"index", c"off"),
-];
+/// The options that keep the upper dir a plain diff (DESIGN.md §6). In a user namespace
+/// `redirect_dir=off` means "follow", which `userxattr` forbids: there it is `nofollow`.
+fn overlay_flags(userxattr: bool) -> [(&'static CStr, &'static CStr); 3] {
+    [
+        (
+            c"redirect_dir",
+            if userxattr { c"nofollow" } else { c"off" },
+        ),
+        (c"metacopy", c"off"),
+        (c"index", c"off"),
+    ]
+}
 
 /// Mounts the overlay at `target` (in the caller's mount namespace).
 ///
@@ -225,7 +235,15 @@ pub(crate) fn mount_overlay(o: &Overlay<'_>, target: &Path) -> Result<(), Sandbo
     set(c"upperdir", &upper, o.upper)?;
     let (_w, work) = by_fd(o.work)?;
     set(c"workdir", &work, o.work)?;
-    for (k, v) in OVERLAY_FLAGS {
+    if o.userxattr {
+        fsconfig_flag(&fs, c"userxattr").map_err(|e| SandboxError::Overlay {
+            path: o.upper.to_path_buf(),
+            option: "userxattr".into(),
+            source: e,
+            log: fs_log(&fs),
+        })?;
+    }
+    for (k, v) in overlay_flags(o.userxattr) {
         set(k, v, o.upper)?;
     }
     // `volatile`: no sync of the upper filesystem when the overlay is unmounted. Without it,
@@ -280,7 +298,10 @@ fn mount_overlay_legacy(o: &Overlay<'_>, target: &Path) -> Result<(), SandboxErr
         upper.to_string_lossy(),
         work.to_string_lossy()
     );
-    for (k, v) in OVERLAY_FLAGS {
+    if o.userxattr {
+        data.push_str(",userxattr");
+    }
+    for (k, v) in overlay_flags(o.userxattr) {
         data.push_str(&format!(",{}={}", k.to_string_lossy(), v.to_string_lossy()));
     }
     data.push_str(",volatile"); // as in `mount_overlay`
@@ -343,6 +364,7 @@ mod tests {
                 lowers: &lowers,
                 upper: &upper,
                 work: &work,
+                userxattr: false,
             };
             mount_overlay_legacy(&o, &root).unwrap();
             let n = std::fs::read_dir(&root).unwrap().count();

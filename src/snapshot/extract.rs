@@ -14,13 +14,42 @@ use super::{SnapshotError, WH_OPAQUE, WH_PREFIX, xattr_is_private};
 use crate::digest::{Digest, HashingReader};
 use crate::rootfs::{RootDir, RootfsError};
 
+/// What [`unpack_layer`] produced.
+#[derive(Debug)]
+pub struct Unpacked {
+    /// sha256 of the uncompressed tar; the caller compares it with the image config's.
+    pub diff_id: Digest,
+    /// What could not be made exactly as the layer says (only without root on the host).
+    pub notes: UnpackNotes,
+}
+
+/// Where an unpacked layer differs from its tar because kiln runs in a user namespace (a normal
+/// user's kiln): the layer blob itself is unchanged, only the rootfs steps see differs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UnpackNotes {
+    /// Entries whose owner is not mapped in the user namespace: they are owned by root.
+    pub unmapped_owners: u64,
+    /// Device nodes, which a user namespace cannot create: empty regular files stand in.
+    pub device_placeholders: Vec<PathBuf>,
+    /// `trusted.*` xattrs (root on the host only) that were left out.
+    pub skipped_xattrs: u64,
+}
+
+impl UnpackNotes {
+    /// True when the unpacked dir is exactly what the layer says.
+    pub fn is_empty(&self) -> bool {
+        *self == UnpackNotes::default()
+    }
+}
+
 /// Decompress (gzip or zstd detected by magic, or plain tar) and unpack a layer into `dest` (an empty dir)
 /// in overlayfs-native form, so `dest` can serve as an overlay lowerdir: OCI `.wh.NAME` → char
-/// device 0/0 named NAME; `.wh..wh..opq` → xattr `trusted.overlay.opaque=y` on the dir.
+/// device 0/0 named NAME; `.wh..wh..opq` → xattr `trusted.overlay.opaque=y` on the dir (in a
+/// user namespace, where `trusted.*` is out of reach, `user.overlay.opaque=y`, which is what
+/// overlayfs mounted there with `userxattr` reads).
 /// Path-safe (entries with `..` that climb out are refused; absolute paths, paths through
-/// symlinks and hardlink targets resolve inside `dest`). Returns the diff_id (sha256 of the
-/// uncompressed tar) — the caller compares it.
-pub fn unpack_layer<R: Read>(blob: R, dest: &Path) -> Result<Digest, SnapshotError> {
+/// symlinks and hardlink targets resolve inside `dest`).
+pub fn unpack_layer<R: Read>(blob: R, dest: &Path) -> Result<Unpacked, SnapshotError> {
     let read_err = |err| SnapshotError::Read {
         what: "layer".into(),
         err,
@@ -42,10 +71,13 @@ pub fn unpack_layer<R: Read>(blob: R, dest: &Path) -> Result<Digest, SnapshotErr
     };
     let mut hashed = HashingReader::new(tar);
     let root = RootDir::open_host(dest)?;
-    Applier::new(&root, Vec::new(), Mode::Layer).run(&mut hashed, "layer")?;
+    let notes = Applier::new(&root, Vec::new(), Mode::Layer).run(&mut hashed, "layer")?;
     // The diff_id covers the whole stream, including padding after the end-of-archive blocks.
     io::copy(&mut hashed, &mut io::sink()).map_err(read_err)?;
-    Ok(hashed.finish().1)
+    Ok(Unpacked {
+        diff_id: hashed.finish().1,
+        notes,
+    })
 }
 
 /// For `ADD local.tar dest`: is this file an archive kiln extracts? (tar, gzip/bzip2/xz-compressed
@@ -111,7 +143,9 @@ pub fn extract_archive(
         reason,
     })?;
     root.mkdir_all(bytes_path(&base), 0o755, 0, 0)?;
-    Applier::new(root, base, Mode::Add { chown }).run(r, &what)
+    Applier::new(root, base, Mode::Add { chown })
+        .run(r, &what)
+        .map(drop)
 }
 
 /// What the applier is unpacking.
@@ -131,6 +165,9 @@ struct Applier<'a> {
     mode: Mode,
     /// Directory mtimes, set last so creating their contents does not change them.
     dir_times: Vec<(PathBuf, i64)>,
+    /// The xattr that marks an opaque dir: `trusted.overlay.opaque` until the kernel refuses it.
+    opaque_xattr: &'static str,
+    notes: UnpackNotes,
 }
 
 /// Lexically cleans an archive path into a relative one: a leading `/`, `.` and empty components
@@ -216,6 +253,8 @@ impl<'a> Applier<'a> {
             base,
             mode,
             dir_times: Vec::new(),
+            opaque_xattr: "trusted.overlay.opaque",
+            notes: UnpackNotes::default(),
         }
     }
 
@@ -233,7 +272,7 @@ impl<'a> Applier<'a> {
         Ok(t)
     }
 
-    fn run<R: Read>(mut self, r: R, what: &str) -> Result<(), SnapshotError> {
+    fn run<R: Read>(mut self, r: R, what: &str) -> Result<UnpackNotes, SnapshotError> {
         let read_err = |err| SnapshotError::Read {
             what: what.to_string(),
             err,
@@ -252,7 +291,21 @@ impl<'a> Applier<'a> {
                 r => r?,
             }
         }
-        Ok(())
+        Ok(self.notes)
+    }
+
+    /// Marks `dir` opaque, in the `user.` namespace where `trusted.` is refused.
+    fn set_opaque(&mut self, dir: &Path) -> Result<(), SnapshotError> {
+        match self.root.set_xattr(dir, self.opaque_xattr, b"y") {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EPERM)
+                    && self.opaque_xattr.starts_with("trusted.") =>
+            {
+                self.opaque_xattr = "user.overlay.opaque";
+                Ok(self.root.set_xattr(dir, self.opaque_xattr, b"y")?)
+            }
+            r => Ok(r?),
+        }
     }
 
     fn entry<R: Read>(&mut self, entry: &mut Entry<'_, R>) -> Result<(), Step> {
@@ -279,8 +332,7 @@ impl<'a> Applier<'a> {
                 Mode::Layer => {
                     self.root.mkdir_all(&parent, 0o755, 0, 0)?;
                     if name == WH_OPAQUE {
-                        self.root
-                            .set_xattr(&parent, "trusted.overlay.opaque", b"y")?;
+                        self.set_opaque(&parent)?;
                         return Ok(());
                     }
                     let hidden = &name[WH_PREFIX.len()..];
@@ -369,7 +421,14 @@ impl<'a> Applier<'a> {
                 let major = h.device_major().ok().flatten().unwrap_or(0);
                 let minor = h.device_minor().ok().flatten().unwrap_or(0);
                 self.clear_dir(&tpath)?;
-                self.root.mknod(&tpath, fmt | meta.mode, major, minor)?;
+                match self.root.mknod(&tpath, fmt | meta.mode, major, minor) {
+                    // A user namespace may make FIFOs but no devices: an empty file stands in.
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) && fmt != libc::S_IFIFO => {
+                        self.root.create_file(&tpath, 0o600)?;
+                        self.notes.device_placeholders.push(tpath.clone());
+                    }
+                    r => r?,
+                }
                 self.finish(&tpath, &meta, Kind::Other)?;
             }
             other => {
@@ -401,13 +460,28 @@ impl<'a> Applier<'a> {
             Mode::Add { chown: Some(o) } => o,
             _ => (m.uid, m.gid),
         };
-        self.root.lchown(p, uid, gid)?;
+        match self.root.lchown(p, uid, gid) {
+            // An owner the user namespace does not map: the entry stays root's.
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL) && matches!(self.mode, Mode::Layer) =>
+            {
+                self.notes.unmapped_owners += 1;
+            }
+            r => r?,
+        }
         if !matches!(kind, Kind::Symlink) {
             self.root.chmod(p, m.mode)?;
         }
         for (k, v) in &m.xattrs {
             if !v.is_empty() {
-                self.root.set_xattr(p, k, v)?;
+                match self.root.set_xattr(p, k, v) {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EPERM) && k.starts_with("trusted.") =>
+                    {
+                        self.notes.skipped_xattrs += 1;
+                    }
+                    r => r?,
+                }
             }
         }
         if matches!(kind, Kind::Dir) {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::digest::Digest;
 use crate::rootfs::RootfsError;
 
-pub use extract::{extract_archive, is_archive, unpack_layer};
+pub use extract::{UnpackNotes, Unpacked, extract_archive, is_archive, unpack_layer};
 pub use speculate::{Precompressed, Speculation};
 pub use write::{
     ListedEntry, ListedKind, layer_xattrs, upper_has_changes, write_layer, write_layer_with,

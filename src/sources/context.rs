@@ -1,6 +1,7 @@
 //! The build context: resolving COPY/ADD source patterns inside the context directory (never
 //! outside it), honouring `.dockerignore`, and content digests of sources for cache keys (mode,
-//! owner, size, content, link target; never mtimes). Reads only.
+//! size, content, link target; never owners or mtimes, which differ from checkout to checkout
+//! and never reach the image: COPY gives context files to root). Reads only.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -261,7 +262,7 @@ impl Context {
     }
 
     /// Content digests of entries for cache keys: path → short hex digest of (type, mode,
-    /// owner, size, link target, content). Big contexts are hashed on every core.
+    /// size, link target, content). Big contexts are hashed on every core.
     pub fn digest_entries(
         &self,
         entries: &[Entry],
@@ -303,7 +304,7 @@ impl Context {
         };
         let m = &e.meta;
         let mut h = Sha256::new();
-        h.update(format!("{:o} {} {} {}\n", m.mode(), m.uid(), m.gid(), m.len()).as_bytes());
+        h.update(format!("{:o} {}\n", m.mode(), m.len()).as_bytes());
         let host = self.host_path(&e.rel);
         if m.file_type().is_symlink() {
             let t = std::fs::read_link(&host).map_err(read_err)?;
@@ -424,7 +425,7 @@ mod tests {
     }
 
     #[test]
-    fn digests_ignore_mtime_but_see_content() {
+    fn digests_ignore_mtime_and_owner_but_see_content() {
         let (d, c) = ctx();
         let e = c.walk("app/main.py").unwrap();
         let a = c.digest_entries(&e).unwrap();
@@ -433,6 +434,10 @@ mod tests {
             .open(d.path().join("app/main.py"))
             .unwrap();
         f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+        let e = c.walk("app/main.py").unwrap();
+        assert_eq!(a, c.digest_entries(&e).unwrap());
+        // The owner a checkout gave the file never reaches the image (COPY makes it root's).
+        std::os::unix::fs::lchown(d.path().join("app/main.py"), Some(1234), Some(5678)).unwrap();
         let e = c.walk("app/main.py").unwrap();
         assert_eq!(a, c.digest_entries(&e).unwrap());
         std::fs::write(d.path().join("app/main.py"), "print(2)").unwrap();

@@ -1,7 +1,7 @@
 //! Writing a stored image or index out: an OCI image layout directory, the same layout as one
-//! tar (OCI archive), or (an image only) a docker-archive (`docker load` format, which kiln writes as an OCI layout plus
-//! `manifest.json`, the way Docker 25+ does). Archives are deterministic: entries sorted,
-//! mtime 0, uid/gid 0, fixed modes.
+//! tar (OCI archive), or (an image only) a docker-archive (`docker load` format, which kiln
+//! writes as an OCI layout plus `manifest.json`, the way Docker 25+ does). Archives are
+//! deterministic: entries sorted, mtime 0, uid/gid 0, fixed modes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

@@ -2,10 +2,11 @@
 //! docker-archive (detected from the content; archives may be gzip-compressed).
 //!
 //! Every blob is verified against its digest before it is stored; imported indexes, manifests
-//! and configs are stored byte for byte, so digests survive the round trip. A docker-archive has no
-//! manifest, so kiln writes an OCI one over the archive's config and layer files as they are.
+//! and configs are stored byte for byte, so digests survive the round trip. A docker-archive
+//! has no manifest, so kiln writes an OCI one over the archive's config and layer files as
+//! they are.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Component, Path, PathBuf};
@@ -44,18 +45,21 @@ fn invalid(path: &Path, reason: impl Into<String>) -> StoreError {
     }
 }
 
-/// Chooses the image among the entries of a layout's `index.json`: the only one, else the one
-/// for the host platform.
+/// Chooses the image among the entries of a layout's `index.json`: the only one (entries
+/// naming one manifest under several tags count once), else the one for the host platform.
 fn choose(entries: &[Descriptor], path: &Path) -> Result<Descriptor, StoreError> {
-    if let [only] = entries {
-        return Ok(only.clone());
+    if let [only] = distinct(entries.iter().collect()).as_slice() {
+        return Ok((*only).clone());
     }
     let host = Platform::host();
-    let mut for_host = entries
-        .iter()
-        .filter(|d| d.platform.as_ref().is_some_and(|p| p.matches(&host)));
-    match (for_host.next(), for_host.next()) {
-        (Some(d), None) => Ok(d.clone()),
+    let for_host = distinct(
+        entries
+            .iter()
+            .filter(|d| d.platform.as_ref().is_some_and(|p| p.matches(&host)))
+            .collect(),
+    );
+    match for_host.as_slice() {
+        [d] => Ok((*d).clone()),
         _ => {
             let names: Vec<String> = entries
                 .iter()
@@ -210,6 +214,12 @@ fn import_oci_dir(store: &Store, dir: &Path) -> Result<StoredRef, StoreError> {
     let item = import_tree(store, &LayoutDir { store, dir }, &top, dir, 0)?;
     store.record(item.descriptor())?;
     Ok(item)
+}
+
+/// `list` with later entries for a digest already listed left out.
+fn distinct(list: Vec<&Descriptor>) -> Vec<&Descriptor> {
+    let mut seen = std::collections::BTreeSet::new();
+    list.into_iter().filter(|d| seen.insert(d.digest)).collect()
 }
 
 /// A tar entry's path made relative and clean; `None` for paths that escape (`..`).
@@ -419,7 +429,7 @@ fn import_archive(store: &Store, path: &Path) -> Result<StoredRef, StoreError> {
         layers.push(Descriptor::new(media_type, digest, size));
     }
     store
-        .put_manifest(config_digest, config_size, config, layers)
+        .put_manifest(config_digest, config_size, config, layers, BTreeMap::new())
         .map(StoredRef::Image)
 }
 

@@ -172,8 +172,8 @@ impl Store {
             .collect()
     }
 
-    /// Every blob `item` needs, itself included, checking that all are here: an index's
-    /// manifests (nested indexes followed) with their configs and layers.
+    /// Every blob `item` needs, itself included, checking that all are here (or promised): an
+    /// index's manifests (nested indexes followed) with their configs and layers.
     pub fn blobs_of(&self, item: &StoredRef) -> Result<BTreeSet<Digest>, StoreError> {
         let mut out = BTreeSet::new();
         match item {
@@ -190,7 +190,7 @@ impl Store {
             }
         }
         for d in &out {
-            if !self.has_blob(d) {
+            if !self.has_blob_or_promise(d) {
                 return Err(StoreError::BlobNotFound {
                     digest: *d,
                     root: self.root.clone(),

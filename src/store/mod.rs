@@ -10,23 +10,27 @@
 //! oci-layout           {"imageLayoutVersion":"1.0.0"}
 //! layers/<hex>/        unpacked layers by diff_id (overlay lower dirs), installed by rename
 //! cache/<hex>.json     build cache records by cache key, written atomically
+//! remote/<hex>         promised blobs: where a layer taken from a shared cache can be fetched
 //! tmp/s-<id>/          one scratch directory per open Store, flock'ed by its owner
 //! lock                 short exclusive lock around index.json updates
 //! gc.lock              shared by running builds (leases), exclusive for prune
 //! ```
 //!
-//! Invariants: a blob's name is its digest; nothing references an incomplete blob; partial work
+//! Invariants: a blob's name is its digest; nothing references an incomplete blob (an image may
+//! reference a promised one, fetched and verified when first read); partial work
 //! lives only under `tmp/` with temporary names and is removed on the next open once its owner
 //! is gone; several processes may use one store at once.
 
 mod export;
 mod import;
 mod indexes;
+mod promised;
 mod writeback;
 
 pub use export::{export_docker_archive, export_oci_archive, export_oci_dir};
 pub use import::import;
 pub use indexes::{StoredIndex, StoredRef};
+pub use promised::BlobSource;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -42,7 +46,7 @@ use tempfile::NamedTempFile;
 use crate::digest::{BackgroundHashingWriter, Digest, HashingReader};
 use crate::image::{
     ANNOTATION_REF_NAME, Descriptor, ImageConfig, ImageError, Index, MEDIA_CONFIG, MEDIA_MANIFEST,
-    Manifest, Platform, canonical_json, is_index_type,
+    Manifest, Platform, canonical_json, is_index_type, platform_names,
 };
 use writeback::WritebackFile;
 
@@ -82,6 +86,16 @@ pub enum StoreError {
         what: String,
         /// What is wrong with it.
         source: ImageError,
+    },
+    /// A promised blob could not be fetched from its origin (or did not verify).
+    #[error("fetching blob {digest} from {origin}: {reason}")]
+    Fetch {
+        /// The blob.
+        digest: Digest,
+        /// Where its promise said it could be fetched.
+        origin: String,
+        /// What went wrong.
+        reason: String,
     },
     /// A stored JSON file (index, cache record) could not be parsed.
     #[error("{}: invalid JSON: {source}", path.display())]
@@ -136,6 +150,10 @@ pub struct Store {
     written: Arc<Mutex<BTreeSet<Digest>>>,
     /// This boot's id, which unsynced-layer markers record (see `install_layer_dir`).
     boot_id: String,
+    /// Fetches promised blobs (see [`BlobSource`]).
+    blob_source: Option<Arc<dyn BlobSource>>,
+    /// Held while a promised blob is fetched.
+    fetching: Mutex<()>,
 }
 
 /// The per-`Store` scratch directory and the exclusive lock that marks it live.
@@ -421,7 +439,14 @@ impl Store {
     /// left by processes that are gone.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         let root = root.to_path_buf();
-        for sub in ["blobs/sha256", "layers", "unsynced", "cache", "tmp"] {
+        for sub in [
+            "blobs/sha256",
+            "layers",
+            "unsynced",
+            "cache",
+            "remote",
+            "tmp",
+        ] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).at(&dir)?;
         }
@@ -433,6 +458,8 @@ impl Store {
             session,
             written: Arc::default(),
             boot_id: boot_id(),
+            blob_source: None,
+            fetching: Mutex::new(()),
         };
         store.recover_unsynced_layers()?;
         let layout = store.root.join("oci-layout");
@@ -503,10 +530,12 @@ impl Store {
         w.commit()
     }
 
-    /// Reads a (small) blob into memory, verifying its digest.
+    /// Reads a (small) blob into memory, verifying its digest; a promised blob is fetched.
     pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>, StoreError> {
         let path = self.blob_path(d);
-        let bytes = fs::read(&path).map_err(|source| self.not_found_or(d, &path, source))?;
+        let bytes = self
+            .read_or_fetch(d, || fs::read(&path))?
+            .map_err(|source| self.not_found_or(d, &path, source))?;
         let actual = Digest::of(&bytes);
         if actual != *d {
             return Err(StoreError::DigestMismatch {
@@ -518,10 +547,12 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Opens a blob for streaming (not verified; see [`fsck`](Self::fsck)).
+    /// Opens a blob for streaming (not verified; see [`fsck`](Self::fsck)); a promised blob is
+    /// fetched (and verified) first.
     pub fn open_blob(&self, d: &Digest) -> Result<File, StoreError> {
         let path = self.blob_path(d);
-        File::open(&path).map_err(|source| self.not_found_or(d, &path, source))
+        self.read_or_fetch(d, || File::open(&path))?
+            .map_err(|source| self.not_found_or(d, &path, source))
     }
 
     fn not_found_or(&self, d: &Digest, path: &Path, source: io::Error) -> StoreError {
@@ -656,28 +687,47 @@ impl Store {
     }
 
     /// Saves `config` (canonical JSON) and a manifest for it over `layers`, whose blobs must
-    /// already be stored. The image is recorded untagged in `index.json` (so it can be found by
-    /// id) until [`tag`](Self::tag)ged; [`prune`](Self::prune) drops untagged images.
+    /// already be stored or promised. The image is recorded untagged in `index.json` (so it
+    /// can be found by id) until [`tag`](Self::tag)ged; [`prune`](Self::prune) drops untagged
+    /// images.
     pub fn put_image(
         &self,
         config: &ImageConfig,
         layers: &[Descriptor],
     ) -> Result<StoredImage, StoreError> {
-        let config_bytes = canonical_json(config);
-        let (config_digest, config_size) = self.put_blob(&config_bytes)?;
-        self.put_manifest(config_digest, config_size, config.clone(), layers.to_vec())
+        self.put_image_annotated(config, layers, BTreeMap::new())
     }
 
-    /// Writes the manifest for an already stored config and layers, and records it.
+    /// [`put_image`](Self::put_image) with manifest annotations.
+    pub fn put_image_annotated(
+        &self,
+        config: &ImageConfig,
+        layers: &[Descriptor],
+        annotations: BTreeMap<String, String>,
+    ) -> Result<StoredImage, StoreError> {
+        let config_bytes = canonical_json(config);
+        let (config_digest, config_size) = self.put_blob(&config_bytes)?;
+        self.put_manifest(
+            config_digest,
+            config_size,
+            config.clone(),
+            layers.to_vec(),
+            annotations,
+        )
+    }
+
+    /// Writes the manifest for an already stored config and layers (stored or promised), and
+    /// records it.
     fn put_manifest(
         &self,
         config_digest: Digest,
         config_size: u64,
         config: ImageConfig,
         layers: Vec<Descriptor>,
+        annotations: BTreeMap<String, String>,
     ) -> Result<StoredImage, StoreError> {
         for l in &layers {
-            if !self.has_blob(&l.digest) {
+            if !self.has_blob_or_promise(&l.digest) {
                 return Err(StoreError::BlobNotFound {
                     digest: l.digest,
                     root: self.root.clone(),
@@ -687,7 +737,7 @@ impl Store {
         let manifest_body = Manifest {
             config: Descriptor::new(MEDIA_CONFIG, config_digest, config_size),
             layers,
-            annotations: BTreeMap::new(),
+            annotations,
         };
         let (digest, size) = self.put_blob(&canonical_json(&manifest_body))?;
         let manifest = Descriptor::new(MEDIA_MANIFEST, digest, size);
@@ -806,7 +856,7 @@ impl Store {
                         path: PathBuf::from(name_or_id),
                         reason: format!(
                             "the index has no image for the host platform {host} (it has {})",
-                            platform_list(&x.body.platforms())
+                            platform_names(&x.body.platforms())
                         ),
                     })
             }
@@ -829,7 +879,7 @@ impl Store {
     }
 
     /// Loads the image a manifest descriptor names.
-    fn load_image(&self, desc: &Descriptor) -> Result<StoredImage, StoreError> {
+    pub fn load_image(&self, desc: &Descriptor) -> Result<StoredImage, StoreError> {
         let mut desc = desc.clone();
         desc.annotations.clear();
         desc.platform = None;
@@ -948,6 +998,13 @@ impl Store {
             removed.insert(d);
         }
 
+        let promises = self.root.join("remote");
+        for (d, entry) in digest_named_entries(&promises)? {
+            if !blobs.contains(&d) || self.has_blob(&d) {
+                fs::remove_file(entry.path()).at(&entry.path())?;
+            }
+        }
+
         let layers = self.root.join("layers");
         for (d, _) in digest_named_entries(&layers)? {
             if diff_ids.contains(&d) {
@@ -1048,7 +1105,8 @@ impl Store {
     }
 
     /// Checks the invariants: every blob hashes to its name, every blob referenced from
-    /// `index.json` exists, documents parse, and no stray files lie outside `tmp/`.
+    /// `index.json` exists (or is promised), documents parse, and no stray files lie outside
+    /// `tmp/`.
     pub fn fsck(&self) -> Result<FsckReport, StoreError> {
         let _lease = self.build_lease()?;
         let mut report = FsckReport::default();
@@ -1063,6 +1121,7 @@ impl Store {
             "lock",
             "gc.lock",
             "mounts",
+            "remote",
         ];
         for entry in fs::read_dir(&self.root).at(&self.root)? {
             let entry = entry.at(&self.root)?;
@@ -1109,7 +1168,12 @@ impl Store {
             present.insert(d);
         }
 
-        for (dir, suffix) in [("layers", ""), ("unsynced", ""), ("cache", ".json")] {
+        for (dir, suffix) in [
+            ("layers", ""),
+            ("unsynced", ""),
+            ("cache", ".json"),
+            ("remote", ""),
+        ] {
             let dir = self.root.join(dir);
             for entry in fs::read_dir(&dir).at(&dir)? {
                 let entry = entry.at(&dir)?;
@@ -1126,6 +1190,11 @@ impl Store {
             }
         }
 
+        // A promised blob counts as present: it is fetched when first read.
+        let promised = self.root.join("remote");
+        for (d, _) in digest_named_entries(&promised)? {
+            present.insert(d);
+        }
         match self.read_index() {
             Ok(idx) => {
                 for d in &idx.manifests {
@@ -1258,15 +1327,6 @@ impl Store {
             None => Ok(()),
         }
     }
-}
-
-/// `linux/amd64, linux/arm64`, or `none`.
-fn platform_list(platforms: &[Platform]) -> String {
-    if platforms.is_empty() {
-        return "none".to_string();
-    }
-    let names: Vec<String> = platforms.iter().map(Platform::to_string).collect();
-    names.join(", ")
 }
 
 fn open_lock_file(path: &Path) -> Result<File, StoreError> {

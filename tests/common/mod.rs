@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod registry;
+pub mod unprivileged;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -16,42 +17,52 @@ pub fn kiln_bin() -> &'static str {
 
 /// A store holding the busybox base, shared read-only by the tests of one binary: each test
 /// gets its own store seeded from it by `kiln import`, so tests stay independent.
-fn base_archive() -> &'static Path {
+pub fn base_archive() -> &'static Path {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
-    BASE.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("kiln-test-base-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let root = dir.join("store");
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/build-base.sh");
-        let out = Command::new("bash")
-            .args([
-                script,
-                kiln_bin(),
-                "--progress",
-                "plain",
-                "--source-date-epoch",
-                "0",
-            ])
-            .env("KILN_ROOT", &root)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "building the busybox base failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let archive = dir.join("busybox.tar");
-        export_tagged(&root, "busybox", &archive);
-        // Only the archive is needed from here on.
-        std::fs::remove_dir_all(&root).unwrap();
-        archive
-    })
+    BASE.get_or_init(|| build_base("base", &[]))
 }
 
-fn export_tagged(root: &Path, name: &str, archive: &Path) {
-    // A FROM-only recipe re-exports the tagged image as an archive.
+/// The busybox base for linux/amd64 and linux/arm64, one image index (see [`base_archive`]).
+fn multiarch_archive() -> &'static Path {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(|| build_base("multiarch", &["--platform", "linux/amd64,linux/arm64"]))
+}
+
+/// Builds the busybox base with examples/build-base.sh and `extra` args, as an OCI archive.
+fn build_base(what: &str, extra: &[&str]) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("kiln-test-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = dir.join("store");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/build-base.sh");
+    let out = Command::new("bash")
+        .args([
+            script,
+            kiln_bin(),
+            "--progress",
+            "plain",
+            "--source-date-epoch",
+            "0",
+        ])
+        .args(extra)
+        .env("KILN_ROOT", &root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the busybox base ({what}) failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let archive = dir.join("busybox.tar");
+    export_tagged(&root, "busybox", &archive, extra);
+    // Only the archive is needed from here on.
+    std::fs::remove_dir_all(&root).unwrap();
+    archive
+}
+
+fn export_tagged(root: &Path, name: &str, archive: &Path, platform_args: &[&str]) {
+    // A FROM-only recipe re-exports the tagged image as an archive (for the same platforms).
     let ctx = tempfile::tempdir().unwrap();
     std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {name}\n")).unwrap();
     let out = Command::new(kiln_bin())
@@ -59,6 +70,7 @@ fn export_tagged(root: &Path, name: &str, archive: &Path) {
         .arg(root)
         .args(["build", "-q", "-o"])
         .arg(format!("type=oci-archive,dest={}", archive.display()))
+        .args(platform_args)
         .arg(ctx.path())
         .output()
         .unwrap();
@@ -78,8 +90,17 @@ pub struct Kiln {
 impl Kiln {
     /// A fresh store with `busybox` imported.
     pub fn new() -> Kiln {
+        Kiln::with_base(base_archive())
+    }
+
+    /// A fresh store whose `busybox` is an index for linux/amd64 and linux/arm64.
+    pub fn multiarch() -> Kiln {
+        Kiln::with_base(multiarch_archive())
+    }
+
+    fn with_base(archive: &Path) -> Kiln {
         let k = Kiln::empty();
-        let out = k.run(&["import", base_archive().to_str().unwrap(), "busybox"]);
+        let out = k.run(&["import", archive.to_str().unwrap(), "busybox"]);
         assert!(
             out.status.success(),
             "import failed: {}",

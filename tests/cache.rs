@@ -1,0 +1,711 @@
+//! The shared build cache end to end through the `kiln` binary against real registries
+//! (`docker-registry`, with htpasswd + TLS where it matters): a fresh store builds from a
+//! cache another store exported and gets the same image, downloading no layer; cache keys
+//! depend on content only (contexts at other paths, other owners, other mtimes); mode=min and
+//! mode=max; OCI-layout and inline caches; `--metadata-file`; broken and hostile caches never
+//! break a build; two runners exporting to one ref at once.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::registry::{Action, Proxy, Registry, RegistrySetup, docker_config, free_port};
+use common::{Kiln, assert_success, context, kiln_bin, stderr, stdout_line, umoci_unpack};
+use kiln::digest::Digest;
+use kiln::registry::{Client, ClientOptions, MEDIA_OCI_MANIFEST, Reference};
+use kiln::store::Store;
+use serde_json::Value;
+
+/// Two stages: `tools` is an intermediate stage the final one copies from.
+const RECIPE: &str = "\
+FROM busybox AS tools
+RUN echo tool > /tool
+FROM busybox
+ENV GREETING=hello
+COPY app /app
+RUN cat /app/x > /out && echo $GREETING >> /out
+WORKDIR /srv
+COPY --from=tools /tool /srv/tool
+LABEL stage=final
+";
+
+const FILES: &[(&str, &[u8])] = &[("app/x", b"one\n"), ("app/y", b"two\n")];
+
+/// How kiln reaches the test registry: credentials and the CA that signed its certificate.
+#[derive(Default)]
+struct Access {
+    auth: Option<PathBuf>,
+    ca: Option<PathBuf>,
+}
+
+/// Runs kiln on `k`'s store with only `access`'s credentials (never the developer's own).
+fn kiln(k: &Kiln, args: &[&str], access: &Access) -> Output {
+    kiln_cmd(k, args, access).output().unwrap()
+}
+
+fn kiln_cmd(k: &Kiln, args: &[&str], access: &Access) -> Command {
+    let mut cmd = Command::new(kiln_bin());
+    cmd.arg("--root")
+        .arg(k.root.path())
+        .args(args)
+        .env(
+            "REGISTRY_AUTH_FILE",
+            access
+                .auth
+                .as_deref()
+                .unwrap_or(Path::new("/nonexistent/kiln-test-auth.json")),
+        )
+        .env("DOCKER_CONFIG", "/nonexistent/kiln-test-docker-config")
+        .stdin(Stdio::null());
+    if let Some(ca) = &access.ca {
+        cmd.env("SSL_CERT_FILE", ca);
+    }
+    cmd
+}
+
+/// `kiln build --progress plain ARGS CTX --metadata-file …`; returns the output and the
+/// metadata document (Null when the build failed).
+fn build(k: &Kiln, ctx: &Path, args: &[&str], access: &Access) -> (Output, Value) {
+    let md = tempfile::NamedTempFile::new().unwrap();
+    let mut full = vec!["build", "--progress", "plain", "--metadata-file"];
+    full.push(md.path().to_str().unwrap());
+    full.extend_from_slice(args);
+    full.push(ctx.to_str().unwrap());
+    let out = kiln(k, &full, access);
+    let doc = std::fs::read(md.path())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    (out, doc)
+}
+
+/// Builds and asserts success; returns the metadata document.
+fn build_ok(k: &Kiln, ctx: &Path, args: &[&str], access: &Access) -> Value {
+    let (out, doc) = build(k, ctx, args, access);
+    assert_success(&out);
+    assert_eq!(
+        stdout_line(&out),
+        doc["containerimage.config.digest"].as_str().unwrap()
+    );
+    doc
+}
+
+/// The `kiln.steps` entry of the step with this instruction (the first one).
+fn step<'d>(doc: &'d Value, instruction: &str) -> &'d Value {
+    doc["kiln.steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["instruction"] == instruction)
+        .unwrap_or_else(|| panic!("no step {instruction:?} in {doc:#}"))
+}
+
+/// Steps that run something or change files (the ones with cache records).
+fn layer_steps(doc: &Value) -> Vec<&Value> {
+    doc["kiln.steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            let i = s["instruction"].as_str().unwrap();
+            ["RUN ", "COPY ", "WORKDIR "]
+                .iter()
+                .any(|p| i.starts_with(p))
+        })
+        .collect()
+}
+
+/// Gives every file and directory of `dir` these owners and an old mtime, as another checkout
+/// on another machine would.
+fn reown(dir: &Path, uid: u32, gid: u32) {
+    for e in walkdir::WalkDir::new(dir) {
+        let e = e.unwrap();
+        std::os::unix::fs::lchown(e.path(), Some(uid), Some(gid)).unwrap();
+        if e.file_type().is_file() {
+            let f = std::fs::File::options().write(true).open(e.path()).unwrap();
+            f.set_modified(std::time::UNIX_EPOCH).unwrap();
+        }
+    }
+}
+
+/// The context of RECIPE somewhere else: under another directory, with other owners.
+fn context_elsewhere(uid: u32) -> (tempfile::TempDir, PathBuf) {
+    let outer = tempfile::tempdir().unwrap();
+    let dir = outer.path().join("checkout/of/the/same/repo");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("Dockerfile"), RECIPE).unwrap();
+    for (name, content) in FILES {
+        std::fs::create_dir_all(dir.join(name).parent().unwrap()).unwrap();
+        std::fs::write(dir.join(name), content).unwrap();
+    }
+    reown(&dir, uid, uid + 1);
+    (outer, dir)
+}
+
+/// A client for the test's own registry calls (no credentials from the environment).
+fn test_client() -> Client {
+    Client::new(ClientOptions {
+        tls_verify: false,
+        auth_file: Some(PathBuf::from("/nonexistent/kiln-test-auth.json")),
+        ..Default::default()
+    })
+}
+
+/// A file of the unpacked image.
+fn read(rootfs: &Path, path: &str) -> String {
+    std::fs::read_to_string(rootfs.join(path)).unwrap()
+}
+
+/// Exports `k`'s image `name` as an OCI layout and unpacks it with umoci; returns the rootfs
+/// (and the temp dir holding it).
+fn unpack(layout: &Path) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(layout, "latest", &dir.path().join("bundle"));
+    (dir, rootfs)
+}
+
+#[test]
+fn a_fresh_store_elsewhere_builds_from_the_registry_cache_to_the_same_image() {
+    let reg = Registry::start_with(RegistrySetup {
+        htpasswd: Some(("ci", "t0ken")),
+        tls: true,
+    });
+    let work = tempfile::tempdir().unwrap();
+    let access = Access {
+        auth: Some(docker_config(work.path(), &reg.host(), "ci", "t0ken")),
+        ca: Some(reg.ca()),
+    };
+    let host = reg.host();
+    let max_ref = format!("{host}/cache/app:main");
+    let min_ref = format!("{host}/cache/app:min");
+
+    // Runner A: its checkout belongs to uid 1000.
+    let a = Kiln::new();
+    let ctx_a = context(RECIPE, FILES);
+    reown(ctx_a.path(), 1000, 1000);
+    let doc_a = build_ok(
+        &a,
+        ctx_a.path(),
+        &[
+            "-t",
+            &format!("{host}/app:a"),
+            "--push",
+            "--cache-to",
+            &format!("type=registry,ref={max_ref},mode=max"),
+            "--cache-to",
+            &format!("type=registry,ref={min_ref}"),
+        ],
+        &access,
+    );
+    assert!(layer_steps(&doc_a).iter().all(|s| s["cached"] == "no"));
+
+    // Runner B: a fresh store, the same recipe checked out at another path by another user.
+    let b = Kiln::new();
+    let (_keep, ctx_b) = context_elsewhere(2000);
+    let (out, doc_b) = build(
+        &b,
+        &ctx_b,
+        &[
+            "-t",
+            &format!("{host}/app:b"),
+            "--push",
+            "--cache-from",
+            &max_ref,
+        ],
+        &access,
+    );
+    assert_success(&out);
+    for key in [
+        "containerimage.digest",
+        "containerimage.config.digest",
+        "containerimage.descriptor",
+    ] {
+        assert_eq!(doc_a[key], doc_b[key], "{key}");
+    }
+    assert_eq!(doc_b["image.name"], format!("{host}/app:b"));
+    assert_eq!(
+        doc_b["containerimage.descriptor"]["mediaType"],
+        MEDIA_OCI_MANIFEST
+    );
+    let normalized = Reference::parse(&max_ref).unwrap().to_string();
+    let steps = layer_steps(&doc_b);
+    assert_eq!(steps.len(), 5, "{doc_b:#}");
+    for s in steps {
+        assert_eq!(s["cached"], normalized.as_str(), "{s}");
+    }
+    // Metadata-only steps take the state of the step before them.
+    assert_eq!(step(&doc_b, "ENV GREETING=hello")["cached"], "local");
+    assert_eq!(
+        step(&doc_b, "LABEL stage=final")["cached"],
+        normalized.as_str()
+    );
+    assert_eq!(step(&doc_b, "FROM busybox")["line"], 3);
+    // Nothing was downloaded: the image's layers are promises in B's store, and the push
+    // mounted them from the cache's repository.
+    let store_b = Store::open(b.root.path()).unwrap();
+    let mut promised = 0;
+    for s in layer_steps(&doc_b) {
+        if let Some(layer) = s["layer"].as_str() {
+            let d: Digest = layer.parse().unwrap();
+            assert!(!store_b.has_blob(&d), "{d} was downloaded");
+            assert!(store_b.blob_origin(&d).is_some());
+            promised += 1;
+        }
+    }
+    assert!(promised >= 4);
+    drop(store_b);
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--creds", "ci:t0ken"])
+        .arg(format!("docker://{host}/app:b"))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["Digest"], doc_a["containerimage.digest"]);
+
+    // One changed file: that COPY and the steps after it are rebuilt, with the difference to
+    // the nearest record named; the intermediate stage still comes from the cache (mode=max),
+    // and its layer is now fetched since a rebuilt step copies from it.
+    std::fs::write(ctx_b.join("app/x"), "changed\n").unwrap();
+    let layout = work.path().join("changed-oci");
+    let doc = build_ok(
+        &b,
+        &ctx_b,
+        &[
+            "--cache-from",
+            &max_ref,
+            "-o",
+            &format!("type=oci,dest={}", layout.display()),
+        ],
+        &access,
+    );
+    assert_eq!(
+        step(&doc, "RUN echo tool > /tool")["cached"],
+        normalized.as_str()
+    );
+    let copy = step(&doc, "COPY app /app");
+    assert_eq!(copy["cached"], "no");
+    assert_eq!(
+        copy["reason"],
+        format!("not in cache {normalized}; nearest record differs: 1 file changed: app/x")
+    );
+    for later in [
+        "RUN cat /app/x > /out && echo $GREETING >> /out",
+        "WORKDIR /srv",
+        "COPY --from=tools /tool /srv/tool",
+    ] {
+        assert_eq!(step(&doc, later)["cached"], "no", "{later}");
+    }
+    let (_d, rootfs) = unpack(&layout);
+    assert_eq!(read(&rootfs, "out"), "changed\nhello\n");
+    assert_eq!(read(&rootfs, "srv/tool"), "tool\n");
+
+    // mode=min carries the image's own steps only: a fresh store rebuilds the intermediate
+    // stage and takes the rest from the cache.
+    let c = Kiln::new();
+    let doc_c = build_ok(&c, ctx_a.path(), &["--cache-from", &min_ref], &access);
+    let min_name = Reference::parse(&min_ref).unwrap().to_string();
+    assert_eq!(step(&doc_c, "RUN echo tool > /tool")["cached"], "no");
+    assert_eq!(
+        step(&doc_c, "COPY --from=tools /tool /srv/tool")["cached"],
+        min_name.as_str()
+    );
+    assert_eq!(
+        doc_c["containerimage.config.digest"],
+        doc_a["containerimage.config.digest"]
+    );
+}
+
+#[test]
+fn layout_dir_and_inline_caches() {
+    let reg = Registry::start();
+    let host = reg.host();
+    let access = Access::default();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("ci-cache");
+    let dir_s = dir.to_str().unwrap();
+    let a = Kiln::new();
+    let ctx = context(RECIPE, FILES);
+    let image = format!("{host}/app:inline");
+    let doc_a = build_ok(
+        &a,
+        ctx.path(),
+        &[
+            "-t",
+            &image,
+            "--push",
+            "--cache-to",
+            &format!("type=local,dest={dir_s},mode=max"),
+            "--cache-to",
+            "type=inline",
+        ],
+        &access,
+    );
+    // The layout holds one cache artifact and exactly the blobs it references.
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let entry = &index["manifests"][0];
+    assert_eq!(entry["artifactType"], "application/vnd.kiln.cache.v1");
+    let hex = entry["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("blobs/sha256").join(hex)).unwrap())
+            .unwrap();
+    let blobs = std::fs::read_dir(dir.join("blobs/sha256")).unwrap().count();
+    assert_eq!(blobs, manifest["layers"].as_array().unwrap().len() + 2);
+
+    // From the directory: every step, the intermediate stage's too.
+    let b = Kiln::new();
+    let layout = work.path().join("oci");
+    let doc_b = build_ok(
+        &b,
+        ctx.path(),
+        &[
+            "--cache-from",
+            &format!("type=local,src={dir_s}"),
+            "-o",
+            &format!("type=oci,dest={}", layout.display()),
+        ],
+        &access,
+    );
+    for s in layer_steps(&doc_b) {
+        assert_eq!(s["cached"], dir_s, "{s}");
+    }
+    assert_eq!(
+        doc_b["containerimage.config.digest"],
+        doc_a["containerimage.config.digest"]
+    );
+    // The OCI output needed the bytes: fetched from the directory and verified.
+    let (_d, rootfs) = unpack(&layout);
+    assert_eq!(read(&rootfs, "out"), "one\nhello\n");
+
+    // From the pushed image alone (inline records: the image's own steps).
+    let c = Kiln::new();
+    let doc_c = build_ok(&c, ctx.path(), &["--cache-from", &image], &access);
+    let name = Reference::parse(&image).unwrap().to_string();
+    assert_eq!(step(&doc_c, "RUN echo tool > /tool")["cached"], "no");
+    assert_eq!(step(&doc_c, "COPY app /app")["cached"], name.as_str());
+    assert_eq!(
+        step(&doc_c, "COPY --from=tools /tool /srv/tool")["cached"],
+        name.as_str()
+    );
+    assert_eq!(
+        doc_c["containerimage.config.digest"],
+        doc_a["containerimage.config.digest"]
+    );
+}
+
+/// Pushes a copy of the cache at `from` to `to`, with its records config changed by `edit`.
+fn push_edited_cache(from: &str, to: &str, edit: impl Fn(&mut Value)) {
+    let client = test_client();
+    let (_, bytes, _) = client
+        .get_manifest(&Reference::parse(from).unwrap())
+        .unwrap();
+    let mut manifest: Value = serde_json::from_slice(&bytes).unwrap();
+    let config_digest: Digest = manifest["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut config = Vec::new();
+    client
+        .get_blob(
+            &Reference::parse(from).unwrap(),
+            &config_digest,
+            &mut config,
+        )
+        .unwrap();
+    let mut config: Value = serde_json::from_slice(&config).unwrap();
+    edit(&mut config);
+    let config = serde_json::to_vec(&config).unwrap();
+    push_raw_cache(to, &mut manifest, &config);
+}
+
+/// Pushes `config` as the records of the cache manifest `manifest` to `to`.
+fn push_raw_cache(to: &str, manifest: &mut Value, config: &[u8]) {
+    let client = test_client();
+    let r = Reference::parse(to).unwrap();
+    let d = Digest::of(config);
+    let bytes = config.to_vec();
+    let open = move || -> std::io::Result<Box<dyn Read>> {
+        Ok(Box::new(std::io::Cursor::new(bytes.clone())))
+    };
+    client
+        .push_blob(&r, &d, config.len() as u64, &open, None)
+        .unwrap();
+    manifest["config"]["digest"] = d.to_string().into();
+    manifest["config"]["size"] = config.len().into();
+    client
+        .put_manifest(
+            &r,
+            MEDIA_OCI_MANIFEST,
+            &serde_json::to_vec(manifest).unwrap(),
+        )
+        .unwrap();
+}
+
+/// The record whose layer is the one `doc`'s step `instruction` added.
+fn record_of<'c>(config: &'c mut Value, doc: &Value, instruction: &str) -> &'c mut Value {
+    let layer = step(doc, instruction)["layer"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    config["records"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|r| r["layer"]["digest"] == layer.as_str())
+        .unwrap()
+}
+
+/// A recipe sharing RECIPE's steps up to its last RUN, then needing that RUN's files: a
+/// build of it hits the shared steps and then must fetch their layers.
+const NEEDS_LAYERS: &str = "\
+FROM busybox AS tools
+RUN echo tool > /tool
+FROM busybox
+ENV GREETING=hello
+COPY app /app
+RUN cat /app/x > /out && echo $GREETING >> /out
+RUN cat /out > /out.copy
+";
+
+/// A registry holding a good cache of RECIPE (`c:good`, mode=max), and what its build did.
+struct Hostile {
+    reg: Registry,
+    good: String,
+    doc: Value,
+    needs: tempfile::TempDir,
+}
+
+impl Hostile {
+    fn new() -> Hostile {
+        let reg = Registry::start();
+        let good = format!("{}/c:good", reg.host());
+        let ctx = context(RECIPE, FILES);
+        let doc = build_ok(
+            &Kiln::new(),
+            ctx.path(),
+            &["--cache-to", &format!("type=registry,ref={good},mode=max")],
+            &Access::default(),
+        );
+        Hostile {
+            reg,
+            good,
+            doc,
+            needs: context(NEEDS_LAYERS, FILES),
+        }
+    }
+
+    /// A fresh store builds NEEDS_LAYERS from `cache`: it succeeds, says `warning`, runs
+    /// `rebuilt` again, and the image is right.
+    fn check(&self, cache: &str, warning: &str, rebuilt: &str) {
+        let k = Kiln::new();
+        let work = tempfile::tempdir().unwrap();
+        let layout = work.path().join("oci");
+        let (out, doc) = build(
+            &k,
+            self.needs.path(),
+            &[
+                "--cache-from",
+                cache,
+                "-o",
+                &format!("type=oci,dest={}", layout.display()),
+            ],
+            &Access::default(),
+        );
+        assert_success(&out);
+        assert!(stderr(&out).contains(warning), "{}", stderr(&out));
+        assert_eq!(step(&doc, rebuilt)["cached"], "no", "{doc:#}");
+        let (_d, rootfs) = unpack(&layout);
+        assert_eq!(read(&rootfs, "out.copy"), "one\nhello\n");
+    }
+}
+
+const RUN_LINE: &str = "RUN cat /app/x > /out && echo $GREETING >> /out";
+
+#[test]
+fn unreadable_caches_and_records_are_warnings() {
+    let h = Hostile::new();
+    let host = h.reg.host();
+    // A ref nothing was exported to.
+    h.check(
+        &format!("{host}/c:missing"),
+        "ignored: not found",
+        "COPY app /app",
+    );
+    // Records that are not JSON; a digest that is a path.
+    let (_, bytes, _) = test_client()
+        .get_manifest(&Reference::parse(&h.good).unwrap())
+        .unwrap();
+    let mut manifest: Value = serde_json::from_slice(&bytes).unwrap();
+    push_raw_cache(
+        &format!("{host}/c:notjson"),
+        &mut manifest,
+        b"{\"records\": [",
+    );
+    h.check(
+        &format!("{host}/c:notjson"),
+        "ignored: invalid records",
+        "COPY app /app",
+    );
+    push_edited_cache(&h.good, &format!("{host}/c:path"), |c| {
+        c["records"][0]["key"] = "sha256:../../../etc/passwd".into();
+    });
+    h.check(
+        &format!("{host}/c:path"),
+        "ignored: invalid records",
+        "COPY app /app",
+    );
+    // A record naming a layer the cache does not list.
+    push_edited_cache(&h.good, &format!("{host}/c:foreign"), |c| {
+        let r = record_of(c, &h.doc, "COPY app /app");
+        r["layer"]["digest"] = Digest::of(b"elsewhere").to_string().into();
+    });
+    h.check(
+        &format!("{host}/c:foreign"),
+        "which the cache does not list",
+        "COPY app /app",
+    );
+}
+
+#[test]
+fn bad_layers_are_found_out_and_their_steps_rebuilt() {
+    let h = Hostile::new();
+    let host = h.reg.host();
+    // A record whose layer says it unpacks to something else: found out when a step needs
+    // the files, and the build runs again without it.
+    push_edited_cache(&h.good, &format!("{host}/c:liar"), |c| {
+        let r = record_of(c, &h.doc, "COPY app /app");
+        r["layer"]["diffID"] = Digest::of(b"a lie").to_string().into();
+    });
+    h.check(
+        &format!("{host}/c:liar"),
+        "building again without it",
+        "COPY app /app",
+    );
+
+    // A layer blob gone from the cache's repository (a registry GC, a partial delete).
+    let run_layer = step(&h.doc, RUN_LINE)["layer"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let resp = ureq::delete(&format!("http://{host}/v2/c/blobs/{run_layer}"))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    h.check(&h.good, "is not in the registry", RUN_LINE);
+
+    // Layer bytes that do not match their digest on the way (a broken proxy or mirror).
+    let layers: Vec<String> = layer_steps(&h.doc)
+        .iter()
+        .filter_map(|s| s["layer"].as_str().map(str::to_string))
+        .collect();
+    let proxy = Proxy::start(
+        h.reg.port,
+        Box::new(move |_, req| {
+            if req.line.starts_with("GET ") && layers.iter().any(|l| req.line.contains(l)) {
+                Action::Corrupt
+            } else {
+                Action::Forward
+            }
+        }),
+    );
+    h.check(
+        &format!("{}/c:good", proxy.host()),
+        "building again without it",
+        "COPY app /app",
+    );
+}
+
+#[test]
+fn a_failed_export_is_a_warning_unless_errors_are_not_ignored() {
+    let nowhere = format!("127.0.0.1:{}/c:x", free_port());
+    let ctx = context(RECIPE, FILES);
+    let k = Kiln::new();
+    let access = Access::default();
+    let (out, _) = build(
+        &k,
+        ctx.path(),
+        &["--cache-to", &format!("type=registry,ref={nowhere}")],
+        &access,
+    );
+    assert_success(&out);
+    assert!(
+        stderr(&out).contains("WARNING: exporting the build cache to"),
+        "{}",
+        stderr(&out)
+    );
+    let (out, _) = build(
+        &k,
+        ctx.path(),
+        &[
+            "--cache-to",
+            &format!("type=registry,ref={nowhere},ignore-error=false"),
+        ],
+        &access,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("error: cannot reach"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn two_runners_exporting_to_one_ref_at_once_leave_a_valid_cache() {
+    let reg = Registry::start();
+    let cache = format!("{}/shared/cache:main", reg.host());
+    let access = Access::default();
+    let ctx = context(RECIPE, FILES);
+    let runners: Vec<Kiln> = (0..2).map(|_| Kiln::new()).collect();
+    let children: Vec<_> = runners
+        .iter()
+        .map(|k| {
+            kiln_cmd(
+                k,
+                &[
+                    "build",
+                    "-q",
+                    "--cache-to",
+                    &format!("type=registry,ref={cache},mode=max,ignore-error=false"),
+                    ctx.path().to_str().unwrap(),
+                ],
+                &access,
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for child in children {
+        assert_success(&child.wait_with_output().unwrap());
+    }
+    // Whichever export came last, the ref holds a complete cache.
+    let c = Kiln::new();
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("oci");
+    let doc = build_ok(
+        &c,
+        ctx.path(),
+        &[
+            "--cache-from",
+            &cache,
+            "-o",
+            &format!("type=oci,dest={}", layout.display()),
+        ],
+        &access,
+    );
+    let name = Reference::parse(&cache).unwrap().to_string();
+    for s in layer_steps(&doc) {
+        assert_eq!(s["cached"], name.as_str(), "{s}");
+    }
+    let (_d, rootfs) = unpack(&layout);
+    assert_eq!(read(&rootfs, "srv/tool"), "tool\n");
+}
