@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 packages=(busybox-static umoci skopeo docker-registry apache2-utils openssl python3-yaml uidmap fuse-overlayfs
-  qemu-user-static libseccomp-dev pkg-config podman)
+  qemu-user-static libseccomp-dev pkg-config podman python3-jsonschema)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do

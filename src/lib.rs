@@ -2,8 +2,10 @@
 //!
 //! Modules, from the top of the pipeline down (DESIGN.md §3); a module only uses those below it.
 
+pub mod attest;
 pub mod build;
 pub mod cache;
+pub mod compare;
 pub mod digest;
 pub mod distribution;
 pub mod image;
@@ -16,3 +18,4 @@ pub mod sandbox;
 pub mod snapshot;
 pub mod sources;
 pub mod store;
+pub mod verify;

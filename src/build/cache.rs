@@ -8,14 +8,17 @@ use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex};
 
 use super::report::{Cached, Outcomes};
-use super::{BuildError, Built, Engine, Shared, StageState, StepPlace, run_stages, scratch_state};
+use super::{
+    BuildError, Built, Engine, PlatformBuilt, Shared, StageState, StepPlace, run_stages,
+    scratch_state,
+};
 use crate::cache::{self, BuiltRecord, Hit, Layer, Lookup, Miss, Record};
 use crate::digest::Digest;
 use crate::image::{self, Descriptor, Index, Platform};
 use crate::plan::{Base, Plan, StepInputs};
 use crate::registry::reference::Reference;
 use crate::snapshot::{self, Compression, LayerOptions};
-use crate::store::{StoredImage, StoredRef};
+use crate::store::StoredRef;
 
 /// The stages whose steps make the final image's layers: the target and those it is built
 /// `FROM`, transitively (the steps `--cache-to mode=min` exports).
@@ -118,23 +121,30 @@ pub(super) fn build_attempts(shared: &Shared, engines: &[Engine]) -> Result<Buil
                 }
             }
             Err(e) => return Err(e),
-            Ok(mut images) => {
+            Ok(images) => {
                 let (mut steps, mut records) = (Vec::new(), Vec::new());
-                for engine in engines {
+                let mut platforms = Vec::new();
+                for (engine, image) in engines.iter().zip(images) {
                     let Outcomes {
                         steps: mut done,
                         records: kept,
+                        read,
                     } = std::mem::take(
                         &mut *engine.outcomes.lock().unwrap_or_else(|e| e.into_inner()),
                     );
                     done.sort_by_key(|(order, _)| *order);
                     steps.extend(done.into_iter().map(|(_, s)| s));
                     records.extend(kept);
+                    platforms.push(PlatformBuilt {
+                        platform: engine.target.clone(),
+                        image,
+                        record: read,
+                    });
                 }
-                let image = match images.len() {
-                    1 => StoredRef::Image(images.remove(0)),
+                let image = match platforms.as_slice() {
+                    [one] => StoredRef::Image(one.image.clone()),
                     _ => {
-                        let entries = images.iter().map(StoredImage::index_entry).collect();
+                        let entries = platforms.iter().map(|p| p.image.index_entry()).collect();
                         StoredRef::Index(shared.store.put_index(&Index::of(entries))?)
                     }
                 };
@@ -142,6 +152,7 @@ pub(super) fn build_attempts(shared: &Shared, engines: &[Engine]) -> Result<Buil
                     image,
                     steps,
                     records,
+                    platforms,
                 });
             }
         }
@@ -328,6 +339,7 @@ impl Engine<'_> {
                     0 => Cached::Local,
                     _ => Cached::Shared(self.caches[i].name().to_string()),
                 };
+                st.looked_up = true;
                 let record = self.record(place, (parent, key), inputs, (hit.layer, hit.created));
                 self.apply_record(st, place, record);
                 step.cached();
@@ -338,6 +350,7 @@ impl Engine<'_> {
                     step.rebuild_reason(reason);
                 }
                 st.cached = Cached::No;
+                st.looked_up = true;
                 st.reason = reason;
                 Ok(Some((step, claim)))
             }
@@ -610,6 +623,7 @@ impl Engine<'_> {
                 own.normalized()
             )));
         }
+        self.read_image(name.to_string(), image.manifest.clone());
         let diff_ids = &image.config.rootfs.diff_ids;
         if diff_ids.len() != image.manifest_body.layers.len() {
             return Err(BuildError::Image(format!(

@@ -12,6 +12,7 @@ pub mod lint;
 mod listed;
 mod named;
 mod once;
+pub mod record;
 pub mod report;
 mod run;
 mod sandboxing;
@@ -48,6 +49,7 @@ use self::cache::image_stages;
 use self::config::{
     DEFAULT_PATH, command_argv, default_shell, expose_ports, set_env, set_healthcheck,
 };
+use self::record::BuildRecord;
 use self::report::{Cached, Outcomes, StepReport};
 
 /// Everything a build is asked to do, from the command line.
@@ -117,6 +119,19 @@ pub struct Built {
     pub steps: Vec<StepReport>,
     /// The cache records of the build, for `--cache-to`.
     pub records: Vec<BuiltRecord>,
+    /// Each platform's image and what its build read, in the order given (for provenance and
+    /// `--verify`).
+    pub platforms: Vec<PlatformBuilt>,
+}
+
+/// One platform's part of a build.
+pub struct PlatformBuilt {
+    /// The platform built for (`--platform`, else the host's); its [`StepReport`]s name it.
+    pub platform: Platform,
+    /// The image made for it.
+    pub image: StoredImage,
+    /// The images, context files and downloads its build read.
+    pub record: BuildRecord,
 }
 
 /// Why a build stopped.
@@ -296,6 +311,16 @@ struct StageState {
     cached: Cached,
     /// Why the current step was rebuilt.
     reason: Option<String>,
+    /// Whether the current step was looked up in the caches (not a metadata-only step).
+    looked_up: bool,
+}
+
+impl StageState {
+    /// Forgets what the previous step's cache lookup said, before the next step.
+    fn begin_step(&mut self) {
+        self.reason = None;
+        self.looked_up = false;
+    }
 }
 
 /// Builds the recipe; returns the final image, stored (not yet tagged), and what each step did:
@@ -662,7 +687,7 @@ impl Engine<'_> {
             )?,
         };
         step.ready();
-        st.reason = None;
+        st.begin_step();
         self.report(
             index,
             0,
@@ -685,7 +710,7 @@ impl Engine<'_> {
             let text = format!("ONBUILD {trigger}");
             let step = self.progress.step(label(1, &text, stage.span.start_line));
             let (started, below) = (Instant::now(), st.layers.len());
-            st.reason = None;
+            st.begin_step();
             self.execute(index, usize::MAX, &mut st, &instr, step, deps)?;
             self.check_config_size(&st, &instr)?;
             let line = stage.span.start_line;
@@ -699,7 +724,7 @@ impl Engine<'_> {
                 .progress
                 .step(label(n + 2, &instr.text, instr.span.start_line));
             let (started, below) = (Instant::now(), st.layers.len());
-            st.reason = None;
+            st.begin_step();
             self.execute(index, n, &mut st, instr, step, deps)?;
             self.check_config_size(&st, instr)?;
             let (order, line) = (1 + triggers.len() + n, instr.span.start_line);
@@ -996,5 +1021,6 @@ fn scratch_state(platform: &Platform) -> StageState {
         cmd_set: false,
         cached: Cached::Local,
         reason: None,
+        looked_up: false,
     }
 }

@@ -7,9 +7,11 @@ use std::time::Instant;
 use serde::{Serialize, Serializer};
 use serde_json::{Value, json};
 
+use super::record::BuildRecord;
 use super::{Engine, StageState};
 use crate::cache::BuiltRecord;
 use crate::digest::Digest;
+use crate::image::Platform;
 use crate::store::StoredRef;
 
 /// Where a step's result came from.
@@ -33,6 +35,17 @@ impl Serialize for Cached {
     }
 }
 
+/// What a step is, as provenance tells steps apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepKind {
+    /// The stage's FROM (its base image or stage).
+    From,
+    /// A step looked up in the caches (RUN, COPY, ADD, WORKDIR).
+    Lookup,
+    /// A metadata-only step (ENV, LABEL, ARG, …): nothing to look up.
+    Metadata,
+}
+
 /// One step of a build, as `kiln.steps` lists it.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepReport {
@@ -51,6 +64,13 @@ pub struct StepReport {
     pub duration_s: f64,
     /// The layer it added, if any.
     pub layer: Option<Digest>,
+    /// What kind of step it is (not in `kiln.steps`).
+    #[serde(skip)]
+    pub kind: StepKind,
+    /// The platform of the build it is part of (not in `kiln.steps`, whose stage names show
+    /// it when several are built).
+    #[serde(skip)]
+    pub platform: Platform,
 }
 
 /// What the steps of one attempt at the build did.
@@ -60,6 +80,8 @@ pub(super) struct Outcomes {
     pub(super) steps: Vec<((usize, usize), StepReport)>,
     /// Cache records made or reused.
     pub(super) records: Vec<BuiltRecord>,
+    /// The images, context files and downloads the steps read.
+    pub(super) read: BuildRecord,
 }
 
 impl Engine<'_> {
@@ -80,6 +102,11 @@ impl Engine<'_> {
             .filter(|&b| st.layers.len() > b)
             .and_then(|_| st.layers.last())
             .map(|l| l.desc.digest);
+        let kind = match (below, st.looked_up) {
+            (None, _) => StepKind::From,
+            (Some(_), true) => StepKind::Lookup,
+            (Some(_), false) => StepKind::Metadata,
+        };
         let report = StepReport {
             stage: self.stage_name(stage),
             line,
@@ -88,6 +115,8 @@ impl Engine<'_> {
             reason: st.reason.clone(),
             duration_s: started.elapsed().as_secs_f64(),
             layer,
+            kind,
+            platform: self.target.clone(),
         };
         self.outcomes
             .lock()
@@ -134,6 +163,8 @@ mod tests {
             reason: None,
             duration_s: 0.5,
             layer: None,
+            kind: StepKind::Lookup,
+            platform: Platform::default(),
         };
         let v = serde_json::to_value([
             step(Cached::Local),
@@ -146,5 +177,7 @@ mod tests {
         assert_eq!(v[2]["cached"], "no");
         assert_eq!(v[0]["reason"], Value::Null);
         assert_eq!(v[0]["layer"], Value::Null);
+        // What provenance reads of a step stays out of `kiln.steps`.
+        assert_eq!(v[0].as_object().unwrap().len(), 7, "{v}");
     }
 }

@@ -141,6 +141,7 @@ impl Engine<'_> {
                 let dir = self.store.scratch_dir()?;
                 let fetched = crate::sources::fetch::fetch(&word, dir.path(), checksum.as_deref())
                     .map_err(|e| self.step_error(stage, line, e))?;
+                self.read_download(&word, &fetched.digest);
                 inputs.files.insert(word.clone(), fetched.digest.hex());
                 items.push(copy::SourceItem::Download {
                     name: fetched.file_name,
@@ -183,6 +184,7 @@ impl Engine<'_> {
                             }),
                         }
                         .map_err(self.context_err(line))?;
+                        self.read_context_files(&digests);
                         inputs.files.extend(digests);
                         let keep = c.parents.then(|| copy::kept_path(&word, &rel));
                         items.push(copy::SourceItem::Path { rel, name, keep });

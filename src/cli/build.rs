@@ -19,6 +19,7 @@ use super::cache::CacheArgs;
 use super::limits::LimitArgs;
 use super::output::{Output, parse_output};
 use super::platform::PlatformArgs;
+use super::release;
 use super::{
     CANCEL, Failure, call, client, devloop, emit, key_value, normalize, open_store, read_file,
     secrets, security, transfer_failure,
@@ -118,6 +119,8 @@ pub(crate) struct BuildArgs {
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
+    release: release::ReleaseArgs,
+    #[command(flatten)]
     platform: PlatformArgs,
     #[command(flatten)]
     security: security::SecurityArgs,
@@ -180,7 +183,20 @@ pub(crate) fn parse_build_args(given: &[String]) -> BTreeMap<String, String> {
     build_args
 }
 
-pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
+pub(crate) fn build_cmd(root: &Path, mut args: BuildArgs) -> Result<(), Failure> {
+    let rebuild = release::rebuild_spec()?;
+    if let Some(spec) = &rebuild {
+        // The second build of a verification: its own store, context and recipe; it only builds.
+        args.context = spec.context.clone();
+        args.file = Some(spec.recipe.clone());
+        args.tags.push(kiln::verify::REBUILD_TAG.to_string());
+        args.outputs.clear();
+        args.push = false;
+        args.iidfile = None;
+        args.release.verify = false;
+        args.cache.clear();
+    }
+    let root = rebuild.as_ref().map_or(root, |s| s.root.as_path());
     let context_dir = args.context.clone();
     let (recipe_path, recipe_bytes) = read_recipe(&context_dir, args.file.as_deref())?;
     let mut build_args = parse_build_args(&args.build_args);
@@ -277,7 +293,7 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         (_, ProgressArg::Auto) if std::io::stderr().is_terminal() => Mode::Tty,
         (_, ProgressArg::Auto) => Mode::Plain,
     };
-    let opts = BuildOptions {
+    let mut opts = BuildOptions {
         context_dir,
         recipe_path,
         recipe_bytes,
@@ -320,9 +336,14 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         lazy_layers: outputs.iter().all(|o| matches!(o, Output::Registry)),
         platforms,
     };
+    if let Some(spec) = &rebuild {
+        release::enter_rebuild(spec, &mut opts)?;
+    }
     let store = open_store(root, args.tls_verify)?;
     let progress = Progress::new(mode);
-    let built = build::build(&store, &opts, &progress, &CANCEL).map_err(|e| {
+    let attestations = args.release.attestations()?;
+    let started = std::time::SystemTime::now();
+    let mut built = build::build(&store, &opts, &progress, &CANCEL).map_err(|e| {
         let code = if matches!(e, BuildError::Cancelled) {
             130
         } else if e.is_input_error() {
@@ -349,6 +370,24 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
             hint,
         }
     })?;
+    if attestations.any() {
+        let began = std::time::Instant::now();
+        built.image = release::attach(&store, &built, &opts, attestations, (&tags, started))?;
+        progress.info(&format!(
+            "attestations attached in {:.2}s: index {}",
+            began.elapsed().as_secs_f64(),
+            built.image.descriptor().digest
+        ));
+    }
+    if args.release.verify {
+        release::run_verify(
+            &store,
+            (&built.image, &built.platforms),
+            &opts,
+            &progress,
+            std::time::Instant::now(),
+        )?;
+    }
     let image = &built.image;
     for t in &tags {
         store.tag(t, image.descriptor())?;
@@ -365,9 +404,9 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
         match o {
             Output::OciDir(d) => store::export_oci_dir(&store, image, d, first_tag)?,
             Output::OciArchive(f) => store::export_oci_archive(&store, image, f, first_tag)?,
-            Output::DockerArchive(f) => match image {
-                StoredRef::Image(img) => store::export_docker_archive(&store, img, f, &tags)?,
-                StoredRef::Index(_) => {
+            Output::DockerArchive(f) => match release::single_image(image, &store)? {
+                Some(img) => store::export_docker_archive(&store, &img, f, &tags)?,
+                None => {
                     return Err(Failure::usage(
                         "--output type=docker-archive cannot hold an image index",
                     ));
@@ -381,26 +420,30 @@ pub(crate) fn build_cmd(root: &Path, args: BuildArgs) -> Result<(), Failure> {
                     progress.info(&format!("pushed {r}@{digest}"));
                 }
             }
-            Output::Load => match image {
-                StoredRef::Image(img) => devloop::load(&store, img, &tags, &progress)?,
-                StoredRef::Index(_) => {
-                    return Err(Failure::usage("--load cannot take an image index"));
-                }
+            Output::Load => match release::single_image(image, &store)? {
+                Some(img) => devloop::load(&store, &img, &tags, &progress)?,
+                None => return Err(Failure::usage("--load cannot take an image index")),
             },
-            Output::Files(dest) => match image {
-                StoredRef::Image(img) => {
-                    export::export_files(&store, img, dest, source_date_epoch)
-                        .map_err(Failure::runtime)?;
-                }
+            Output::Files(dest) => match release::single_image(image, &store)? {
+                Some(img) => export::export_files(&store, &img, dest, source_date_epoch)
+                    .map_err(Failure::runtime)?,
                 // Several platforms: a directory of each's files, named as BuildKit does
                 // (`linux_arm64`).
-                StoredRef::Index(index) => {
-                    let export::FilesDest::Dir(dir) = dest else {
+                None => {
+                    let (StoredRef::Index(index), export::FilesDest::Dir(dir)) = (image, dest)
+                    else {
                         return Err(Failure::usage(
                             "--output type=tar cannot hold an image index",
                         ));
                     };
+                    let attestations: Vec<_> = (index.body.manifests.iter())
+                        .filter(|d| kiln::image::is_attestation(d))
+                        .map(|d| d.digest)
+                        .collect();
                     for img in store.present_images(index)? {
+                        if attestations.contains(&img.manifest.digest) {
+                            continue;
+                        }
                         let sub = img.config.platform().to_string().replace('/', "_");
                         let dest = export::FilesDest::Dir(dir.join(sub));
                         export::export_files(&store, &img, &dest, source_date_epoch)

@@ -44,6 +44,15 @@ pub(crate) struct CacheFlags {
 }
 
 impl CacheArgs {
+    /// Forgets the shared caches and the metadata file, for the second build of `--verify`:
+    /// it builds every step itself (a shared cache would hand it the first build's layers)
+    /// and writes nothing but its image.
+    pub(crate) fn clear(&mut self) {
+        self.cache_to.clear();
+        self.cache_from.clear();
+        self.metadata_file = None;
+    }
+
     pub(crate) fn parse(&self) -> Result<CacheFlags, Failure> {
         Ok(CacheFlags {
             imports: self

@@ -6,9 +6,11 @@ mod build;
 mod cache;
 mod call;
 mod devloop;
+mod diff;
 mod limits;
 mod output;
 mod platform;
+mod release;
 mod secrets;
 mod security;
 
@@ -26,6 +28,7 @@ use kiln::registry::{Client, ClientOptions};
 use kiln::store::{self, Store, StoredImage, StoredRef};
 
 use self::build::{BuildArgs, build_cmd};
+use self::diff::{DiffArgs, diff_cmd};
 use self::platform::parse_platform;
 
 /// Writes a line of data to stdout; a closed pipe (`kiln parse F | head`) ends output quietly
@@ -70,6 +73,9 @@ enum Command {
     Build(Box<BuildArgs>),
     /// Run the build checks on a recipe without building it.
     Check(call::CheckArgs),
+    /// Compare two images: config fields, then layer by layer the files added, removed and
+    /// changed (exit status 0 identical, 1 different).
+    Diff(Box<DiffArgs>),
     /// Print the parsed recipe.
     Parse {
         /// Output format: `json` (typed instructions) or `dump` (BuildKit parser-test format).
@@ -206,7 +212,7 @@ pub fn main() -> i32 {
         return 1;
     }
     match run(cli.command, &root) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(f) => {
             print_error(&f);
             f.code
@@ -257,8 +263,10 @@ fn needs_user_namespace(command: &Command) -> bool {
     !nix::unistd::geteuid().is_root() && !matches!(command, Command::Parse { .. })
 }
 
-fn run(command: Command, root: &Path) -> Result<(), Failure> {
-    match command {
+/// Runs a command; returns its exit status.
+fn run(command: Command, root: &Path) -> Result<i32, Failure> {
+    let done: Result<(), Failure> = match command {
+        Command::Diff(args) => return diff_cmd(root, *args),
         Command::Parse { format, file } => parse(&file, format),
         Command::Build(args) => build_cmd(root, *args),
         Command::Check(args) => call::check_cmd(root, args),
@@ -388,7 +396,8 @@ fn run(command: Command, root: &Path) -> Result<(), Failure> {
             );
             Ok(())
         }
-    }
+    };
+    done.map(|()| 0)
 }
 
 /// Opens the store able to fetch the layers shared caches promised (with these registry

@@ -5,6 +5,7 @@
 //! Reading accepts both OCI and Docker v2 schema 2 media types; writing always produces OCI.
 //! Empty optional fields are omitted the way docker and buildah omit them.
 
+pub mod diff;
 pub mod docker_archive;
 mod platform;
 
@@ -46,6 +47,22 @@ pub const DOCKER_MEDIA_LAYER_ZSTD: &str = "application/vnd.docker.image.rootfs.d
 /// The most an image config may hold (as JSON): 16 MiB, for a pulled base image's config as
 /// for a built stage's (plus its build args).
 pub const MAX_CONFIG_LEN: usize = 16 << 20;
+
+/// The index annotation saying what an entry is about another (BuildKit's attestations).
+pub const ANNOTATION_REFERENCE_TYPE: &str = "vnd.docker.reference.type";
+/// The index annotation naming the manifest an entry is about.
+pub const ANNOTATION_REFERENCE_DIGEST: &str = "vnd.docker.reference.digest";
+/// [`ANNOTATION_REFERENCE_TYPE`]'s value for an attestation manifest.
+pub const ATTESTATION_MANIFEST: &str = "attestation-manifest";
+
+/// Whether an index entry is an attestation manifest (about another entry, never run).
+pub fn is_attestation(d: &Descriptor) -> bool {
+    d.annotations
+        .get(ANNOTATION_REFERENCE_TYPE)
+        .map(String::as_str)
+        == Some(ATTESTATION_MANIFEST)
+}
+
 /// The annotation naming an image inside an OCI layout's `index.json`.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -554,6 +571,13 @@ pub fn canonical_json<T: Serialize>(v: &T) -> Vec<u8> {
     let value = serde_json::to_value(v).expect("kiln's image types serialise to JSON");
     let mut out = Vec::new();
     write_canonical(&value, &mut out);
+    out
+}
+
+/// [`canonical_json`] of a JSON value, without copying it first.
+pub fn canonical_json_value(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_canonical(v, &mut out);
     out
 }
 

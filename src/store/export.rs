@@ -14,7 +14,7 @@ use super::writeback::WritebackFile;
 use super::{IoContext, Store, StoreError, StoredImage, StoredRef};
 use crate::digest::{Digest, HashingReader};
 use crate::image::docker_archive::{self, ArchiveEntry};
-use crate::image::{ANNOTATION_REF_NAME, Descriptor, Index, canonical_json};
+use crate::image::{ANNOTATION_REF_NAME, Descriptor, Index, canonical_json, is_attestation};
 
 /// The `oci-layout` file's content.
 pub(super) const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
@@ -118,15 +118,38 @@ pub fn export_oci_dir(
             });
         }
     };
-    let digest = item.descriptor().digest;
-    idx.manifests.retain(|d| match (ref_name, d.ref_name()) {
-        (Some(want), Some(have)) => want != have,
-        (None, None) => d.digest != digest,
-        _ => true,
+    let entries = layout_entries(item, ref_annotations(ref_name));
+    idx.manifests.retain(|d| {
+        let named_alike = match (ref_name, d.ref_name()) {
+            (Some(want), Some(have)) => want == have,
+            (None, None) => d.digest == entries[0].digest,
+            _ => false,
+        };
+        !named_alike && !entries.iter().any(|e| e.digest == d.digest)
     });
-    idx.manifests
-        .push(index_entry(item, ref_annotations(ref_name)));
+    idx.manifests.extend(entries);
     write_file_atomic(&index_path, &canonical_json(&idx))
+}
+
+/// The entries of a layout directory's `index.json` for `item`, named by `annotations`: one
+/// entry for an image or an index, except for an index of one image and its attestations,
+/// whose entries are listed directly (the image named) — the layout's `index.json` is itself
+/// an image index, and tools that unpack one image by name (umoci) find exactly one under it.
+fn layout_entries(item: &StoredRef, annotations: BTreeMap<String, String>) -> Vec<Descriptor> {
+    if let StoredRef::Index(x) = item {
+        let (attestations, images): (Vec<&Descriptor>, Vec<&Descriptor>) =
+            x.body.manifests.iter().partition(|d| is_attestation(d));
+        if let [image] = images.as_slice()
+            && !attestations.is_empty()
+        {
+            let mut named = (*image).clone();
+            named.annotations.extend(annotations);
+            let mut out = vec![named];
+            out.extend(attestations.into_iter().cloned());
+            return out;
+        }
+    }
+    vec![index_entry(item, annotations)]
 }
 
 /// Writes `item` as an OCI archive: a tar of an OCI image layout holding just this image (or
@@ -137,6 +160,7 @@ pub fn export_oci_archive(
     dest: &Path,
     ref_name: Option<&str>,
 ) -> Result<(), StoreError> {
+    // One entry (the index itself), so that readers taking "the image in the archive" find one.
     let idx = Index::of(vec![index_entry(item, ref_annotations(ref_name))]);
     let files = layout_files(store.blobs_of(item)?, &idx);
     write_tar(store, dest, files)

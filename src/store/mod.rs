@@ -902,7 +902,7 @@ impl Store {
     }
 
     /// Loads the image a manifest descriptor names.
-    fn load_image(&self, desc: &Descriptor) -> Result<StoredImage, StoreError> {
+    pub fn load_image(&self, desc: &Descriptor) -> Result<StoredImage, StoreError> {
         let mut desc = desc.clone();
         desc.annotations.clear();
         desc.platform = None;
