@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 packages=(busybox-static umoci skopeo docker-registry apache2-utils openssl python3-yaml uidmap fuse-overlayfs
   qemu-user-static libseccomp-dev pkg-config podman python3-jsonschema)
+# The crates first: installing packages may bring Debian's ca-certificates, which rewrites the
+# system CA bundle (a machine behind a TLS-intercepting proxy then can no longer reach the crate
+# registry); nothing after this line needs the network for Rust.
+cargo fetch --quiet
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do
