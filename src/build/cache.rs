@@ -15,7 +15,7 @@ use super::{
 use crate::cache::{self, BuiltRecord, Hit, Layer, Lookup, Miss, Record};
 use crate::digest::Digest;
 use crate::image::{self, Descriptor, Index, Platform};
-use crate::plan::{Base, Plan, StepInputs};
+use crate::plan::{self, Base, Plan, StepInputs};
 use crate::registry::reference::Reference;
 use crate::snapshot::{self, Compression, LayerOptions};
 use crate::store::StoredRef;
@@ -202,6 +202,12 @@ impl Engine<'_> {
         Digest::of(id.as_bytes())
     }
 
+    /// The cache key of a step with `inputs` derived from `parent`: every kind of step's key
+    /// comes from here, with the build's [`plan::KeyBasis`] in it.
+    pub(super) fn step_key(&self, parent: &Digest, inputs: &StepInputs) -> Digest {
+        plan::cache_key(parent, &self.key_basis, inputs)
+    }
+
     /// Looks the step up in the caches in order and returns a hit and the cache's index. A
     /// shared cache's layer that the store does not hold is promised, not fetched. On a miss,
     /// returns why the step is rebuilt (when that can be told).
@@ -259,6 +265,7 @@ impl Engine<'_> {
             step_id: self.identity(place.stage, place.n),
             parent: *parent,
             inputs: &shared,
+            basis: &self.key_basis,
         };
         let (local, remote) = self.caches.split_at(1);
         if remote.is_empty() {
@@ -302,6 +309,7 @@ impl Engine<'_> {
             key,
             parent,
             inputs: Some(cache::shareable(inputs)),
+            basis: Some(self.key_basis.clone()),
             layer,
             created,
             step_id: (place.n != usize::MAX).then(|| self.identity(place.stage, place.n)),

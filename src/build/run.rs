@@ -207,7 +207,7 @@ impl Engine<'_> {
             inputs.instruction.push_str(" security=insecure");
         }
         let parent = st.key;
-        let key = plan::cache_key(&parent, &inputs);
+        let key = self.step_key(&parent, &inputs);
         let used_args: Vec<&str> = st.args.keys().map(String::as_str).collect();
         let created_by = if used_args.is_empty() {
             format!("RUN {}", argv.join(" "))

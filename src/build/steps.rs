@@ -9,7 +9,7 @@ use super::named::{self, NamedFiles};
 use super::{BuildError, Engine, StageState, StepPlace};
 use super::{copy, listed};
 use crate::digest::Digest;
-use crate::plan::{self, CopySource, StepInputs};
+use crate::plan::{CopySource, StepInputs};
 use crate::recipe::instructions::{Copy, Instruction};
 use crate::rootfs::RootDir;
 use crate::sandbox;
@@ -448,12 +448,12 @@ impl Engine<'_> {
         // steps build on. A linked layer is found by its own inputs, whatever lies below it.
         let (parent, key, chain) = match layering {
             Layering::Stacked => {
-                let key = plan::cache_key(&st.key, &inputs);
+                let key = self.step_key(&st.key, &inputs);
                 (st.key, key, key)
             }
             Layering::Linked => {
                 let none = Digest::of(b"kiln: linked layers have no parent");
-                let own = plan::cache_key(&none, &inputs);
+                let own = self.step_key(&none, &inputs);
                 let chain = Digest::of(format!("{}\nlinked {own}", st.key).as_bytes());
                 (none, own, chain)
             }

@@ -191,7 +191,7 @@ impl CacheBackend for DirCache<'_> {
     }
 
     fn explain(&self, miss: &Miss<'_>) -> Option<String> {
-        self.records.explain(&miss.parent, miss.inputs)
+        self.records.explain(&miss.parent, miss.basis, miss.inputs)
     }
 
     fn store(&self, records: &[Record]) -> Result<(), CacheError> {

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CacheBackend, CacheError, Hit, Layer, Lookup, Miss, Record};
 use crate::digest::Digest;
-use crate::plan::{StepInputs, explain_difference};
+use crate::plan::{KeyBasis, StepInputs, explain_difference};
 use crate::store::Store;
 
 /// What the store holds under a cache key.
@@ -20,6 +20,8 @@ struct KeyRecord {
 struct StepRecord {
     parent: Digest,
     inputs: StepInputs,
+    #[serde(default)]
+    basis: Option<KeyBasis>,
 }
 
 /// The local store's cache records.
@@ -65,6 +67,7 @@ impl CacheBackend for LocalCache<'_> {
         Some(explain_difference(
             &old.inputs,
             miss.inputs,
+            (old.basis.as_ref(), miss.basis),
             old.parent != miss.parent,
         ))
     }
@@ -81,6 +84,7 @@ impl CacheBackend for LocalCache<'_> {
                 let step = serde_json::to_value(StepRecord {
                     parent: r.parent,
                     inputs: inputs.clone(),
+                    basis: r.basis.clone(),
                 })
                 .unwrap_or_default();
                 self.store.cache_put(&id, &step)?;

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::image::Descriptor;
-use crate::plan::StepInputs;
+use crate::plan::{KeyBasis, StepInputs};
 use crate::registry::{Client, Reference, RegistryError};
 use crate::store::{Store, StoreError};
 
@@ -50,6 +50,9 @@ pub struct Record {
     /// The step's inputs, build-arg values replaced by digests ([`shareable`]); for miss
     /// explanations. Absent in inline caches.
     pub inputs: Option<StepInputs>,
+    /// The build's key basis (SOURCE_DATE_EPOCH, snapshotter), for miss explanations; absent
+    /// in inline caches and in records of older kilns.
+    pub basis: Option<KeyBasis>,
     /// The layer the step made (none when it changed no file).
     pub layer: Option<Layer>,
     /// The step's time (the history entry's `created`).
@@ -90,6 +93,8 @@ pub struct Miss<'a> {
     pub parent: Digest,
     /// The step's inputs, as [`shareable`] makes them.
     pub inputs: &'a StepInputs,
+    /// The build's key basis.
+    pub basis: &'a KeyBasis,
 }
 
 /// A place build cache records are looked up in and stored to.
@@ -301,6 +306,7 @@ mod tests {
             key: Digest::of(&[n]),
             parent: Digest::of(b"p"),
             inputs: None,
+            basis: None,
             layer: None,
             created: None,
             step_id: Some(Digest::of(b"here")),
