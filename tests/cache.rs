@@ -831,3 +831,121 @@ RUN echo again > /x3 && ln /y2 /y3
     assert_steps(&fuse, "no", None);
     assert_eq!(id(&fuse), id(&fresh_fuse));
 }
+
+/// Steps whose cache keys name another stage's files or the stage below without reading them:
+/// a `COPY --link` (what it takes from the stage below), binds and a seeded cache `from=` a
+/// stage, and a bind of the context.
+const MOUNTS: &str = "\
+FROM busybox AS build
+RUN mkdir /o && echo built > /o/out
+FROM busybox
+RUN mkdir -p /app && echo base > /app/base
+COPY --link a /app/
+RUN --mount=type=bind,from=build,source=/o,target=/in cat /in/out > /from-bind
+RUN --mount=type=cache,from=build,source=/o,target=/seed,id=seeded cat /seed/out > /from-cache
+RUN --mount=type=bind,target=/ctx cat /ctx/a /app/base > /from-context
+";
+
+/// Lazy layers: a fresh store whose build hits every step in a registry cache downloads no
+/// layer, even where a step's key involves another stage's files or the stage below (a linked
+/// copy, mounts `from=`); a step that runs later fetches what it needs and sees it.
+#[test]
+fn an_all_hit_build_with_linked_copies_and_mounts_downloads_no_layer() {
+    let reg = Registry::start();
+    let cache = format!("{}/c:mounts", reg.host());
+    let ctx = context(MOUNTS, &[("a", b"a\n")]);
+    let doc_a = build_ok(
+        &Kiln::new(),
+        ctx.path(),
+        &["--cache-to", &format!("type=registry,ref={cache},mode=max")],
+        &Access::default(),
+    );
+    assert_eq!(layer_steps(&doc_a).len(), 6);
+
+    // Runner B reads the cache through a proxy that counts the layer downloads.
+    let proxy = Proxy::start(reg.port, Box::new(|_, _| Action::Forward));
+    let through_proxy = format!("{}/c:mounts", proxy.host());
+    let b = Kiln::new();
+    let doc_b = build_ok(
+        &b,
+        ctx.path(),
+        &["--cache-from", &through_proxy],
+        &Access::default(),
+    );
+    let name = Reference::parse(&through_proxy).unwrap().to_string();
+    assert_steps(&doc_b, &name, None);
+    assert_eq!(
+        doc_b["containerimage.config.digest"],
+        doc_a["containerimage.config.digest"]
+    );
+    let layers: Vec<String> = layer_steps(&doc_b)
+        .iter()
+        .filter_map(|s| s["layer"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(layers.len(), 6);
+    let store = Store::open(b.root.path()).unwrap();
+    let fetched: Vec<String> = proxy
+        .seen()
+        .into_iter()
+        .filter(|r| r.line.starts_with("GET ") && layers.iter().any(|l| r.line.contains(l)))
+        .map(|r| r.line)
+        .collect();
+    assert!(fetched.is_empty(), "layers downloaded: {fetched:?}");
+    for l in &layers {
+        let d: Digest = l.parse().unwrap();
+        assert!(!store.has_blob(&d), "{d} was downloaded");
+        assert!(store.blob_origin(&d).is_some(), "{d} is not promised");
+    }
+    drop(store);
+
+    // What B exports carries the linked copy's own record too (found by the copy's inputs
+    // whatever lies below), though B found the copy by its alias: a build on another base
+    // still takes the copy's layer.
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("cache");
+    build_ok(
+        &b,
+        ctx.path(),
+        &[
+            "--cache-from",
+            &through_proxy,
+            "--cache-to",
+            &format!("type=local,dest={},mode=max", dir.display()),
+        ],
+        &Access::default(),
+    );
+    let rebased = context(
+        &MOUNTS.replace("echo base >", "echo other base >"),
+        &[("a", b"a\n")],
+    );
+    let doc = build_ok(
+        &Kiln::new(),
+        rebased.path(),
+        &["--cache-from", &format!("type=local,src={}", dir.display())],
+        &Access::default(),
+    );
+    let copy = step(&doc, "COPY --link a /app/");
+    assert_eq!(copy["cached"], dir.to_str().unwrap());
+    assert_eq!(copy["layer"], step(&doc_a, "COPY --link a /app/")["layer"]);
+
+    // A changed context file: the linked copy and the steps after it run, on the layers they
+    // need, now fetched.
+    std::fs::write(ctx.path().join("a"), "changed\n").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("files");
+    let doc = build_ok(
+        &b,
+        ctx.path(),
+        &["--cache-from", &through_proxy, "-o", dest.to_str().unwrap()],
+        &Access::default(),
+    );
+    assert_eq!(step(&doc, "COPY --link a /app/")["cached"], "no");
+    for (file, content) in [
+        ("from-bind", "built\n"),
+        ("from-cache", "built\n"),
+        ("from-context", "changed\nbase\n"),
+        ("app/a", "changed\n"),
+    ] {
+        assert_eq!(read(&dest, file), content, "{file}");
+    }
+}

@@ -454,6 +454,7 @@ pub fn build(
 }
 
 /// Where a layer step is: for messages, step identities and history.
+#[derive(Clone)]
 struct StepPlace {
     stage: usize,
     n: usize,

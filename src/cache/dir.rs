@@ -186,6 +186,7 @@ impl CacheBackend for DirCache<'_> {
         Lookup::Hit(Box::new(Hit {
             layer: r.layer.clone(),
             created: r.created.clone(),
+            linked: r.linked,
             origin: Some(origin::dir_origin(&dir)),
         }))
     }

@@ -13,6 +13,8 @@ use crate::store::Store;
 struct KeyRecord {
     layer: Option<Layer>,
     created: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    linked: Option<Digest>,
 }
 
 /// What the last build of a step saw (under the step's id).
@@ -56,6 +58,7 @@ impl CacheBackend for LocalCache<'_> {
             _ => Lookup::Hit(Box::new(Hit {
                 layer: record.layer,
                 created: record.created,
+                linked: record.linked,
                 origin: None,
             })),
         }
@@ -77,6 +80,7 @@ impl CacheBackend for LocalCache<'_> {
             let value = serde_json::to_value(KeyRecord {
                 layer: r.layer.clone(),
                 created: r.created.clone(),
+                linked: r.linked,
             })
             .unwrap_or_default();
             self.store.cache_put(&r.key, &value)?;

@@ -57,6 +57,10 @@ pub struct Record {
     pub layer: Option<Layer>,
     /// The step's time (the history entry's `created`).
     pub created: Option<String>,
+    /// In the alias record of a `COPY --link` (found by the step's inputs on the stage's key):
+    /// the step's own key (found by its inputs, whatever lies below), so that a build taking
+    /// the alias exports the own record too.
+    pub linked: Option<Digest>,
     /// The step's place in this recipe on this machine (local explanations only; never
     /// exported).
     pub step_id: Option<Digest>,
@@ -69,6 +73,8 @@ pub struct Hit {
     pub layer: Option<Layer>,
     /// The step's time.
     pub created: Option<String>,
+    /// The record's [`Record::linked`].
+    pub linked: Option<Digest>,
     /// Where the layer's blob can be fetched when the store does not hold it (an origin for
     /// [`Store::promise_blob`](crate::store::Store::promise_blob)); None for the local store.
     pub origin: Option<String>,
@@ -309,6 +315,7 @@ mod tests {
             basis: None,
             layer: None,
             created: None,
+            linked: None,
             step_id: Some(Digest::of(b"here")),
         };
         let built = vec![

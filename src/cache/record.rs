@@ -43,6 +43,8 @@ struct RecordWire {
     layer: Option<LayerRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     created: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    linked: Option<Digest>,
 }
 
 /// A record's layer: one of the manifest's layers, by digest.
@@ -177,6 +179,7 @@ impl RecordSet {
                 basis: r.basis,
                 layer,
                 created: r.created,
+                linked: r.linked,
                 step_id: None,
             });
         }
@@ -284,6 +287,7 @@ pub fn encode(records: &[Record], with_inputs: bool) -> (Vec<u8>, Vec<Descriptor
                         diff_id: l.diff_id,
                     }),
                     created: r.created.clone(),
+                    linked: r.linked,
                 }
             })
             .collect(),
@@ -336,6 +340,7 @@ mod tests {
             basis: Some(basis()),
             layer: Some(layer(n)),
             created: Some("1970-01-01T00:00:00Z".into()),
+            linked: None,
             step_id: None,
         }
     }

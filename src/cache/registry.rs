@@ -163,6 +163,7 @@ impl CacheBackend for RegistryCache<'_> {
         Lookup::Hit(Box::new(Hit {
             layer: r.layer.clone(),
             created: r.created.clone(),
+            linked: r.linked,
             origin: Some(origin::registry_origin(&self.reference)),
         }))
     }
