@@ -11,7 +11,7 @@ use crate::recipe::instructions::{InstructionKind, Recipe, Span};
 use crate::recipe::shell::Lexer;
 
 /// Bumped whenever the cache-key encoding changes, so old records can never match.
-pub const CACHE_KEY_VERSION: u32 = 2;
+pub const CACHE_KEY_VERSION: u32 = 3;
 
 /// Build args usable without an ARG declaration, kept out of history and cache keys.
 pub const PROXY_ARGS: [&str; 10] = [
@@ -406,17 +406,67 @@ pub struct StepInputs {
     pub from: String,
 }
 
-/// The cache key of a step: sha256 over the key version, the parent key and the inputs.
-pub fn cache_key(parent: &Digest, inputs: &StepInputs) -> Digest {
+/// What every step's layer depends on besides the step itself: settings of the whole build
+/// that change the bytes of the layers it writes (and the times it records). Part of every
+/// key ([`cache_key`]), so no kind of step can leave it out.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct KeyBasis {
+    /// SOURCE_DATE_EPOCH, however it was given (`--source-date-epoch`, the build arg, the
+    /// environment variable): layers clamp file times to it and steps record it as their time.
+    /// No epoch (None) is a value of its own: such layers keep the files' times.
+    pub source_date_epoch: Option<i64>,
+    /// The kind of layers the snapshotter writes for a step (`overlay`: the kernel's overlayfs
+    /// and the copying snapshotter; `fuse-overlayfs`), which differ in corner cases.
+    pub snapshotter: String,
+}
+
+impl KeyBasis {
+    /// What differs from `old`, in words (`SOURCE_DATE_EPOCH changed (0 -> unset)`).
+    fn differences(&self, old: &KeyBasis) -> Vec<String> {
+        let epoch = |e: Option<i64>| e.map_or("unset".to_string(), |e| e.to_string());
+        let mut reasons = Vec::new();
+        if old.source_date_epoch != self.source_date_epoch {
+            reasons.push(format!(
+                "SOURCE_DATE_EPOCH changed ({} -> {})",
+                epoch(old.source_date_epoch),
+                epoch(self.source_date_epoch)
+            ));
+        }
+        if old.snapshotter != self.snapshotter {
+            reasons.push(format!(
+                "snapshotter layers changed ({} -> {})",
+                old.snapshotter, self.snapshotter
+            ));
+        }
+        reasons
+    }
+}
+
+/// The cache key of a step: sha256 over the key version, the parent key, the build's basis and
+/// the step's inputs.
+pub fn cache_key(parent: &Digest, basis: &KeyBasis, inputs: &StepInputs) -> Digest {
     let mut buf = format!("kiln-cache-v{CACHE_KEY_VERSION}\n{parent}\n").into_bytes();
+    buf.extend(serde_json::to_vec(basis).unwrap_or_default());
+    buf.push(b'\n');
     buf.extend(serde_json::to_vec(inputs).unwrap_or_default());
     Digest::of(&buf)
 }
 
 /// Explains, in a few words, what differs between the inputs of a previous build of a step and
-/// this one (`files`: "1 file changed: app/main.py").
-pub fn explain_difference(old: &StepInputs, new: &StepInputs, parent_changed: bool) -> String {
-    let mut reasons = Vec::new();
+/// this one (`files`: "1 file changed: app/main.py"). `bases` are the old build's key basis
+/// (None for records that do not say) and this one's.
+pub fn explain_difference(
+    old: &StepInputs,
+    new: &StepInputs,
+    bases: (Option<&KeyBasis>, &KeyBasis),
+    parent_changed: bool,
+) -> String {
+    let mut reasons = match bases {
+        (Some(old_basis), basis) => basis.differences(old_basis),
+        (None, _) => Vec::new(),
+    };
+    // A changed basis changes every key: that earlier steps changed too says nothing more.
+    let parent_changed = parent_changed && reasons.is_empty();
     if old.instruction != new.instruction {
         reasons.push("instruction changed".to_string());
     }
@@ -722,9 +772,38 @@ mod tests {
         let mut b = a.clone();
         b.args.insert("V".into(), "1".into());
         let p = Digest::of(b"parent");
-        assert_ne!(cache_key(&p, &a), cache_key(&p, &b));
-        assert_ne!(cache_key(&p, &a), cache_key(&Digest::of(b"other"), &a));
-        assert_eq!(cache_key(&p, &a), cache_key(&p, &a.clone()));
+        let basis = KeyBasis::default();
+        assert_ne!(cache_key(&p, &basis, &a), cache_key(&p, &basis, &b));
+        assert_ne!(
+            cache_key(&p, &basis, &a),
+            cache_key(&Digest::of(b"other"), &basis, &a)
+        );
+        assert_eq!(cache_key(&p, &basis, &a), cache_key(&p, &basis, &a.clone()));
+    }
+
+    #[test]
+    fn keys_depend_on_the_epoch_set_or_not_and_the_snapshotter_layers() {
+        let step = StepInputs {
+            instruction: "COPY a /a".into(),
+            ..Default::default()
+        };
+        let p = Digest::of(b"parent");
+        let with = |epoch: Option<i64>, snapshotter: &str| {
+            let basis = KeyBasis {
+                source_date_epoch: epoch,
+                snapshotter: snapshotter.into(),
+            };
+            cache_key(&p, &basis, &step)
+        };
+        let keys = [
+            with(None, "overlay"),
+            with(Some(0), "overlay"),
+            with(Some(1), "overlay"),
+            with(None, "fuse-overlayfs"),
+        ];
+        let distinct: BTreeSet<&Digest> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "{keys:?}");
+        assert_eq!(with(Some(0), "overlay"), keys[1]);
     }
 
     #[test]
@@ -737,20 +816,38 @@ mod tests {
         old.files.insert("app/util.py".into(), "2".into());
         let mut new = old.clone();
         new.files.insert("app/main.py".into(), "3".into());
+        let basis = KeyBasis {
+            source_date_epoch: None,
+            snapshotter: "overlay".into(),
+        };
+        let same = (Some(&basis), &basis);
         assert_eq!(
-            explain_difference(&old, &new, false),
+            explain_difference(&old, &new, same, false),
             "1 file changed: app/main.py"
         );
         let mut new2 = old.clone();
         new2.args.insert("VERSION".into(), "2".into());
         old.args.insert("VERSION".into(), "1".into());
         assert_eq!(
-            explain_difference(&old, &new2, false),
+            explain_difference(&old, &new2, same, false),
             "build arg VERSION changed"
         );
         assert_eq!(
-            explain_difference(&old, &old, true),
+            explain_difference(&old, &old, same, true),
             "an earlier step changed"
+        );
+        let epoch = KeyBasis {
+            source_date_epoch: Some(0),
+            snapshotter: "fuse-overlayfs".into(),
+        };
+        assert_eq!(
+            explain_difference(&old, &old, (Some(&epoch), &basis), true),
+            "SOURCE_DATE_EPOCH changed (0 -> unset), snapshotter layers changed (fuse-overlayfs -> overlay)"
+        );
+        // A record that does not say its basis.
+        assert_eq!(
+            explain_difference(&old, &old, (None, &epoch), false),
+            "the cached result is gone"
         );
     }
 }

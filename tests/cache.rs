@@ -41,10 +41,6 @@ struct Access {
 }
 
 /// Runs kiln on `k`'s store with only `access`'s credentials (never the developer's own).
-fn kiln(k: &Kiln, args: &[&str], access: &Access) -> Output {
-    kiln_cmd(k, args, access).output().unwrap()
-}
-
 fn kiln_cmd(k: &Kiln, args: &[&str], access: &Access) -> Command {
     let mut cmd = Command::new(kiln_bin());
     cmd.arg("--root")
@@ -68,12 +64,30 @@ fn kiln_cmd(k: &Kiln, args: &[&str], access: &Access) -> Command {
 /// `kiln build --progress plain ARGS CTX --metadata-file …`; returns the output and the
 /// metadata document (Null when the build failed).
 fn build(k: &Kiln, ctx: &Path, args: &[&str], access: &Access) -> (Output, Value) {
+    build_env(k, ctx, args, access, &[])
+}
+
+/// [`build`] with these environment variables set (a value) or removed (None).
+fn build_env(
+    k: &Kiln,
+    ctx: &Path,
+    args: &[&str],
+    access: &Access,
+    env: &[(&str, Option<&str>)],
+) -> (Output, Value) {
     let md = tempfile::NamedTempFile::new().unwrap();
     let mut full = vec!["build", "--progress", "plain", "--metadata-file"];
     full.push(md.path().to_str().unwrap());
     full.extend_from_slice(args);
     full.push(ctx.to_str().unwrap());
-    let out = kiln(k, &full, access);
+    let mut cmd = kiln_cmd(k, &full, access);
+    for (name, value) in env {
+        match value {
+            Some(v) => cmd.env(name, v),
+            None => cmd.env_remove(name),
+        };
+    }
+    let out = cmd.output().unwrap();
     let doc = std::fs::read(md.path())
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -110,7 +124,7 @@ fn layer_steps(doc: &Value) -> Vec<&Value> {
         .iter()
         .filter(|s| {
             let i = s["instruction"].as_str().unwrap();
-            ["RUN ", "COPY ", "WORKDIR "]
+            ["RUN ", "COPY ", "ADD ", "WORKDIR "]
                 .iter()
                 .any(|p| i.starts_with(p))
         })
@@ -708,4 +722,230 @@ fn two_runners_exporting_to_one_ref_at_once_leave_a_valid_cache() {
     }
     let (_d, rootfs) = unpack(&layout);
     assert_eq!(read(&rootfs, "srv/tool"), "tool\n");
+}
+
+/// Builds with `env` (see [`build_env`]) and asserts success; returns the metadata document.
+fn build_env_ok(k: &Kiln, ctx: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> Value {
+    let (out, doc) = build_env(k, ctx, args, &Access::default(), env);
+    assert_success(&out);
+    doc
+}
+
+/// Asserts that every layer step of `doc` has this cache state and, for a rebuilt one, this
+/// reason.
+fn assert_steps(doc: &Value, cached: &str, reason: Option<&str>) {
+    let steps = layer_steps(doc);
+    assert!(!steps.is_empty());
+    for s in steps {
+        assert_eq!(s["cached"], cached, "{s}");
+        if let Some(reason) = reason {
+            assert_eq!(s["reason"], reason, "{s}");
+        }
+    }
+}
+
+/// Layers clamp file times to SOURCE_DATE_EPOCH, so a layer made with one epoch (or none) is
+/// never reused by a build with another: every kind of step is keyed on it, however the epoch
+/// is given (flag, build arg, environment). `--verify` found it: a build with an epoch reused
+/// the layers of a build without one, and its second, uncached build differed in mtimes.
+#[test]
+fn every_step_is_keyed_on_source_date_epoch() {
+    let recipe = "\
+FROM busybox
+RUN echo hi > /f
+COPY a /a
+COPY --link b /b
+WORKDIR /w
+ADD c /c
+";
+    let ctx = context(recipe, &[("a", b"a\n"), ("b", b"b\n"), ("c", b"c\n")]);
+    let k = Kiln::new();
+    let unset = [("SOURCE_DATE_EPOCH", None)];
+    let none = build_env_ok(&k, ctx.path(), &[], &unset);
+    assert_steps(&none, "no", None);
+    assert_eq!(layer_steps(&none).len(), 5);
+
+    // The fresh build of --verify must find what the first one made: so the first may not
+    // take the layers made without an epoch.
+    let zero = build_env_ok(
+        &k,
+        ctx.path(),
+        &["--verify", "--source-date-epoch", "0"],
+        &unset,
+    );
+    assert_steps(&zero, "no", Some("SOURCE_DATE_EPOCH changed (unset -> 0)"));
+    let id = |doc: &Value| doc["containerimage.config.digest"].clone();
+    assert_ne!(id(&none), id(&zero));
+
+    // Each build finds its own records again.
+    let again = build_env_ok(&k, ctx.path(), &[], &unset);
+    assert_steps(&again, "local", None);
+    assert_eq!(id(&again), id(&none));
+    for (args, env) in [
+        (&["--source-date-epoch", "0"][..], None),
+        (&["--build-arg", "SOURCE_DATE_EPOCH=0"][..], None),
+        (&[][..], Some("0")),
+    ] {
+        let doc = build_env_ok(&k, ctx.path(), args, &[("SOURCE_DATE_EPOCH", env)]);
+        assert_steps(&doc, "local", None);
+        assert_eq!(id(&doc), id(&zero), "{args:?} {env:?}");
+    }
+    let five = build_env_ok(&k, ctx.path(), &["--source-date-epoch", "5"], &unset);
+    assert_steps(&five, "no", Some("SOURCE_DATE_EPOCH changed (0 -> 5)"));
+}
+
+/// fuse-overlayfs keeps hardlinks of earlier layers whole, so a step writing through such a
+/// link gets other layer bytes than under the kernel's overlayfs: its results are keyed apart.
+/// The copying snapshotter writes overlayfs's layers and shares its keys.
+#[test]
+fn fuse_overlayfs_layers_are_keyed_apart_from_overlayfs_ones() {
+    let recipe = "\
+FROM busybox
+RUN echo x > /x && ln /x /x2 && ln /x /x3 && echo y > /y && ln /y /y2
+RUN rm /x2 && ln /x /x4 && echo more >> /y
+RUN echo again > /x3 && ln /y2 /y3
+";
+    let ctx = context(recipe, &[]);
+    let epoch = ["--source-date-epoch", "0"];
+    let with = |k: &Kiln, snapshotter: &str| {
+        build_env_ok(
+            k,
+            ctx.path(),
+            &epoch,
+            &[("KILN_SNAPSHOTTER", Some(snapshotter))],
+        )
+    };
+    let id = |doc: &Value| doc["containerimage.config.digest"].clone();
+    let fresh_fuse = with(&Kiln::new(), "fuse-overlayfs");
+
+    let k = Kiln::new();
+    let overlay = with(&k, "overlay");
+    assert_steps(&overlay, "no", None);
+    assert_ne!(id(&overlay), id(&fresh_fuse), "the layers differ");
+    let copy = with(&k, "copy");
+    assert_steps(&copy, "local", None);
+    assert_eq!(id(&copy), id(&overlay));
+    let fuse = with(&k, "fuse-overlayfs");
+    let why = "snapshotter layers changed (overlay -> fuse-overlayfs)";
+    assert_eq!(step(&fuse, recipe.lines().nth(1).unwrap())["reason"], why);
+    assert_steps(&fuse, "no", None);
+    assert_eq!(id(&fuse), id(&fresh_fuse));
+}
+
+/// Steps whose cache keys name another stage's files or the stage below without reading them:
+/// a `COPY --link` (what it takes from the stage below), binds and a seeded cache `from=` a
+/// stage, and a bind of the context.
+const MOUNTS: &str = "\
+FROM busybox AS build
+RUN mkdir /o && echo built > /o/out
+FROM busybox
+RUN mkdir -p /app && echo base > /app/base
+COPY --link a /app/
+RUN --mount=type=bind,from=build,source=/o,target=/in cat /in/out > /from-bind
+RUN --mount=type=cache,from=build,source=/o,target=/seed,id=seeded cat /seed/out > /from-cache
+RUN --mount=type=bind,target=/ctx cat /ctx/a /app/base > /from-context
+";
+
+/// Lazy layers: a fresh store whose build hits every step in a registry cache downloads no
+/// layer, even where a step's key involves another stage's files or the stage below (a linked
+/// copy, mounts `from=`); a step that runs later fetches what it needs and sees it.
+#[test]
+fn an_all_hit_build_with_linked_copies_and_mounts_downloads_no_layer() {
+    let reg = Registry::start();
+    let cache = format!("{}/c:mounts", reg.host());
+    let ctx = context(MOUNTS, &[("a", b"a\n")]);
+    let doc_a = build_ok(
+        &Kiln::new(),
+        ctx.path(),
+        &["--cache-to", &format!("type=registry,ref={cache},mode=max")],
+        &Access::default(),
+    );
+    assert_eq!(layer_steps(&doc_a).len(), 6);
+
+    // Runner B reads the cache through a proxy that counts the layer downloads.
+    let proxy = Proxy::start(reg.port, Box::new(|_, _| Action::Forward));
+    let through_proxy = format!("{}/c:mounts", proxy.host());
+    let b = Kiln::new();
+    let doc_b = build_ok(
+        &b,
+        ctx.path(),
+        &["--cache-from", &through_proxy],
+        &Access::default(),
+    );
+    let name = Reference::parse(&through_proxy).unwrap().to_string();
+    assert_steps(&doc_b, &name, None);
+    assert_eq!(
+        doc_b["containerimage.config.digest"],
+        doc_a["containerimage.config.digest"]
+    );
+    let layers: Vec<String> = layer_steps(&doc_b)
+        .iter()
+        .filter_map(|s| s["layer"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(layers.len(), 6);
+    let store = Store::open(b.root.path()).unwrap();
+    let fetched: Vec<String> = proxy
+        .seen()
+        .into_iter()
+        .filter(|r| r.line.starts_with("GET ") && layers.iter().any(|l| r.line.contains(l)))
+        .map(|r| r.line)
+        .collect();
+    assert!(fetched.is_empty(), "layers downloaded: {fetched:?}");
+    for l in &layers {
+        let d: Digest = l.parse().unwrap();
+        assert!(!store.has_blob(&d), "{d} was downloaded");
+        assert!(store.blob_origin(&d).is_some(), "{d} is not promised");
+    }
+    drop(store);
+
+    // What B exports carries the linked copy's own record too (found by the copy's inputs
+    // whatever lies below), though B found the copy by its alias: a build on another base
+    // still takes the copy's layer.
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("cache");
+    build_ok(
+        &b,
+        ctx.path(),
+        &[
+            "--cache-from",
+            &through_proxy,
+            "--cache-to",
+            &format!("type=local,dest={},mode=max", dir.display()),
+        ],
+        &Access::default(),
+    );
+    let rebased = context(
+        &MOUNTS.replace("echo base >", "echo other base >"),
+        &[("a", b"a\n")],
+    );
+    let doc = build_ok(
+        &Kiln::new(),
+        rebased.path(),
+        &["--cache-from", &format!("type=local,src={}", dir.display())],
+        &Access::default(),
+    );
+    let copy = step(&doc, "COPY --link a /app/");
+    assert_eq!(copy["cached"], dir.to_str().unwrap());
+    assert_eq!(copy["layer"], step(&doc_a, "COPY --link a /app/")["layer"]);
+
+    // A changed context file: the linked copy and the steps after it run, on the layers they
+    // need, now fetched.
+    std::fs::write(ctx.path().join("a"), "changed\n").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("files");
+    let doc = build_ok(
+        &b,
+        ctx.path(),
+        &["--cache-from", &through_proxy, "-o", dest.to_str().unwrap()],
+        &Access::default(),
+    );
+    assert_eq!(step(&doc, "COPY --link a /app/")["cached"], "no");
+    for (file, content) in [
+        ("from-bind", "built\n"),
+        ("from-cache", "built\n"),
+        ("from-context", "changed\nbase\n"),
+        ("app/a", "changed\n"),
+    ] {
+        assert_eq!(read(&dest, file), content, "{file}");
+    }
 }

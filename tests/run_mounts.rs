@@ -177,3 +177,42 @@ fn context_bind_is_part_of_the_cache_key() {
         "a changed bound file did not re-run the step"
     );
 }
+
+/// A bind of the build context shows it through its .dockerignore, as COPY does: ignored files
+/// are absent from the mount (and changing them does not re-run the step); kept ones are there.
+#[test]
+fn context_bind_honours_dockerignore() {
+    let k = Kiln::new();
+    let recipe = "FROM busybox\n\
+        RUN --mount=type=bind,target=/ctx ls -A /ctx /ctx/logs > /listing 2>&1; \
+            cat /ctx/kept /ctx/logs/keep.log > /seen\n";
+    let files: &[(&str, &[u8])] = &[
+        (".dockerignore", b"secret.txt\nlogs/*\n!logs/keep.log\n"),
+        ("secret.txt", b"do not show\n"),
+        ("kept", b"kept\n"),
+        ("logs/drop.log", b"dropped\n"),
+        ("logs/keep.log", b"re-included\n"),
+    ];
+    let u = k.build_unpacked(recipe, files);
+    let listing = std::fs::read_to_string(u.rootfs.join("listing")).unwrap();
+    assert!(!listing.contains("secret.txt"), "{listing}");
+    assert!(!listing.contains("drop.log"), "{listing}");
+    assert!(listing.contains("keep.log"), "{listing}");
+    assert!(listing.contains("kept"), "{listing}");
+    let seen = std::fs::read_to_string(u.rootfs.join("seen")).unwrap();
+    assert_eq!(seen, "kept\nre-included\n");
+
+    let ctx = context(recipe, files);
+    let path = ctx.path().to_str().unwrap();
+    let build = || {
+        let out = k.run(&["build", "--progress", "plain", path]);
+        assert_success(&out);
+        stderr(&out)
+    };
+    build();
+    std::fs::write(ctx.path().join("secret.txt"), "changed\n").unwrap();
+    assert!(
+        build().contains("CACHED"),
+        "an ignored file re-ran the step"
+    );
+}

@@ -15,10 +15,13 @@ use super::{
 use crate::cache::{self, BuiltRecord, Hit, Layer, Lookup, Miss, Record};
 use crate::digest::Digest;
 use crate::image::{self, Descriptor, Index, Platform};
-use crate::plan::{Base, Plan, StepInputs};
+use crate::plan::{self, Base, Plan, StepInputs};
 use crate::registry::reference::Reference;
 use crate::snapshot::{self, Compression, LayerOptions};
 use crate::store::StoredRef;
+
+/// What the key of a `COPY --link` layer is derived from instead of a parent step's key.
+pub(super) const LINKED_PARENT: &[u8] = b"kiln: linked layers have no parent";
 
 /// The stages whose steps make the final image's layers: the target and those it is built
 /// `FROM`, transitively (the steps `--cache-to mode=min` exports).
@@ -159,6 +162,16 @@ pub(super) fn build_attempts(shared: &Shared, engines: &[Engine]) -> Result<Buil
     }
 }
 
+/// What the caches hold under a key.
+enum Found {
+    /// A usable record, from the cache of this index.
+    Hit(Box<Hit>, usize),
+    /// None: `--no-cache` or `--no-cache-filter` (named) forbids it.
+    Refused(&'static str),
+    /// None usable; `other_encoding` when one had a layer of another compression.
+    Miss { other_encoding: bool },
+}
+
 impl Shared<'_> {
     /// Leaves a shared cache's layer out of later attempts; false if it already was.
     pub(super) fn reject(&self, layer: Digest) -> bool {
@@ -202,6 +215,12 @@ impl Engine<'_> {
         Digest::of(id.as_bytes())
     }
 
+    /// The cache key of a step with `inputs` derived from `parent`: every kind of step's key
+    /// comes from here, with the build's [`plan::KeyBasis`] in it.
+    pub(super) fn step_key(&self, parent: &Digest, inputs: &StepInputs) -> Digest {
+        plan::cache_key(parent, &self.key_basis, inputs)
+    }
+
     /// Looks the step up in the caches in order and returns a hit and the cache's index. A
     /// shared cache's layer that the store does not hold is promised, not fetched. On a miss,
     /// returns why the step is rebuilt (when that can be told).
@@ -211,12 +230,47 @@ impl Engine<'_> {
         (parent, key): (&Digest, &Digest),
         inputs: &StepInputs,
     ) -> Result<Result<(Hit, usize), Option<String>>, BuildError> {
+        let other_encoding = match self.find_cached(place, key)? {
+            Found::Hit(hit, i) => return Ok(Ok((*hit, i))),
+            Found::Refused(why) => return Ok(Err(Some(why.to_string()))),
+            Found::Miss { other_encoding } => other_encoding,
+        };
+        if other_encoding {
+            return Ok(Err(Some(
+                "the cached layer has another compression".to_string(),
+            )));
+        }
+        let shared = cache::shareable(inputs);
+        let miss = Miss {
+            step_id: self.identity(place.stage, place.n),
+            parent: *parent,
+            inputs: &shared,
+            basis: &self.key_basis,
+        };
+        let (local, remote) = self.caches.split_at(1);
+        if remote.is_empty() {
+            // A step never built before needs no explanation.
+            return Ok(Err(local[0].explain(&miss)));
+        }
+        let names: Vec<&str> = remote.iter().map(|c| c.name()).collect();
+        let mut reason = format!("not in cache {}", names.join(", "));
+        if let Some(why) = remote.iter().find_map(|c| c.explain(&miss)) {
+            reason += &format!("; nearest record differs: {why}");
+        } else if let Some(why) = local[0].explain(&miss) {
+            reason += &format!("; last local build differs: {why}");
+        }
+        Ok(Err(Some(reason)))
+    }
+
+    /// The first usable record of `key` in the caches, in order, and the cache's index. A
+    /// shared cache's layer that the store does not hold is promised, not fetched.
+    fn find_cached(&self, place: &StepPlace, key: &Digest) -> Result<Found, BuildError> {
         // Under --no-cache only what this build made counts (another platform's result).
         if self.opts.no_cache && !self.steps.built_here(key) {
-            return Ok(Err(Some("--no-cache".to_string())));
+            return Ok(Found::Refused("--no-cache"));
         }
         if self.no_cache_stage(place.stage) && !self.steps.built_here(key) {
-            return Ok(Err(Some("--no-cache-filter".to_string())));
+            return Ok(Found::Refused("--no-cache-filter"));
         }
         let mut other_encoding = false;
         for (i, cache) in self.caches.iter().enumerate() {
@@ -247,32 +301,9 @@ impl Engine<'_> {
                     self.store.promise_blob(&l.desc.digest, origin)?;
                 }
             }
-            return Ok(Ok((hit, i)));
+            return Ok(Found::Hit(Box::new(hit), i));
         }
-        if other_encoding {
-            return Ok(Err(Some(
-                "the cached layer has another compression".to_string(),
-            )));
-        }
-        let shared = cache::shareable(inputs);
-        let miss = Miss {
-            step_id: self.identity(place.stage, place.n),
-            parent: *parent,
-            inputs: &shared,
-        };
-        let (local, remote) = self.caches.split_at(1);
-        if remote.is_empty() {
-            // A step never built before needs no explanation.
-            return Ok(Err(local[0].explain(&miss)));
-        }
-        let names: Vec<&str> = remote.iter().map(|c| c.name()).collect();
-        let mut reason = format!("not in cache {}", names.join(", "));
-        if let Some(why) = remote.iter().find_map(|c| c.explain(&miss)) {
-            reason += &format!("; nearest record differs: {why}");
-        } else if let Some(why) = local[0].explain(&miss) {
-            reason += &format!("; last local build differs: {why}");
-        }
-        Ok(Err(Some(reason)))
+        Ok(Found::Miss { other_encoding })
     }
 
     /// Applies a cached result to the stage, and keeps its record for exports.
@@ -302,8 +333,10 @@ impl Engine<'_> {
             key,
             parent,
             inputs: Some(cache::shareable(inputs)),
+            basis: Some(self.key_basis.clone()),
             layer,
             created,
+            linked: None,
             step_id: (place.n != usize::MAX).then(|| self.identity(place.stage, place.n)),
         }
     }
@@ -316,6 +349,75 @@ impl Engine<'_> {
                 .unwrap_or(0)
         });
         image::rfc3339(secs)
+    }
+
+    /// Applies the hit of cache `i` to the stage.
+    fn take_hit(
+        &self,
+        st: &mut StageState,
+        place: &StepPlace,
+        (parent, key): (Digest, Digest),
+        inputs: &StepInputs,
+        (hit, i): (Hit, usize),
+    ) {
+        st.cached = match i {
+            0 => Cached::Local,
+            _ => Cached::Shared(self.caches[i].name().to_string()),
+        };
+        st.looked_up = true;
+        let mut record = self.record(place, (parent, key), inputs, (hit.layer, hit.created));
+        record.linked = hit.linked;
+        if let Some(own) = hit.linked {
+            // A `COPY --link` found by its alias: its own record goes to the exports too.
+            let mut own_record = record.clone();
+            (own_record.key, own_record.parent) = (own, Digest::of(LINKED_PARENT));
+            (own_record.inputs, own_record.linked, own_record.step_id) = (None, None, None);
+            self.keep_record(place.stage, own_record);
+        }
+        self.apply_record(st, place, record);
+    }
+
+    /// Looks a step up under `key` and applies a hit (true); a miss is not explained. For a
+    /// `COPY --link`'s alias, which is asked before its own key.
+    pub(super) fn reuse_if_cached(
+        &self,
+        st: &mut StageState,
+        place: &StepPlace,
+        (parent, key): (Digest, Digest),
+        inputs: &StepInputs,
+    ) -> Result<bool, BuildError> {
+        match self.find_cached(place, &key)? {
+            Found::Hit(hit, i) => {
+                self.take_hit(st, place, (parent, key), inputs, (*hit, i));
+                Ok(true)
+            }
+            Found::Refused(_) | Found::Miss { .. } => Ok(false),
+        }
+    }
+
+    /// Records the result just applied to the stage under `own` (its layer, if
+    /// `layers_before` grew, and its time) under its alias `key` as well: a `COPY --link`'s,
+    /// derived from `parent` (the stage's key below the step), so that the next build finds
+    /// the step without looking at the stage's files. Exported with the build's other records.
+    pub(super) fn record_alias(
+        &self,
+        st: &StageState,
+        place: &StepPlace,
+        (parent, key, own): (Digest, Digest, Digest),
+        inputs: &StepInputs,
+        layers_before: usize,
+    ) -> Result<(), BuildError> {
+        let layer = st.layers.get(layers_before).cloned();
+        let mut record = self.record(place, (parent, key), inputs, (layer, st.created.clone()));
+        record.linked = Some(own);
+        // The step's own record explains its misses.
+        record.step_id = None;
+        self.caches[0]
+            .store(std::slice::from_ref(&record))
+            .map_err(|e| self.step_error(place.stage, place.line, e))?;
+        self.steps.record_built(key);
+        self.keep_record(place.stage, record);
+        Ok(())
     }
 
     /// On a cache hit applies the cached result and closes the step (None); on a miss returns
@@ -333,15 +435,9 @@ impl Engine<'_> {
     ) -> Result<Option<(crate::progress::Step<'p>, StepClaim<'_>)>, BuildError> {
         let claim = self.steps.claim(key);
         match self.try_cache(place, (&parent, &key), inputs)? {
-            Ok((hit, i)) => {
+            Ok(found) => {
                 drop(claim);
-                st.cached = match i {
-                    0 => Cached::Local,
-                    _ => Cached::Shared(self.caches[i].name().to_string()),
-                };
-                st.looked_up = true;
-                let record = self.record(place, (parent, key), inputs, (hit.layer, hit.created));
-                self.apply_record(st, place, record);
+                self.take_hit(st, place, (parent, key), inputs, found);
                 step.cached();
                 Ok(None)
             }

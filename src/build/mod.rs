@@ -31,7 +31,7 @@ use crate::cache::{
 };
 use crate::digest::Digest;
 use crate::image::{self, Descriptor, History, ImageConfig, Platform};
-use crate::plan::{self, Base, Plan, PlanError, PlanOptions};
+use crate::plan::{self, Base, KeyBasis, Plan, PlanError, PlanOptions};
 use crate::progress::{Progress, StepLabel};
 use crate::recipe::instructions::{Instruction, InstructionKind, Recipe};
 use crate::recipe::shell::Lexer;
@@ -393,7 +393,7 @@ pub fn build(
         Context::open(&opts.context_dir, recipe_abs.as_deref()).map_err(BuildError::ContextDir)?;
     let _lease = store.build_lease()?;
     let named = named::open_named(store, &opts.named_contexts)?;
-    let sandbox = sandboxing::prepare(opts, store, progress)?;
+    let (sandbox, layer_kind) = sandboxing::prepare(opts, store, progress)?;
     let client = Client::new(ClientOptions {
         tls_verify: opts.tls_verify,
         ..Default::default()
@@ -424,6 +424,10 @@ pub fn build(
             .display()
             .to_string(),
         caches,
+        key_basis: KeyBasis {
+            source_date_epoch: opts.source_date_epoch,
+            snapshotter: layer_kind.to_string(),
+        },
         rejected: Mutex::default(),
         warned: Mutex::default(),
         stopped_others: AtomicBool::new(false),
@@ -450,6 +454,7 @@ pub fn build(
 }
 
 /// Where a layer step is: for messages, step identities and history.
+#[derive(Clone)]
 struct StepPlace {
     stage: usize,
     n: usize,
@@ -478,6 +483,8 @@ struct Shared<'a> {
     recipe_id: String,
     /// The local store's cache first, then the `--cache-from` caches in order.
     caches: Vec<Box<dyn CacheBackend + 'a>>,
+    /// What every step's cache key includes besides the step ([`Engine::step_key`]).
+    key_basis: KeyBasis,
     /// Layers of shared caches found unusable in an earlier attempt.
     rejected: Mutex<BTreeSet<Digest>>,
     /// Warnings given once.

@@ -37,11 +37,15 @@ impl std::fmt::Debug for SecretSource {
 pub const MAX_SECRET_BYTES: u64 = 500 * 1024;
 
 /// A RUN mount, as the sandbox gets it.
-enum RunMount {
-    /// A bind mount; `identity` names the content of its tree (another stage's key, the
-    /// context files' digest) for the step's cache key.
-    Bind {
-        bind: BindMount,
+enum RunMount<'a> {
+    /// A bind mount of a host directory (a cache dir, a tmpfs's scratch dir).
+    Bind(BindMount),
+    /// Files of a stage, an image or a context, made ready only if the step runs (unpacking
+    /// layers, fetching those a shared cache promised, copying a context through its ignore
+    /// file): the cache lookup needs only `identity`, which names their content (another
+    /// stage's key, the context files' digest) for the step's cache key.
+    Files {
+        mount: FilesMount<'a>,
         identity: Option<String>,
     },
     /// A forwarded ssh-agent socket; the step's `SSH_AUTH_SOCK` names the first one.
@@ -56,17 +60,34 @@ enum RunMount {
     Skipped,
 }
 
-impl RunMount {
-    fn host(source: PathBuf, target: String, readonly: bool) -> RunMount {
-        RunMount::Bind {
-            bind: BindMount {
-                source: BindSource::Host(source),
-                target,
-                readonly,
-            },
-            identity: None,
-        }
+impl RunMount<'_> {
+    fn host(source: PathBuf, target: String, readonly: bool) -> RunMount<'static> {
+        RunMount::Bind(BindMount {
+            source: BindSource::Host(source),
+            target,
+            readonly,
+        })
     }
+}
+
+/// A mount of files named by `from=` (or of the context), before they are made ready.
+enum FilesMount<'a> {
+    /// `type=bind`: `path` inside the files at `target`.
+    Bind {
+        files: MountFiles<'a>,
+        path: String,
+        target: String,
+        readonly: bool,
+    },
+    /// `type=cache,from=…`: the cache dir of `id`, seeded on first use with a copy of `source`
+    /// inside the files.
+    SeededCache {
+        files: MountFiles<'a>,
+        id: String,
+        source: String,
+        target: String,
+        readonly: bool,
+    },
 }
 
 impl Engine<'_> {
@@ -166,32 +187,22 @@ impl Engine<'_> {
             }
         };
         let vars = self.vars(st);
-        let mut binds = Vec::new();
+        let mut mounts = Vec::new();
         let mut identities: Vec<String> = Vec::new();
         let mut _mount_scratch = Vec::new();
-        let mut agent_sockets: Vec<String> = Vec::new();
-        let mut secret_env = Vec::new();
+        let mut agents = 0;
         let workdir = st.config.config.working_dir.clone().unwrap_or_default();
         for m in &run.mounts {
             let expanded = self.expand(m, &vars, line)?;
-            let at = (agent_sockets.len(), workdir.as_str());
+            let at = (agents, workdir.as_str());
             let (mount, scratch) = self.run_mount(stage, m, &expanded, line, deps, at)?;
             _mount_scratch.extend(scratch);
-            match mount {
-                RunMount::Bind { bind, identity } => {
-                    binds.push(bind);
-                    identities.extend(identity);
-                }
-                RunMount::Secret { bind, env } => {
-                    binds.extend(bind);
-                    secret_env.extend(env);
-                }
-                RunMount::Agent(bind) => {
-                    agent_sockets.push(bind.target.clone());
-                    binds.push(bind);
-                }
-                RunMount::Skipped => {}
+            match &mount {
+                RunMount::Files { identity, .. } => identities.extend(identity.clone()),
+                RunMount::Agent(_) => agents += 1,
+                _ => {}
             }
+            mounts.push(mount);
         }
         let mut inputs = self.run_inputs(
             st,
@@ -207,7 +218,7 @@ impl Engine<'_> {
             inputs.instruction.push_str(" security=insecure");
         }
         let parent = st.key;
-        let key = plan::cache_key(&parent, &inputs);
+        let key = self.step_key(&parent, &inputs);
         let used_args: Vec<&str> = st.args.keys().map(String::as_str).collect();
         let created_by = if used_args.is_empty() {
             format!("RUN {}", argv.join(" "))
@@ -230,6 +241,29 @@ impl Engine<'_> {
         else {
             return Ok(());
         };
+        // The step runs: its mounts' files are made ready now, in their order.
+        let mut binds = Vec::new();
+        let mut agent_sockets: Vec<String> = Vec::new();
+        let mut secret_env = Vec::new();
+        for mount in mounts {
+            match mount {
+                RunMount::Bind(bind) => binds.push(bind),
+                RunMount::Files { mount, .. } => {
+                    let (bind, scratch) = self.ready_mount(mount, stage, line)?;
+                    binds.push(bind);
+                    _mount_scratch.extend(scratch);
+                }
+                RunMount::Secret { bind, env } => {
+                    binds.extend(bind);
+                    secret_env.extend(env);
+                }
+                RunMount::Agent(bind) => {
+                    agent_sockets.push(bind.target.clone());
+                    binds.push(bind);
+                }
+                RunMount::Skipped => {}
+            }
+        }
         let (scratch, upper, work) = self.scratch_upper(stage, line)?;
         let speculation = self.speculate(&upper, scratch.path());
         let spec = RunSpec {
@@ -330,7 +364,7 @@ impl Engine<'_> {
         line: usize,
         deps: &BTreeMap<usize, Arc<StageState>>,
         (index, workdir): (usize, &str),
-    ) -> Result<(RunMount, Vec<tempfile::TempDir>), BuildError> {
+    ) -> Result<(RunMount<'_>, Vec<tempfile::TempDir>), BuildError> {
         let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
         for field in spec.split(',').filter(|f| !f.is_empty()) {
             let (k, v) = field.split_once('=').unwrap_or((field, ""));
@@ -401,25 +435,19 @@ impl Engine<'_> {
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| target.clone());
                 let readonly = fields.contains_key("ro");
-                let source = fields.get("source").copied().unwrap_or("/");
-                let (dir, view) = match self.mount_files(stage, raw, &fields, line, deps)? {
-                    _ if !has_from(&fields) => (self.store.cache_mount_dir(&id)?, None),
-                    MountFiles::State(from) => {
-                        let seed = (self.lowers(&from)?, from.key.to_string());
-                        (self.seeded_cache_dir(&id, seed, source, stage, line)?, None)
-                    }
-                    MountFiles::Dir(ctx) => {
-                        let identity = self.context_identity(ctx, source, line)?;
-                        let (view, view_scratch) = self.dir_mount_view(ctx, stage, line)?;
-                        let seed = (vec![view], identity);
-                        let dir = self.seeded_cache_dir(&id, seed, source, stage, line)?;
-                        (dir, view_scratch)
-                    }
+                if !has_from(&fields) {
+                    let dir = self.store.cache_mount_dir(&id)?;
+                    return Ok((RunMount::host(dir, target, readonly), Vec::new()));
+                }
+                let mount = FilesMount::SeededCache {
+                    files: self.mount_files(stage, raw, &fields, line, deps)?,
+                    id,
+                    source: fields.get("source").copied().unwrap_or("/").to_string(),
+                    target,
+                    readonly,
                 };
-                Ok((
-                    RunMount::host(dir, target, readonly),
-                    view.into_iter().collect(),
-                ))
+                let identity = None;
+                Ok((RunMount::Files { mount, identity }, Vec::new()))
             }
             "tmpfs" => {
                 let target = need_target()?;
@@ -437,29 +465,19 @@ impl Engine<'_> {
                 let source = fields.get("source").copied().unwrap_or("/");
                 // The files of a stage, an image or the context: `source` is resolved inside
                 // them by the sandbox, and a writable bind gets a throwaway upper layer.
-                let (layers, identity, view) = match self
-                    .mount_files(stage, raw, &fields, line, deps)?
-                {
-                    MountFiles::State(state) => (self.lowers(&state)?, state.key.to_string(), None),
-                    MountFiles::Dir(ctx) => {
-                        let identity = self.context_identity(ctx, source, line)?;
-                        let (view, view_scratch) = self.dir_mount_view(ctx, stage, line)?;
-                        (vec![view], identity, view_scratch)
-                    }
+                let files = self.mount_files(stage, raw, &fields, line, deps)?;
+                let identity = match &files {
+                    MountFiles::State(state) => state.key.to_string(),
+                    MountFiles::Dir(ctx) => self.context_identity(ctx, source, line)?,
                 };
-                let scratch = self.store.scratch_dir()?;
-                let bind = BindMount {
-                    source: BindSource::Tree(TreeSource {
-                        layers,
-                        path: source.to_string(),
-                        scratch: scratch.path().to_path_buf(),
-                    }),
+                let mount = FilesMount::Bind {
+                    files,
+                    path: source.to_string(),
                     target,
                     readonly,
                 };
                 let identity = Some(identity);
-                let scratch = std::iter::once(scratch).chain(view).collect();
-                Ok((RunMount::Bind { bind, identity }, scratch))
+                Ok((RunMount::Files { mount, identity }, Vec::new()))
             }
             other => Err(self.invalid(
                 line,
@@ -527,21 +545,91 @@ impl Engine<'_> {
         Ok(format!("context {}", crate::digest::Digest::of(&json)))
     }
 
-    /// The directory of a `type=cache` mount seeded `from=` a stage, an image or a context
-    /// (`seed`: its layers and its identity): on first use, a copy of `source` there (owners
-    /// and modes kept); kept across builds like any cache, under an id that also names the seed.
+    /// Makes a mount's files ready for its step, which is about to run: the bind of a tree
+    /// (the stage's layers unpacked, a context through its ignore file), or the seeded cache
+    /// dir. The scratch dirs returned must live until the step ends.
+    fn ready_mount(
+        &self,
+        mount: FilesMount<'_>,
+        stage: usize,
+        line: usize,
+    ) -> Result<(BindMount, Vec<tempfile::TempDir>), BuildError> {
+        match mount {
+            FilesMount::Bind {
+                files,
+                path,
+                target,
+                readonly,
+            } => {
+                let (layers, view) = self.mount_layers(&files, stage, line)?;
+                let scratch = self.store.scratch_dir()?;
+                let bind = BindMount {
+                    source: BindSource::Tree(TreeSource {
+                        layers,
+                        path,
+                        scratch: scratch.path().to_path_buf(),
+                    }),
+                    target,
+                    readonly,
+                };
+                Ok((bind, std::iter::once(scratch).chain(view).collect()))
+            }
+            FilesMount::SeededCache {
+                files,
+                id,
+                source,
+                target,
+                readonly,
+            } => {
+                let dir = self.seeded_cache_dir(&id, &files, &source, stage, line)?;
+                let bind = BindMount {
+                    source: BindSource::Host(dir),
+                    target,
+                    readonly,
+                };
+                Ok((bind, Vec::new()))
+            }
+        }
+    }
+
+    /// The layer dirs of a mount's files, top first: a stage's or an image's (unpacked, and
+    /// fetched first where a shared cache promised them), or a view of a context directory
+    /// (with the scratch dir holding it while it is used).
+    fn mount_layers(
+        &self,
+        files: &MountFiles<'_>,
+        stage: usize,
+        line: usize,
+    ) -> Result<(Vec<PathBuf>, Option<tempfile::TempDir>), BuildError> {
+        match files {
+            MountFiles::State(state) => Ok((self.lowers(state)?, None)),
+            MountFiles::Dir(ctx) => {
+                let (view, scratch) = self.dir_mount_view(ctx, stage, line)?;
+                Ok((vec![view], scratch))
+            }
+        }
+    }
+
+    /// The directory of a `type=cache` mount seeded `from=` a stage, an image or a context: on
+    /// first use, a copy of `source` in those files (owners and modes kept); kept across
+    /// builds like any cache, under an id that also names the seed.
     fn seeded_cache_dir(
         &self,
         id: &str,
-        (lowers, seed_key): (Vec<PathBuf>, String),
+        files: &MountFiles<'_>,
         source: &str,
         stage: usize,
         line: usize,
     ) -> Result<PathBuf, BuildError> {
+        let seed_key = match files {
+            MountFiles::State(state) => state.key.to_string(),
+            MountFiles::Dir(ctx) => self.context_identity(ctx, source, line)?,
+        };
         let id = format!("{id}\nfrom={seed_key}\nsource={source}");
         if let Some(dir) = self.store.existing_cache_mount_dir(&id) {
             return Ok(dir);
         }
+        let (lowers, _view) = self.mount_layers(files, stage, line)?;
         let scratch = self.store.scratch_dir()?;
         let seed = scratch.path().join("seed");
         let failed = |e: &dyn std::fmt::Display| {
@@ -599,7 +687,7 @@ impl Engine<'_> {
         fields: &BTreeMap<&str, &str>,
         target: Option<String>,
         line: usize,
-    ) -> Result<(RunMount, Vec<tempfile::TempDir>), BuildError> {
+    ) -> Result<(RunMount<'static>, Vec<tempfile::TempDir>), BuildError> {
         let id = fields
             .get("id")
             .or_else(|| fields.get("source"))

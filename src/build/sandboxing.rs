@@ -7,12 +7,15 @@ use crate::progress::Progress;
 use crate::sandbox::{Sandbox, snapshotter, userns};
 use crate::store::Store;
 
-/// Sets up the build's sandbox and tells progress how it runs.
+/// Sets up the build's sandbox and tells progress how it runs; returns it with the kind of
+/// layers its snapshotter makes steps write ([`Snapshotter::layer_kind`]).
+///
+/// [`Snapshotter::layer_kind`]: snapshotter::Snapshotter::layer_kind
 pub(super) fn prepare(
     opts: &BuildOptions,
     store: &Store,
     progress: &Progress,
-) -> Result<Sandbox, BuildError> {
+) -> Result<(Sandbox, &'static str), BuildError> {
     if let Some(rootless) = userns::entered() {
         progress.info(&rootless.describe());
         if let Some(w) = &rootless.warning {
@@ -36,5 +39,6 @@ pub(super) fn prepare(
     for w in &plan.warnings {
         progress.warn(w);
     }
-    Ok(Sandbox::new(opts.helper_exe.clone()).with_limits(plan))
+    let sandbox = Sandbox::new(opts.helper_exe.clone()).with_limits(plan);
+    Ok((sandbox, choice.snapshotter.layer_kind()))
 }

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::named::{self, NamedFiles};
 use super::{BuildError, Engine, StageState, StepPlace};
 use super::{copy, listed};
 use crate::digest::Digest;
-use crate::plan::{self, CopySource, StepInputs};
+use crate::plan::{CopySource, StepInputs};
 use crate::recipe::instructions::{Copy, Instruction};
 use crate::rootfs::RootDir;
 use crate::sandbox;
@@ -213,30 +213,31 @@ impl Engine<'_> {
         if let Some(fs) = &from_state {
             inputs.from = fs.key.to_string();
         }
-        let linked = match c.link {
-            true => Some(self.probe_link_base(st, &dest, chown.as_deref(), stage, line)?),
-            false => None,
+        // What a `COPY --link` takes from the stage below: looked at only when its cache key
+        // needs it (see `rootfs_step`), and then used by the copy.
+        let link_base: OnceLock<LinkBase> = OnceLock::new();
+        let probe = |below: &StageState| -> Result<String, BuildError> {
+            let l = self.probe_link_base(below, &dest, chown.as_deref(), stage, line)?;
+            // All that ties the linked layer to the layers below.
+            let words = format!(" dirs={:?} owner={:?}", l.dirs, l.owner);
+            let _ = link_base.set(l);
+            Ok(words)
         };
         // Several sources make the destination a directory even without a trailing slash (as
         // buildah; Docker's classic builder refuses, BuildKit copies each onto the same path).
-        let dest_is_dir = dest_slash
-            || c.sources.len() > 1
-            || items.len() > 1
-            || linked.as_ref().is_some_and(LinkBase::dest_is_dir);
+        let dest_is_dir_here = dest_slash || c.sources.len() > 1 || items.len() > 1;
+        let dest_is_dir = || dest_is_dir_here || link_base.get().is_some_and(LinkBase::dest_is_dir);
         inputs.instruction = format!(
-            "{} {:?} -> {dest} dir={dest_is_dir} chown={chown:?} chmod={chmod:?} exclude={:?} parents={} unpack={:?}",
+            "{} {:?} -> {dest} dir={dest_is_dir_here} chown={chown:?} chmod={chmod:?} exclude={:?} parents={} unpack={:?} link={}",
             if is_add { "ADD" } else { "COPY" },
             source_words,
             c.exclude,
             c.parents,
-            c.unpack
+            c.unpack,
+            c.link
         );
-        if let Some(l) = &linked {
-            // What the linked layer took from the stage: all that ties it to the layers below.
-            inputs.instruction += &format!(" linked dirs={:?} owner={:?}", l.dirs, l.owner);
-        }
         let job_for = |root: &RootDir| -> Result<copy::CopyJob, BuildError> {
-            let owner = match (&linked, &chown) {
+            let owner = match (link_base.get(), &chown) {
                 (Some(l), _) => l.owner,
                 (None, Some(spec)) => {
                     Some(resolve_owner(root, spec).map_err(|m| self.invalid(line, m))?)
@@ -247,7 +248,7 @@ impl Engine<'_> {
                 from: copy::SourceFs::Context(source_ctx),
                 items: items.clone(),
                 dest: dest.clone(),
-                dest_is_dir,
+                dest_is_dir: dest_is_dir(),
                 chown: owner,
                 chmod: chmod.clone(),
                 extract_archives: is_add && c.unpack != Some(false),
@@ -258,7 +259,7 @@ impl Engine<'_> {
         let copy_into = |root: &RootDir, src: Option<&RootDir>| -> Result<(), BuildError> {
             let job = job_for(root)?.reading_from(src);
             copy::run(root, &job).map_err(|e| self.step_error(stage, line, e))?;
-            if let Some(l) = &linked {
+            if let Some(l) = link_base.get() {
                 l.restore_dirs(root)
                     .map_err(|e| self.step_error(stage, line, e))?;
             }
@@ -274,16 +275,16 @@ impl Engine<'_> {
             listed::listed_copy(root, &job, now).map_err(|e| self.step_error(stage, line, e))
         };
         // (A listed layer reads its files from the main context or the --from source.)
-        let listable = linked.is_none() && named_dir.is_none() && self.files_unused_after(stage, n);
+        let listable = !c.link && named_dir.is_none() && self.files_unused_after(stage, n);
         let step_ctx = StepPlace {
             stage,
             n,
             line,
             created_by: instr.text.clone(),
         };
-        let layering = match linked {
-            Some(_) => Layering::Linked,
-            None => Layering::Stacked,
+        let layering = match c.link {
+            true => Layering::Linked(&probe),
+            false => Layering::Stacked,
         };
         let lister: Option<&Lister> = if listable { Some(&list) } else { None };
         self.rootfs_step(
@@ -440,27 +441,60 @@ impl Engine<'_> {
         ctx: StepPlace,
         inputs: StepInputs,
         step: crate::progress::Step<'_>,
-        (source, layering, lister): (Option<&StageState>, Layering, Option<&Lister>),
+        (source, layering, lister): (Option<&StageState>, Layering<'_>, Option<&Lister>),
+        f: impl FnOnce(&RootDir, Option<&RootDir>) -> Result<(), BuildError> + Send,
+    ) -> Result<(), BuildError> {
+        let Layering::Linked(probe) = layering else {
+            let key = self.step_key(&st.key, &inputs);
+            let found = (st.key, key);
+            return self.rootfs_step_at(
+                st,
+                ctx,
+                found,
+                inputs,
+                step,
+                (source, layering, lister),
+                f,
+            );
+        };
+        // A linked layer is found by its own inputs, whatever lies below it; but those include
+        // what the copy takes from the stage below, which must be looked at (its layers
+        // unpacked, fetched where a shared cache only promised them). So the step is first
+        // looked up by its alias: its inputs on the stage's key, which fix that look's result.
+        // The alias is also the key later steps build on.
+        let (below, alias) = (st.key, self.step_key(&st.key, &inputs));
+        if self.reuse_if_cached(st, &ctx, (below, alias), &inputs)? {
+            step.cached();
+            return Ok(());
+        }
+        let mut own = inputs.clone();
+        own.instruction += &probe(st)?;
+        let none = Digest::of(super::cache::LINKED_PARENT);
+        let found = (none, self.step_key(&none, &own));
+        let layers_before = st.layers.len();
+        let place = ctx.clone();
+        self.rootfs_step_at(st, ctx, found, own, step, (source, layering, lister), f)?;
+        let keys = (below, alias, found.1);
+        self.record_alias(st, &place, keys, &inputs, layers_before)?;
+        st.key = alias;
+        Ok(())
+    }
+
+    /// [`Engine::rootfs_step`] under the cache key `key` derived from `parent`.
+    #[allow(clippy::too_many_arguments)]
+    fn rootfs_step_at(
+        &self,
+        st: &mut StageState,
+        ctx: StepPlace,
+        (parent, key): (Digest, Digest),
+        inputs: StepInputs,
+        step: crate::progress::Step<'_>,
+        (source, layering, lister): (Option<&StageState>, Layering<'_>, Option<&Lister>),
         f: impl FnOnce(&RootDir, Option<&RootDir>) -> Result<(), BuildError> + Send,
     ) -> Result<(), BuildError> {
         let (stage, line) = (ctx.stage, ctx.line);
-        // `key` finds the layer in the cache, derived from `parent`; `chain` is what later
-        // steps build on. A linked layer is found by its own inputs, whatever lies below it.
-        let (parent, key, chain) = match layering {
-            Layering::Stacked => {
-                let key = plan::cache_key(&st.key, &inputs);
-                (st.key, key, key)
-            }
-            Layering::Linked => {
-                let none = Digest::of(b"kiln: linked layers have no parent");
-                let own = plan::cache_key(&none, &inputs);
-                let chain = Digest::of(format!("{}\nlinked {own}", st.key).as_bytes());
-                (none, own, chain)
-            }
-        };
         let Some((step, _claim)) = self.reuse_cached(st, &ctx, (parent, key), &inputs, step)?
         else {
-            st.key = chain;
             return Ok(());
         };
         if let Some(list) = lister {
@@ -488,9 +522,7 @@ impl Engine<'_> {
             };
             match written {
                 Ok(Some(layer)) => {
-                    let result = self.commit_layer(st, ctx, (parent, key), inputs, layer, step);
-                    st.key = chain;
-                    return result;
+                    return self.commit_layer(st, ctx, (parent, key), inputs, layer, step);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -511,7 +543,7 @@ impl Engine<'_> {
                     })
                     .map_err(|e| self.step_error(stage, line, e))?
                 }
-                Layering::Linked => {
+                Layering::Linked(_) => {
                     let root =
                         RootDir::open_host(&upper).map_err(|e| self.step_error(stage, line, e))?;
                     f(&root, src)
@@ -528,7 +560,6 @@ impl Engine<'_> {
         }
         let none = snapshot::Precompressed::default();
         let result = self.commit_step(st, ctx, parent, key, inputs, (&upper, &none), step);
-        st.key = chain;
         drop(scratch);
         result
     }
@@ -558,14 +589,18 @@ type Lister<'a> = dyn Fn(&RootDir, Option<&RootDir>, i64) -> Result<Option<Vec<L
     + Sync
     + 'a;
 
+/// What a `COPY --link` takes from the stage below it, looked at on a read-only view of the
+/// stage: returned as the words its own cache key adds to the step's inputs.
+type LinkProbe<'a> = dyn Fn(&StageState) -> Result<String, BuildError> + Sync + 'a;
+
 /// How a rootfs step's changes become a layer.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(super) enum Layering {
+#[derive(Clone, Copy)]
+pub(super) enum Layering<'a> {
     /// Written over the stage's rootfs (overlayfs); the layer is the overlay's upper dir.
     Stacked,
     /// `COPY --link`: written into an empty directory, which is the layer, cached by the step's
-    /// own inputs whatever the layers below.
-    Linked,
+    /// own inputs and what the probe takes from the stage below, whatever else lies there.
+    Linked(&'a LinkProbe<'a>),
 }
 
 /// What a path on the way to a `COPY --link` destination is in the stage below.

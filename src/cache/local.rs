@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CacheBackend, CacheError, Hit, Layer, Lookup, Miss, Record};
 use crate::digest::Digest;
-use crate::plan::{StepInputs, explain_difference};
+use crate::plan::{KeyBasis, StepInputs, explain_difference};
 use crate::store::Store;
 
 /// What the store holds under a cache key.
@@ -13,6 +13,8 @@ use crate::store::Store;
 struct KeyRecord {
     layer: Option<Layer>,
     created: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    linked: Option<Digest>,
 }
 
 /// What the last build of a step saw (under the step's id).
@@ -20,6 +22,8 @@ struct KeyRecord {
 struct StepRecord {
     parent: Digest,
     inputs: StepInputs,
+    #[serde(default)]
+    basis: Option<KeyBasis>,
 }
 
 /// The local store's cache records.
@@ -54,6 +58,7 @@ impl CacheBackend for LocalCache<'_> {
             _ => Lookup::Hit(Box::new(Hit {
                 layer: record.layer,
                 created: record.created,
+                linked: record.linked,
                 origin: None,
             })),
         }
@@ -65,6 +70,7 @@ impl CacheBackend for LocalCache<'_> {
         Some(explain_difference(
             &old.inputs,
             miss.inputs,
+            (old.basis.as_ref(), miss.basis),
             old.parent != miss.parent,
         ))
     }
@@ -74,6 +80,7 @@ impl CacheBackend for LocalCache<'_> {
             let value = serde_json::to_value(KeyRecord {
                 layer: r.layer.clone(),
                 created: r.created.clone(),
+                linked: r.linked,
             })
             .unwrap_or_default();
             self.store.cache_put(&r.key, &value)?;
@@ -81,6 +88,7 @@ impl CacheBackend for LocalCache<'_> {
                 let step = serde_json::to_value(StepRecord {
                     parent: r.parent,
                     inputs: inputs.clone(),
+                    basis: r.basis.clone(),
                 })
                 .unwrap_or_default();
                 self.store.cache_put(&id, &step)?;

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::image::Descriptor;
-use crate::plan::StepInputs;
+use crate::plan::{KeyBasis, StepInputs};
 use crate::registry::{Client, Reference, RegistryError};
 use crate::store::{Store, StoreError};
 
@@ -50,10 +50,17 @@ pub struct Record {
     /// The step's inputs, build-arg values replaced by digests ([`shareable`]); for miss
     /// explanations. Absent in inline caches.
     pub inputs: Option<StepInputs>,
+    /// The build's key basis (SOURCE_DATE_EPOCH, snapshotter), for miss explanations; absent
+    /// in inline caches and in records of older kilns.
+    pub basis: Option<KeyBasis>,
     /// The layer the step made (none when it changed no file).
     pub layer: Option<Layer>,
     /// The step's time (the history entry's `created`).
     pub created: Option<String>,
+    /// In the alias record of a `COPY --link` (found by the step's inputs on the stage's key):
+    /// the step's own key (found by its inputs, whatever lies below), so that a build taking
+    /// the alias exports the own record too.
+    pub linked: Option<Digest>,
     /// The step's place in this recipe on this machine (local explanations only; never
     /// exported).
     pub step_id: Option<Digest>,
@@ -66,6 +73,8 @@ pub struct Hit {
     pub layer: Option<Layer>,
     /// The step's time.
     pub created: Option<String>,
+    /// The record's [`Record::linked`].
+    pub linked: Option<Digest>,
     /// Where the layer's blob can be fetched when the store does not hold it (an origin for
     /// [`Store::promise_blob`](crate::store::Store::promise_blob)); None for the local store.
     pub origin: Option<String>,
@@ -90,6 +99,8 @@ pub struct Miss<'a> {
     pub parent: Digest,
     /// The step's inputs, as [`shareable`] makes them.
     pub inputs: &'a StepInputs,
+    /// The build's key basis.
+    pub basis: &'a KeyBasis,
 }
 
 /// A place build cache records are looked up in and stored to.
@@ -301,8 +312,10 @@ mod tests {
             key: Digest::of(&[n]),
             parent: Digest::of(b"p"),
             inputs: None,
+            basis: None,
             layer: None,
             created: None,
+            linked: None,
             step_id: Some(Digest::of(b"here")),
         };
         let built = vec![

@@ -11,7 +11,7 @@ use crate::digest::Digest;
 use crate::image::{
     Descriptor, MEDIA_LAYER_GZIP, MEDIA_LAYER_TAR, MEDIA_LAYER_ZSTD, MEDIA_MANIFEST, canonical_json,
 };
-use crate::plan::{StepInputs, explain_difference};
+use crate::plan::{KeyBasis, StepInputs, explain_difference};
 
 /// The `artifactType` of a kiln cache manifest.
 pub const ARTIFACT_TYPE: &str = "application/vnd.kiln.cache.v1";
@@ -38,9 +38,13 @@ struct RecordWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     inputs: Option<StepInputs>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    basis: Option<KeyBasis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     layer: Option<LayerRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     created: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    linked: Option<Digest>,
 }
 
 /// A record's layer: one of the manifest's layers, by digest.
@@ -172,8 +176,10 @@ impl RecordSet {
                 key: r.key,
                 parent: r.parent,
                 inputs: r.inputs,
+                basis: r.basis,
                 layer,
                 created: r.created,
+                linked: r.linked,
                 step_id: None,
             });
         }
@@ -208,7 +214,12 @@ impl RecordSet {
 
     /// How the record nearest to a step differs from it: records built on the same parent
     /// first, then records of the same instruction; the one with the fewest differences.
-    pub fn explain(&self, parent: &Digest, inputs: &StepInputs) -> Option<String> {
+    pub fn explain(
+        &self,
+        parent: &Digest,
+        basis: &KeyBasis,
+        inputs: &StepInputs,
+    ) -> Option<String> {
         let same_parent = self.by_parent.get(parent).into_iter().flatten();
         let same_instruction = self.by_instruction.get(&inputs.instruction);
         let candidates: BTreeSet<&Digest> = same_parent
@@ -218,9 +229,14 @@ impl RecordSet {
             .into_iter()
             .filter_map(|k| self.records.get(k))
             .filter_map(|r| r.inputs.as_ref().map(|i| (r, i)))
-            .min_by_key(|(r, old)| (r.parent != *parent, distance(old, inputs), r.key))?;
+            .min_by_key(|(r, old)| {
+                let other_basis = usize::from(r.basis.as_ref() != Some(basis));
+                let far = distance(old, inputs) + other_basis;
+                (r.parent != *parent, far, r.key)
+            })?;
         let (r, old) = nearest;
-        Some(explain_difference(old, inputs, r.parent != *parent))
+        let bases = (r.basis.as_ref(), basis);
+        Some(explain_difference(old, inputs, bases, r.parent != *parent))
     }
 }
 
@@ -265,11 +281,13 @@ pub fn encode(records: &[Record], with_inputs: bool) -> (Vec<u8>, Vec<Descriptor
                     key: r.key,
                     parent: r.parent,
                     inputs: r.inputs.clone().filter(|_| with_inputs),
+                    basis: r.basis.clone().filter(|_| with_inputs),
                     layer: r.layer.as_ref().map(|l| LayerRef {
                         digest: l.desc.digest,
                         diff_id: l.diff_id,
                     }),
                     created: r.created.clone(),
+                    linked: r.linked,
                 }
             })
             .collect(),
@@ -300,6 +318,13 @@ mod tests {
         }
     }
 
+    fn basis() -> KeyBasis {
+        KeyBasis {
+            source_date_epoch: Some(0),
+            snapshotter: "overlay".into(),
+        }
+    }
+
     fn record(n: u8, parent: u8, instruction: &str, files: &[(&str, &str)]) -> Record {
         Record {
             key: Digest::of(&[100 + n]),
@@ -312,8 +337,10 @@ mod tests {
                     .collect(),
                 ..Default::default()
             }),
+            basis: Some(basis()),
             layer: Some(layer(n)),
             created: Some("1970-01-01T00:00:00Z".into()),
+            linked: None,
             step_id: None,
         }
     }
@@ -391,20 +418,32 @@ mod tests {
         let (set, _) = round_trip(&[copy.clone(), run.clone(), other]);
         let mut changed = copy.inputs.clone().unwrap();
         changed.files.insert("app/x".into(), "9".into());
+        let b = basis();
         assert_eq!(
-            set.explain(&copy.parent, &changed).as_deref(),
+            set.explain(&copy.parent, &b, &changed).as_deref(),
             Some("1 file changed: app/x")
         );
         // The next step sits on a new parent: same instruction, an earlier step changed.
         let next = run.inputs.clone().unwrap();
         assert_eq!(
-            set.explain(&Digest::of(b"new parent"), &next).as_deref(),
+            set.explain(&Digest::of(b"new parent"), &b, &next)
+                .as_deref(),
             Some("an earlier step changed")
+        );
+        // A build without the records' epoch.
+        let unset = KeyBasis {
+            source_date_epoch: None,
+            ..basis()
+        };
+        assert_eq!(
+            set.explain(&copy.parent, &unset, &copy.inputs.clone().unwrap())
+                .as_deref(),
+            Some("SOURCE_DATE_EPOCH changed (0 -> unset)")
         );
         let unknown = StepInputs {
             instruction: "RUN new".into(),
             ..Default::default()
         };
-        assert_eq!(set.explain(&Digest::of(b"elsewhere"), &unknown), None);
+        assert_eq!(set.explain(&Digest::of(b"elsewhere"), &b, &unknown), None);
     }
 }

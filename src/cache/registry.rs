@@ -163,12 +163,13 @@ impl CacheBackend for RegistryCache<'_> {
         Lookup::Hit(Box::new(Hit {
             layer: r.layer.clone(),
             created: r.created.clone(),
+            linked: r.linked,
             origin: Some(origin::registry_origin(&self.reference)),
         }))
     }
 
     fn explain(&self, miss: &Miss<'_>) -> Option<String> {
-        self.records.explain(&miss.parent, miss.inputs)
+        self.records.explain(&miss.parent, miss.basis, miss.inputs)
     }
 
     fn store(&self, records: &[Record]) -> Result<(), CacheError> {

@@ -45,6 +45,20 @@ impl Snapshotter {
             Snapshotter::Copy => "copy",
         }
     }
+
+    /// The kind of layers a step gets under this snapshotter, which cache keys name (a
+    /// layer made under one kind is never reused by a build that would make the other).
+    /// `overlay`: the kernel's overlayfs, with or without `userxattr`, and the copying
+    /// snapshotter, which copies up as overlayfs does (hardlinks of earlier layers included;
+    /// tests/rootless.rs holds it to overlayfs's digests). `fuse-overlayfs`: it keeps a file
+    /// that an earlier layer hardlinked whole, copying up as it sees fit, so a step that
+    /// writes, deletes or adds a name of such a file can get a layer of other bytes.
+    pub fn layer_kind(&self) -> &'static str {
+        match self {
+            Snapshotter::Overlay { .. } | Snapshotter::Copy => "overlay",
+            Snapshotter::FuseOverlayfs { .. } => "fuse-overlayfs",
+        }
+    }
 }
 
 /// The snapshotter this process uses, and why a faster one was passed over.
