@@ -6,7 +6,7 @@ mod common;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::registry::{
@@ -450,6 +450,71 @@ fn push_and_pull_survive_errors_and_dropped_connections() {
     assert!(proxy.seen().len() >= 9, "{:?}", proxy.seen());
     let direct = reference(&format!("{}/kiln/flaky:v1", reg.host()));
     assert_eq!(client.get_manifest(&direct).unwrap().1, img.manifest);
+}
+
+/// A manifest PUT that finds a blob just pushed still unknown (eventually consistent storage,
+/// or another client rewriting the same blob's link) is tried again; other 400s are final.
+#[test]
+fn a_manifest_put_retries_while_its_blobs_are_briefly_unknown() {
+    let reg = Registry::start();
+    let unknown =
+        r#"{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}"#;
+    let refusals = AtomicUsize::new(0);
+    let proxy = Proxy::start(
+        reg.port,
+        Box::new(move |_, req| {
+            let manifest_put = req.line.starts_with("PUT ") && req.line.contains("/manifests/");
+            if manifest_put && refusals.fetch_add(1, Ordering::SeqCst) < 2 {
+                return Action::Respond(400, String::new(), unknown.into());
+            }
+            Action::Forward
+        }),
+    );
+    let client = plain_client();
+    let r = reference(&format!("{}/kiln/eventual:v1", proxy.host()));
+    let img = make_image("eventually consistent\n", "amd64");
+    push_image(&client, &r, &img);
+    let puts = proxy
+        .seen()
+        .iter()
+        .filter(|s| s.line.starts_with("PUT ") && s.line.contains("/manifests/"))
+        .count();
+    assert_eq!(puts, 3);
+    assert_eq!(client.get_manifest(&r).unwrap().1, img.manifest);
+
+    // A manifest the registry refuses for another reason fails at once.
+    let invalid = Proxy::start(
+        reg.port,
+        Box::new(
+            |_, req| match req.line.starts_with("PUT ") && req.line.contains("/manifests/") {
+                true => Action::Respond(
+                    400,
+                    String::new(),
+                    r#"{"errors":[{"code":"MANIFEST_INVALID","message":"bad"}]}"#.into(),
+                ),
+                false => Action::Forward,
+            },
+        ),
+    );
+    let r = reference(&format!("{}/kiln/invalid:v1", invalid.host()));
+    for (blob, digest) in [
+        (&img.config, img.config_digest),
+        (&img.layer, img.layer_digest),
+    ] {
+        client
+            .push_blob(&r, &digest, blob.len() as u64, &opener(blob), None)
+            .unwrap();
+    }
+    let err = client
+        .put_manifest(&r, MEDIA_OCI_MANIFEST, &img.manifest)
+        .unwrap_err();
+    assert!(err.to_string().contains("MANIFEST_INVALID"), "{err}");
+    let puts = invalid
+        .seen()
+        .iter()
+        .filter(|s| s.line.starts_with("PUT ") && s.line.contains("/manifests/"))
+        .count();
+    assert_eq!(puts, 1);
 }
 
 #[test]

@@ -510,6 +510,18 @@ impl Client {
             match resp.status().as_u16() {
                 200..=299 => Ok(header(&resp, "docker-content-digest")),
                 404 => Err(op.not_found("repository").into()),
+                400 => {
+                    // Blobs just pushed can be briefly unknown: registries on eventually
+                    // consistent storage, and the filesystem driver while another client
+                    // rewrites the same blob's link (two runners exporting one cache).
+                    let e = op.status(&mut resp);
+                    let unknown_blob = matches!(&e, RegistryError::Status { detail, .. }
+                        if detail.contains("MANIFEST_BLOB_UNKNOWN"));
+                    match unknown_blob {
+                        true => Err(Failure::retry(e, None)),
+                        false => Err(e.into()),
+                    }
+                }
                 _ => Err(op.status(&mut resp).into()),
             }
         })?;
