@@ -82,6 +82,26 @@ pub struct CopyJob<'a> {
 }
 
 impl<'a> CopyJob<'a> {
+    /// Copies the directory `rel` of `from` ("" = all of it) onto the destination's root,
+    /// owners and modes as they are.
+    pub(super) fn tree(from: SourceFs<'a>, rel: &str) -> Self {
+        CopyJob {
+            from,
+            items: vec![SourceItem::Path {
+                rel: rel.to_string(),
+                name: None,
+                keep: None,
+            }],
+            dest: "/".to_string(),
+            dest_is_dir: true,
+            chown: None,
+            chmod: None,
+            extract_archives: false,
+            exclude: Vec::new(),
+            parents: false,
+        }
+    }
+
     /// This job reading from the mounted rootfs `src` (another stage or image) if given.
     pub(super) fn reading_from(mut self, src: Option<&'a RootDir>) -> Self {
         if let Some(src) = src {
