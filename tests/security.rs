@@ -460,11 +460,6 @@ fn a_steps_daemon_dies_with_the_step() {
     );
     let (out, _ctx) = k.build(&recipe, &[], &[]);
     assert_success(&out);
-    let left: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&format!("sleep {marker}")))
-        .collect();
+    let left = processes_with(&format!("sleep {marker}"));
     assert!(left.is_empty(), "left running: {left:?}");
 }
