@@ -275,6 +275,35 @@ pub fn processes_with(marker: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// The `index.json` of an OCI image layout (a kiln store is one too).
+pub fn oci_index(layout: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap()
+}
+
+/// The blob `digest` (`sha256:…`) of an OCI image layout.
+pub fn oci_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap()
+}
+
+/// The blob `digest` of an OCI image layout, as JSON.
+pub fn oci_json(layout: &Path, digest: &str) -> serde_json::Value {
+    serde_json::from_slice(&oci_blob(layout, digest)).unwrap()
+}
+
+/// The digest of the entry of an OCI layout's `index.json` named `name` (its
+/// `org.opencontainers.image.ref.name`).
+pub fn oci_ref_digest(layout: &Path, name: &str) -> String {
+    oci_index(layout)["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["annotations"]["org.opencontainers.image.ref.name"] == name)
+        .and_then(|e| e["digest"].as_str())
+        .unwrap_or_else(|| panic!("{name} is not in {}", layout.display()))
+        .to_string()
+}
+
 /// The image config of `name` as JSON.
 pub fn inspect(k: &Kiln, name: &str) -> serde_json::Value {
     let out = k.run(&["inspect", name]);
