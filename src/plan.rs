@@ -9,6 +9,7 @@ use crate::digest::Digest;
 use crate::image::Platform;
 use crate::recipe::instructions::{InstructionKind, Recipe, Span};
 use crate::recipe::shell::Lexer;
+use crate::sources::named::NamedSource;
 
 /// Bumped whenever the cache-key encoding changes, so old records can never match.
 pub const CACHE_KEY_VERSION: u32 = 3;
@@ -58,6 +59,22 @@ pub enum NamedContext {
     Stage(String),
     /// Anything else (a directory, an image, an OCI layout): resolved by the builder.
     External,
+}
+
+impl NamedContext {
+    /// The plan's view of a build's named contexts.
+    pub fn all_of(named: &BTreeMap<String, NamedSource>) -> BTreeMap<String, NamedContext> {
+        named
+            .iter()
+            .map(|(name, source)| {
+                let seen = match source {
+                    NamedSource::Stage(s) => NamedContext::Stage(s.clone()),
+                    _ => NamedContext::External,
+                };
+                (name.clone(), seen)
+            })
+            .collect()
+    }
 }
 
 /// One stage of the plan.

@@ -61,20 +61,10 @@ fn validate(doc: &Value, schema: &Path) {
     );
 }
 
-fn blob(layout: &Path, digest: &str) -> Vec<u8> {
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap()
-}
-
-fn json_blob(layout: &Path, digest: &str) -> Value {
-    serde_json::from_slice(&blob(layout, digest)).unwrap()
-}
-
 /// The statements attached in an OCI layout: (image manifest digest, predicate type →
 /// statement), checking the attestation manifest's shape on the way.
 fn attestations(layout: &Path) -> (String, Vec<(String, Value)>) {
-    let index: Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index = oci_index(layout);
     let entries = index["manifests"].as_array().unwrap();
     let image = entries
         .iter()
@@ -90,8 +80,8 @@ fn attestations(layout: &Path) -> (String, Vec<(String, Value)>) {
     );
     assert_eq!(att["platform"]["os"], "unknown");
     assert_eq!(att["platform"]["architecture"], "unknown");
-    let manifest = json_blob(layout, att["digest"].as_str().unwrap());
-    let config = json_blob(layout, manifest["config"]["digest"].as_str().unwrap());
+    let manifest = oci_json(layout, att["digest"].as_str().unwrap());
+    let config = oci_json(layout, manifest["config"]["digest"].as_str().unwrap());
     assert_eq!(config["os"], "unknown");
     let mut out = Vec::new();
     for l in manifest["layers"].as_array().unwrap() {
@@ -100,7 +90,7 @@ fn attestations(layout: &Path) -> (String, Vec<(String, Value)>) {
             .as_str()
             .unwrap()
             .to_string();
-        let statement = json_blob(layout, l["digest"].as_str().unwrap());
+        let statement = oci_json(layout, l["digest"].as_str().unwrap());
         assert_eq!(statement["predicateType"], kind.as_str());
         assert_eq!(
             statement["subject"][0]["digest"]["sha256"]
@@ -111,20 +101,6 @@ fn attestations(layout: &Path) -> (String, Vec<(String, Value)>) {
         out.push((kind, statement));
     }
     (image["digest"].as_str().unwrap().to_string(), out)
-}
-
-/// The manifest digest `name` has in a store (an OCI layout).
-fn stored_digest(root: &Path, name: &str) -> String {
-    let index: Value =
-        serde_json::from_slice(&std::fs::read(root.join("index.json")).unwrap()).unwrap();
-    index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["annotations"]["org.opencontainers.image.ref.name"] == name)
-        .and_then(|e| e["digest"].as_str())
-        .unwrap()
-        .to_string()
 }
 
 #[test]
@@ -224,7 +200,7 @@ fn sbom_and_provenance_of_a_debian_like_image() {
     // Provenance: SLSA v1, the base image by digest, build args without values, the steps.
     let provenance = &statements[0].1["predicate"];
     validate(provenance, &schema("slsa-provenance-v1.json"));
-    let busybox = stored_digest(k.root.path(), "docker.io/library/busybox:latest");
+    let busybox = oci_ref_digest(k.root.path(), "docker.io/library/busybox:latest");
     let deps = provenance["buildDefinition"]["resolvedDependencies"]
         .as_array()
         .unwrap();
@@ -356,7 +332,7 @@ fn registry_round_trip_keeps_the_attestations_and_verify_passes() {
         .output()
         .unwrap();
     assert_success(&copied);
-    let manifest = json_blob(&copy, att["digest"].as_str().unwrap());
+    let manifest = oci_json(&copy, att["digest"].as_str().unwrap());
     let kinds: Vec<&str> = manifest["layers"]
         .as_array()
         .unwrap()
@@ -386,9 +362,8 @@ fn registry_round_trip_keeps_the_attestations_and_verify_passes() {
 
 /// The provenance predicate attached to each image of a multi-platform layout, by architecture.
 fn provenance_by_arch(layout: &Path) -> Vec<(String, Value)> {
-    let top: Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let index = json_blob(layout, top["manifests"][0]["digest"].as_str().unwrap());
+    let top = oci_index(layout);
+    let index = oci_json(layout, top["manifests"][0]["digest"].as_str().unwrap());
     let entries = index["manifests"].as_array().unwrap();
     entries
         .iter()
@@ -398,8 +373,8 @@ fn provenance_by_arch(layout: &Path) -> Vec<(String, Value)> {
                 .iter()
                 .find(|e| e["annotations"]["vnd.docker.reference.digest"] == image["digest"])
                 .expect("an attestation manifest for each image");
-            let manifest = json_blob(layout, att["digest"].as_str().unwrap());
-            let statement = json_blob(layout, manifest["layers"][0]["digest"].as_str().unwrap());
+            let manifest = oci_json(layout, att["digest"].as_str().unwrap());
+            let statement = oci_json(layout, manifest["layers"][0]["digest"].as_str().unwrap());
             assert_eq!(statement["predicateType"], "https://slsa.dev/provenance/v1");
             let arch = image["platform"]["architecture"]
                 .as_str()
@@ -412,7 +387,7 @@ fn provenance_by_arch(layout: &Path) -> Vec<(String, Value)> {
 
 /// The manifest digest of `arch`'s image in the index `name` names in a store.
 fn platform_digest(root: &Path, name: &str, arch: &str) -> String {
-    let index = json_blob(root, &stored_digest(root, name));
+    let index = oci_json(root, &oci_ref_digest(root, name));
     index["manifests"]
         .as_array()
         .unwrap()

@@ -440,9 +440,7 @@ fn same_inputs_give_the_same_digest() {
                 &format!("type=oci,dest={}", layout.display()),
             ],
         );
-        let index: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-        index["manifests"][0]["digest"]
+        oci_index(&layout)["manifests"][0]["digest"]
             .as_str()
             .unwrap()
             .to_string()
@@ -694,19 +692,11 @@ fn cached_layers_are_not_reused_across_compressions() {
     let layout = tempfile::tempdir().unwrap();
     let o = format!("type=oci,dest={}", layout.path().display());
     assert_success(&k.run(&["build", "-q", "--compression", "zstd", "-o", &o, p]));
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.path().join("index.json")).unwrap()).unwrap();
-    let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            layout
-                .path()
-                .join("blobs/sha256")
-                .join(&manifest_digest[7..]),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let index = oci_index(layout.path());
+    let manifest = oci_json(
+        layout.path(),
+        index["manifests"][0]["digest"].as_str().unwrap(),
+    );
     let last = manifest["layers"]
         .as_array()
         .unwrap()

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::registry::{Action, Proxy, Registry, RegistrySetup, docker_config, free_port};
-use common::{Kiln, assert_success, context, kiln_bin, stderr, stdout_line, umoci_unpack};
+use common::{
+    Kiln, assert_success, context, kiln_bin, oci_index, oci_json, stderr, stdout_line, umoci_unpack,
+};
 use kiln::digest::Digest;
 use kiln::registry::{Client, ClientOptions, MEDIA_OCI_MANIFEST, Reference};
 use kiln::store::Store;
@@ -358,17 +360,10 @@ fn layout_dir_and_inline_caches() {
         &access,
     );
     // The layout holds one cache artifact and exactly the blobs it references.
-    let index: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let index = oci_index(&dir);
     let entry = &index["manifests"][0];
     assert_eq!(entry["artifactType"], "application/vnd.kiln.cache.v1");
-    let hex = entry["digest"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("sha256:");
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("blobs/sha256").join(hex)).unwrap())
-            .unwrap();
+    let manifest = oci_json(&dir, entry["digest"].as_str().unwrap());
     let blobs = std::fs::read_dir(dir.join("blobs/sha256")).unwrap().count();
     assert_eq!(blobs, manifest["layers"].as_array().unwrap().len() + 2);
 

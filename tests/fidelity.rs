@@ -74,23 +74,6 @@ fn copy_from_a_stage_works_under_a_chroot() {
     assert_eq!(std::fs::metadata(rootfs.join("d/one")).unwrap().uid(), 0);
 }
 
-/// Builds `recipe` with `files` in its context, exports it and unpacks it with umoci.
-fn unpacked(k: &Kiln, recipe: &str, files: &[(&str, &[u8])], args: &[&str]) -> Unpacked {
-    let dir = tempfile::tempdir().unwrap();
-    let layout = dir.path().join("oci");
-    let out_arg = format!("type=oci,dest={}", layout.display());
-    let mut all = vec!["-t", "test:latest", "-o", &out_arg];
-    all.extend_from_slice(args);
-    k.build_ok(recipe, files, &all);
-    let bundle = dir.path().join("bundle");
-    umoci_unpack(&layout, "latest", &bundle);
-    Unpacked {
-        dir,
-        layout,
-        rootfs: bundle.join("rootfs"),
-    }
-}
-
 fn read(root: &Path, rel: &str) -> String {
     std::fs::read_to_string(root.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
@@ -103,7 +86,7 @@ fn a_layer_repeated_in_a_stage_mounts() {
     let k = Kiln::new();
     let recipe = "FROM busybox AS base\nRUN echo x > /f\nFROM base AS one\nRUN echo x > /f\n\
                   FROM base AS two\nRUN echo x > /f\nCOPY --from=one /f /g\nRUN cat /f /g > /both\n";
-    let u = unpacked(&k, recipe, &[], &["--source-date-epoch", "0"]);
+    let u = k.build_unpacked_with(recipe, &[], &["--source-date-epoch", "0"]);
     assert_eq!(read(&u.rootfs, "both"), "x\nx\n");
 }
 
@@ -127,7 +110,7 @@ fn duplicate_stage_names_warn_and_from_an_index_works() {
             && err.contains("line 1"),
         "{err}"
     );
-    let u = unpacked(&k, recipe, &[], &[]);
+    let u = k.build_unpacked_with(recipe, &[], &[]);
     assert_eq!(read(&u.rootfs, "which"), "second\n");
     assert_eq!(read(&u.rootfs, "early"), "first\n");
     assert_eq!(read(&u.rootfs, "i0"), "first\n");
@@ -149,38 +132,11 @@ fn chown_that_expands_to_nothing_means_no_chown() {
                   COPY --chown=${UNSET}:${UNSET} f /none\nCOPY --chown=$UNSET f /none2\n\
                   COPY --chown=app:${UNSET} f /user_only\nADD --chown=${owner}:${group} f /expanded\n";
     let files: &[(&str, &[u8])] = &[("f", b"f")];
-    let u = unpacked(&k, recipe, files, &["--build-arg", "group=nogroup"]);
+    let u = k.build_unpacked_with(recipe, files, &["--build-arg", "group=nogroup"]);
     assert_eq!(owner(&u.rootfs, "none"), (0, 0));
     assert_eq!(owner(&u.rootfs, "none2"), (0, 0));
     assert_eq!(owner(&u.rootfs, "user_only"), (1000, 1000));
     assert_eq!(owner(&u.rootfs, "expanded"), (1000, 65534));
-}
-
-/// Builds `ctx` (already populated) into an OCI layout and unpacks it; asserts success.
-fn unpacked_ctx(k: &Kiln, ctx: &Path, args: &[&str]) -> Unpacked {
-    let dir = tempfile::tempdir().unwrap();
-    let layout = dir.path().join("oci");
-    let out_arg = format!("type=oci,dest={}", layout.display());
-    let mut all = vec![
-        "build",
-        "--progress",
-        "plain",
-        "-t",
-        "t:latest",
-        "-o",
-        &out_arg,
-    ];
-    all.extend_from_slice(args);
-    let ctx_arg = ctx.to_str().unwrap().to_string();
-    all.push(&ctx_arg);
-    assert_success(&k.run(&all));
-    let bundle = dir.path().join("bundle");
-    umoci_unpack(&layout, "latest", &bundle);
-    Unpacked {
-        dir,
-        layout,
-        rootfs: bundle.join("rootfs"),
-    }
 }
 
 /// `.dockerignore` exceptions that re-include files under an excluded directory: the
@@ -205,7 +161,7 @@ fn ignore_exceptions_bring_their_directories() {
         std::fs::Permissions::from_mode(0o750),
     )
     .unwrap();
-    let u = unpacked_ctx(&k, ctx.path(), &[]);
+    let u = k.build_dir_unpacked(ctx.path(), &[]);
     assert_eq!(read(&u.rootfs, "app/sub/keep.txt"), "k");
     assert_eq!(read(&u.rootfs, "app/sub/deep/x.txt"), "x");
     assert_eq!(read(&u.rootfs, "only-sub/deep/x.txt"), "x");
@@ -237,7 +193,7 @@ fn workdir_through_a_dangling_symlink_creates_its_target() {
     let recipe = "FROM busybox\nRUN ln -s /var/lib/x /x && ln -s ../opt/app /app && ln -s /home/app /h\n\
                   WORKDIR /x\nRUN pwd > here && touch made-by-run\nCOPY f /app/\n\
                   USER app\nWORKDIR /h/sub\nRUN touch mine\n";
-    let u = unpacked(&k, recipe, &[("f", b"f")], &[]);
+    let u = k.build_unpacked_with(recipe, &[("f", b"f")], &[]);
     for link in ["x", "app"] {
         let m = std::fs::symlink_metadata(u.rootfs.join(link)).unwrap();
         assert!(m.file_type().is_symlink(), "/{link} is no longer a symlink");
@@ -265,7 +221,7 @@ fn several_sources_make_a_directory_and_wildcards_may_match_nothing() {
                   COPY --from=src /out/nomatch* /fromnone/\n\
                   COPY --from=src /out/*.txt /out/c.md /last\n";
     let files: &[(&str, &[u8])] = &[("a.txt", b"a"), ("b.txt", b"b")];
-    let u = unpacked(&k, recipe, files, &[]);
+    let u = k.build_unpacked_with(recipe, files, &[]);
     let r = &u.rootfs;
     for dir in ["two", "glob", "addtwo"] {
         assert_eq!(read(r, &format!("{dir}/a.txt")), "a", "{dir}");
@@ -354,7 +310,7 @@ fn heredoc_before_the_interpreter_goes_through_the_shell() {
                   RUN <<'EOF' sh > /quoted\nfor i in 1 2 3; do echo \"n$i\"; done\nEOF\n\
                   RUN <<EOF\nfor i in 1 2 3; do echo \"n$i\"; done > /lone\nEOF\n\
                   RUN <<-EOF sh -e > /chomped\n\techo \"$((1 + 1))\"\n\tEOF\n";
-    let u = unpacked(&k, recipe, &[], &[]);
+    let u = k.build_unpacked_with(recipe, &[], &[]);
     assert_eq!(read(&u.rootfs, "unquoted"), "n\nn\nn\n");
     assert_eq!(read(&u.rootfs, "quoted"), "n1\nn2\nn3\n");
     assert_eq!(read(&u.rootfs, "lone"), "n1\nn2\nn3\n");
@@ -384,7 +340,7 @@ fn add_chown_of_an_archive_owns_its_entries() {
     let tar = owned_tar();
     let recipe = "FROM busybox\nADD --chown=100:200 t.tar /out/\nADD --chown=100:200 t.tar /out2\n\
                   ADD t.tar /plain/\n";
-    let u = unpacked(&k, recipe, &[("t.tar", &tar)], &[]);
+    let u = k.build_unpacked_with(recipe, &[("t.tar", &tar)], &[]);
     for p in ["out", "out/foo", "out2", "out2/foo"] {
         assert_eq!(owner(&u.rootfs, p), (100, 200), "{p}");
     }
@@ -403,7 +359,7 @@ fn mount_points_created_for_a_run_are_removed() {
                   RUN [\"/bin/busybox\", \"true\"]\n\
                   RUN --mount=type=tmpfs,target=/missing/dir [\"/bin/busybox\", \"true\"]\n\
                   RUN --mount=type=tmpfs,target=/kept/dir [\"/bin/busybox\", \"touch\", \"/kept/mine\"]\n";
-    let u = unpacked(&k, recipe, &[], &[]);
+    let u = k.build_unpacked_with(recipe, &[], &[]);
     assert!(!u.rootfs.join("etc").exists(), "/etc was left behind");
     assert!(
         !u.rootfs.join("missing").exists(),
@@ -432,7 +388,7 @@ fn copy_chown_owns_the_directory_it_makes() {
         COPY --chown=app:app . /fromctx\n\
         COPY --from=source --chown=300:400 /dir /dir\n";
     for recipe in [base.to_string(), format!("{base}RUN true\n")] {
-        let u = unpacked(&k, &recipe, &[("c", b"c")], &[]);
+        let u = k.build_unpacked_with(&recipe, &[("c", b"c")], &[]);
         let r = &u.rootfs;
         assert_eq!(owner(r, "plain"), (0, 0));
         assert_eq!(owner(r, "plain/subdir"), (101, 201));
@@ -475,7 +431,7 @@ fn copied_symlinks_keep_their_names() {
     symlink("baz", p.join("sub/second")).unwrap();
     symlink("../bar", p.join("dir/sub")).unwrap();
     symlink("sub", p.join("link")).unwrap();
-    let u = unpacked_ctx(&k, p, &[]);
+    let u = k.build_dir_unpacked(p, &[]);
     let r = &u.rootfs;
     assert_eq!(read(r, "foo"), "bar-contents");
     assert!(!r.join("bar").exists());
@@ -530,7 +486,7 @@ fn chmod_takes_symbolic_modes() {
          FROM base\nCOPY --from=result / /actual/\n{verify}\
          ARG mode=755\nCOPY --chmod=0644 f /o/a\nCOPY --chmod=0 f /o/b\nCOPY --chmod=${{mode}} f /o/c\n"
     );
-    let u = unpacked(&k, &recipe, &[("f", b"f")], &[]);
+    let u = k.build_unpacked_with(&recipe, &[("f", b"f")], &[]);
     let mode = |p: &str| std::fs::metadata(u.rootfs.join(p)).unwrap().mode() & 0o7777;
     assert_eq!((mode("o/a"), mode("o/b"), mode("o/c")), (0o644, 0, 0o755));
     for bad in ["64a", "10000", "u*x"] {
@@ -557,7 +513,7 @@ fn source_date_epoch_as_a_build_arg() {
     let second = k.build_ok(recipe, &[], &[&arg[..], &["-t", "e"]].concat());
     assert_eq!(first, second);
     assert_eq!(inspect(&k, "e")["created"], "2023-01-10T15:34:56Z");
-    let u = unpacked(&k, recipe, &[], &["--source-date-epoch", "7"]);
+    let u = k.build_unpacked_with(recipe, &[], &["--source-date-epoch", "7"]);
     assert_eq!(read(&u.rootfs, "epoch"), "7\n");
     let (out, _c) = k.build("FROM busybox\n", &[], &arg);
     assert!(
@@ -580,7 +536,7 @@ fn copy_heredocs_expand_as_buildkit() {
         COPY <<\"EOF\" rawslashfile3\n\\$\nEOF\n\
         COPY <<EOF q1\nHello '${name}'!\nEOF\nCOPY <<'EOF' c2\nHello ${name}!\nEOF\n\
         COPY <<EOF mods\n${name:-x} ${nope:-def} ${name/o/0}\nEOF\n";
-    let u = unpacked(&k, recipe, &[], &[]);
+    let u = k.build_unpacked_with(recipe, &[], &[]);
     let r = &u.rootfs;
     assert_eq!(read(r, "quotefile"), "\"quotes in file\"\n");
     assert_eq!(read(r, "slashfile1"), "\n");

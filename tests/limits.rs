@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Kiln, assert_success, context, kiln_bin, mount_count, stderr};
+use common::{Kiln, assert_success, context, kiln_bin, mount_count, processes_with, stderr};
 
 /// The host's 1-minute load average and number of tasks (`/proc/loadavg`).
 fn loadavg() -> (f64, u64) {
@@ -117,34 +117,6 @@ fn leftover_cgroups(pid: u32) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The pids of processes whose command line contains `marker`.
-fn processes_with_pid(marker: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                String::from_utf8_lossy(&c)
-                    .replace('\0', " ")
-                    .contains(marker)
-            })
-        })
-        .collect()
-}
-
-/// Processes whose command line contains `marker`.
-fn processes_with(marker: &str) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(marker))
-        .collect()
-}
-
 #[test]
 fn a_fork_bomb_under_pids_limit_fails_fast_and_leaves_the_host_alone() {
     let k = Kiln::new();
@@ -176,7 +148,7 @@ fn a_fork_bomb_under_pids_limit_fails_fast_and_leaves_the_host_alone() {
         "load {load_before} -> {load_after}"
     );
     assert_eq!(leftover_cgroups(w.pid), Vec::<PathBuf>::new());
-    assert_eq!(processes_with(marker), Vec::<String>::new());
+    assert_eq!(processes_with(marker), Vec::new());
     assert_eq!(mount_count(), mounts);
 }
 
@@ -205,7 +177,7 @@ fn a_memory_hog_under_memory_limit_fails_fast_and_leaves_the_host_alone() {
         w.least_available
     );
     assert_eq!(leftover_cgroups(w.pid), Vec::<PathBuf>::new());
-    assert_eq!(processes_with(marker), Vec::<String>::new());
+    assert_eq!(processes_with(marker), Vec::new());
     assert_eq!(mount_count(), mounts);
 }
 
@@ -328,9 +300,9 @@ fn a_killed_build_leaves_no_cgroup_or_process() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // The step's scratch dir (in the host's temp dir) is where its /etc/hosts is bound from.
-    let scratch = processes_with_pid(marker)
+    let scratch = processes_with(marker)
         .into_iter()
-        .find_map(|pid| {
+        .find_map(|(pid, _)| {
             let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
             mountinfo.lines().find_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();

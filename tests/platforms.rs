@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::registry::{Registry, skopeo};
-use common::{Kiln, assert_success, context, kiln_bin, stderr, stdout_line, umoci_unpack};
+use common::{
+    Kiln, assert_success, context, kiln_bin, oci_index, oci_json, stderr, stdout_line, umoci_unpack,
+};
 use kiln::store::Store;
 
 const BOTH: &str = "linux/amd64,linux/arm64";
@@ -24,19 +26,9 @@ fn json(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes).unwrap()
 }
 
-fn read_json(path: &Path) -> serde_json::Value {
-    json(&std::fs::read(path).unwrap())
-}
-
-/// The blob `digest` of an OCI layout, as JSON.
-fn blob(layout: &Path, digest: &str) -> serde_json::Value {
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    read_json(&layout.join("blobs/sha256").join(hex))
-}
-
 /// The image index an OCI layout's only entry names: (its digest, its body).
 fn layout_index(layout: &Path) -> (String, serde_json::Value) {
-    let top = read_json(&layout.join("index.json"));
+    let top = oci_index(layout);
     let entries = top["manifests"].as_array().unwrap();
     assert_eq!(entries.len(), 1, "{top}");
     assert_eq!(
@@ -44,7 +36,7 @@ fn layout_index(layout: &Path) -> (String, serde_json::Value) {
         "{top}"
     );
     let digest = entries[0]["digest"].as_str().unwrap().to_string();
-    let body = blob(layout, &digest);
+    let body = oci_json(layout, &digest);
     (digest, body)
 }
 
@@ -63,7 +55,7 @@ fn architectures(index: &serde_json::Value) -> Vec<String> {
 /// architecture.
 fn unpack_each(layout: &Path, into: &Path) -> Vec<(String, PathBuf)> {
     let (_, index) = layout_index(layout);
-    let mut top = read_json(&layout.join("index.json"));
+    let mut top = oci_index(layout);
     let mut out = Vec::new();
     for m in index["manifests"].as_array().unwrap() {
         let arch = m["platform"]["architecture"].as_str().unwrap().to_string();
@@ -285,7 +277,7 @@ fn the_shared_cache_and_the_metadata_file_carry_every_platform() {
             meta.to_str().unwrap(),
         ],
     );
-    let doc = read_json(&meta);
+    let doc = json(&std::fs::read(&meta).unwrap());
     assert_eq!(doc["containerimage.digest"], id.as_str(), "{doc}");
     assert_eq!(
         doc["containerimage.descriptor"]["mediaType"],

@@ -1,11 +1,14 @@
 //! Integration tests of the RUN sandbox (need root, real namespaces and overlayfs).
 
+mod common;
+
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::processes_with;
 use kiln::sandbox::{
     BindMount, BindSource, NetworkMode, RunSpec, Sandbox, SandboxError, SeccompFilter, Security,
     TreeSource, with_rootfs,
@@ -443,16 +446,6 @@ fn background_processes_are_killed() {
     let s = step(&format!("sleep {tag} & sleep {tag} & echo started"));
     assert_eq!(run_ok(&s.spec), "started\n");
     assert!(processes_with(&tag).is_empty());
-}
-
-/// Host processes whose command line contains `tag`.
-fn processes_with(tag: &str) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).into_owned())
-        .filter(|c| c.contains(tag))
-        .collect()
 }
 
 #[test]

@@ -82,16 +82,10 @@ fn pull_through(
     let k = Kiln::new();
     let direct = format!("{}/kiln/base:v1", reg.host());
     assert_success(&k.run(&["push", "busybox", &direct]));
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            k.root
-                .path()
-                .join("blobs/sha256")
-                .join(inspect_manifest_digest(&k).trim_start_matches("sha256:")),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let manifest = oci_json(
+        k.root.path(),
+        &oci_ref_digest(k.root.path(), "docker.io/library/busybox:latest"),
+    );
     let proxy = Proxy::start(
         reg.port,
         Box::new(move |_, seen| {
@@ -111,25 +105,6 @@ fn pull_through(
     let out = fresh.run(&["pull", &format!("{}/kiln/base:v1", proxy.host())]);
     drop(proxy);
     (out, fresh)
-}
-
-/// The manifest digest of `busybox` in `k`'s store.
-fn inspect_manifest_digest(k: &Kiln) -> String {
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(k.root.path().join("index.json")).unwrap()).unwrap();
-    index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| {
-            m["annotations"]["org.opencontainers.image.ref.name"]
-                .as_str()
-                .is_some_and(|n| n.contains("busybox"))
-        })
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 fn assert_refused(out: &std::process::Output, k: &Kiln, needle: &str) {
@@ -460,11 +435,6 @@ fn a_steps_daemon_dies_with_the_step() {
     );
     let (out, _ctx) = k.build(&recipe, &[], &[]);
     assert_success(&out);
-    let left: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&format!("sleep {marker}")))
-        .collect();
+    let left = processes_with(&format!("sleep {marker}"));
     assert!(left.is_empty(), "left running: {left:?}");
 }

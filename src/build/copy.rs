@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use super::chmod::Chmod;
 use crate::rootfs::RootDir;
 use crate::snapshot;
-use crate::sources::context::Context;
+use crate::sources::context::{self, Context};
 
 /// Where COPY reads from.
 pub enum SourceFs<'a> {
@@ -82,6 +82,26 @@ pub struct CopyJob<'a> {
 }
 
 impl<'a> CopyJob<'a> {
+    /// Copies the directory `rel` of `from` ("" = all of it) onto the destination's root,
+    /// owners and modes as they are.
+    pub(super) fn tree(from: SourceFs<'a>, rel: &str) -> Self {
+        CopyJob {
+            from,
+            items: vec![SourceItem::Path {
+                rel: rel.to_string(),
+                name: None,
+                keep: None,
+            }],
+            dest: "/".to_string(),
+            dest_is_dir: true,
+            chown: None,
+            chmod: None,
+            extract_archives: false,
+            exclude: Vec::new(),
+            parents: false,
+        }
+    }
+
     /// This job reading from the mounted rootfs `src` (another stage or image) if given.
     pub(super) fn reading_from(mut self, src: Option<&'a RootDir>) -> Self {
         if let Some(src) = src {
@@ -230,26 +250,13 @@ impl SourceFs<'_> {
                 }
                 continue;
             }
-            let glob = globset::GlobBuilder::new(component)
-                .literal_separator(true)
-                .backslash_escape(true)
-                .build()
-                .map_err(|e| src_err(pattern, e))?
-                .compile_matcher();
+            let glob = context::component_matcher(component).map_err(|e| src_err(pattern, e))?;
             let mut next = Vec::new();
             for base in &current {
-                let Ok(read) = self
-                    .host_path(base)
-                    .and_then(|h| std::fs::read_dir(h).map_err(|e| src_err(base, e)))
-                else {
+                let Ok(dir) = self.host_path(base) else {
                     continue;
                 };
-                let mut names: Vec<String> = read
-                    .filter_map(|e| e.ok())
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| glob.is_match(n))
-                    .collect();
-                names.sort();
+                let names = context::matching_names(&dir, &glob);
                 next.extend(names.iter().map(|n| join_rel(base, n)));
             }
             current = next;

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::copy::{self, CopyJob, SourceFs, SourceItem};
+use super::copy::{self, CopyJob, SourceFs};
 use super::{BuildError, Layer};
 use crate::image;
 use crate::rootfs::RootDir;
@@ -101,22 +101,11 @@ fn write_tree(
             let source = RootDir::open_host(merged).map_err(|e| export_error(dest, e))?;
             let target = RootDir::open_host(dir).map_err(|e| export_error(dest, e))?;
             let job = CopyJob {
-                from: SourceFs::Rootfs(&source),
-                items: vec![SourceItem::Path {
-                    rel: String::new(),
-                    name: None,
-                    keep: None,
-                }],
-                dest: "/".to_string(),
-                dest_is_dir: true,
                 chown: Some((
                     nix::unistd::geteuid().as_raw(),
                     nix::unistd::getegid().as_raw(),
                 )),
-                chmod: None,
-                extract_archives: false,
-                exclude: Vec::new(),
-                parents: false,
+                ..CopyJob::tree(SourceFs::Rootfs(&source), "")
             };
             copy::run(&target, &job).map_err(|e| export_error(dest, e))
         }

@@ -42,7 +42,7 @@ use crate::sandbox::limits::Limits;
 use crate::sandbox::{NetworkMode, SandboxError};
 use crate::snapshot::Compression;
 use crate::sources::context::{Context, ContextError};
-use crate::sources::named::{self as named_sources, NamedSource};
+use crate::sources::named::NamedSource;
 use crate::store::{Store, StoreError, StoredImage, StoredRef};
 
 use self::cache::image_stages;
@@ -367,7 +367,7 @@ pub fn build(
                 target: opts.target.clone(),
                 target_platform: target.clone(),
                 platform_args: plan::platform_args(target, &build_platform),
-                named_contexts: named_sources::plan_contexts(&opts.named_contexts),
+                named_contexts: plan::NamedContext::all_of(&opts.named_contexts),
             };
             plan::plan(&recipe, &plan_opts).map_err(|source| BuildError::Plan {
                 file: file.clone(),

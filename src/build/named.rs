@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::copy::{self, CopyJob, SourceFs, SourceItem};
+use super::copy::{self, CopyJob, SourceFs};
 use super::report::Cached;
 use super::{BuildError, Engine, StageState, StepPlace, scratch_state};
 use crate::image::Platform;
@@ -124,21 +124,7 @@ impl Engine<'_> {
             created_by: format!("FROM {name} (a build context directory)"),
         };
         let copy_all = |root: &RootDir, _: Option<&RootDir>| -> Result<(), BuildError> {
-            let job = CopyJob {
-                from: SourceFs::Context(ctx),
-                items: vec![SourceItem::Path {
-                    rel: String::new(),
-                    name: None,
-                    keep: None,
-                }],
-                dest: "/".to_string(),
-                dest_is_dir: true,
-                chown: None,
-                chmod: None,
-                extract_archives: false,
-                exclude: Vec::new(),
-                parents: false,
-            };
+            let job = CopyJob::tree(SourceFs::Context(ctx), "");
             copy::run(root, &job).map_err(|e| self.step_error(stage, line, e))
         };
         let step = self.progress.step(label);
@@ -179,21 +165,7 @@ impl Engine<'_> {
         let view = scratch.path().join("view");
         std::fs::create_dir(&view).map_err(|e| self.step_error(stage, line, e))?;
         let root = RootDir::open_host(&view).map_err(|e| self.step_error(stage, line, e))?;
-        let job = CopyJob {
-            from: SourceFs::Context(ctx),
-            items: vec![SourceItem::Path {
-                rel: String::new(),
-                name: None,
-                keep: None,
-            }],
-            dest: "/".to_string(),
-            dest_is_dir: true,
-            chown: None,
-            chmod: None,
-            extract_archives: false,
-            exclude: Vec::new(),
-            parents: false,
-        };
+        let job = CopyJob::tree(SourceFs::Context(ctx), "");
         copy::run(&root, &job).map_err(|e| self.step_error(stage, line, e))?;
         Ok((view, Some(scratch)))
     }

@@ -648,21 +648,7 @@ impl Engine<'_> {
                 return Err(failed(&"not a directory"));
             }
             let dest = RootDir::open_host(&seed).map_err(|e| failed(&e))?;
-            let job = copy::CopyJob {
-                from: copy::SourceFs::Rootfs(&src),
-                items: vec![copy::SourceItem::Path {
-                    rel: source.to_string(),
-                    name: None,
-                    keep: None,
-                }],
-                dest: "/".to_string(),
-                dest_is_dir: true,
-                chown: None,
-                chmod: None,
-                extract_archives: false,
-                exclude: Vec::new(),
-                parents: false,
-            };
+            let job = copy::CopyJob::tree(copy::SourceFs::Rootfs(&src), source);
             copy::run(&dest, &job).map_err(|e| failed(&e))?;
             use std::os::unix::fs::{MetadataExt, PermissionsExt};
             std::os::unix::fs::lchown(&seed, Some(meta.uid()), Some(meta.gid()))

@@ -59,18 +59,8 @@ impl<'a> DirCache<'a> {
     /// warnings (see [`RegistryCache::open`](super::RegistryCache::open)).
     pub fn open(store: &'a Store, dir: PathBuf) -> (DirCache<'a>, Vec<String>) {
         let mut cache = DirCache::new(store, dir);
-        let mut warnings = Vec::new();
-        match cache.load() {
-            Ok((records, problems)) => {
-                cache.records = records;
-                warnings.extend(
-                    problems
-                        .into_iter()
-                        .map(|p| format!("cache {}: ignoring {p}", cache.name)),
-                );
-            }
-            Err(why) => warnings.push(format!("cache {} ignored: {why}", cache.name)),
-        }
+        let (records, warnings) = super::loaded(&cache.name, cache.load());
+        cache.records = records;
         (cache, warnings)
     }
 

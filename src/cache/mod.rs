@@ -116,6 +116,24 @@ pub trait CacheBackend: Send + Sync {
     fn store(&self, records: &[Record]) -> Result<(), CacheError>;
 }
 
+/// The records a shared cache's load found, and what was wrong with it as warnings: a cache
+/// that cannot be read serves nothing, a record that cannot be used is left out.
+fn loaded(name: &str, load: Result<(RecordSet, Vec<String>), String>) -> (RecordSet, Vec<String>) {
+    match load {
+        Ok((records, problems)) => {
+            let warnings = problems
+                .into_iter()
+                .map(|p| format!("cache {name}: ignoring {p}"))
+                .collect();
+            (records, warnings)
+        }
+        Err(why) => (
+            RecordSet::default(),
+            vec![format!("cache {name} ignored: {why}")],
+        ),
+    }
+}
+
 /// A failed cache import or export.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

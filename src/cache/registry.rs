@@ -47,18 +47,8 @@ impl<'a> RegistryCache<'a> {
         reference: Reference,
     ) -> (RegistryCache<'a>, Vec<String>) {
         let mut cache = RegistryCache::new(store, client, reference);
-        let mut warnings = Vec::new();
-        match cache.load() {
-            Ok((records, problems)) => {
-                cache.records = records;
-                warnings.extend(
-                    problems
-                        .into_iter()
-                        .map(|p| format!("cache {}: ignoring {p}", cache.name)),
-                );
-            }
-            Err(why) => warnings.push(format!("cache {} ignored: {why}", cache.name)),
-        }
+        let (records, warnings) = super::loaded(&cache.name, cache.load());
+        cache.records = records;
         (cache, warnings)
     }
 

@@ -114,7 +114,7 @@ pub(crate) fn run(
                     target: input.target.map(str::to_string),
                     target_platform: Platform::host(),
                     platform_args: plan::platform_args(&Platform::host(), &Platform::host()),
-                    named_contexts: kiln::sources::named::plan_contexts(input.named_contexts),
+                    named_contexts: plan::NamedContext::all_of(input.named_contexts),
                 },
             )
             .map_err(|e| Failure::usage(format!("{file}: {e}")))?;

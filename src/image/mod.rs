@@ -346,12 +346,6 @@ impl Descriptor {
         }
     }
 
-    /// The same descriptor, saying which platform it is for (as index entries do).
-    pub fn with_platform(mut self, platform: Platform) -> Self {
-        self.platform = Some(platform);
-        self
-    }
-
     /// Whether it describes an image index (or Docker manifest list).
     pub fn is_index(&self) -> bool {
         is_index_type(&self.media_type)
@@ -723,12 +717,9 @@ mod tests {
 
     #[test]
     fn index_entries_by_platform() {
-        let entry = |p: Option<&str>, data: &[u8]| {
-            let d = Descriptor::new(MEDIA_MANIFEST, Digest::of(data), 1);
-            match p {
-                Some(p) => d.with_platform(Platform::parse(p).unwrap()),
-                None => d,
-            }
+        let entry = |p: Option<&str>, data: &[u8]| Descriptor {
+            platform: p.map(|p| Platform::parse(p).unwrap()),
+            ..Descriptor::new(MEDIA_MANIFEST, Digest::of(data), 1)
         };
         let mut attestation = entry(None, b"att");
         attestation.platform = Some(Platform::new("unknown", "unknown", None));

@@ -96,22 +96,14 @@ impl Finding {
     /// Several lines: the location, rule and message, the source line with a caret under the
     /// column, and the fix.
     pub fn render(&self) -> String {
-        let num = self.line.to_string();
-        let pad: String = self
-            .source_line
-            .chars()
-            .take(self.col.saturating_sub(1))
-            .map(|c| if c == '\t' { '\t' } else { ' ' })
-            .collect();
         format!(
-            "{}:{}:{}: {}: {}\n   {num} | {}\n   {} | {pad}^\n   fix: {}\n",
+            "{}:{}:{}: {}: {}\n{}\n   fix: {}\n",
             self.file,
             self.line,
             self.col,
             self.rule,
             self.message,
-            self.source_line,
-            " ".repeat(num.len()),
+            super::error::quoted_line(self.line, self.col, &self.source_line),
             self.fix
         )
     }

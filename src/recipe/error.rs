@@ -76,28 +76,31 @@ impl RecipeError {
     }
 
     fn write_to(&self, f: &mut impl fmt::Write) -> fmt::Result {
-        let num = self.line.to_string();
         writeln!(
             f,
             "{}:{}:{}: {}",
             self.file, self.line, self.col, self.message
         )?;
-        writeln!(f, "   {} | {}", num, self.source_line)?;
-        // Keep tabs so the caret lines up under tabbed text.
-        let pad: String = self
-            .source_line
-            .chars()
-            .take(self.col.saturating_sub(1))
-            .map(|c| if c == '\t' { '\t' } else { ' ' })
-            .collect();
-        let pad = if pad.chars().count() < self.col.saturating_sub(1) {
-            let missing = self.col - 1 - pad.chars().count();
-            pad + &" ".repeat(missing)
-        } else {
-            pad
-        };
-        write!(f, "   {} | {}^", " ".repeat(num.len()), pad)
+        f.write_str(&quoted_line(self.line, self.col, &self.source_line))
     }
+}
+
+/// The recipe line `line` numbered, and under it a caret at column `col` (two lines, no final
+/// newline), as errors and build-check findings show where they are.
+pub(crate) fn quoted_line(line: usize, col: usize, source_line: &str) -> String {
+    let num = line.to_string();
+    // Keep tabs so the caret lines up under tabbed text; past the end of the line, spaces.
+    let mut pad: String = source_line
+        .chars()
+        .take(col.saturating_sub(1))
+        .map(|c| if c == '\t' { '\t' } else { ' ' })
+        .collect();
+    let missing = col.saturating_sub(1).saturating_sub(pad.chars().count());
+    pad.push_str(&" ".repeat(missing));
+    format!(
+        "   {num} | {source_line}\n   {} | {pad}^",
+        " ".repeat(num.len())
+    )
 }
 
 /// Line starts of a recipe text, to turn byte positions into lines and show source lines.

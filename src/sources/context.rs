@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 
-use globset::GlobBuilder;
+use globset::{GlobBuilder, GlobMatcher};
 use sha2::{Digest as _, Sha256};
 
 use crate::recipe::ignore::{IgnoreRules, ignore_file_for};
@@ -152,26 +152,11 @@ impl Context {
             for base in &current {
                 let base = self.follow_symlinks(base, pattern)?;
                 if has_meta {
-                    let glob = GlobBuilder::new(component)
-                        .literal_separator(true)
-                        .backslash_escape(true)
-                        .build()
-                        .map_err(|e| ContextError::Pattern {
-                            pattern: pattern.to_string(),
-                            message: e.to_string(),
-                        })?
-                        .compile_matcher();
-                    let dir = self.host_path(&base);
-                    let Ok(read) = std::fs::read_dir(&dir) else {
-                        continue;
-                    };
-                    let mut names: Vec<String> = read
-                        .filter_map(|e| e.ok())
-                        .filter_map(|e| e.file_name().into_string().ok())
-                        .filter(|n| glob.is_match(n))
-                        .collect();
-                    names.sort();
-                    for n in names {
+                    let glob = component_matcher(component).map_err(|e| ContextError::Pattern {
+                        pattern: pattern.to_string(),
+                        message: e.to_string(),
+                    })?;
+                    for n in matching_names(&self.host_path(&base), &glob) {
                         let rel = join(&base, &n);
                         if !self.ignore.is_excluded(&rel) {
                             next.push(rel);
@@ -413,6 +398,31 @@ pub fn clean_relative(path: &str) -> Option<String> {
         }
     }
     Some(parts.join("/"))
+}
+
+/// One path component of a COPY source pattern as a matcher: `*`, `?` and `[…]` match within
+/// the component and `\` escapes (Go's `filepath.Match`, as BuildKit).
+pub fn component_matcher(component: &str) -> Result<GlobMatcher, globset::Error> {
+    Ok(GlobBuilder::new(component)
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()?
+        .compile_matcher())
+}
+
+/// The names in the host directory `dir` that `glob` matches, sorted; none when `dir` cannot
+/// be read (a pattern may match nothing).
+pub fn matching_names(dir: &Path, glob: &GlobMatcher) -> Vec<String> {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = read
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| glob.is_match(n))
+        .collect();
+    names.sort();
+    names
 }
 
 #[cfg(test)]

@@ -4,10 +4,7 @@
 //! `oci-layout://DIR[:TAG]` (an OCI image layout on disk) or `target:STAGE` (a stage of the
 //! same recipe).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-
-use crate::plan::NamedContext;
 
 /// What a named context is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,24 +22,6 @@ pub enum NamedSource {
     },
     /// A stage of the recipe, by name or index.
     Stage(String),
-}
-
-impl NamedSource {
-    /// What the plan needs to know of it.
-    pub fn plan_alias(&self) -> NamedContext {
-        match self {
-            NamedSource::Stage(s) => NamedContext::Stage(s.clone()),
-            _ => NamedContext::External,
-        }
-    }
-}
-
-/// The plan's view of a build's named contexts.
-pub fn plan_contexts(named: &BTreeMap<String, NamedSource>) -> BTreeMap<String, NamedContext> {
-    named
-        .iter()
-        .map(|(name, source)| (name.clone(), source.plan_alias()))
-        .collect()
 }
 
 /// A `--build-context` value that cannot be used; names the value.

@@ -258,8 +258,10 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let host = Platform::host();
         let amd = image(&store, &host.architecture);
-        let elsewhere = Descriptor::new(MEDIA_MANIFEST, Digest::of(b"not pulled"), 10)
-            .with_platform(Platform::parse("linux/s390x").unwrap());
+        let elsewhere = Descriptor {
+            platform: Some(Platform::parse("linux/s390x").unwrap()),
+            ..Descriptor::new(MEDIA_MANIFEST, Digest::of(b"not pulled"), 10)
+        };
         let body = Index::of(vec![amd.index_entry(), elsewhere]);
         // As a pull stores it: the index blob and the one image fetched.
         let (digest, size) = store.put_blob(&canonical_json(&body)).unwrap();

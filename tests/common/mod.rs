@@ -137,12 +137,16 @@ impl Kiln {
         args: &[&str],
     ) -> (Output, tempfile::TempDir) {
         let ctx = context(dockerfile, files);
+        let out = self.build_dir(ctx.path(), args);
+        (out, ctx)
+    }
+
+    /// Builds the context directory `ctx` (holding its recipe).
+    pub fn build_dir(&self, ctx: &Path, args: &[&str]) -> Output {
         let mut full = vec!["build", "--progress", "plain"];
         full.extend_from_slice(args);
-        let ctx_path = ctx.path().to_str().unwrap().to_string();
-        full.push(&ctx_path);
-        let out = self.run(&full);
-        (out, ctx)
+        full.push(ctx.to_str().unwrap());
+        self.run(&full)
     }
 
     /// Builds and asserts success; returns the image id.
@@ -152,12 +156,30 @@ impl Kiln {
         stdout_line(&out)
     }
 
-    /// Builds, exports as an OCI layout and unpacks with umoci; returns (bundle dir, layout dir).
+    /// Builds, exports as an OCI layout and unpacks with umoci.
     pub fn build_unpacked(&self, dockerfile: &str, files: &[(&str, &[u8])]) -> Unpacked {
+        self.build_unpacked_with(dockerfile, files, &[])
+    }
+
+    /// [`Kiln::build_unpacked`] with more `kiln build` arguments.
+    pub fn build_unpacked_with(
+        &self,
+        dockerfile: &str,
+        files: &[(&str, &[u8])],
+        args: &[&str],
+    ) -> Unpacked {
+        self.build_dir_unpacked(context(dockerfile, files).path(), args)
+    }
+
+    /// Builds the context directory `ctx`, exports the image as an OCI layout and unpacks it
+    /// with umoci (asserting success all the way).
+    pub fn build_dir_unpacked(&self, ctx: &Path, args: &[&str]) -> Unpacked {
         let dir = tempfile::tempdir().unwrap();
         let layout = dir.path().join("oci");
         let out_arg = format!("type=oci,dest={}", layout.display());
-        self.build_ok(dockerfile, files, &["-t", "test:latest", "-o", &out_arg]);
+        let mut all = vec!["-t", "test:latest", "-o", &out_arg];
+        all.extend_from_slice(args);
+        assert_success(&self.build_dir(ctx, &all));
         let bundle = dir.path().join("bundle");
         umoci_unpack(&layout, "latest", &bundle);
         Unpacked {
@@ -236,6 +258,50 @@ pub fn mount_count() -> usize {
         .unwrap()
         .lines()
         .count()
+}
+
+/// The processes on the machine whose command line (NULs read as spaces) contains `marker`:
+/// (pid, command line).
+pub fn processes_with(marker: &str) -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
+        })
+        .filter(|(_, cmdline)| cmdline.contains(marker))
+        .collect()
+}
+
+/// The `index.json` of an OCI image layout (a kiln store is one too).
+pub fn oci_index(layout: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap()
+}
+
+/// The blob `digest` (`sha256:…`) of an OCI image layout.
+pub fn oci_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap()
+}
+
+/// The blob `digest` of an OCI image layout, as JSON.
+pub fn oci_json(layout: &Path, digest: &str) -> serde_json::Value {
+    serde_json::from_slice(&oci_blob(layout, digest)).unwrap()
+}
+
+/// The digest of the entry of an OCI layout's `index.json` named `name` (its
+/// `org.opencontainers.image.ref.name`).
+pub fn oci_ref_digest(layout: &Path, name: &str) -> String {
+    oci_index(layout)["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["annotations"]["org.opencontainers.image.ref.name"] == name)
+        .and_then(|e| e["digest"].as_str())
+        .unwrap_or_else(|| panic!("{name} is not in {}", layout.display()))
+        .to_string()
 }
 
 /// The image config of `name` as JSON.
