@@ -216,3 +216,67 @@ fn context_bind_honours_dockerignore() {
         "an ignored file re-ran the step"
     );
 }
+
+/// A cache mount's directory is made with `uid=`, `gid=` and `mode=` (BuildKit's defaults 0,
+/// 0, 0755) on first use; a bad `sharing=` is a located error.
+#[test]
+fn cache_mount_owner_and_mode() {
+    let k = Kiln::new();
+    let u = k.build_unpacked(
+        "FROM busybox\n\
+         RUN --mount=type=cache,target=/mycache,uid=1001,gid=1002,mode=0751 \
+             stat -c '%u %g %a' /mycache > /owned\n\
+         RUN --mount=type=cache,target=/plain stat -c '%u %g %a' /plain > /default\n",
+        &[],
+    );
+    let read = |p: &str| std::fs::read_to_string(u.rootfs.join(p)).unwrap();
+    assert_eq!(read("owned"), "1001 1002 751\n");
+    assert_eq!(read("default"), "0 0 755\n");
+
+    let (out, _ctx) = k.build(
+        "FROM busybox\nRUN --mount=type=cache,target=/c,sharing=sometimes true\n",
+        &[],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("Dockerfile:2") && err.contains("sharing=sometimes"),
+        "{err}"
+    );
+}
+
+/// Two stages built at once use one cache: with `sharing=shared` their steps overlap in it;
+/// `locked` makes the second wait, `private` gives it a directory of its own.
+#[test]
+fn cache_mount_sharing_modes() {
+    let recipe = |sharing: &str| {
+        let step = |name: &str| {
+            format!(
+                "RUN --mount=type=cache,id=shared-dir,target=/c,sharing={sharing} \
+                 if [ -e /c/busy ]; then echo overlap >> /c/log; fi; \
+                 touch /c/busy; sleep 2; rm -f /c/busy; echo {name} > /done"
+            )
+        };
+        format!(
+            "FROM busybox AS a\n{}\n\
+             FROM busybox AS b\n{}\n\
+             FROM busybox\n\
+             COPY --from=a /done /a\n\
+             COPY --from=b /done /b\n\
+             RUN --mount=type=cache,id=shared-dir,target=/c cat /c/log > /log 2>/dev/null; true\n",
+            step("a"),
+            step("b")
+        )
+    };
+    for (sharing, overlap) in [("shared", true), ("locked", false), ("private", false)] {
+        let k = Kiln::new();
+        let u = k.build_unpacked(&recipe(sharing), &[]);
+        let log = std::fs::read_to_string(u.rootfs.join("log")).unwrap();
+        assert_eq!(
+            log.contains("overlap"),
+            overlap,
+            "sharing={sharing}: {log:?}"
+        );
+    }
+}

@@ -14,6 +14,7 @@ use crate::rootfs::RootDir;
 use crate::sandbox::{self, BindMount, BindSource, NetworkMode, RunSpec, Security, TreeSource};
 use crate::snapshot;
 use crate::sources::context::Context;
+use crate::store::CacheRoot;
 
 /// Where a `--secret` comes from.
 #[derive(Clone, PartialEq, Eq)]
@@ -48,6 +49,9 @@ enum RunMount<'a> {
         mount: FilesMount<'a>,
         identity: Option<String>,
     },
+    /// A cache mount's persistent directory, made (and locked, as `sharing=` asks) only if
+    /// the step runs.
+    Cache(CacheMount),
     /// A forwarded ssh-agent socket; the step's `SSH_AUTH_SOCK` names the first one.
     Agent(BindMount),
     /// A secret: a private copy of it bound as a file, and/or an environment variable of the
@@ -88,6 +92,40 @@ enum FilesMount<'a> {
         target: String,
         readonly: bool,
     },
+}
+
+/// `RUN --mount=type=cache` without `from=`.
+struct CacheMount {
+    id: String,
+    /// The owner and mode of the directory when it is created.
+    root: CacheRoot,
+    sharing: Sharing,
+    target: String,
+    readonly: bool,
+}
+
+/// How steps share a cache mount (`sharing=`), as in BuildKit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sharing {
+    /// Any number of steps use the directory at once (the default).
+    Shared,
+    /// A step that finds the directory in use gets an empty one of its own, thrown away after.
+    Private,
+    /// A step waits until no other step uses the directory.
+    Locked,
+}
+
+/// A number of a mount option (`uid=`, `gid=`, `mode=`), `default` when absent.
+fn mount_number(
+    fields: &BTreeMap<&str, &str>,
+    key: &str,
+    default: u32,
+    radix: u32,
+) -> Result<u32, String> {
+    match fields.get(key) {
+        None => Ok(default),
+        Some(v) => u32::from_str_radix(v, radix).map_err(|_| format!("invalid {key}={v}")),
+    }
 }
 
 impl Engine<'_> {
@@ -245,6 +283,7 @@ impl Engine<'_> {
         let mut binds = Vec::new();
         let mut agent_sockets: Vec<String> = Vec::new();
         let mut secret_env = Vec::new();
+        let mut _cache_locks = Vec::new();
         for mount in mounts {
             match mount {
                 RunMount::Bind(bind) => binds.push(bind),
@@ -260,6 +299,12 @@ impl Engine<'_> {
                 RunMount::Agent(bind) => {
                     agent_sockets.push(bind.target.clone());
                     binds.push(bind);
+                }
+                RunMount::Cache(cache) => {
+                    let (bind, scratch, lock) = self.ready_cache(cache)?;
+                    binds.push(bind);
+                    _mount_scratch.extend(scratch);
+                    _cache_locks.extend(lock);
                 }
                 RunMount::Skipped => {}
             }
@@ -436,8 +481,36 @@ impl Engine<'_> {
                     .unwrap_or_else(|| target.clone());
                 let readonly = fields.contains_key("ro");
                 if !has_from(&fields) {
-                    let dir = self.store.cache_mount_dir(&id)?;
-                    return Ok((RunMount::host(dir, target, readonly), Vec::new()));
+                    let number = |key, default, radix| {
+                        mount_number(&fields, key, default, radix)
+                            .map_err(|m| self.invalid(line, format!("RUN --mount=type=cache: {m}")))
+                    };
+                    let root = CacheRoot {
+                        uid: number("uid", 0, 10)?,
+                        gid: number("gid", 0, 10)?,
+                        mode: number("mode", 0o755, 8)?,
+                    };
+                    let sharing = match fields.get("sharing").copied().unwrap_or("shared") {
+                        "shared" => Sharing::Shared,
+                        "private" => Sharing::Private,
+                        "locked" => Sharing::Locked,
+                        other => {
+                            return Err(self.invalid(
+                                line,
+                                format!(
+                                    "RUN --mount=type=cache: sharing={other} is not one of shared, private, locked"
+                                ),
+                            ));
+                        }
+                    };
+                    let cache = CacheMount {
+                        id,
+                        root,
+                        sharing,
+                        target,
+                        readonly,
+                    };
+                    return Ok((RunMount::Cache(cache), Vec::new()));
                 }
                 let mount = FilesMount::SeededCache {
                     files: self.mount_files(stage, raw, &fields, line, deps)?,
@@ -543,6 +616,37 @@ impl Engine<'_> {
             .map_err(self.context_err(line))?;
         let json = serde_json::to_vec(&digests).unwrap_or_default();
         Ok(format!("context {}", crate::digest::Digest::of(&json)))
+    }
+
+    /// A cache mount's directory, created with its owner and mode on first use, and locked
+    /// as its `sharing=` asks: the bind, a throwaway directory (`private`, when the cache is in
+    /// use), the lock to hold until the step ends.
+    fn ready_cache(
+        &self,
+        cache: CacheMount,
+    ) -> Result<(BindMount, Option<tempfile::TempDir>, Option<std::fs::File>), BuildError> {
+        let dir = self.store.cache_mount_dir(&cache.id, cache.root)?;
+        let (dir, scratch, lock) = match cache.sharing {
+            Sharing::Shared => (dir, None, None),
+            Sharing::Locked => {
+                let lock = self.store.lock_cache_mount(&dir, true)?;
+                (dir, None, lock)
+            }
+            Sharing::Private => match self.store.lock_cache_mount(&dir, false)? {
+                Some(lock) => (dir, None, Some(lock)),
+                None => {
+                    let own = self.store.scratch_dir()?;
+                    cache.root.apply(own.path())?;
+                    (own.path().to_path_buf(), Some(own), None)
+                }
+            },
+        };
+        let bind = BindMount {
+            source: BindSource::Host(dir),
+            target: cache.target,
+            readonly: cache.readonly,
+        };
+        Ok((bind, scratch, lock))
     }
 
     /// Makes a mount's files ready for its step, which is about to run: the bind of a tree
@@ -700,11 +804,9 @@ impl Engine<'_> {
         let required = fields
             .get("required")
             .is_some_and(|v| v.is_empty() || *v == "true");
-        let number = |key: &str, default: u32, radix: u32| match fields.get(key) {
-            None => Ok(default),
-            Some(v) => u32::from_str_radix(v, radix).map_err(|_| {
-                self.invalid(line, format!("RUN --mount=type=secret: invalid {key}={v}"))
-            }),
+        let number = |key, default, radix| {
+            mount_number(fields, key, default, radix)
+                .map_err(|m| self.invalid(line, format!("RUN --mount=type=secret: {m}")))
         };
         let (mode, uid, gid) = (
             number("mode", 0o400, 8)?,

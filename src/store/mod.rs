@@ -141,6 +141,42 @@ impl<T> IoContext<T> for io::Result<T> {
 /// before `open` removes it.
 const STALE_AFTER: Duration = Duration::from_secs(3600);
 
+/// The owner and mode a cache mount's directory is created with (`RUN
+/// --mount=type=cache,uid=,gid=,mode=`; BuildKit's defaults are 0, 0 and 0755).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheRoot {
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+impl Default for CacheRoot {
+    fn default() -> Self {
+        CacheRoot {
+            uid: 0,
+            gid: 0,
+            mode: 0o755,
+        }
+    }
+}
+
+impl CacheRoot {
+    /// Gives `dir` this owner and mode. A builder that is not root keeps its own ownership
+    /// where the kernel refuses the owner (rootless builds map ids through their namespace).
+    pub fn apply(&self, dir: &Path) -> Result<(), StoreError> {
+        match std::os::unix::fs::chown(dir, Some(self.uid), Some(self.gid)) {
+            Err(e)
+                if e.kind() == io::ErrorKind::PermissionDenied
+                    && !nix::unistd::geteuid().is_root() => {}
+            other => other.at(dir)?,
+        }
+        fs::set_permissions(dir, fs::Permissions::from_mode(self.mode & 0o7777)).at(dir)
+    }
+}
+
 /// A store opened at a root directory. `Send + Sync`: share it between threads by reference or
 /// `Arc`. Each `Store` owns a private scratch directory under `ROOT/tmp`, removed on drop.
 pub struct Store {
@@ -668,11 +704,32 @@ impl Store {
     }
 
     /// The persistent directory of a `RUN --mount=type=cache` with this id,
-    /// `ROOT/mounts/<sha256 of id>`, created on first use and kept across builds.
-    pub fn cache_mount_dir(&self, id: &str) -> Result<PathBuf, StoreError> {
+    /// `ROOT/mounts/<sha256 of id>`, kept across builds. Created on first use with `root`'s
+    /// owner and mode, whole (made aside, then renamed into place); an existing one is kept
+    /// as it is.
+    pub fn cache_mount_dir(&self, id: &str, root: CacheRoot) -> Result<PathBuf, StoreError> {
         let dir = self.cache_mount_path(id);
-        fs::create_dir_all(&dir).at(&dir)?;
-        Ok(dir)
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let fresh = self.scratch_dir()?;
+        root.apply(fresh.path())?;
+        self.adopt_cache_mount_dir(id, &fresh.keep())
+    }
+
+    /// Takes the lock of a cache mount's directory: waits for it (`wait`), else returns None
+    /// when another step holds it. The lock lasts as long as the returned file is open.
+    pub fn lock_cache_mount(&self, dir: &Path, wait: bool) -> Result<Option<File>, StoreError> {
+        let f = File::open(dir).at(dir)?;
+        if wait {
+            f.lock().at(dir)?;
+            return Ok(Some(f));
+        }
+        match f.try_lock() {
+            Ok(()) => Ok(Some(f)),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(e).at(dir),
+        }
     }
 
     fn cache_mount_path(&self, id: &str) -> PathBuf {
@@ -696,7 +753,10 @@ impl Store {
         fs::create_dir_all(&parent).at(&parent)?;
         match fs::rename(seeded, &dir) {
             Ok(()) => Ok(dir),
-            Err(_) if dir.is_dir() => Ok(dir),
+            Err(_) if dir.is_dir() => {
+                let _ = fs::remove_dir_all(seeded);
+                Ok(dir)
+            }
             Err(e) => Err(e).at(&dir),
         }
     }
