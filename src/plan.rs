@@ -238,9 +238,9 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
                 NamedContext::External => Base::Context(name.clone()),
                 NamedContext::Stage(s) => Base::Stage(named_stage(s, index)?),
             }
-        } else if let Some(named) = opts.named_contexts.get(&base_text) {
+        } else if let Some((name, named)) = named_context(&opts.named_contexts, &base_text) {
             match named {
-                NamedContext::External => Base::Context(base_text.clone()),
+                NamedContext::External => Base::Context(name.clone()),
                 NamedContext::Stage(s) => Base::Stage(named_stage(s, index)?),
             }
         } else if base_text.eq_ignore_ascii_case("scratch") {
@@ -284,9 +284,9 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
                     // `RUN --mount=type=bind,from=` names the context, as no `from` does.
                     continue;
                 }
-                let source = match opts.named_contexts.get(&value) {
-                    Some(NamedContext::External) => CopySource::Context(value),
-                    Some(NamedContext::Stage(s)) => {
+                let source = match named_context(&opts.named_contexts, &value) {
+                    Some((name, NamedContext::External)) => CopySource::Context(name.clone()),
+                    Some((_, NamedContext::Stage(s))) => {
                         let i = named_stage(s, index)?;
                         deps.insert(i);
                         CopySource::Stage(i)
@@ -566,6 +566,37 @@ fn join_names(names: &[&String]) -> String {
         s.push_str(&format!(" and {} more", names.len() - SHOWN));
     }
     s
+}
+
+/// The `--build-context` an image name in `FROM` or `--from=` stands for: the context of that
+/// exact name, else of its short form, as BuildKit looks them up (`docker.io/library/alpine:latest`
+/// finds a context named `alpine`, `docker.io/library/alpine:3.19` one named `alpine:3.19`).
+fn named_context<'a>(
+    named: &'a BTreeMap<String, NamedContext>,
+    image: &str,
+) -> Option<(&'a String, &'a NamedContext)> {
+    named
+        .get_key_value(image)
+        .or_else(|| named.get_key_value(&familiar_name(image)))
+}
+
+/// An image name in Docker's short ("familiar") form: without `docker.io/`, `library/` and
+/// `:latest`.
+fn familiar_name(image: &str) -> String {
+    let mut name = image;
+    for registry in ["docker.io/", "index.docker.io/"] {
+        name = name.strip_prefix(registry).unwrap_or(name);
+    }
+    if let Some(official) = name.strip_prefix("library/")
+        && !official.contains('/')
+    {
+        name = official;
+    }
+    let last = name.rsplit('/').next().unwrap_or(name);
+    match last.contains('@') {
+        true => name.to_string(),
+        false => name.strip_suffix(":latest").unwrap_or(name).to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -866,5 +897,27 @@ mod tests {
             explain_difference(&old, &old, (None, &epoch), false),
             "the cached result is gone"
         );
+    }
+
+    #[test]
+    fn image_names_find_contexts_by_their_short_form() {
+        for (image, short) in [
+            ("docker.io/library/alpine:latest", "alpine"),
+            ("docker.io/library/alpine:3.19", "alpine:3.19"),
+            ("library/alpine", "alpine"),
+            ("index.docker.io/org/app:latest", "org/app"),
+            ("alpine", "alpine"),
+            ("ghcr.io/org/app:latest", "ghcr.io/org/app"),
+            ("docker.io/library/x/y", "library/x/y"),
+            ("alpine@sha256:abc", "alpine@sha256:abc"),
+            ("localhost:5000/app", "localhost:5000/app"),
+        ] {
+            assert_eq!(familiar_name(image), short, "{image}");
+        }
+        let named: BTreeMap<String, NamedContext> =
+            [("alpine".to_string(), NamedContext::External)].into();
+        let found = named_context(&named, "docker.io/library/alpine:latest");
+        assert_eq!(found.map(|(n, _)| n.as_str()), Some("alpine"));
+        assert!(named_context(&named, "docker.io/library/alpine:3.19").is_none());
     }
 }

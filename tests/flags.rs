@@ -142,6 +142,32 @@ COPY --from=laid-stage /seen /seen
     );
 }
 
+/// `FROM` and `--from=` find a context by the image name's short form, as in BuildKit:
+/// `docker.io/library/mybase:latest` is the context `mybase`.
+#[test]
+fn named_contexts_match_full_image_names() {
+    let k = Kiln::new();
+    let lib = named_dir();
+    let recipe = "FROM docker.io/library/mybase:latest\n\
+                  COPY --from=docker.io/library/lib /lib.txt /lib.txt\n\
+                  RUN test -x /bin/busybox && cat /lib.txt > /seen\n";
+    let lib_arg = format!("lib={}", lib.path().display());
+    let u = k.build_unpacked_with(
+        recipe,
+        &[],
+        &[
+            "--build-context",
+            "mybase=docker-image://busybox",
+            "--build-context",
+            &lib_arg,
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(u.rootfs.join("seen")).unwrap(),
+        "shared library\n"
+    );
+}
+
 #[test]
 fn a_context_named_like_a_stage_replaces_it_and_bad_values_are_usage_errors() {
     let k = Kiln::new();
