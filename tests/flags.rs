@@ -11,7 +11,7 @@ use std::process::Command;
 
 use base64::Engine as _;
 use common::registry::Registry;
-use common::{Kiln, assert_success, context, stderr, stdout_line};
+use common::{Kiln, assert_success, context, oci_ref_digest, stderr, stdout_line};
 
 /// Every path under `dir` (relative, `/`-separated), with `@` after symlinks.
 fn tree(dir: &Path) -> BTreeSet<String> {
@@ -166,6 +166,47 @@ fn named_contexts_match_full_image_names() {
         std::fs::read_to_string(u.rootfs.join("seen")).unwrap(),
         "shared library\n"
     );
+}
+
+/// `oci-layout://DIR@sha256:…` picks an image of a layout by digest (among several tags, where
+/// no tag alone would choose); a digest the layout lacks is a usage error naming it.
+#[test]
+fn an_oci_layout_context_pinned_by_digest() {
+    let k = Kiln::new();
+    let layouts = tempfile::tempdir().unwrap();
+    let layout = layouts.path().join("oci");
+    for (tag, marker) in [("v1", "one"), ("v2", "two")] {
+        k.build_ok(
+            &format!("FROM busybox\nRUN echo {marker} > /marker\n"),
+            &[],
+            &[
+                "-o",
+                &format!("type=oci,dest={}", layout.display()),
+                "-t",
+                &format!("x:{tag}"),
+            ],
+        );
+    }
+    let v2 = oci_ref_digest(&layout, "v2");
+    let context = format!("laid=oci-layout://{}@{v2}", layout.display());
+    let u = k.build_unpacked_with(
+        "FROM laid\nRUN cat /marker > /seen\n",
+        &[],
+        &["--build-context", &context],
+    );
+    assert_eq!(
+        std::fs::read_to_string(u.rootfs.join("seen")).unwrap(),
+        "two\n"
+    );
+
+    let missing = format!(
+        "laid=oci-layout://{}@sha256:{}",
+        layout.display(),
+        "0".repeat(64)
+    );
+    let (o, _ctx) = k.build("FROM laid\n", &[], &["--build-context", &missing]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&"0".repeat(64)), "{}", stderr(&o));
 }
 
 #[test]

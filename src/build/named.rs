@@ -48,8 +48,8 @@ pub(super) fn open_named(
                 Named::Dir(Context::open(dir, None).map_err(BuildError::ContextDir)?)
             }
             NamedSource::Image(reference) => Named::Image(reference.clone()),
-            NamedSource::OciLayout { dir, tag } => Named::Layout(Box::new(
-                store::import_layout(store, dir, tag.as_deref()).map_err(|e| {
+            NamedSource::OciLayout { dir, tag, digest } => Named::Layout(Box::new(
+                store::import_layout(store, dir, tag.as_deref(), digest.as_ref()).map_err(|e| {
                     BuildError::NamedContext {
                         name: name.clone(),
                         message: e.to_string(),

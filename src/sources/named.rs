@@ -1,10 +1,12 @@
 //! Named contexts (`--build-context NAME=VALUE`): extra inputs a recipe reaches by name in
 //! `FROM NAME`, `COPY --from=NAME` and `RUN --mount=…,from=NAME`. A value is a directory (read
 //! like the main context, through its own `.dockerignore`), `docker-image://REF`,
-//! `oci-layout://DIR[:TAG]` (an OCI image layout on disk) or `target:STAGE` (a stage of the
+//! `oci-layout://DIR[:TAG][@DIGEST]` (an OCI image layout on disk) or `target:STAGE` (a stage of the
 //! same recipe).
 
 use std::path::PathBuf;
+
+use crate::digest::Digest;
 
 /// What a named context is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,12 +15,14 @@ pub enum NamedSource {
     Dir(PathBuf),
     /// An image reference (the store first, else the registry).
     Image(String),
-    /// The image of an OCI layout directory, chosen by tag when given.
+    /// The image of an OCI layout directory, chosen by digest or tag when given.
     OciLayout {
         /// The layout directory.
         dir: PathBuf,
         /// The `org.opencontainers.image.ref.name` to pick.
         tag: Option<String>,
+        /// The manifest or index to pick (listed in `index.json` or only a blob of the layout).
+        digest: Option<Digest>,
     },
     /// A stage of the recipe, by name or index.
     Stage(String),
@@ -64,7 +68,14 @@ pub fn parse(spec: &str) -> Result<(String, NamedSource), NamedError> {
         }
         NamedSource::Image(reference.to_string())
     } else if let Some(layout) = value.strip_prefix("oci-layout://") {
-        // The tag follows the last `:` after the last `/` (a path may hold `:` elsewhere).
+        // A digest ends the value (`@sha256:…`); the tag follows the last `:` after the last
+        // `/` before it (a path may hold `:` elsewhere).
+        let (layout, digest) = match layout.rsplit_once('@') {
+            Some((layout, d)) if d.starts_with("sha256:") => {
+                (layout, Some(d.parse::<Digest>().map_err(|_| syntax())?))
+            }
+            _ => (layout, None),
+        };
         let slash = layout.rfind('/').map_or(0, |i| i + 1);
         let (dir, tag) = match layout[slash..].rfind(':') {
             Some(i) => (&layout[..slash + i], Some(&layout[slash + i + 1..])),
@@ -76,6 +87,7 @@ pub fn parse(spec: &str) -> Result<(String, NamedSource), NamedError> {
         NamedSource::OciLayout {
             dir: PathBuf::from(dir),
             tag: tag.map(str::to_string),
+            digest,
         }
     } else if let Some(stage) = value.strip_prefix("target:") {
         if stage.is_empty() {
@@ -120,16 +132,30 @@ mod tests {
             parse("base=oci-layout:///srv/oci:v2").unwrap().1,
             NamedSource::OciLayout {
                 dir: "/srv/oci".into(),
-                tag: Some("v2".into())
+                tag: Some("v2".into()),
+                digest: None
             }
         );
         assert_eq!(
             parse("base=oci-layout://./a:b/layout").unwrap().1,
             NamedSource::OciLayout {
                 dir: "./a:b/layout".into(),
-                tag: None
+                tag: None,
+                digest: None
             }
         );
+        let hex = "a".repeat(64);
+        assert_eq!(
+            parse(&format!("base=oci-layout:///srv/oci:v2@sha256:{hex}"))
+                .unwrap()
+                .1,
+            NamedSource::OciLayout {
+                dir: "/srv/oci".into(),
+                tag: Some("v2".into()),
+                digest: Some(format!("sha256:{hex}").parse().unwrap())
+            }
+        );
+        assert!(parse("base=oci-layout:///srv/oci@sha256:short").is_err());
         assert_eq!(
             parse("base=target:builder").unwrap().1,
             NamedSource::Stage("builder".into())

@@ -32,7 +32,7 @@ pub fn import(store: &Store, path: &Path) -> Result<StoredRef, StoreError> {
     let _lease = store.build_lease()?;
     let meta = fs::metadata(path).at(path)?;
     if meta.is_dir() {
-        import_oci_dir(store, path, None)
+        import_oci_dir(store, path, None, None)
     } else {
         import_archive(store, path)
     }
@@ -44,9 +44,10 @@ pub fn import_layout(
     store: &Store,
     dir: &Path,
     tag: Option<&str>,
+    digest: Option<&Digest>,
 ) -> Result<StoredRef, StoreError> {
     let _lease = store.build_lease()?;
-    import_oci_dir(store, dir, tag)
+    import_oci_dir(store, dir, tag, digest)
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> StoreError {
@@ -204,7 +205,12 @@ impl Source for LayoutDir<'_> {
     }
 }
 
-fn import_oci_dir(store: &Store, dir: &Path, tag: Option<&str>) -> Result<StoredRef, StoreError> {
+fn import_oci_dir(
+    store: &Store,
+    dir: &Path,
+    tag: Option<&str>,
+    digest: Option<&Digest>,
+) -> Result<StoredRef, StoreError> {
     let index_path = dir.join("index.json");
     if !index_path.is_file() || !dir.join("oci-layout").is_file() {
         return Err(invalid(
@@ -221,9 +227,10 @@ fn import_oci_dir(store: &Store, dir: &Path, tag: Option<&str>) -> Result<Stored
         what: index_path.display().to_string(),
         source,
     })?;
-    let top = match tag {
-        None => choose(&idx.manifests, dir)?,
-        Some(tag) => {
+    let top = match (digest, tag) {
+        (Some(digest), _) => by_digest(&idx, dir, digest, tag)?,
+        (None, None) => choose(&idx.manifests, dir)?,
+        (None, Some(tag)) => {
             let tagged: Vec<Descriptor> = idx
                 .manifests
                 .iter()
@@ -239,6 +246,42 @@ fn import_oci_dir(store: &Store, dir: &Path, tag: Option<&str>) -> Result<Stored
     let item = import_tree(store, &LayoutDir { store, dir }, &top, dir, 0)?;
     store.record(item.descriptor())?;
     Ok(item)
+}
+
+/// The manifest or index `digest` of a layout: its `index.json` entry (tagged `tag`, when
+/// given), else a blob of the layout (a platform's manifest inside an index), described by the
+/// media type it declares.
+fn by_digest(
+    idx: &Index,
+    dir: &Path,
+    digest: &Digest,
+    tag: Option<&str>,
+) -> Result<Descriptor, StoreError> {
+    let listed = idx
+        .manifests
+        .iter()
+        .find(|d| d.digest == *digest && (tag.is_none() || d.ref_name() == tag));
+    if let Some(d) = listed {
+        return Ok(d.clone());
+    }
+    if let Some(tag) = tag {
+        return Err(invalid(
+            dir,
+            format!("has no image tagged {tag:?} of digest {digest}"),
+        ));
+    }
+    let path = dir.join("blobs/sha256").join(digest.hex());
+    let bytes = match File::open(&path) {
+        Ok(f) => read_limited(f, JSON_LIMIT, &path)?,
+        Err(_) => return Err(invalid(dir, format!("has no manifest or index {digest}"))),
+    };
+    if Digest::of(&bytes) != *digest {
+        return Err(invalid(&path, format!("does not hash to {digest}")));
+    }
+    let media_type = Manifest::declared_media_type(&bytes)
+        .filter(|t| is_manifest_type(t) || is_index_type(t))
+        .ok_or_else(|| invalid(&path, "is not an image manifest or index"))?;
+    Ok(Descriptor::new(&media_type, *digest, bytes.len() as u64))
 }
 
 /// `list` with later entries for a digest already listed left out.
